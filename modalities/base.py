@@ -1,0 +1,121 @@
+"""The modality contract. A modality adapter is one file in modalities/ (or in another package, found
+through the `groundgan.modalities` entry-point group) that subclasses Modality and registers itself:
+
+    @register_modality("vibration")
+    class Vibration(Modality): ...
+
+Adding one needs no edit to pipeline/ or stages/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+
+from pipeline.config import to_plain
+from pipeline.errors import BadInput, UserError  # noqa: F401  (adapters raise BadInput from decode)
+from pipeline.registry import modality_registry
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "identity"  # which teacher labels this modality (each adapter lists its kinds)
+    checkpoint: Optional[str] = None  # weights: a path, a model name, or a route the adapter documents
+
+
+@dataclass
+class ModalityConfig:
+    """Base for adapters' config dataclasses: `modalities.<name>` in the YAML."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class Label:
+    """What a teacher says about one input. Arrays become `.npy` members of the pseudo-label shard."""
+
+    text: str  # the pseudo-label
+    info: dict = field(default_factory=dict)  # confidence figures and the like (JSON-able)
+    arrays: dict = field(default_factory=dict)  # name -> np.ndarray: tokens, topk_ids, topk_logprobs, features
+
+
+class Teacher(ABC):
+    """A frozen model that labels decoded inputs of one modality, in batches."""
+
+    name: str = "teacher"  # e.g. whisper:tiny.en
+    sha256: str = ""  # of the weights, recorded in every label
+    feature_dim: int = 0  # D of the features it stores (0: none)
+
+    @abstractmethod
+    def label(self, batch: list[Any]) -> list[Label]:
+        """Label a batch of decoded inputs (what Modality.decode returned), one Label per input, in order."""
+
+    def filter_reason(self, label: Label, reference: str | None, filters: Any) -> str | None:
+        """Why this label should be dropped from training (None: keep). Default: never."""
+        return None
+
+
+class Modality(ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    extensions: ClassVar[tuple[str, ...]] = ()  # shard member extensions that hold this modality's media
+    manifest_field: ClassVar[str] = ""  # key naming the file in a folder source's JSONL ("audio", "image")
+    reference_field: ClassVar[str] = "text"  # key holding the reference in that JSONL
+    Config: ClassVar[type] = ModalityConfig
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------------------------------- config hooks
+    @classmethod
+    def validate_config(cls, cfg: Any, where: str) -> None:
+        """Raise UserError for what the schema cannot see (a teacher checkpoint that does not exist)."""
+
+    @classmethod
+    def decode_config(cls, cfg: Any) -> dict:
+        """The part of the config that ingest's output depends on (by default all but the teacher)."""
+        plain = to_plain(cfg)
+        plain.pop("teacher", None)
+        return plain
+
+    # ------------------------------------------------------------------------------------------------ data
+    @abstractmethod
+    def decode(self, data: bytes, ext: str) -> Any:
+        """Bytes of one media file -> what the teacher takes (raise BadInput with the reason)."""
+
+    def synthesize(self, index: int, rng: np.random.Generator) -> tuple[bytes, str, str | None]:
+        """For `synthetic` sources (tests): (media bytes, extension, reference or None)."""
+        raise UserError(f"modality {self.name!r} has no synthetic source")
+
+    # --------------------------------------------------------------------------------------------- teacher
+    @abstractmethod
+    def build_teacher(self, device: str) -> Teacher:
+        """The frozen teacher named by cfg.teacher."""
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def metrics(self, hyps: list[str], labels: list[str], references: list[str | None], infos: list[dict]) -> dict:
+        """Modality-specific metrics of the hypotheses (see stages.evaluate for the shared text metrics)."""
+        return {}
+
+
+def register_modality(name: str):
+    def deco(cls):
+        cls.name = name
+        modality_registry.add(name, cls)
+        return cls
+
+    return deco
+
+
+def features_of(arrays: dict) -> np.ndarray | None:
+    """The conditioning features [T, D] stored with a label, or None (text: no features)."""
+    f = arrays.get("features")
+    return None if f is None else np.asarray(f)
+
+
+def dataclass_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,177 @@
+"""groundgan's command line. `groundgan ...` and `python -m pipeline ...` are the same program.
+
+Exit codes: 0 success, 2 user error (one clear message, no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _split_configs(items: list[str]) -> tuple[list[str], list[str]]:
+    files = [x for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    if not files:
+        raise UserError("give at least one config file (CONFIG.yaml)")
+    return files, overrides
+
+
+def _default_run_dir(files: list[str]) -> str:
+    return str(Path("runs") / Path(files[0]).stem)
+
+
+def cmd_run(a) -> int:
+    from pipeline.config import load_config
+    from pipeline.graph import Runner
+
+    files, overrides = _split_configs(a.configs)
+    cfg = load_config(files, overrides)
+    runner = Runner(cfg, a.run_dir or _default_run_dir(files))
+    runner.run_graph(start=a.from_stage, until=a.until, force=a.force, reuse=a.reuse)
+    return 0
+
+
+def cmd_status(a) -> int:
+    from pipeline.config import load_config
+    from pipeline.graph import Runner
+
+    run = Path(a.run_dir)
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config([str(cfg_file)])
+    states = Runner(cfg, run).status()
+    if a.json:
+        print(json.dumps({s.name: {"state": s.state, "detail": s.detail} for s in states}, indent=2))
+    else:
+        for s in states:
+            print(f"{s.name:14s} {s.state:8s} {s.detail}")
+    return 0
+
+
+def cmd_stages(a) -> int:
+    import modalities  # noqa: F401
+    import stages  # noqa: F401
+    from pipeline.registry import stage_registry
+
+    for name, spec in stage_registry.items():
+        after = f" (after {', '.join(spec.after)})" if spec.after else ""
+        print(f"{name:14s} {spec.description}{after}")
+    return 0
+
+
+def cmd_modalities(a) -> int:
+    import modalities  # noqa: F401
+    from pipeline.registry import modality_registry
+
+    for name, adapter in modality_registry.items():
+        print(f"{name:10s} {adapter.description}")
+    return 0
+
+
+def cmd_config(a) -> int:
+    from pipeline.config import load_config
+
+    files, overrides = _split_configs(a.configs)
+    print(load_config(files, overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_data(a) -> int:
+    from pipeline.demo_data import prepare_demo
+
+    if a.what != "demo":
+        raise UserError(f"unknown data set {a.what!r}; available: demo")
+    prepare_demo(Path(a.out))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from stages.generation import generate_cli
+
+    return generate_cli(a)
+
+
+def cmd_compare(a) -> int:
+    from stages.evaluate import compare_runs
+
+    return compare_runs([Path(r) for r in a.runs], Path(a.out) if a.out else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="groundgan", description="A staged training pipeline for language models anchored to real data.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the graph ingest -> pseudo_label -> distill -> adversarial -> evaluate")
+    r.add_argument("configs", nargs="+", metavar="CONFIG.yaml|key=value", help="config files, merged left to right, then overrides")
+    r.add_argument("--run-dir", help="run directory (default runs/<stem of the first config>)")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage (upstream must be done)")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if done")
+    r.add_argument("--reuse", metavar="OTHER_RUN", help="copy completed stages of another run whose config and inputs match")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("status", help="per stage: done / partial / pending / stale")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    sub.add_parser("stages", help="the registered stages").set_defaults(fn=cmd_stages)
+    sub.add_parser("modalities", help="the registered modality adapters").set_defaults(fn=cmd_modalities)
+
+    c = sub.add_parser("config", help="validate and print the fully resolved config")
+    c.add_argument("configs", nargs="+", metavar="CONFIG.yaml|key=value")
+    c.set_defaults(fn=cmd_config)
+
+    d = sub.add_parser("data", help="prepare data sets")
+    d.add_argument("what", help="demo: real speech and drawings from Debian packages")
+    d.add_argument("--out", default="data/demo")
+    d.set_defaults(fn=cmd_data)
+
+    g = sub.add_parser("generate", help="write text with a trained student")
+    g.add_argument("run_dir")
+    grp = g.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--audio")
+    grp.add_argument("--image")
+    grp.add_argument("--prompt")
+    g.add_argument("--stage", default=None, help="adversarial or distill (default: the newest done)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.set_defaults(fn=cmd_generate)
+
+    cp = sub.add_parser("compare", help="the report's tables and curves across runs")
+    cp.add_argument("runs", nargs="+")
+    cp.add_argument("--out", help="write compare.md and plots here")
+    cp.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.ERROR)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
+        print(prefix + str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,414 @@
+"""The typed config: one dataclass per stage (all five defined here) and per modality adapter (in its own
+file under modalities/). YAML files merge left to right, then `key=value` overrides with dotted paths.
+
+A field's `metadata={"min": x}` is checked after the merge; a stage section's hash covers what the stage
+declares (see pipeline.graph.Stage.hash_sections), never the run-time knobs under `run:`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from pipeline.errors import UserError
+
+
+def _min(x):
+    return {"min": x}
+
+
+# ----------------------------------------------------------------------------------------------------- ingest
+@dataclass
+class SourceConfig:
+    type: Optional[str] = None  # folder | shards | text | synthetic; folder when `dir` is given
+    modality: Optional[str] = None  # a registered modality (audio, image, text, ...); shards may mix them
+    name: Optional[str] = None  # a name for the source (required for evaluate.sources)
+    dir: Optional[str] = None  # folder source: the media folder (relative paths resolve from the config file's cwd)
+    manifest: Optional[str] = None  # folder source: JSONL in `dir` naming each file and its reference
+    urls: Optional[str] = None  # shards source: path or URL with brace expansion, e.g. data-{000..099}.tar
+    allow_pipe: bool = False  # shards source: allow webdataset `pipe:` URLs (they run a shell command)
+    limit: Optional[int] = field(default=None, metadata=_min(1))  # take at most this many items (sorted order)
+    count: int = field(default=32, metadata=_min(1))  # synthetic source: number of samples
+    references_are_labels: bool = False  # use the manifest's text as the training label instead of the teacher's
+
+
+@dataclass
+class SplitConfig:
+    train: float = field(default=0.8, metadata=_min(0.0))  # fraction of keys, by a hash of the key
+    val: float = field(default=0.1, metadata=_min(0.0))
+    test: float = field(default=0.1, metadata=_min(0.0))
+
+
+@dataclass
+class IngestConfig:
+    sources: List[SourceConfig] = field(default_factory=list)  # where the real data comes from
+    split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by key hash
+    samples_per_shard: int = field(default=64, metadata=_min(1))  # samples per output webdataset shard
+    max_reject_fraction: float = field(default=0.2, metadata=_min(0.0))  # fail (exit 2) past this fraction of bad inputs
+
+
+# ----------------------------------------------------------------------------------------------- pseudo_label
+@dataclass
+class FilterConfig:
+    min_avg_logprob: Optional[float] = -1.0  # drop labels the teacher was unsure of (None: off)
+    max_compression_ratio: Optional[float] = 2.4  # drop repetition loops (gzip ratio of the text)
+    max_no_speech_prob: Optional[float] = 0.6  # drop windows the teacher thinks hold no speech
+    max_wer: Optional[float] = 0.5  # drop labels too far from a reference, train and val splits only
+    min_confidence: Optional[float] = None  # image teachers: drop labels below this top-1 probability
+    splits: List[str] = field(default_factory=lambda: ["train", "val"])  # splits the filters apply to
+
+
+@dataclass
+class PseudoLabelConfig:
+    batch_size: int = field(default=16, metadata=_min(1))  # samples per teacher call; batches never cross a shard
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    max_reject_fraction: float = field(default=0.2, metadata=_min(0.0))  # fail past this fraction of bad inputs
+    top_k: int = field(default=0, metadata=_min(0))  # store the teacher's top-k log-probs per token (0: off)
+    store_features: bool = True  # store the teacher's features (fp16) for the student and discriminators
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+@dataclass
+class StudentConfig:
+    style: str = "prefix"  # prefix (projector + causal LM) | cross_attention (Whisper decoder)
+    init_from: Optional[str] = None  # a local model folder or .gguf file to start from (None: random init)
+    tokenizer: str = "whisper"  # whisper (the teacher's BPE) | init_from (the tokenizer of init_from)
+    d_model: int = field(default=256, metadata=_min(8))  # width of a randomly initialised student
+    n_layers: int = field(default=4, metadata=_min(1))
+    n_heads: int = field(default=4, metadata=_min(1))
+    d_ff: int = field(default=1024, metadata=_min(8))
+    prefix_len: int = field(default=8, metadata=_min(1))  # prefix embeddings per input (prefix style)
+    projector: str = "mlp"  # mlp | transformer: maps features [B,T,D_m] to the prefix [B,P,d_model]
+    keep_decoder_layers: List[int] = field(default_factory=lambda: [0, -1])  # cross_attention: teacher layers copied
+    freeze_embeddings: bool = False
+    dropout: float = field(default=0.0, metadata=_min(0.0))
+
+
+@dataclass
+class DistillConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    steps: int = field(default=200, metadata=_min(0))  # optimiser steps
+    batch_size: int = field(default=16, metadata=_min(1))  # global batch, whatever the world size
+    grad_accum: int = field(default=1, metadata=_min(1))
+    lr: float = field(default=1e-3, metadata=_min(0.0))
+    weight_decay: float = field(default=0.01, metadata=_min(0.0))
+    warmup_steps: int = field(default=20, metadata=_min(0))
+    grad_clip: float = field(default=1.0, metadata=_min(0.0))
+    kd_weight: float = field(default=0.0, metadata=_min(0.0))  # weight of KL to the teacher's top-k log-probs
+    kd_temperature: float = field(default=2.0, metadata=_min(0.01))
+    max_text_tokens: int = field(default=96, metadata=_min(4))
+    modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    val_every: int = field(default=50, metadata=_min(1))
+    checkpoint_every: int = field(default=50, metadata=_min(1))
+
+
+# ------------------------------------------------------------------------------------------------ adversarial
+@dataclass
+class GuardConfig:
+    min_distinct_2: Optional[float] = None  # stop when samples' distinct-2 falls below this
+    max_self_bleu_4: Optional[float] = None  # stop when samples' self-BLEU-4 rises above this
+    max_kl: Optional[float] = None  # stop when KL(student || reference) per token rises above this
+
+
+@dataclass
+class AdversarialConfig:
+    enabled: bool = True  # false: the stage copies the distilled student through
+    objective: str = "pg"  # pg (policy gradient on discriminator rewards) | spin (self-play, DPO loss)
+    anchored: bool = True  # false: the discriminators' real side is the student's own earlier samples
+    ce_weight: float = field(default=0.5, metadata=_min(0.0))  # cross-entropy on pseudo-labels (0 when unanchored)
+    kl_weight: float = field(default=0.1, metadata=_min(0.0))  # KL to the frozen distilled reference
+    pg_weight: float = field(default=1.0, metadata=_min(0.0))
+    use_references: bool = False  # let references join the real side where the manifest gives them
+    steps: int = field(default=100, metadata=_min(0))
+    batch_size: int = field(default=8, metadata=_min(1))
+    k_samples: int = field(default=2, metadata=_min(1))  # samples per input (leave-one-out baseline needs 2+)
+    baseline: str = "loo"  # loo | ema
+    ema_decay: float = field(default=0.9, metadata=_min(0.0))
+    temperature: float = field(default=1.0, metadata=_min(0.01))  # sampling temperature for the student
+    max_new_tokens: int = field(default=48, metadata=_min(1))
+    lr: float = field(default=1e-5, metadata=_min(0.0))
+    disc_lr: float = field(default=1e-4, metadata=_min(0.0))
+    disc_steps: int = field(default=1, metadata=_min(1))  # discriminator steps per student step
+    disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
+    disc_d_model: int = field(default=128, metadata=_min(8))
+    disc_layers: int = field(default=2, metadata=_min(1))
+    disc_heads: int = field(default=4, metadata=_min(1))
+    disc_dropout: float = field(default=0.1, metadata=_min(0.0))
+    label_smoothing: float = field(default=0.1, metadata=_min(0.0))
+    grad_penalty: float = field(default=0.0, metadata=_min(0.0))  # R1-style penalty on input embeddings
+    weight_decay: float = field(default=0.01, metadata=_min(0.0))
+    spin_beta: float = field(default=0.1, metadata=_min(0.0))
+    reward_weights: Dict[str, float] = field(default_factory=dict)  # per modality discriminator weight (default 1)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    log_every: int = field(default=10, metadata=_min(1))
+    checkpoint_every: int = field(default=25, metadata=_min(1))
+    grad_clip: float = field(default=1.0, metadata=_min(0.0))
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluateConfig:
+    sources: List[SourceConfig] = field(default_factory=list)  # extra held-out sets, each with a `name`
+    temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
+    max_new_tokens: int = field(default=64, metadata=_min(1))
+    max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
+    bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
+    batch_size: int = field(default=16, metadata=_min(1))
+
+
+# ------------------------------------------------------------------------------------------------------- run
+@dataclass
+class RunConfig:
+    """Run-time knobs: not part of any stage's config hash."""
+
+    keep_checkpoints: int = field(default=3, metadata=_min(1))  # newest K step checkpoints kept
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = field(default=0, metadata=_min(0))  # torch threads (0: torch's default)
+    progress: bool = True  # tqdm bars
+    distributed_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class RootConfig:
+    seed: int = 0  # seeds python, numpy and torch in every stage
+    stages: List[str] = field(
+        default_factory=lambda: ["ingest", "pseudo_label", "distill", "adversarial", "evaluate"]
+    )  # the graph to run, in order
+    plugins: List[str] = field(default_factory=list)  # modules imported first, to register stages and modalities
+    run: RunConfig = field(default_factory=RunConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    modalities: Dict[str, Any] = field(default_factory=dict)  # per modality adapter, validated by its own dataclass
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    extra: Dict[str, Any] = field(default_factory=dict)  # sections of plugin stages (validated by their dataclass)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _close(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _keys_at(schema: DictConfig, full_key: str) -> list[str]:
+    node: Any = schema
+    parts = [p for p in full_key.split(".")[:-1] if p]
+    for p in parts:
+        try:
+            if isinstance(node, ListConfig):
+                node = node[int(p.strip("[]"))] if len(node) else None
+            else:
+                node = node[p]
+        except Exception:
+            return []
+        if node is None:
+            return []
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge(schema: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except oc_errors.ConfigKeyError as e:
+        key = str(getattr(e, "key", "") or "")
+        full = str(getattr(e, "full_key", "") or key)
+        options = _keys_at(schema, full) or [f.name for f in dataclasses.fields(RootConfig)]
+        raise UserError(f"{where}: unknown key '{full}'{_close(key.split('.')[-1], options)}") from None
+    except oc_errors.ValidationError as e:
+        full = getattr(e, "full_key", "") or "?"
+        ref = getattr(e, "ref_type", None)
+        expected = getattr(ref, "__name__", None) or (str(ref) if ref else "")
+        msg = str(e).splitlines()[0]
+        raise UserError(f"{where}: wrong type at '{full}': {msg}" + (f" (expected {expected})" if expected else "")) from None
+    except oc_errors.OmegaConfBaseException as e:
+        raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"override {o!r} is not key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise UserError(f"bad override: {e}") from None
+
+
+def _check_mins(obj: Any, path: str = "") -> None:
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        p = f"{path}.{f.name}" if path else f.name
+        lo = f.metadata.get("min")
+        if lo is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
+            raise UserError(f"config: '{p}' must be >= {lo}, got {v}")
+        if dataclasses.is_dataclass(v):
+            _check_mins(v, p)
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                _check_mins(item, f"{p}[{i}]")
+
+
+def _check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> None:
+    from pipeline.registry import modality_registry
+
+    for i, s in enumerate(sources):
+        p = f"{where}[{i}]"
+        if s.type is None:
+            s.type = "folder" if s.dir else ("shards" if s.urls else None)
+        if s.type not in ("folder", "shards", "text", "synthetic"):
+            raise UserError(f"config: '{p}.type' must be folder, shards, text or synthetic (got {s.type!r})")
+        if s.type in ("folder", "text") and not s.dir:
+            raise UserError(f"config: '{p}' is a {s.type} source without 'dir'")
+        if s.type in ("folder", "text") and not Path(s.dir).exists():
+            raise UserError(f"config: '{p}.dir': data folder not found: {s.dir}")
+        if s.manifest and s.dir and not (Path(s.dir) / s.manifest).is_file():
+            raise UserError(f"config: '{p}.manifest': file not found: {Path(s.dir) / s.manifest}")
+        if s.type == "shards" and not s.urls:
+            raise UserError(f"config: '{p}' is a shards source without 'urls'")
+        if s.type == "shards" and s.urls.startswith("pipe:") and not s.allow_pipe:
+            raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+        if s.type == "text" and s.modality is None:
+            s.modality = "text"
+        if s.type != "shards" and not s.modality:
+            raise UserError(f"config: '{p}' needs 'modality' (one of {', '.join(modality_registry.names())})")
+        if s.modality:
+            modality_registry.get(s.modality)
+        if need_name and not s.name:
+            raise UserError(f"config: '{p}' needs a 'name' (it names the set in the report)")
+
+
+def load_config(files: list[str], overrides: list[str] | None = None) -> "Config":
+    """Merge YAML files left to right, then the overrides; import plugins; validate everything.
+
+    Returns a Config whose `.root` is a RootConfig instance and `.modalities` maps name -> adapter config.
+    Raises UserError with one clear message on any mistake.
+    """
+    from pipeline.registry import modality_registry, stage_registry
+    from pipeline.registry import import_plugins
+
+    raw_layers = [(_load_yaml(f), f) for f in files]
+    over = _parse_overrides(overrides or [])
+    # Plugins register stages and modalities, so they are imported before anything is validated.
+    plugins: list[str] = []
+    for layer, _ in raw_layers:
+        plugins = list(layer.get("plugins", plugins) or [])
+    if "plugins" in over:
+        plugins = list(over.plugins)
+    import_plugins(plugins)
+    import stages  # noqa: F401  (registers the built-in stages)
+    import modalities  # noqa: F401  (registers the built-in modalities)
+
+    schema = OmegaConf.structured(RootConfig)
+    merged = schema
+    for layer, name in raw_layers:
+        merged = _merge(merged, layer, name)
+    merged = _merge(merged, over, "override")
+
+    # Modality sections: each validated against its adapter's dataclass.
+    mod_cfgs: dict[str, Any] = {}
+    raw_mods = OmegaConf.to_container(merged.modalities, resolve=True) or {}
+    for name, section in raw_mods.items():
+        adapter = modality_registry.get(name)
+        m_schema = OmegaConf.structured(adapter.Config)
+        m = _merge(m_schema, section or {}, f"modalities.{name}")
+        mod_cfgs[name] = OmegaConf.to_object(m)
+        _check_mins(mod_cfgs[name], f"modalities.{name}")
+
+    extra_cfgs: dict[str, Any] = {}
+    raw_extra = OmegaConf.to_container(merged.extra, resolve=True) or {}
+    for stage_name in merged.stages:
+        stage = stage_registry.get(stage_name)
+        if getattr(stage, "config_class", None) is not None and stage_name not in {f.name for f in dataclasses.fields(RootConfig)}:
+            s = _merge(OmegaConf.structured(stage.config_class), raw_extra.pop(stage_name, {}) or {}, f"extra.{stage_name}")
+            extra_cfgs[stage_name] = OmegaConf.to_object(s)
+    if raw_extra:
+        k = next(iter(raw_extra))
+        raise UserError(f"config: 'extra.{k}' names no stage in this run's graph ({', '.join(merged.stages)})")
+
+    try:
+        root: RootConfig = OmegaConf.to_object(merged)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"config: {str(e).splitlines()[0]}") from None
+    root.modalities = mod_cfgs
+    root.extra = extra_cfgs
+    _check_mins(root)
+    if abs(root.ingest.split.train + root.ingest.split.val + root.ingest.split.test - 1.0) > 1e-6:
+        raise UserError("config: 'ingest.split' fractions must add up to 1")
+    _check_sources(root.ingest.sources, "ingest.sources", need_name=False)
+    _check_sources(root.evaluate.sources, "evaluate.sources", need_name=True)
+    for s in root.ingest.sources:
+        if s.modality and s.modality not in root.modalities:
+            root.modalities[s.modality] = modality_registry.get(s.modality).Config()
+    for name, mcfg in root.modalities.items():
+        modality_registry.get(name).validate_config(mcfg, f"modalities.{name}")
+    if root.distill.student.style not in ("prefix", "cross_attention"):
+        raise UserError(f"config: 'distill.student.style' must be prefix or cross_attention, got {root.distill.student.style!r}")
+    if root.adversarial.objective not in ("pg", "spin"):
+        raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
+    if root.adversarial.baseline not in ("loo", "ema"):
+        raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
+    for s in root.stages:
+        stage_registry.get(s)
+    return Config(root)
+
+
+@dataclass
+class Config:
+    root: RootConfig
+
+    def section(self, name: str) -> Any:
+        if name in self.root.extra:
+            return self.root.extra[name]
+        return getattr(self.root, name)
+
+    def to_plain(self) -> dict:
+        return to_plain(self.root)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_plain(), sort_keys=False)
+
+
+def to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON form; the hash of a config section."""
+    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()

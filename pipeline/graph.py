@@ -1,0 +1,277 @@
+"""The stage graph and the runner: skip what is done, resume what is partial, re-run what is stale.
+
+A stage is a function of its context (config, input manifests, its own directory) that writes its products
+into its directory and returns its counts. The runner owns everything else: the lock, started.json, the
+manifest, skip / resume / invalidation decisions and the summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.checkpoint import CheckpointManager
+from pipeline.config import Config, stable_hash, to_plain
+from pipeline.errors import UserError
+from pipeline.files import append_jsonl, atomic_write_text
+from pipeline.registry import modality_registry, stage_registry
+from pipeline.rundir import RunDir, fingerprint
+
+log = logging.getLogger("groundgan")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    run: Callable[["StageContext"], dict]
+    after: tuple[str, ...] = ()  # upstream stages whose manifests are this stage's inputs
+    uses_modalities: str = "all"  # which part of modalities.<name> the hash covers: all | decode | none
+    config_class: Any = None  # for plugin stages: the dataclass of their `extra.<name>` section
+    progress: Callable[[Path, "Config"], str | None] | None = None  # "step k of n" for `groundgan status`
+    description: str = ""
+
+    def hash_sections(self, cfg: Config) -> dict:
+        sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
+        if self.uses_modalities != "none":
+            mods = {}
+            for name, mcfg in sorted(cfg.root.modalities.items()):
+                adapter = modality_registry.get(name)
+                mods[name] = adapter.decode_config(mcfg) if self.uses_modalities == "decode" else to_plain(mcfg)
+            sec["modalities"] = mods
+        return sec
+
+    def config_hash(self, cfg: Config) -> str:
+        return stable_hash(self.hash_sections(cfg))
+
+
+def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
+                   progress: Callable | None = None, description: str = ""):
+    """Decorator: register `fn(ctx) -> counts` as a stage of the graph."""
+
+    def deco(fn):
+        stage_registry.add(name, StageSpec(name, fn, tuple(after), uses_modalities, config_class, progress,
+                                           description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""))
+        return fn
+
+    return deco
+
+
+@dataclass
+class StageContext:
+    """What a stage sees. A stage never opens the run directory by hand."""
+
+    name: str
+    cfg: Config
+    run: RunDir
+    dir: Path  # this stage's directory
+    inputs: dict[str, dict]  # upstream stage name -> its manifest
+    dist: distributed.DistInfo
+    device: str
+    resumed: bool  # partial work from an earlier attempt with the same config is present
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def section(self) -> Any:
+        return self.cfg.section(self.name)
+
+    def input_dir(self, stage: str) -> Path:
+        return self.run.stage_dir(stage)
+
+    def checkpoints(self) -> CheckpointManager:
+        return CheckpointManager(self.dir / "checkpoints", keep=self.cfg.root.run.keep_checkpoints)
+
+    def reject(self, key: str, reason: str, **info) -> None:
+        """Record one refused input in rejects.jsonl and count it; the stage goes on."""
+        self.counts["rejected"] = self.counts.get("rejected", 0) + 1
+        append_jsonl(self.dir / (f"rejects.rank{self.dist.rank}.jsonl" if self.dist.world > 1 else "rejects.jsonl"),
+                     {"key": key, "reason": reason, **info})
+
+    def metric(self, record: dict) -> None:
+        if self.dist.is_main:
+            append_jsonl(self.dir / "metrics.jsonl", record)
+
+    def progress_bar(self, iterable=None, **kw):
+        from tqdm import tqdm
+
+        disable = not (self.cfg.root.run.progress and self.dist.is_main)
+        return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, file=sys.stderr, desc=self.name, **kw)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StageState:
+    name: str
+    state: str  # done | partial | pending | stale
+    detail: str = ""
+
+
+class Runner:
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, echo: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.run = RunDir(run_dir)
+        self.specs = [stage_registry.get(n) for n in cfg.root.stages]
+        names = [s.name for s in self.specs]
+        for s in self.specs:
+            for up in s.after:
+                if up not in names or names.index(up) > names.index(s.name):
+                    raise UserError(f"stage {s.name!r} needs {up!r} before it in 'stages' ({', '.join(names)})")
+        self.echo = echo
+
+    # ------------------------------------------------------------------------------------------- decisions
+    def _inputs(self, spec: StageSpec) -> dict[str, str] | None:
+        out = {}
+        for up in spec.after:
+            m = self.run.read_manifest(up)
+            if m is None:
+                return None
+            out[up] = fingerprint(m)
+        return out
+
+    def check(self, spec: StageSpec) -> StageState:
+        """done / stale / partial / pending, with the reason, without running anything."""
+        m = self.run.read_manifest(spec.name)
+        chash = spec.config_hash(self.cfg)
+        inputs = self._inputs(spec)
+        if m is not None:
+            if m.get("config_hash") != chash:
+                return StageState(spec.name, "stale", "config changed")
+            if inputs is None:
+                return StageState(spec.name, "stale", "an input stage is not done")
+            for up, fp in inputs.items():
+                if m.get("inputs", {}).get(up) != fp:
+                    return StageState(spec.name, "stale", f"input {up} changed")
+            return StageState(spec.name, "done", f"{m.get('counts', {})}")
+        started = self.run.read_started(spec.name)
+        if started is not None:
+            if started.get("config_hash") != chash:
+                return StageState(spec.name, "stale", "partial work with another config")
+            detail = spec.progress(self.run.stage_dir(spec.name), self.cfg) if spec.progress else None
+            return StageState(spec.name, "partial", detail or "started")
+        return StageState(spec.name, "pending", "")
+
+    # ---------------------------------------------------------------------------------------------- running
+    def run_graph(self, start: str | None = None, until: str | None = None, force: list[str] | None = None,
+                  reuse: str | None = None) -> None:
+        names = [s.name for s in self.specs]
+        for n in [start, until, *(force or [])]:
+            if n is not None and n not in names:
+                stage_registry.get(n)  # unknown name: lists the registered ones
+                raise UserError(f"stage {n!r} is not in this run's graph ({', '.join(names)})")
+        lo = names.index(start) if start else 0
+        hi = names.index(until) if until else len(names) - 1
+        force = set(force or [])
+
+        info = distributed.init(self.cfg.root.run.distributed_backend, self.cfg.root.run.device)
+        device = distributed.pick_device(self.cfg.root.run.device, info)
+        if self.cfg.root.run.num_threads:
+            torch.set_num_threads(self.cfg.root.run.num_threads)
+        if info.is_main:
+            self.run.lock.acquire()
+        try:
+            if info.is_main:
+                self.run.path.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run.path / "config.yaml", self.cfg.to_yaml())
+            distributed.barrier()
+            for spec in self.specs[:lo]:
+                st = self.check(spec)
+                if st.state != "done":
+                    raise UserError(f"--from {start}: upstream stage {spec.name} is {st.state}"
+                                    f"{' (' + st.detail + ')' if st.detail and st.state != 'done' else ''}; run it first")
+            for spec in self.specs[lo: hi + 1]:
+                self._run_stage(spec, spec.name in force, reuse, info, device)
+        finally:
+            self.run.lock.release()
+
+    def _try_reuse(self, spec: StageSpec, other: Path, chash: str, inputs: dict) -> bool:
+        src = RunDir(other)
+        m = src.read_manifest(spec.name)
+        if m is None or m.get("config_hash") != chash or m.get("inputs", {}) != inputs:
+            return False
+        dst = self.run.stage_dir(spec.name)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp = dst.with_name(f".{spec.name}.reuse")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src.stage_dir(spec.name), tmp, copy_function=_link_or_copy)
+        os.replace(tmp, dst)
+        return True
+
+    def _run_stage(self, spec: StageSpec, forced: bool, reuse: str | None, info, device: str) -> None:
+        chash = spec.config_hash(self.cfg)
+        inputs = self._inputs(spec)
+        if inputs is None:
+            missing = [up for up in spec.after if self.run.read_manifest(up) is None]
+            raise UserError(f"stage {spec.name}: input stage(s) {', '.join(missing)} not done")
+        st = self.check(spec)
+        say = self.echo if info.is_main else (lambda *_: None)
+        if st.state == "done" and not forced:
+            say(f"{spec.name}: done, config and inputs unchanged; skipped")
+            return
+        if reuse and not forced and info.is_main and self._try_reuse(spec, Path(reuse), chash, inputs):
+            say(f"{spec.name}: reused from {reuse} (same config and inputs)")
+            distributed.barrier()
+            return
+        if reuse and info.world > 1:
+            distributed.barrier()
+            if self.check(spec).state == "done":
+                return
+        d = self.run.stage_dir(spec.name)
+        resumed = False
+        if forced:
+            reason = "forced"
+        elif st.state == "stale":
+            reason = st.detail
+        elif st.state == "partial":
+            started = self.run.read_started(spec.name)
+            resumed = started is not None and started.get("inputs") == inputs
+            reason = "resuming partial work" if resumed else "inputs changed since the partial work"
+        else:
+            reason = "not run yet"
+        if info.is_main:
+            if not resumed and d.exists():
+                shutil.rmtree(d)
+            else:
+                mp = self.run.manifest_path(spec.name)
+                if mp.exists():
+                    mp.unlink()
+            d.mkdir(parents=True, exist_ok=True)
+            self.run.write_started(spec.name, chash, inputs)
+        distributed.barrier()
+        say(f"{spec.name}: running ({reason})")
+        ctx = StageContext(spec.name, self.cfg, self.run, d, {up: self.run.read_manifest(up) for up in spec.after},
+                           info, device, resumed)
+        seed_everything(self.cfg.root.seed)
+        t0 = time.time()
+        counts = spec.run(ctx) or {}
+        counts = {**ctx.counts, **counts}
+        distributed.barrier()
+        if info.is_main:
+            m = self.run.write_manifest(spec.name, chash, inputs, counts, time.time() - t0)
+            summary = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no counts"
+            say(f"{spec.name}: finished in {m['wall_s']:.1f}s ({summary}); output in {d}")
+        distributed.barrier()
+
+    def status(self) -> list[StageState]:
+        return [self.check(s) for s in self.specs]
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

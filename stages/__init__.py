@@ -1,0 +1,3 @@
+"""The stages of the graph. Importing this package registers the built-in ones."""
+
+from stages import ingest  # noqa: F401

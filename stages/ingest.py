@@ -1,0 +1,259 @@
+"""ingest: real media (folders with optional JSONL manifests, webdataset shards, text, synthetic) ->
+webdataset shards with stable keys and a deterministic train/val/test split.
+
+RUN/ingest/shards/<modality>/<source>-<nnnnnn>.tar, each sample: `<key>.<ext>` (the media bytes as found)
+and `<key>.json` ({key, modality, split, reference, source, file, meta}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import BadInput, UserError
+from pipeline.graph import StageContext, register_stage
+from pipeline.registry import modality_registry
+from pipeline.sharded import Unit, UnitResult, run_units, units_progress
+from pipeline.shards import expand_urls, iter_shard
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class Item:
+    """One input before decoding."""
+
+    key: str
+    modality: str
+    source: str
+    file: str | None = None  # where it came from (a path, or url:key)
+    data: bytes | None = None  # media bytes, when already in memory (shards, synthetic)
+    ext: str | None = None
+    reference: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def split_of(key: str, fractions) -> str:
+    """train / val / test from a hash of the key: stable across runs, machines and process counts."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
+    if u < fractions.train:
+        return "train"
+    if u < fractions.train + fractions.val:
+        return "val"
+    return "test"
+
+
+def make_key(source: str, rel: str) -> str:
+    stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+    return f"{_UNSAFE.sub('_', source)}-{_UNSAFE.sub('_', stem).strip('_')}"
+
+
+def source_name(src, i: int) -> str:
+    if src.name:
+        return src.name
+    if src.dir:
+        return Path(src.dir).name or f"source{i}"
+    return f"{src.type}{i}"
+
+
+def _inside(base: Path, rel: str) -> Path | None:
+    """The file `rel` under `base`, or None if the path would leave it (../, absolute paths, links out)."""
+    p = (base / rel).resolve()
+    try:
+        p.relative_to(base.resolve())
+    except ValueError:
+        return None
+    return p
+
+
+def list_folder(src, name: str, seed: int) -> tuple[list[Item], list[dict]]:
+    """Items of a folder (or text) source and the refusals found while reading its manifest."""
+    adapter = modality_registry.get(src.modality)
+    base = Path(src.dir)
+    items, rejects = [], []
+    if src.manifest:
+        mpath = base / src.manifest
+        for lineno, raw in enumerate(mpath.read_bytes().splitlines(), 1):
+            where = f"{mpath}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rejects.append({"key": where, "reason": "manifest line is not UTF-8"})
+                continue
+            if not line.strip():
+                rejects.append({"key": where, "reason": "manifest line is empty"})
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                rejects.append({"key": where, "reason": f"manifest line is not JSON: {e.msg}"})
+                continue
+            if not isinstance(rec, dict):
+                rejects.append({"key": where, "reason": "manifest line is not a JSON object"})
+                continue
+            ref = rec.get(adapter.reference_field)
+            if src.modality == "text" and adapter.manifest_field not in rec:
+                # A JSONL of texts: the text is the sample itself.
+                if not isinstance(ref, str):
+                    rejects.append({"key": where, "reason": "text manifest line has no 'text' string"})
+                    continue
+                items.append(Item(make_key(name, f"line{lineno:07d}"), "text", name, where, ref.encode(), "txt", ref))
+                continue
+            rel = rec.get(adapter.manifest_field)
+            if not isinstance(rel, str) or not rel:
+                rejects.append({"key": where, "reason": f"manifest line has no '{adapter.manifest_field}' file name"})
+                continue
+            path = _inside(base, rel)
+            if path is None:
+                rejects.append({"key": where, "reason": f"file {rel!r} is outside {base}"})
+                continue
+            if not path.is_file():
+                rejects.append({"key": where, "reason": f"missing file: {rel}"})
+                continue
+            meta = {k: v for k, v in rec.items() if k not in (adapter.manifest_field, adapter.reference_field)}
+            items.append(Item(make_key(name, rel), src.modality, name, str(path), None, path.suffix.lstrip(".").lower(),
+                              None if ref is None else str(ref), meta))
+    else:
+        exts = set(adapter.extensions)
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and path.suffix.lstrip(".").lower() in exts:
+                rel = path.relative_to(base).as_posix()
+                meta = {"folder": path.parent.relative_to(base).as_posix()} if path.parent != base else {}
+                items.append(Item(make_key(name, rel), src.modality, name, str(path), None, path.suffix.lstrip(".").lower(), None, meta))
+    items.sort(key=lambda it: it.key)
+    seen, unique = set(), []
+    for it in items:
+        if it.key in seen:
+            rejects.append({"key": it.key, "reason": f"duplicate key (file {it.file})"})
+            continue
+        seen.add(it.key)
+        unique.append(it)
+    return unique, rejects
+
+
+def list_synthetic(src, name: str, seed: int) -> list[Item]:
+    adapter = modality_registry.get(src.modality)
+    m = adapter(None)
+    rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
+    out = []
+    for i in range(src.count):
+        data, ext, ref = m.synthesize(i, rng)
+        out.append(Item(make_key(name, f"{i:06d}"), src.modality, name, f"synthetic:{i}", data, ext, ref))
+    return out
+
+
+def _claiming(ext: str) -> str | None:
+    for name, adapter in modality_registry.items():
+        if ext in adapter.extensions:
+            return name
+    return None
+
+
+def read_shard_items(url: str, src, name: str, rejects: list[dict]) -> list[Item]:
+    items = []
+    for key, members in iter_shard(url, src.allow_pipe, on_error=lambda k, r: rejects.append({"key": k, "reason": r})):
+        meta = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    meta = {}
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                rejects.append({"key": f"{url}:{key}", "reason": "sample json is not valid UTF-8 JSON"})
+                continue
+        modality = src.modality or meta.get("modality")
+        media = None
+        for ext, data in members.items():
+            if ext == "json":
+                continue
+            claimed = _claiming(ext.lower())
+            if claimed and (modality is None or claimed == modality):
+                media, modality = (ext.lower(), data), claimed
+                break
+        if media is None:
+            rejects.append({"key": f"{url}:{key}", "reason": f"no media member of a known modality ({', '.join(members)})"})
+            continue
+        ref = meta.get("reference", meta.get("text", meta.get("category")))
+        base_key = key.rsplit("/", 1)[-1]
+        items.append(Item(make_key(name, base_key), modality, name, f"{url}:{key}", media[1], media[0],
+                          None if ref is None else str(ref), {k: v for k, v in meta.items() if k not in ("reference", "text", "category")}))
+    return items
+
+
+@register_stage("ingest", uses_modalities="decode", progress=lambda d, cfg: units_progress(d),
+                description="real media (folders + manifests, webdataset shards, text, synthetic) -> split shards")
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.section
+    seed = ctx.cfg.root.seed
+    if not cfg.sources:
+        raise UserError("ingest.sources is empty: name at least one data folder, shards URL or text source")
+    adapters = {}
+
+    def adapter(m):
+        if m not in adapters:
+            adapters[m] = modality_registry.get(m)(ctx.cfg.root.modalities.get(m) or modality_registry.get(m).Config())
+        return adapters[m]
+
+    units: list[Unit] = []
+    pre_rejects: list[dict] = []
+    n = cfg.samples_per_shard
+    for i, src in enumerate(cfg.sources):
+        name = source_name(src, i)
+        if src.type == "shards":
+            for j, url in enumerate(expand_urls(src.urls)):
+                units.append(Unit(f"{_UNSAFE.sub('_', name)}-{j:06d}", ("shard", url, src, name)))
+            continue
+        if src.type in ("folder", "text"):
+            items, rej = list_folder(src, name, seed)
+            pre_rejects.extend(rej)
+        else:
+            items = list_synthetic(src, name, seed)
+        if src.limit:
+            items = items[: src.limit]
+        for j in range(0, len(items), n):
+            units.append(Unit(f"{_UNSAFE.sub('_', name)}-{j // n:06d}", ("items", items[j: j + n], None, name)))
+
+    def process(unit: Unit) -> UnitResult:
+        kind, payload, src, name = unit.payload
+        res = UnitResult()
+        if kind == "shard":
+            items = read_shard_items(payload, src, name, res.rejects)
+            items.sort(key=lambda it: it.key)
+        else:
+            items = payload
+        by_mod: dict[str, list[dict]] = {}
+        for it in items:
+            try:
+                data = it.data if it.data is not None else Path(it.file).read_bytes()
+            except OSError as e:
+                res.rejects.append({"key": it.key, "file": it.file, "reason": f"unreadable: {e.strerror or e}"})
+                continue
+            try:
+                adapter(it.modality).decode(data, it.ext)
+            except BadInput as e:
+                res.rejects.append({"key": it.key, "file": it.file, "reason": e.reason})
+                continue
+            except Exception as e:  # a decoder bug on one file must not stop a long stage
+                res.rejects.append({"key": it.key, "file": it.file, "reason": f"decode failed: {e.__class__.__name__}: {e}"})
+                continue
+            split = split_of(it.key, cfg.split)
+            meta = {"key": it.key, "modality": it.modality, "split": split, "reference": it.reference,
+                    "source": it.source, "file": it.file, "meta": it.meta}
+            by_mod.setdefault(it.modality, []).append({"__key__": it.key, it.ext: data,
+                                                       "json": json.dumps(meta, sort_keys=True).encode()})
+            res.counts[f"{split}"] = res.counts.get(split, 0) + 1
+            res.counts["out"] = res.counts.get("out", 0) + 1
+        for m, samples in by_mod.items():
+            samples.sort(key=lambda s: s["__key__"])
+            res.outputs[f"shards/{m}/{unit.name}.tar"] = samples
+        return res
+
+    counts = run_units(ctx, units, process, kept_keys=("out",), max_reject_fraction=cfg.max_reject_fraction,
+                       pre_rejects=pre_rejects)
+    return {"in": counts.get("out", 0) + counts["rejected"], "out": counts.get("out", 0), "rejected": counts["rejected"],
+            **{s: counts.get(s, 0) for s in ("train", "val", "test")}}
