@@ -93,8 +93,10 @@ class Modality(ABC):
 
     # --------------------------------------------------------------------------------------------- teacher
     @abstractmethod
-    def build_teacher(self, device: str) -> Teacher:
-        """The frozen teacher named by cfg.teacher."""
+    def build_teacher(self, device: str, top_k: int = 0, store_features: bool = True) -> Teacher:
+        """The frozen teacher named by cfg.teacher. top_k > 0: labels carry the teacher's top-k log-probs per
+        token (arrays topk_ids [L,k] int32, topk_logprobs [L,k] float16) where the teacher has them;
+        store_features: labels carry the conditioning features (array `features` [T,D] float16)."""
 
     # ------------------------------------------------------------------------------------------ evaluation
     def metrics(self, hyps: list[str], labels: list[str], references: list[str | None], infos: list[dict]) -> dict:

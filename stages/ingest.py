@@ -36,6 +36,7 @@ class Item:
     ext: str | None = None
     reference: str | None = None
     meta: dict = field(default_factory=dict)
+    reference_is_label: bool = False  # the source says its references are training labels
 
 
 def split_of(key: str, fractions) -> str:
@@ -215,6 +216,8 @@ def run(ctx: StageContext) -> dict:
             items = list_synthetic(src, name, seed)
         if src.limit:
             items = items[: src.limit]
+        for it in items:
+            it.reference_is_label = bool(src.references_are_labels and it.reference)
         for j in range(0, len(items), n):
             units.append(Unit(f"{_UNSAFE.sub('_', name)}-{j // n:06d}", ("items", items[j: j + n], None, name)))
 
@@ -243,7 +246,7 @@ def run(ctx: StageContext) -> dict:
                 continue
             split = split_of(it.key, cfg.split)
             meta = {"key": it.key, "modality": it.modality, "split": split, "reference": it.reference,
-                    "source": it.source, "file": it.file, "meta": it.meta}
+                    "reference_is_label": it.reference_is_label, "source": it.source, "file": it.file, "meta": it.meta}
             by_mod.setdefault(it.modality, []).append({"__key__": it.key, it.ext: data,
                                                        "json": json.dumps(meta, sort_keys=True).encode()})
             res.counts[f"{split}"] = res.counts.get(split, 0) + 1

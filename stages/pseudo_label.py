@@ -1,0 +1,134 @@
+"""pseudo_label: every ingested sample is labelled by its modality's frozen teacher, in batches that never
+cross a shard (so labels do not depend on how shards are spread over processes).
+
+RUN/pseudo_label/shards/<modality>/<name>.tar, one per ingest shard, each sample:
+    <key>.json              {key, modality, split, text (the pseudo-label), reference, teacher {name, sha256},
+                             info (confidence figures), source, file, meta, filter_reason}
+    <key>.<ext>             the media bytes
+    <key>.<array>.npy       tokens, topk_ids, topk_logprobs, features (whatever the teacher gives)
+RUN/pseudo_label/filtered.jsonl   labels the filters dropped (train/val), with the reason
+RUN/pseudo_label/rejects.jsonl    inputs that could not be decoded or labelled
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import BadInput
+from pipeline.graph import StageContext, register_stage
+from pipeline.registry import modality_registry
+from pipeline.sharded import Unit, UnitResult, run_units, units_progress
+from pipeline.shards import iter_shard, list_shards
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+@register_stage("pseudo_label", after=("ingest",), progress=lambda d, cfg: units_progress(d),
+                description="label real inputs with frozen teachers (Whisper, CLIP-style, identity), filter, shard")
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.section
+    ingest_dir = ctx.input_dir("ingest") / "shards"
+    units = []
+    for mdir in sorted(p for p in ingest_dir.iterdir() if p.is_dir()) if ingest_dir.exists() else []:
+        for shard in list_shards(mdir):
+            units.append(Unit(f"{mdir.name}-{shard.stem}", (mdir.name, shard)))
+    adapters, teachers = {}, {}
+
+    def teacher_for(modality: str):
+        if modality not in teachers:
+            mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
+            adapters[modality] = modality_registry.get(modality)(mcfg)
+            teachers[modality] = adapters[modality].build_teacher(ctx.device, top_k=cfg.top_k,
+                                                                  store_features=cfg.store_features)
+        return adapters[modality], teachers[modality]
+
+    def process(unit: Unit) -> UnitResult:
+        modality, shard = unit.payload
+        adapter, teacher = teacher_for(modality)
+        res = UnitResult(logs={"filtered": []})
+        decoded = []  # (key, meta, ext, media bytes, decoded input)
+        for key, members in iter_shard(str(shard), on_error=lambda k, r: res.rejects.append({"key": k, "reason": r})):
+            try:
+                meta = json.loads(members["json"])
+                ext = next(e for e in members if e != "json")
+                decoded.append((key, meta, ext, members[ext], adapter.decode(members[ext], ext)))
+            except BadInput as e:
+                res.rejects.append({"key": key, "reason": e.reason})
+            except (KeyError, StopIteration, ValueError) as e:
+                res.rejects.append({"key": key, "reason": f"malformed ingest sample: {e}"})
+        samples = []
+        for i in range(0, len(decoded), cfg.batch_size):
+            batch = decoded[i: i + cfg.batch_size]
+            try:
+                labels = teacher.label([d[4] for d in batch])
+            except BadInput:
+                labels = None
+            if labels is None or len(labels) != len(batch):
+                # One bad input must not cost its batch: label them one by one to find it.
+                labels = []
+                for d in batch:
+                    try:
+                        labels.append(teacher.label([d[4]])[0])
+                    except BadInput as e:
+                        labels.append(e)
+            for (key, meta, ext, media, _), label in zip(batch, labels):
+                if isinstance(label, Exception):
+                    res.rejects.append({"key": key, "reason": label.reason})
+                    continue
+                reference = meta.get("reference")
+                reason = None
+                if meta["split"] in cfg.filters.splits:
+                    reason = teacher.filter_reason(label, reference, cfg.filters)
+                    if reason:
+                        res.logs["filtered"].append({"key": key, "split": meta["split"], "reason": reason, "text": label.text})
+                        res.counts["filtered"] = res.counts.get("filtered", 0) + 1
+                        continue
+                else:
+                    # Held-out samples are kept whatever the filters say (dropping them would bias every
+                    # held-out figure); the reason is recorded for the evaluation to report.
+                    reason = teacher.filter_reason(label, reference, cfg.filters)
+                text = reference if meta.get("reference_is_label") and reference else label.text
+                record = {**meta, "text": text, "teacher_text": label.text, "teacher": {"name": teacher.name, "sha256": teacher.sha256},
+                          "info": label.info, "filter_reason": reason}
+                sample = {"__key__": key, "json": json.dumps(record, sort_keys=True, default=float).encode(), ext: media}
+                for name, arr in sorted(label.arrays.items()):
+                    sample[f"{name}.npy"] = npy_bytes(arr)
+                samples.append(sample)
+                res.counts["out"] = res.counts.get("out", 0) + 1
+                res.counts[meta["split"]] = res.counts.get(meta["split"], 0) + 1
+        res.outputs[f"shards/{modality}/{shard.name}"] = samples
+        return res
+
+    counts = run_units(ctx, units, process, kept_keys=("out", "filtered"), max_reject_fraction=cfg.max_reject_fraction)
+    return {"out": counts.get("out", 0), "filtered": counts.get("filtered", 0), "rejected": counts["rejected"],
+            **{s: counts.get(s, 0) for s in ("train", "val", "test")}}
+
+
+def read_labelled(stage_dir: Path, modalities: list[str] | None = None, splits: tuple[str, ...] | None = None,
+                  arrays: bool = True):
+    """Yield (modality, record, media_ext, media_bytes, arrays) from a pseudo_label directory, in shard order."""
+    root = Path(stage_dir) / "shards"
+    for mdir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        if modalities is not None and mdir.name not in modalities:
+            continue
+        for shard in list_shards(mdir):
+            for key, members in iter_shard(str(shard)):
+                rec = json.loads(members["json"])
+                if splits is not None and rec["split"] not in splits:
+                    continue
+                arrs = {k[:-4]: npy_load(v) for k, v in members.items() if k.endswith(".npy")} if arrays else {}
+                media = [(k, v) for k, v in members.items() if k != "json" and not k.endswith(".npy")]
+                ext, data = media[0] if media else (None, None)
+                yield mdir.name, rec, ext, data, arrs
