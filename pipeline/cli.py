@@ -156,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`run a.yaml --run-dir X seed=1`): argparse leaves them over.
+    if unknown and hasattr(args, "configs") and all("=" in u and not u.startswith("-") for u in unknown):
+        args.configs = list(args.configs) + unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get("RANK", "0") != "0":

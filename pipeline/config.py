@@ -88,6 +88,7 @@ class StudentConfig:
     d_ff: int = field(default=1024, metadata=_min(8))
     prefix_len: int = field(default=8, metadata=_min(1))  # prefix embeddings per input (prefix style)
     projector: str = "mlp"  # mlp | transformer: maps features [B,T,D_m] to the prefix [B,P,d_model]
+    feature_frames: int = field(default=150, metadata=_min(1))  # prefix style: features average-pooled to at most this many frames
     keep_decoder_layers: List[int] = field(default_factory=lambda: [0, -1])  # cross_attention: teacher layers copied
     freeze_embeddings: bool = False
     dropout: float = field(default=0.0, metadata=_min(0.0))
@@ -226,10 +227,8 @@ def _merge(schema: DictConfig, other: Any, where: str) -> DictConfig:
         raise UserError(f"{where}: unknown key '{full}'{_close(key.split('.')[-1], options)}") from None
     except oc_errors.ValidationError as e:
         full = getattr(e, "full_key", "") or "?"
-        ref = getattr(e, "ref_type", None)
-        expected = getattr(ref, "__name__", None) or (str(ref) if ref else "")
         msg = str(e).splitlines()[0]
-        raise UserError(f"{where}: wrong type at '{full}': {msg}" + (f" (expected {expected})" if expected else "")) from None
+        raise UserError(f"{where}: wrong type at '{full}': {msg}") from None
     except oc_errors.OmegaConfBaseException as e:
         raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
 
@@ -390,7 +389,7 @@ class Config:
     def section(self, name: str) -> Any:
         if name in self.root.extra:
             return self.root.extra[name]
-        return getattr(self.root, name)
+        return getattr(self.root, name, None)
 
     def to_plain(self) -> dict:
         return to_plain(self.root)

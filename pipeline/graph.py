@@ -267,7 +267,15 @@ class Runner:
         distributed.barrier()
 
     def status(self) -> list[StageState]:
-        return [self.check(s) for s in self.specs]
+        """Every stage's state; a done stage below one that is not done is stale (it will be re-run)."""
+        out: dict[str, StageState] = {}
+        for s in self.specs:
+            st = self.check(s)
+            up = next((u for u in s.after if out[u].state != "done"), None)
+            if st.state == "done" and up is not None:
+                st = StageState(s.name, "stale", f"upstream {up} is {out[up].state}")
+            out[s.name] = st
+        return list(out.values())
 
 
 def _link_or_copy(src, dst):
