@@ -1,0 +1,107 @@
+"""ingest and pseudo_label on text and a toy modality that lives in a test file (tests/toy_vibration.py)."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from conftest import cli
+
+
+def _write_cfg(tmp_path, sources, **extra):
+    cfg = {"plugins": ["toy_vibration"], "stages": ["ingest", "pseudo_label"],
+           "ingest": {"sources": sources, "samples_per_shard": 4}, **extra}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _vib_folder(tmp_path):
+    d = tmp_path / "vib"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(10):
+        scale = 2.0 if i % 2 else 0.1
+        (d / f"s{i}.vib").write_bytes(rng.normal(0, scale, 64).astype("<f4").tobytes())
+        lines.append(json.dumps({"file": f"s{i}.vib", "state": "shaking" if scale > 1 else "steady"}))
+    (d / "bad.vib").write_bytes(b"abc")  # not a float32 series
+    (d / "nan.vib").write_bytes(np.array([1.0, np.nan], dtype="<f4").tobytes())
+    lines += [json.dumps({"file": "bad.vib", "state": "x"}), json.dumps({"file": "nan.vib", "state": "x"}),
+              "", "{not json", json.dumps({"file": "missing.vib"}), json.dumps({"file": "../../etc/passwd"})]
+    (d / "m.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    return d
+
+
+def test_toy_modality_ingest_and_pseudo_label_with_rejects(tmp_path):
+    d = _vib_folder(tmp_path)
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "manifest": "m.jsonl"}])
+    r = cli("run", cfg, "--run-dir", tmp_path / "run", "ingest.max_reject_fraction=0.9", check=True)
+    assert "ingest: finished" in r.stdout
+    rejects = [json.loads(l) for l in (tmp_path / "run/ingest/rejects.jsonl").read_text().splitlines()]
+    reasons = sorted(r["reason"].split(":")[0] for r in rejects)
+    assert reasons == sorted(["NaN or infinite samples", "file '../../etc/passwd' is outside " + str(d),
+                              "manifest line is empty", "manifest line is not JSON", "manifest line is not UTF-8",
+                              "missing file", "not a float32 series"]), reasons
+    m = json.loads((tmp_path / "run/ingest/manifest.json").read_text())
+    assert m["counts"]["out"] == 10 and m["counts"]["rejected"] == 7
+    # pseudo-labels: the toy teacher's text, the reference kept beside it, features as .npy
+    labels = {}
+    for shard in sorted((tmp_path / "run/pseudo_label/shards/vibration").glob("*.tar")):
+        with tarfile.open(shard) as t:
+            for mem in t.getmembers():
+                if mem.name.endswith(".json"):
+                    rec = json.loads(t.extractfile(mem).read())
+                    labels[rec["key"]] = rec
+                assert mem.mtime == 0 and mem.uid == 0
+    assert len(labels) == 10
+    for rec in labels.values():
+        assert rec["text"] == f"the machine is {rec['reference']}"
+        assert rec["teacher"]["name"] == "variance" and rec["split"] in ("train", "val", "test")
+
+
+def test_too_many_rejects_is_a_user_error(tmp_path):
+    d = _vib_folder(tmp_path)
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "manifest": "m.jsonl"}])
+    r = cli("run", cfg, "--run-dir", tmp_path / "run", "ingest.max_reject_fraction=0.1")
+    assert r.returncode == 2 and "more than max_reject_fraction" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ingest_is_deterministic_and_resumes_byte_for_byte(tmp_path):
+    src = [{"type": "synthetic", "modality": "vibration", "count": 14, "name": "vib"},
+           {"type": "synthetic", "modality": "text", "count": 9, "name": "words"}]
+    cfg = _write_cfg(tmp_path, src)
+    cli("run", cfg, "--run-dir", tmp_path / "a", check=True)
+    r = cli("run", cfg, "--run-dir", tmp_path / "b", env={"GROUNDGAN_FAULT": "shard_done:2"})
+    assert r.returncode == -9
+    st = json.loads(cli("status", tmp_path / "b", "--json", check=True).stdout)
+    assert st["ingest"]["state"] == "partial" and st["ingest"]["detail"] == "shards 2 of 7"
+    r = cli("run", cfg, "--run-dir", tmp_path / "b", check=True)
+    assert "2 of 7 shards already done" in r.stdout
+    for stage in ("ingest", "pseudo_label"):
+        a = sorted((tmp_path / "a" / stage / "shards").rglob("*.tar"))
+        b = sorted((tmp_path / "b" / stage / "shards").rglob("*.tar"))
+        assert [p.name for p in a] == [p.name for p in b] and len(a) >= 4
+        for x, y in zip(a, b):
+            assert x.read_bytes() == y.read_bytes(), x.name
+
+
+def test_shards_and_text_sources(tmp_path):
+    # Shards made by a first run are the input of a second (users at scale point ingest at their shards).
+    cfg = _write_cfg(tmp_path, [{"type": "synthetic", "modality": "vibration", "count": 6, "name": "vib"}])
+    cli("run", cfg, "--run-dir", tmp_path / "a", "--until", "ingest", check=True)
+    shard_dir = tmp_path / "a/ingest/shards/vibration"
+    tdir = tmp_path / "texts"
+    tdir.mkdir()
+    (tdir / "t.jsonl").write_text(json.dumps({"text": "a real sentence."}) + "\n" + json.dumps({"text": "another one."}) + "\n")
+    (tdir / "one.txt").write_text("a file of text\n")
+    cfg2 = _write_cfg(tmp_path, [{"type": "shards", "urls": str(shard_dir / "vib-{000000..000001}.tar"), "name": "ext"},
+                                 {"type": "text", "dir": str(tdir), "manifest": "t.jsonl", "name": "jl"},
+                                 {"type": "text", "dir": str(tdir), "name": "txt"}])
+    r = cli("run", cfg2, "--run-dir", tmp_path / "b", check=True)
+    m = json.loads((tmp_path / "b/ingest/manifest.json").read_text())
+    assert m["counts"]["out"] == 6 + 2 + 1, r.stdout
+    r = cli("config", cfg2, "ingest.sources=[{type: shards, urls: 'pipe:cat x.tar', modality: text}]")
+    assert r.returncode == 2 and "allow_pipe" in r.stderr
