@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -187,6 +188,13 @@ class CheckpointManager:
         return None
 
     def _load(self, path, models, optimizers, scheduler, map_location) -> Loaded:
+        try:
+            return self._load_unchecked(path, models, optimizers, scheduler, map_location)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing to load checkpoint {path}: it holds objects that safe loading "
+                            f"(torch.load weights_only=True) does not allow ({str(e).splitlines()[0][:200]})") from None
+
+    def _load_unchecked(self, path, models, optimizers, scheduler, map_location) -> Loaded:
         for name, model in models.items():
             fn = path / f"model.{name}.safetensors"
             if not fn.exists():
