@@ -36,6 +36,7 @@ class StageSpec:
     name: str
     run: Callable[["StageContext"], dict]
     after: tuple[str, ...] = ()  # upstream stages whose manifests are this stage's inputs
+    optional_after: tuple[str, ...] = ()  # inputs too when they are in the run's graph (evaluate: adversarial)
     uses_modalities: str = "all"  # which part of modalities.<name> the hash covers: all | decode | none
     config_class: Any = None  # for plugin stages: the dataclass of their `extra.<name>` section
     progress: Callable[[Path, "Config"], str | None] | None = None  # "step k of n" for `groundgan status`
@@ -56,12 +57,13 @@ class StageSpec:
 
 
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
-                   progress: Callable | None = None, description: str = ""):
+                   progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = ()):
     """Decorator: register `fn(ctx) -> counts` as a stage of the graph."""
 
     def deco(fn):
-        stage_registry.add(name, StageSpec(name, fn, tuple(after), uses_modalities, config_class, progress,
-                                           description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""))
+        doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
+                                           config_class, progress, doc))
         return fn
 
     return deco
@@ -127,8 +129,9 @@ class Runner:
         self.run = RunDir(run_dir)
         self.specs = [stage_registry.get(n) for n in cfg.root.stages]
         names = [s.name for s in self.specs]
+        self.upstream = {s.name: tuple(s.after) + tuple(u for u in s.optional_after if u in names) for s in self.specs}
         for s in self.specs:
-            for up in s.after:
+            for up in self.upstream[s.name]:
                 if up not in names or names.index(up) > names.index(s.name):
                     raise UserError(f"stage {s.name!r} needs {up!r} before it in 'stages' ({', '.join(names)})")
         self.echo = echo
@@ -136,7 +139,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------- decisions
     def _inputs(self, spec: StageSpec) -> dict[str, str] | None:
         out = {}
-        for up in spec.after:
+        for up in self.upstream[spec.name]:
             m = self.run.read_manifest(up)
             if m is None:
                 return None
@@ -215,7 +218,7 @@ class Runner:
         chash = spec.config_hash(self.cfg)
         inputs = self._inputs(spec)
         if inputs is None:
-            missing = [up for up in spec.after if self.run.read_manifest(up) is None]
+            missing = [up for up in self.upstream[spec.name] if self.run.read_manifest(up) is None]
             raise UserError(f"stage {spec.name}: input stage(s) {', '.join(missing)} not done")
         st = self.check(spec)
         say = self.echo if info.is_main else (lambda *_: None)
@@ -253,7 +256,7 @@ class Runner:
             self.run.write_started(spec.name, chash, inputs)
         distributed.barrier()
         say(f"{spec.name}: running ({reason})")
-        ctx = StageContext(spec.name, self.cfg, self.run, d, {up: self.run.read_manifest(up) for up in spec.after},
+        ctx = StageContext(spec.name, self.cfg, self.run, d, {up: self.run.read_manifest(up) for up in self.upstream[spec.name]},
                            info, device, resumed)
         seed_everything(self.cfg.root.seed)
         t0 = time.time()
@@ -271,7 +274,7 @@ class Runner:
         out: dict[str, StageState] = {}
         for s in self.specs:
             st = self.check(s)
-            up = next((u for u in s.after if out[u].state != "done"), None)
+            up = next((u for u in self.upstream[s.name] if out[u].state != "done"), None)
             if st.state == "done" and up is not None:
                 st = StageState(s.name, "stale", f"upstream {up} is {out[up].state}")
             out[s.name] = st
