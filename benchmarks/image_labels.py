@@ -1,0 +1,100 @@
+"""How well the offline image teacher's labels fit real drawings: the efficientnet_lite0 ImageNet classifier over
+the 483 openclipart drawings in shared/data, each label mapped to one of the ten categories by the MiniLM
+sentence encoder, compared with the drawing's folder category.
+
+    .venv/bin/python benchmarks/image_labels.py [--data DIR] [--resize squash pad] [--batch 32]
+
+Prints a dozen examples, the label -> category map, and per resize mode: category agreement, the share of the
+most common category (what always answering it would score) and their ratio, mean confidence, and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from modalities.image import Image, ImageConfig  # noqa: E402
+from pipeline.errors import BadInput  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "images" / "openclipart"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with labels.jsonl and the JPEGs")
+    ap.add_argument("--resize", nargs="+", default=["squash", "pad"], help="teacher resize modes to compare")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if not (a.data / "labels.jsonl").is_file():
+        print(f"skipped: no labels.jsonl in {a.data} (the shared/data folder beside the project)")
+        return 0
+    torch.set_num_threads(a.threads)
+    rows = [json.loads(x) for x in (a.data / "labels.jsonl").read_text().splitlines() if x.strip()]
+    categories = sorted({r["category"] for r in rows})
+
+    for n_mode, mode in enumerate(a.resize):
+        modality = Image(ImageConfig(resize=mode, categories=categories))
+        t0 = time.monotonic()
+        teacher = modality.build_teacher("cpu", store_features=False)
+        t_load = time.monotonic() - t0
+        kept, images, rejected = [], [], []
+        for r in rows:
+            try:
+                images.append(modality.decode((a.data / r["image"]).read_bytes(), Path(r["image"]).suffix[1:]))
+                kept.append(r)
+            except BadInput as e:
+                rejected.append((r["image"], e.reason))
+        t0 = time.monotonic()
+        labels = []
+        for i in range(0, len(images), a.batch):
+            labels.extend(teacher.label(images[i: i + a.batch]))
+        t_label = time.monotonic() - t0
+        captions = [lab.text for lab in labels]
+        refs = [r["category"] for r in kept]
+        t0 = time.monotonic()
+        m = modality.metrics(captions, captions, refs, [lab.info for lab in labels])
+        t_map = time.monotonic() - t0
+        mapping = m["label_to_category"]
+
+        if n_mode == 0:
+            print(f"teacher {teacher.name} (sha256 {teacher.sha256[:12]}), {len(kept)} drawings from {a.data}"
+                  + (f", {len(rejected)} rejected: {rejected[:3]}" if rejected else ""))
+            print(f"\nexamples (resize={mode}):")
+            print(f"  {'file':24s} {'category':15s} {'teacher label':24s} {'conf':>5s}  mapped to")
+            for i in range(0, len(kept), max(1, len(kept) // 12))[:12]:
+                info = labels[i].info
+                print(f"  {kept[i]['image']:24s} {refs[i]:15s} {info['label']:24s} {info['confidence']:5.2f}  "
+                      f"{mapping[info['label']]}")
+            print(f"\nlabel -> category ({len(mapping)} distinct labels):")
+            by_cat = collections.defaultdict(list)
+            for lab, cat in sorted(mapping.items()):
+                by_cat[cat].append(lab)
+            for cat in categories:
+                print(f"  {cat:15s} {', '.join(by_cat.get(cat, [])) or '-'}")
+
+        hits = collections.Counter(refs[i] for i, lab in enumerate(labels) if mapping[lab.info['label']] == refs[i])
+        totals = collections.Counter(refs)
+        majority = max(totals.values()) / len(refs)
+        conf = np.array([lab.info["confidence"] for lab in labels])
+        print(f"\nresize={mode}: category agreement {m['category_agreement']:.3f} ({sum(hits.values())}/{len(refs)}); "
+              f"most common category {majority:.3f}; ratio {m['category_agreement'] / majority:.2f}x; "
+              f"mean confidence {conf.mean():.3f}; label agreement of the teacher's own captions {m['label_agreement']:.2f}")
+        print("  per category: " + ", ".join(f"{c} {hits[c]}/{totals[c]}" for c in categories))
+        print(f"  time: load {t_load:.1f} s, label {t_label:.1f} s ({len(images) / t_label:.1f} images/s, "
+              f"{a.threads} threads), map {t_map:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

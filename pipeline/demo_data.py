@@ -1,0 +1,244 @@
+"""`groundgan data demo --out DIR`: a small real data set from Debian packages, in the folder + manifest layout
+that ingest's folder sources read.
+
+    DIR/speech/<name>.wav + transcripts.jsonl   {"audio", "text"}: Allison Smith's Asterisk prompts (8 kHz,
+                                                CC-BY-SA-3.0), references from core-sounds-en.txt;
+                                                digits/1.wav becomes digits__1.wav
+    DIR/images/<category>_<nnnn>.jpg + labels.jsonl   {"image", "category", "path", "name_words"}: openclipart
+                                                drawings (public domain), RGB JPEG on white, longest side at most
+                                                256 px, `category` the top folder, `path` the finer one
+    DIR/.complete                               written last: a run that finds it does nothing
+
+The packages are fetched with `apt-get download` (no root needed, nothing is installed) and unpacked with
+`dpkg-deb -x` in a temporary folder that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SPEECH_PACKAGES = ("asterisk-core-sounds-en-wav", "asterisk-core-sounds-en")  # the WAVs; the transcripts
+IMAGE_PACKAGES = ("openclipart-png",)
+CATEGORIES = ("animals", "food", "transportation", "plants", "buildings", "tools", "electronics", "people", "office",
+              "recreation")
+MARKER = ".complete"
+MAX_SIDE = 256
+MAX_SOURCE_PIXELS = 25_000_000  # a few drawings are 10,000+ px wide: skipped, the next one takes their place
+
+_OWN_DATA = """Without them, point configs/demo.yaml's ingest.sources at your own folders, each a `dir` holding the media
+and a JSONL `manifest` that names each file and its reference, e.g.
+  ingest:
+    sources:
+      - {dir: my/speech, manifest: transcripts.jsonl, modality: audio}   # lines {"audio": "a.wav", "text": "..."}
+      - {dir: my/images, manifest: labels.jsonl, modality: image}        # lines {"image": "b.jpg", "category": "..."}"""
+
+
+# ------------------------------------------------------------------------------------------ packages
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def _tail(r: subprocess.CompletedProcess) -> str:
+    lines = [x for x in (r.stderr or r.stdout or "").strip().splitlines() if x.strip()]
+    return lines[-1] if lines else f"exit code {r.returncode}"
+
+
+def fetch_packages(names: tuple[str, ...], workdir: Path) -> list[Path]:
+    """`apt-get download` the packages into workdir; on failure `apt-get update` once and retry.
+    Returns the .deb files. Raises UserError when the tools are missing or the download fails."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise UserError(f"`groundgan data demo` needs {tool} (Debian or Ubuntu) to fetch its packages, and it is "
+                            f"not installed here.\n{_OWN_DATA}")
+    r = _run(["apt-get", "download", *names], workdir)
+    if r.returncode != 0:
+        # A fresh container often has no package lists yet.
+        u = _run(["apt-get", "update"], workdir)
+        r = _run(["apt-get", "download", *names], workdir)
+        if r.returncode != 0:
+            why = _tail(r) + ("" if u.returncode == 0 else f"; apt-get update also failed: {_tail(u)}")
+            raise UserError(f"could not download {', '.join(names)} with apt-get ({why}).\n{_OWN_DATA}")
+    debs = []
+    for name in names:
+        found = sorted(workdir.glob(f"{name}_*.deb"))
+        if not found:
+            raise UserError(f"apt-get download left no {name}_*.deb in {workdir}.\n{_OWN_DATA}")
+        debs.append(found[-1])
+    return debs
+
+
+def extract_package(deb: Path, root: Path) -> None:
+    """Unpack a .deb's files under root (dpkg-deb -x: no install, no root needed)."""
+    r = _run(["dpkg-deb", "-x", str(deb), str(root)], root.parent)
+    if r.returncode != 0:
+        raise UserError(f"dpkg-deb could not unpack {deb.name}: {_tail(r)}.\n{_OWN_DATA}")
+
+
+# -------------------------------------------------------------------------------------------- speech
+def parse_transcripts(text: str) -> dict[str, str]:
+    """core-sounds-en.txt -> {sound key: transcript}. Lines are `key: text` (the key may hold a folder,
+    `digits/1: one`; the text may hold colons); `;` starts a comment."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(";") or ":" not in line:
+            continue
+        key, _, said = line.partition(":")
+        key, said = key.strip(), " ".join(said.split())
+        if key and said and not any(c.isspace() for c in key):
+            out[key] = said
+    return out
+
+
+def _read_maybe_gz(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+def _sounds_dir(root: Path) -> Path:
+    """The folder of English prompts: the one under usr/share/asterisk/sounds with the most WAVs."""
+    base = root / "usr/share/asterisk/sounds"
+    candidates = [d for d in base.rglob("*") if d.is_dir()] if base.is_dir() else []
+    best = max(candidates, key=lambda d: len(list(d.glob("*.wav"))), default=None)
+    if best is None or not any(best.glob("*.wav")):
+        raise UserError(f"no Asterisk WAV files found under {base} in the unpacked packages")
+    return best
+
+
+def write_speech(root: Path, out: Path) -> int:
+    """Unpacked asterisk packages under root -> out/<key with / as __>.wav + out/transcripts.jsonl.
+    Returns the number of clips (those with both a WAV and a transcript)."""
+    found = sorted(root.rglob("core-sounds-en.txt*"))
+    if not found:
+        raise UserError(f"core-sounds-en.txt not found in the unpacked {SPEECH_PACKAGES[1]} package")
+    transcripts = parse_transcripts(_read_maybe_gz(found[0]))
+    sounds = _sounds_dir(root)
+    rows = []
+    for key in sorted(transcripts):
+        wav = sounds / f"{key}.wav"
+        if not wav.is_file():
+            continue
+        name = key.replace("/", "__") + ".wav"
+        atomic_write_bytes(out / name, wav.read_bytes())
+        rows.append({"audio": name, "text": transcripts[key]})
+    if not rows:
+        raise UserError(f"no WAV in {sounds} matches a line of {found[0].name}")
+    _copy_copyright(root, SPEECH_PACKAGES[0], out)
+    atomic_write_text(out / "transcripts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+# -------------------------------------------------------------------------------------------- images
+def name_words(stem: str) -> list[str]:
+    """Words of an artist's file name: letters only, 3 or more ("flying_wasp_gerald_g._02" -> flying wasp gerald)."""
+    return [w for w in re.split(r"[^A-Za-z]+", stem) if len(w) >= 3]
+
+
+def _spread(items: list, k: int) -> list:
+    """All of items, the k evenly spaced over the sorted list first (so every sub-folder is drawn from), then
+    the rest as replacements for files that do not decode."""
+    if len(items) <= k:
+        return list(items)
+    picks = sorted({round(i * len(items) / k) for i in range(k)})
+    chosen = set(picks)
+    return [items[i] for i in picks] + [x for i, x in enumerate(items) if i not in chosen]
+
+
+def _to_jpeg(data: bytes) -> bytes:
+    from PIL import Image
+
+    from modalities.image import to_rgb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    if im.width * im.height > MAX_SOURCE_PIXELS:
+        raise ValueError(f"{im.width}x{im.height} is too large to convert quickly")
+    with im:
+        im.load()
+        rgb = to_rgb(im)
+    rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)  # downscale only, aspect kept
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_images(root: Path, out: Path, per_category: int) -> dict[str, int]:
+    """Unpacked openclipart-png under root -> out/<category>_<nnnn>.jpg + out/labels.jsonl, at most
+    per_category drawings from each of CATEGORIES. Returns {category: count}."""
+    png_root = root / "usr/share/openclipart/png"
+    if not png_root.is_dir():
+        raise UserError(f"{png_root.relative_to(root)} not found in the unpacked {IMAGE_PACKAGES[0]} package")
+    rows, counts = [], {}
+    for category in CATEGORIES:
+        files = sorted(p for p in (png_root / category).rglob("*.png") if p.is_file()) if (png_root / category).is_dir() else []
+        n = 0
+        for png in _spread(files, per_category):
+            if n >= per_category:
+                break
+            try:
+                jpg = _to_jpeg(png.read_bytes())
+            except Exception:  # a damaged drawing is skipped; the next one in the spread takes its place
+                continue
+            name = f"{category}_{n:04d}.jpg"
+            atomic_write_bytes(out / name, jpg)
+            rows.append({"image": name, "category": category, "path": png.parent.relative_to(png_root).as_posix(),
+                         "name_words": name_words(png.stem)})
+            n += 1
+        counts[category] = n
+    if not rows:
+        raise UserError(f"no drawing of the categories {', '.join(CATEGORIES)} under {png_root}")
+    _copy_copyright(root, IMAGE_PACKAGES[0], out)
+    atomic_write_text(out / "labels.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return counts
+
+
+def _copy_copyright(root: Path, package: str, out: Path) -> None:
+    src = root / "usr/share/doc" / package / "copyright"
+    if src.is_file():
+        atomic_write_bytes(out / "COPYRIGHT", src.read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def prepare_demo(out: Path, images_per_category: int = 50) -> dict:
+    """Fetch, unpack and lay out the demo data under out (see the module docstring). Idempotent: a complete
+    folder (its marker present) is left as it is. Returns the summary that the marker holds."""
+    out = Path(out)
+    marker = out / MARKER
+    if marker.is_file():
+        summary = json.loads(marker.read_text())
+        print(f"demo data already complete in {out} ({summary['speech']} speech clips, {summary['images']} images); "
+              f"delete {marker} to rebuild it")
+        return summary
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="groundgan-demo-") as tmp:
+        tmp = Path(tmp)
+        debs = fetch_packages(SPEECH_PACKAGES + IMAGE_PACKAGES, tmp)
+        root = tmp / "root"
+        root.mkdir()
+        for deb in debs:
+            extract_package(deb, root)
+        n_speech = write_speech(root, out / "speech")
+        per_category = write_images(root, out / "images", images_per_category)
+    summary = {"speech": n_speech, "images": sum(per_category.values()), "images_per_category": per_category,
+               "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
+    atomic_write_json(marker, summary)
+    print(f"demo data in {out} ({summary['seconds']} s):\n"
+          f"  {out / 'speech'}: {n_speech} clips + transcripts.jsonl (CC-BY-SA-3.0, Allison Smith / Digium)\n"
+          f"  {out / 'images'}: {summary['images']} drawings + labels.jsonl (public domain, openclipart): "
+          + ", ".join(f"{c} {k}" for c, k in per_category.items()))
+    return summary
