@@ -1,0 +1,484 @@
+"""evaluate: score the teacher's labels and every trained student on held-out data; write the report.
+
+Sets: the run's `test` split (from pseudo_label) and each `evaluate.sources` entry, labelled here by its
+modality's teacher (cached in RUN/evaluate/sets/<name>/). Checkpoints: `teacher` (its labels as they are),
+`distill` (RUN/distill/final) and `adversarial` (RUN/adversarial/final, when that stage is done). Each
+student decodes every sample greedily (the headline metrics) and at each of `evaluate.temperatures` (the
+quality-diversity sweep). Generation is split over ranks in fixed blocks, each block seeded by its index,
+so the samples do not depend on the number of processes.
+
+Products (see stages.report for their schema): report.json, report.md, predictions.jsonl, the PNG plots,
+details.json (non-numeric extras of modality metrics, e.g. the image label -> category map) and
+generations/<set>/<modality>/<checkpoint>/T<temperature>.json (every decoded text, reused on resume).
+
+The graph edges are pseudo_label and distill, plus adversarial when the run's graph has it
+(optional_after): re-running adversarial makes evaluate stale, and a graph without it has no such row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.errors import BadInput, UserError
+from pipeline.files import atomic_write_json
+from pipeline.graph import StageContext, register_stage
+from pipeline.registry import modality_registry
+from pipeline.shards import expand_urls, write_shard
+from stages import report as report_mod
+from stages import text_metrics as tm
+from stages.ingest import list_folder, list_synthetic, read_shard_items, source_name
+from stages.pseudo_label import npy_bytes, read_labelled
+
+log = logging.getLogger("groundgan")
+
+TEST_SET = "test"
+STUDENT_STAGES = ("distill", "adversarial")  # checkpoints read from RUN/<stage>/final
+# The sweep's quality axis per modality: how close the samples stay to the teacher. Others: teacher_nll.
+SWEEP_QUALITY = {"audio": "wer_vs_teacher", "image": "label_agreement"}
+TRANSCRIPT_MODALITIES = ("audio",)  # modalities whose labels are transcripts: WER, IER and 5-gram duplicates
+_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class EvalItem:
+    """One held-out sample: the teacher's label, the reference and the teacher's features."""
+
+    key: str
+    modality: str
+    teacher_text: str  # what the teacher said
+    label: str  # the training label (the teacher's, or the reference where the source says so)
+    reference: str | None
+    info: dict = field(default_factory=dict)
+    features: np.ndarray | None = None  # [T, D] float16, None for modalities without features
+
+
+# ----------------------------------------------------------------------------------------------- the sets
+def _items(records) -> dict[str, list[EvalItem]]:
+    by_mod: dict[str, list[EvalItem]] = {}
+    for modality, rec, _, _, arrays in records:
+        f = arrays.get("features")
+        by_mod.setdefault(modality, []).append(EvalItem(
+            key=str(rec.get("key", "")), modality=modality, teacher_text=str(rec.get("teacher_text", rec.get("text")) or ""),
+            label=str(rec.get("text") or ""), reference=rec.get("reference"), info=rec.get("info") or {},
+            features=None if f is None or not f.size else np.asarray(f).reshape(-1, f.shape[-1])))
+    for items in by_mod.values():
+        items.sort(key=lambda it: it.key)  # shard order may change; this order does not
+    return dict(sorted(by_mod.items()))
+
+
+def _source_items(src, name: str, seed: int, rejects: list[dict]):
+    """An evaluate source's items, as ingest lists them (folder / text / synthetic / shards)."""
+    if src.type in ("folder", "text"):
+        items, rej = list_folder(src, name, seed)
+        rejects.extend(rej)
+    elif src.type == "synthetic":
+        items = list_synthetic(src, name, seed)
+    else:
+        items = []
+        for url in expand_urls(src.urls):
+            items.extend(read_shard_items(url, src, name, rejects))
+        items.sort(key=lambda it: it.key)
+    return items[: src.limit] if src.limit else items
+
+
+def label_source(ctx: StageContext, src, index: int, adapters: dict, teachers: dict) -> Path:
+    """Label one evaluate source with its modality's teacher, once: RUN/evaluate/sets/<name>/ holds
+    shards/<modality>/labelled.tar in pseudo_label's format (no media) and done.json. Rank 0 only."""
+    name = source_name(src, index)
+    out = ctx.dir / "sets" / _SAFE.sub("_", name)
+    if (out / "done.json").is_file():
+        return out
+    rejects: list[dict] = []
+    by_mod: dict[str, list[dict]] = {}
+    batch_size = ctx.section.batch_size
+    decoded: dict[str, list] = {}
+    for it in _source_items(src, name, ctx.cfg.root.seed, rejects):
+        adapter, _ = _teacher(ctx, it.modality, adapters, teachers)
+        try:
+            data = it.data if it.data is not None else Path(it.file).read_bytes()
+            decoded.setdefault(it.modality, []).append((it, adapter.decode(data, it.ext)))
+        except BadInput as e:
+            rejects.append({"key": it.key, "reason": e.reason})
+        except OSError as e:
+            rejects.append({"key": it.key, "reason": f"unreadable: {e.strerror or e}"})
+    for modality, rows in decoded.items():
+        _, teacher = _teacher(ctx, modality, adapters, teachers)
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i: i + batch_size]
+            try:
+                labels = teacher.label([d for _, d in batch])
+            except BadInput:
+                labels = []
+                for _, d in batch:  # one bad input must not cost its batch
+                    try:
+                        labels.append(teacher.label([d])[0])
+                    except BadInput as e:
+                        labels.append(e)
+            for (it, _), label in zip(batch, labels):
+                if isinstance(label, Exception):
+                    rejects.append({"key": it.key, "reason": label.reason})
+                    continue
+                text = it.reference if (src.references_are_labels and it.reference) else label.text
+                rec = {"key": it.key, "modality": modality, "split": name, "text": text, "teacher_text": label.text,
+                       "reference": it.reference, "info": label.info, "source": name, "file": it.file, "meta": it.meta,
+                       "teacher": {"name": teacher.name, "sha256": teacher.sha256}}
+                sample = {"__key__": it.key, "json": json.dumps(rec, sort_keys=True, default=float).encode()}
+                for arr_name, arr in sorted(label.arrays.items()):
+                    sample[f"{arr_name}.npy"] = npy_bytes(arr)
+                by_mod.setdefault(modality, []).append(sample)
+    for modality, samples in by_mod.items():
+        write_shard(out / "shards" / modality / "labelled.tar", samples)
+    for r in rejects:
+        ctx.reject(r["key"], r["reason"], set=name)
+    atomic_write_json(out / "done.json", {"name": name, "labelled": {m: len(s) for m, s in by_mod.items()},
+                                          "rejected": len(rejects)})
+    return out
+
+
+def collect_sets(ctx: StageContext, adapters: dict, teachers: dict) -> dict[str, dict[str, list[EvalItem]]]:
+    """{set: {modality: [EvalItem]}}: the test split, then each evaluate source, max_samples each."""
+    cfg = ctx.section
+    names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
+    for n in names:
+        if n in (TEST_SET, report_mod.SWEEP):
+            raise UserError(f"evaluate.sources: the name {n!r} is taken (the run's test split / the sweep); rename it")
+    if len(set(names)) != len(names):
+        raise UserError(f"evaluate.sources: names must differ, got {', '.join(names)}")
+    if ctx.dist.is_main:
+        for i, src in enumerate(cfg.sources):
+            label_source(ctx, src, i, adapters, teachers)
+    distributed.barrier()
+    sets = {TEST_SET: _items(read_labelled(ctx.input_dir("pseudo_label"), splits=(TEST_SET,)))}
+    for i, src in enumerate(cfg.sources):
+        sets[names[i]] = _items(read_labelled(ctx.dir / "sets" / _SAFE.sub("_", names[i])))
+    if cfg.max_samples:
+        sets = {s: {m: items[: cfg.max_samples] for m, items in mods.items()} for s, mods in sets.items()}
+    return sets
+
+
+def _teacher(ctx: StageContext, modality: str, adapters: dict, teachers: dict):
+    """The modality's adapter and (built on first use) its teacher."""
+    adapter = _adapter(ctx, modality, adapters)
+    if modality not in teachers:
+        teachers[modality] = adapter.build_teacher(ctx.device, top_k=0, store_features=True)
+    return adapter, teachers[modality]
+
+
+def _adapter(ctx: StageContext, modality: str, adapters: dict):
+    if modality not in adapters:
+        mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
+        adapters[modality] = modality_registry.get(modality)(mcfg)
+    return adapters[modality]
+
+
+# ----------------------------------------------------------------------------------------------- students
+def student_checkpoints(ctx: StageContext) -> dict[str, Path]:
+    """checkpoint name -> final/ folder, for the student stages that are done."""
+    out = {}
+    for stage in STUDENT_STAGES:
+        final = ctx.input_dir(stage) / "final"
+        if stage not in ctx.inputs:
+            continue
+        if not (final / "student.json").is_file():
+            log.warning("evaluate: %s is done but %s holds no student; left out", stage, final)
+            continue
+        card = final / "adversarial.json"
+        if stage == "adversarial" and card.is_file() and json.loads(card.read_text()).get("enabled") is False:
+            continue  # a copy of the distilled student: its row would repeat distill's
+        out[stage] = final
+    return out
+
+
+def _blocks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def _features(items: list[EvalItem], rows: list[int]) -> list[torch.Tensor] | None:
+    if any(items[i].features is None for i in rows):
+        return None
+    return [torch.from_numpy(np.asarray(items[i].features, dtype=np.float32)) for i in rows]
+
+
+def _gather_rows(mine: dict[int, Any], n: int) -> list[Any]:
+    """Merge every rank's {row: value} into one list of n values, on every rank."""
+    merged: dict[int, Any] = {}
+    for part in distributed.all_gather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(n)]
+
+
+def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalItem], temperature: float,
+                   seed: int) -> list[str]:
+    """The student's text for every item, at `temperature` (0: greedy). Blocks of batch_size rows are dealt
+    round-robin to ranks; block j samples from a generator seeded by (seed, j)."""
+    from stages.generation import generate
+
+    cfg = ctx.section
+    mine: dict[int, str] = {}
+    for j, rows in enumerate(_blocks(len(items), cfg.batch_size)):
+        if j % ctx.dist.world != ctx.dist.rank:
+            continue
+        gen = torch.Generator(device=student.device).manual_seed(_seed(seed, j) % (2**63))
+        feats = _features(items, rows)
+        out = generate(student, modality, feats, n=None if feats is not None else len(rows), temperature=temperature,
+                       max_new_tokens=cfg.max_new_tokens, generator=gen)
+        mine.update(zip(rows, out.texts))
+    return _gather_rows(mine, len(items))
+
+
+@torch.no_grad()
+def teacher_nll(ctx: StageContext, student, modality: str, items: list[EvalItem],
+                temperatures: list[float]) -> dict[float, float | None]:
+    """Per-token negative log-likelihood of the teacher's labels (bos y.. eot, cut to the student's text
+    positions) under the student's distribution softmax(logits / T), pooled over every token of every
+    item, for each T > 0 in `temperatures` (T = 0 has no density: None)."""
+    cfg = ctx.section
+    temps = [t for t in temperatures if t > 0]
+    tok, spec = student.tokenizer, student.spec
+    limit = student.max_text_positions()
+    mine: dict[int, tuple[list[float], int]] = {}
+    for j, rows in enumerate(_blocks(len(items), cfg.batch_size)):
+        if j % ctx.dist.world != ctx.dist.rank:
+            continue
+        seqs = [([spec.bos_id] + tok.encode(items[i].teacher_text) + [spec.eot_id])[:limit] for i in rows]
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), L), spec.eot_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        ids, mask = ids.to(student.device), mask.to(student.device)
+        feats = _features(items, rows)
+        logits = student(ids, mask, modality, feats).float()[:, :-1]  # [b, L-1, V] predicting ids[:, 1:]
+        target, tmask = ids[:, 1:], mask[:, 1:].float()
+        per_t = [(-(torch.log_softmax(logits / t, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1) * tmask)).sum(1)
+                 for t in temps]  # each [b]: summed NLL per row
+        for r, i in enumerate(rows):
+            mine[i] = ([float(x[r]) for x in per_t], int(tmask[r].sum()))
+    rows_all = _gather_rows(mine, len(items))
+    n_tok = sum(n for _, n in rows_all)
+    out: dict[float, float | None] = {t: None for t in temperatures}
+    for k, t in enumerate(temps):
+        out[t] = sum(r[0][k] for r in rows_all) / n_tok if n_tok else None
+    return out
+
+
+# -------------------------------------------------------------------------------------------- discriminators
+def load_discriminators(adv_final: Path, device: str) -> dict | None:
+    """The adversarial stage's per-modality discriminators, or None when that stage saved none (or its
+    module is not there)."""
+    try:
+        from stages import adversarial
+    except ImportError:
+        return None
+    loader = getattr(adversarial, "load_discriminators", None)
+    if loader is None:
+        return None
+    try:
+        return loader(adv_final, device)
+    except (FileNotFoundError, UserError) as e:
+        log.warning("evaluate: no discriminators in %s (%s)", adv_final, e)
+        return None
+
+
+@torch.no_grad()
+def disc_accuracy(discs: dict, student_tok, modality: str, items: list[EvalItem], hyps: list[str]) -> float | None:
+    """Accuracy of the modality's discriminator at telling the teacher's labels (real, p > 0.5) from the
+    student's greedy outputs (generated, p <= 0.5), over both halves: (right on real + right on
+    generated) / (2 n). None when there is no discriminator for the modality."""
+    from stages.adversarial import discriminator_probs
+
+    if discs is None or modality not in discs or not items:
+        return None
+    feats = [None if it.features is None else torch.from_numpy(np.asarray(it.features, dtype=np.float32)) for it in items]
+    p_real = discriminator_probs(discs, modality, [it.teacher_text for it in items], feats, student_tok)
+    p_fake = discriminator_probs(discs, modality, list(hyps), feats, student_tok)
+    right = int((torch.as_tensor(p_real) > 0.5).sum()) + int((torch.as_tensor(p_fake) <= 0.5).sum())
+    return right / (2 * len(items))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootstrap: int, seed: int,
+          is_teacher: bool = False, clip_model=None) -> tuple[dict, dict]:
+    """Metrics of one checkpoint's texts on one set and modality: (numbers for report.json, extras)."""
+    refs = [it.reference for it in items]
+    teacher = [it.teacher_text for it in items]
+    m: dict[str, Any] = {"n_samples": len(hyps)}
+    extras: dict[str, Any] = {}
+    if modality in TRANSCRIPT_MODALITIES:
+        a = tm.align(hyps, refs)
+        m["wer_vs_reference"] = a.wer
+        m["wer_vs_reference_ci"] = tm.bootstrap_ci(a.pairs, n=bootstrap, seed=seed)
+        m["n_with_reference"] = a.n
+        m["ier"] = a.ier
+        if not is_teacher:  # the teacher against itself is 0 by construction
+            b = tm.align(hyps, teacher)
+            m["wer_vs_teacher"] = b.wer
+            m["wer_vs_teacher_ci"] = tm.bootstrap_ci(b.pairs, n=bootstrap, seed=seed)
+        m["rep_5gram"] = tm.rep_5gram(hyps)
+    for k, v in (adapter.metrics(hyps, teacher, refs, [it.info for it in items]) or {}).items():
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            m[k] = v
+        else:
+            extras[k] = v
+    if clip_model is not None and items and all(it.features is not None for it in items):
+        # the CLIP teacher's features are its image embedding [1, D]
+        image_emb = np.stack([np.asarray(it.features, np.float32).reshape(-1, it.features.shape[-1]).mean(0) for it in items])
+        m["clip_score"] = tm.clip_score(image_emb, clip_model(hyps))
+    m["distinct_1"] = tm.distinct_n(hyps, 1)
+    m["distinct_2"] = tm.distinct_n(hyps, 2)
+    m["self_bleu_4"] = tm.self_bleu_4(hyps)
+    m["mean_length"] = tm.mean_length(hyps)
+    return m, extras
+
+
+def _clip_text_embedder(ctx: StageContext, modality: str, adapters: dict, teachers: dict):
+    """texts -> [N, D] CLIP text embeddings, when the modality's teacher is CLIP; else None."""
+    mcfg = ctx.cfg.root.modalities.get(modality)
+    if mcfg is None or getattr(getattr(mcfg, "teacher", None), "kind", None) != "clip":
+        return None
+    import open_clip
+
+    _, teacher = _teacher(ctx, modality, adapters, teachers)
+    tokenizer = open_clip.get_tokenizer(mcfg.teacher.clip_model)
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), 256):
+            e = teacher.model.encode_text(tokenizer(texts[i: i + 256]).to(teacher.device)).float()
+            out.append(e.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+    return embed
+
+
+def _sweep_point(modality: str, adapter, hyps: list[str], items: list[EvalItem], temperature: float,
+                 nll: float | None) -> dict:
+    q = SWEEP_QUALITY.get(modality, "teacher_nll")
+    if q == "wer_vs_teacher":
+        quality = tm.wer(hyps, [it.teacher_text for it in items])[0]
+    elif q == "teacher_nll":
+        quality = nll
+    else:
+        quality = (adapter.metrics(hyps, [it.teacher_text for it in items], [it.reference for it in items],
+                                   [it.info for it in items]) or {}).get(q)
+    return {"temperature": temperature, "quality_metric": q, "quality": quality,
+            "distinct_2": tm.distinct_n(hyps, 2), "self_bleu_4": tm.self_bleu_4(hyps), "n_samples": len(hyps)}
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+def _temperatures(cfg) -> list[float]:
+    temps = [float(t) for t in cfg.temperatures]
+    if any(t < 0 for t in temps):
+        raise UserError(f"evaluate.temperatures must be >= 0 (0 is greedy), got {temps}")
+    return sorted(set(temps) | {0.0})
+
+
+@register_stage("evaluate", after=("pseudo_label", "distill"), optional_after=("adversarial",),
+                description="teacher vs distilled vs adversarial students on held-out sets: metrics, sweep, report")
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.section
+    seed = ctx.cfg.root.seed
+    temps = _temperatures(cfg)
+    adapters: dict = {}
+    teachers: dict = {}
+    sets = collect_sets(ctx, adapters, teachers)
+    checkpoints = student_checkpoints(ctx)
+    if "distill" not in checkpoints:
+        raise UserError(f"evaluate: no distilled student in {ctx.input_dir('distill') / 'final'}")
+
+    # 1. Decode: every student, set, modality and temperature (cached per combination for resume).
+    texts: dict[tuple, list[str]] = {}  # (checkpoint, set, modality, T) -> texts
+    nlls: dict[tuple, dict] = {}  # (checkpoint, set, modality) -> {T: nll}
+    disc: dict[tuple, float | None] = {}
+    from stages.student import load_student
+
+    n_generated = 0
+    for cp, final in checkpoints.items():
+        student = load_student(final, ctx.device)
+        discs = load_discriminators(final, ctx.device) if cp == "adversarial" else None
+        for s, mods in sets.items():
+            for m, items in mods.items():
+                if not items:
+                    continue
+                if m not in student.spec.modalities:
+                    log.warning("evaluate: the %s student does not read %s; %s/%s left out", cp, m, s, m)
+                    continue
+                for t in temps:
+                    cache = ctx.dir / "generations" / _SAFE.sub("_", s) / m / cp / f"T{t:g}.json"
+                    if distributed.broadcast_object(cache.is_file() if ctx.dist.is_main else None):
+                        texts[(cp, s, m, t)] = json.loads(cache.read_text())["texts"] if ctx.dist.is_main else []
+                        continue
+                    out = generate_texts(ctx, student, m, items, t, _seed(seed, "evaluate", cp, s, m, t))
+                    n_generated += len(out)
+                    texts[(cp, s, m, t)] = out
+                    if ctx.dist.is_main:
+                        atomic_write_json(cache, {"keys": [it.key for it in items], "texts": out})
+                nlls[(cp, s, m)] = teacher_nll(ctx, student, m, items, sorted(set(temps) | {1.0}))
+                if ctx.dist.is_main and cp == "adversarial":
+                    disc[(cp, s, m)] = disc_accuracy(discs, student.tokenizer, m, items, texts[(cp, s, m, 0.0)])
+        del student, discs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not ctx.dist.is_main:
+        return {}
+
+    # 2. Score and write.
+    report: dict = {}
+    sweep: dict = {}
+    details: dict = {}
+    predictions: list[dict] = []
+    for s, mods in sets.items():
+        for m, items in mods.items():
+            if not items:
+                continue
+            adapter = _adapter(ctx, m, adapters)
+            clip = _clip_text_embedder(ctx, m, adapters, teachers)
+            row_seed = _seed(seed, "bootstrap", s, m) % (2**32)
+            rows: dict[str, dict] = {}
+            metrics, extras = score(m, adapter, [it.teacher_text for it in items], items, cfg.bootstrap, row_seed,
+                                    is_teacher=True, clip_model=clip)
+            rows["teacher"] = metrics
+            details.setdefault(s, {}).setdefault(m, {})["teacher"] = extras
+            for cp in checkpoints:
+                if (cp, s, m, 0.0) not in texts:
+                    continue
+                metrics, extras = score(m, adapter, texts[(cp, s, m, 0.0)], items, cfg.bootstrap, row_seed,
+                                        clip_model=clip)
+                metrics["teacher_nll"] = nlls[(cp, s, m)].get(1.0)
+                if cp == "adversarial":
+                    metrics["disc_accuracy"] = disc.get((cp, s, m))
+                rows[cp] = metrics
+                details[s][m][cp] = extras
+                sweep.setdefault(s, {}).setdefault(m, {})[cp] = [
+                    _sweep_point(m, adapter, texts[(cp, s, m, t)], items, t, nlls[(cp, s, m)].get(t)) for t in temps]
+            report.setdefault(s, {})[m] = rows
+            for i, it in enumerate(items):
+                predictions.append({"set": s, "modality": m, "key": it.key, "reference": it.reference,
+                                    "teacher": it.teacher_text,
+                                    "outputs": {cp: texts[(cp, s, m, 0.0)][i] for cp in checkpoints if (cp, s, m, 0.0) in texts}})
+    report[report_mod.SWEEP] = sweep
+    atomic_write_json(ctx.dir / "details.json", details)
+    report_mod.write_report(ctx.run.path, ctx.dir, report, predictions)
+    return {"sets": len(sets), "samples": sum(len(i) for mods in sets.values() for i in mods.values()),
+            "checkpoints": len(checkpoints) + 1, "generated": n_generated}
+
+
+def compare_runs(runs: list[Path], out: Path | None = None) -> int:
+    """`groundgan compare`: see stages.report.compare_runs."""
+    return report_mod.compare_runs(runs, out)

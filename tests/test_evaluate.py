@@ -1,0 +1,250 @@
+"""The evaluation report and `groundgan compare`, from fake run directories made here (no model needed)."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from stages import report as rp
+
+
+def _fake_run(root: Path, wer_distill: float = 0.25, with_adversarial: bool = True) -> tuple[dict, list[dict]]:
+    """A run directory with training logs, and the report data evaluate would have computed for it."""
+    (root / "distill").mkdir(parents=True)
+    lines = []
+    for step in range(0, 100, 10):
+        lines.append({"step": step, "loss": 3 * math.exp(-step / 40) + 0.5, "lr": 1e-3})
+        if step % 50 == 0:
+            lines.append({"step": step, "val_loss": 3 * math.exp(-step / 50) + 0.7})
+    (root / "distill" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 9')  # torn line
+    if with_adversarial:
+        (root / "adversarial").mkdir()
+        (root / "adversarial" / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 1 - s / 100, "disc_acc/audio": 0.5 + s / 200}) + "\n" for s in range(0, 50, 5)))
+    cps = {"teacher": {"n_samples": 4, "wer_vs_reference": 0.1, "wer_vs_reference_ci": [0.05, 0.2], "distinct_2": 0.9},
+           "distill": {"n_samples": 4, "wer_vs_reference": wer_distill, "wer_vs_reference_ci": [0.2, 0.3],
+                       "wer_vs_teacher": 0.2, "wer_vs_teacher_ci": [0.1, 0.3], "distinct_2": 0.7, "self_bleu_4": 0.2,
+                       "disc_accuracy": None}}
+    sweep = {"distill": [{"temperature": t, "quality_metric": "wer_vs_teacher", "quality": 0.2 + t / 4,
+                          "distinct_2": 0.7 + t / 10, "self_bleu_4": 0.2 - t / 10, "n_samples": 4} for t in (0.0, 0.7, 1.0)]}
+    if with_adversarial:
+        cps["adversarial"] = {"n_samples": 4, "wer_vs_reference": 0.22, "disc_accuracy": 0.6}
+    report = {"test": {"audio": cps}, "sweep": {"test": {"audio": sweep}}}
+    preds = [{"set": "test", "modality": "audio", "key": f"k{i}", "reference": f"ref | {i}", "teacher": f"teacher {i}",
+              "outputs": {"distill": f"distill {i}", **({"adversarial": f"adv {i}"} if with_adversarial else {})}}
+             for i in range(10)]
+    return report, preds
+
+
+def test_write_report_files_and_schema(tmp_path):
+    run = tmp_path / "run"
+    report, preds = _fake_run(run)
+    written = rp.write_report(run, run / "evaluate", report, preds)
+    names = {p.name for p in written}
+    assert {"report.json", "report.md", "predictions.jsonl", "training_curves.png", "quality_diversity.png",
+            "disc_accuracy.png"} <= names
+    for p in written:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    back = json.loads((run / "evaluate" / "report.json").read_text())
+    assert back == report
+    assert set(back) == {"test", "sweep"}
+    assert back["test"]["audio"]["distill"]["wer_vs_reference_ci"] == [0.2, 0.3]
+    assert len((run / "evaluate" / "predictions.jsonl").read_text().splitlines()) == 10
+
+
+def test_report_md_tables_then_plots_then_samples(tmp_path):
+    run = tmp_path / "run"
+    report, preds = _fake_run(run)
+    rp.write_report(run, run / "evaluate", report, preds)
+    md = (run / "evaluate" / "report.md").read_text()
+    i_table, i_plots, i_samples = md.index("## test / audio"), md.index("## Plots"), md.index("## Sample outputs")
+    assert i_table < i_plots < i_samples
+    table = md[i_table:i_plots].splitlines()
+    header = next(l for l in table if l.startswith("| checkpoint"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[:4] == ["checkpoint", "n_samples", "wer_vs_reference", "wer_vs_teacher"]
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip("|").split("|")] for l in table
+            if l.startswith("| ") and not l.startswith("| checkpoint")}
+    assert list(rows) == ["teacher", "distill", "adversarial"]  # fixed order, not the JSON's
+    assert rows["distill"][cols.index("wer_vs_reference")] == "0.250 [0.200, 0.300]"
+    assert rows["teacher"][cols.index("wer_vs_teacher")] == "–"
+    assert rows["distill"][cols.index("disc_accuracy")] == "–"  # null
+    assert rows["adversarial"][cols.index("disc_accuracy")] == "0.600"
+    assert "![Training curves](training_curves.png)" in md
+    samples = md[i_samples:]
+    assert len(re.findall(r"^\| k\d", samples, flags=re.M)) == rp.SAMPLES_PER_TABLE  # 10 predictions, 8 shown
+    assert "ref \\| 0" in samples  # a pipe in a text does not break the table
+
+
+def test_report_without_adversarial_or_logs(tmp_path):
+    run = tmp_path / "run"
+    report, preds = _fake_run(run, with_adversarial=False)
+    (run / "distill" / "metrics.jsonl").unlink()
+    written = {p.name for p in rp.write_report(run, run / "evaluate", report, preds)}
+    assert "training_curves.png" not in written and "disc_accuracy.png" not in written
+    assert "quality_diversity.png" in written
+    md = (run / "evaluate" / "report.md").read_text()
+    assert "adversarial" not in md and "Training curves" not in md
+
+
+def test_read_curves_steps_and_torn_line(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run)
+    c = rp.read_curves(run, "distill")
+    assert [x for x, _ in c["loss"]] == list(range(0, 100, 10))
+    assert [x for x, _ in c["val_loss"]] == [0.0, 50.0]
+    assert "step" not in c
+    assert rp.read_curves(run, "nothing") == {}
+
+
+def test_check_report_refuses_bad_values():
+    with pytest.raises(ValueError):
+        rp.check_report({"test": {"audio": {"distill": {"wer": "high"}}}})
+    with pytest.raises(ValueError):
+        rp.check_report({"sweep": {"test": {"audio": {"distill": [{"temperature": 0.0}]}}}})
+    rp.check_report({"test": {"audio": {"distill": {"wer": None, "wer_ci": [0.1, 0.2], "n": 3}}}, "sweep": {}})
+
+
+def test_compare_runs_side_by_side(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, w in ((a, 0.25), (b, 0.4)):
+        report, preds = _fake_run(run, wer_distill=w)
+        rp.write_report(run, run / "evaluate", report, preds)
+    out = tmp_path / "cmp"
+    assert rp.compare_runs([a, b], out) == 0
+    printed = capsys.readouterr().out
+    md = (out / "compare.md").read_text()
+    assert printed == md
+    header = next(l for l in md.splitlines() if l.startswith("| checkpoint"))
+    assert "wer_vs_reference<br>a | wer_vs_reference<br>b" in header
+    distill = next(l for l in md.splitlines() if l.startswith("| distill"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in distill.strip("|").split("|")]
+    assert cells[cols.index("wer_vs_reference<br>a")].startswith("0.250")
+    assert cells[cols.index("wer_vs_reference<br>b")].startswith("0.400")
+    for png in ("compare_training_curves.png", "compare_quality_diversity.png", "compare_disc_accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_cli_run_without_report(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    report, preds = _fake_run(a)
+    rp.write_report(a, a / "evaluate", report, preds)
+    _fake_run(b)  # logs only, no evaluate/report.json
+    r = cli("compare", a, b, check=True)
+    assert "(no evaluate/report.json)" in r.stdout and "## test / audio" in r.stdout
+    r = cli("compare", a, tmp_path / "missing")
+    assert r.returncode != 0 and "run directory not found" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ end to end
+TINY = """
+stages: [ingest, pseudo_label, distill, adversarial, evaluate]
+seed: 0
+plugins: [modalities.audio, modalities.image]
+run: {num_threads: 1, progress: false}
+ingest:
+  sources:
+    - {type: synthetic, modality: text, count: 12, name: words}
+    - {type: synthetic, modality: audio, count: 8, name: tones}
+    - {type: synthetic, modality: image, count: 8, name: shapes}
+  samples_per_shard: 8
+  split: {train: 0.5, val: 0.2, test: 0.3}
+modalities:
+  audio: {teacher: {kind: whisper, checkpoint: random}}
+  image: {teacher: {kind: classifier, checkpoint: random}}
+pseudo_label:
+  filters: {min_avg_logprob: null, max_compression_ratio: null, max_no_speech_prob: null, max_wer: null}
+distill:
+  student: {style: prefix, d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, prefix_len: 2, feature_frames: 8}
+  steps: 6
+  batch_size: 8
+  warmup_steps: 2
+  max_text_tokens: 16
+  val_every: 3
+  checkpoint_every: 3
+adversarial: {steps: 2, disc_warmup_steps: 1, batch_size: 4, max_new_tokens: 8, log_every: 1, checkpoint_every: 2,
+              disc_d_model: 32, disc_layers: 1}
+evaluate:
+  sources:
+    - {type: synthetic, modality: audio, count: 3, name: extra_tones}
+  temperatures: [0.0, 1.0]
+  max_new_tokens: 8
+  bootstrap: 50
+  batch_size: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "tiny.yaml").write_text(TINY)
+    r = cli("run", d / "tiny.yaml", "--run-dir", d / "run", check=True)
+    assert "evaluate: finished" in r.stdout
+    return d
+
+
+def test_evaluate_end_to_end(tiny_run):
+    ev = tiny_run / "run" / "evaluate"
+    report = json.loads((ev / "report.json").read_text())
+    rp.check_report(report)
+    assert set(report) == {"test", "extra_tones", "sweep"}
+    assert set(report["extra_tones"]) == {"audio"}
+    for m, cps in report["test"].items():
+        assert set(cps) == {"teacher", "distill", "adversarial"}, m
+        assert cps["distill"]["n_samples"] == cps["teacher"]["n_samples"] > 0
+        # the stage's discriminator for the modality, where it trained one (a modality absent from its
+        # train split has none)
+        if (tiny_run / "run/adversarial/final/discriminators" / f"{m}.json").is_file():
+            assert 0.0 <= cps["adversarial"]["disc_accuracy"] <= 1.0
+        else:
+            assert cps["adversarial"]["disc_accuracy"] is None
+        assert cps["distill"]["teacher_nll"] > 0
+    audio = report["test"]["audio"]["distill"]
+    assert {"wer_vs_teacher", "wer_vs_teacher_ci", "wer_vs_reference", "ier", "rep_5gram", "distinct_2",
+            "self_bleu_4", "mean_length"} <= set(audio)
+    assert "label_agreement" in report["test"]["image"]["distill"]
+    for m, q in (("audio", "wer_vs_teacher"), ("image", "label_agreement"), ("text", "teacher_nll")):
+        pts = report["sweep"]["test"][m]["distill"]
+        assert [p["temperature"] for p in pts] == [0.0, 1.0]
+        assert {p["quality_metric"] for p in pts} == {q}
+    # the text sweep's quality at T = 1 is the headline teacher NLL; greedy has no density
+    text_pts = report["sweep"]["test"]["text"]["distill"]
+    assert text_pts[0]["quality"] is None
+    assert text_pts[1]["quality"] == pytest.approx(report["test"]["text"]["distill"]["teacher_nll"])
+    # greedy outputs in predictions.jsonl are the cached T=0 generations, row for row
+    preds = [json.loads(l) for l in (ev / "predictions.jsonl").read_text().splitlines()]
+    audio_preds = [p for p in preds if p["set"] == "test" and p["modality"] == "audio"]
+    cached = json.loads((ev / "generations/test/audio/distill/T0.json").read_text())
+    assert [p["key"] for p in audio_preds] == cached["keys"]
+    assert [p["outputs"]["distill"] for p in audio_preds] == cached["texts"]
+    assert len(preds) == sum(c["teacher"]["n_samples"] for s, mods in report.items() if s != "sweep" for c in mods.values())
+    for f in ("report.md", "training_curves.png", "quality_diversity.png", "disc_accuracy.png",
+              "sets/extra_tones/done.json"):
+        assert (ev / f).is_file(), f
+    md = (ev / "report.md").read_text()
+    assert "## extra_tones / audio" in md and "## Sample outputs (greedy)" in md
+
+
+def test_evaluate_without_adversarial_stage(tiny_run):
+    d = tiny_run
+    cfg = TINY.replace("stages: [ingest, pseudo_label, distill, adversarial, evaluate]",
+                       "stages: [ingest, pseudo_label, distill, evaluate]")
+    (d / "noadv.yaml").write_text(cfg)
+    # adversarial is an input of evaluate only where the graph has it: the first run's evaluate has other
+    # inputs, so --reuse copies distill but re-runs evaluate
+    r = cli("run", d / "noadv.yaml", "--run-dir", d / "noadv", "--reuse", d / "run", check=True)
+    assert "distill: reused" in r.stdout and "evaluate: finished" in r.stdout
+    report = json.loads((d / "noadv/evaluate/report.json").read_text())
+    assert all(set(cps) == {"teacher", "distill"} for s, mods in report.items() if s != "sweep" for cps in mods.values())
+    assert not (d / "noadv/evaluate/disc_accuracy.png").exists()
+    # the same data, student and seed: the distilled student's row matches the first run's
+    first = json.loads((d / "run/evaluate/report.json").read_text())
+    for s in ("test", "extra_tones"):
+        for m in report[s]:
+            assert report[s][m]["distill"] == first[s][m]["distill"]
