@@ -225,13 +225,11 @@ class Runner:
         if st.state == "done" and not forced:
             say(f"{spec.name}: done, config and inputs unchanged; skipped")
             return
-        if reuse and not forced and info.is_main and self._try_reuse(spec, Path(reuse), chash, inputs):
-            say(f"{spec.name}: reused from {reuse} (same config and inputs)")
-            distributed.barrier()
-            return
-        if reuse and info.world > 1:
-            distributed.barrier()
-            if self.check(spec).state == "done":
+        if reuse and not forced:
+            # Rank 0 decides and copies; every rank learns the answer, so all take the same branch.
+            reused = self._try_reuse(spec, Path(reuse), chash, inputs) if info.is_main else False
+            if distributed.broadcast_object(reused):
+                say(f"{spec.name}: reused from {reuse} (same config and inputs)")
                 return
         d = self.run.stage_dir(spec.name)
         resumed = False
