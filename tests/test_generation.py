@@ -1,0 +1,116 @@
+"""Decoding with the student: the KV-cache path against decoding by hand, stopping, top-p, log-probs."""
+
+import pytest
+import torch
+
+from pipeline.config import StudentConfig
+from stages.generation import generate
+from stages.student import build_student
+
+torch.set_num_threads(1)
+
+TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3, feature_frames=8)
+DIMS = {"audio": 12, "text": 0}
+
+
+def _student(style: str, seed: int = 0):
+    torch.manual_seed(seed)
+    s = build_student(StudentConfig(style=style, **TINY), DIMS, max_text_tokens=32)
+    with torch.no_grad():  # a larger spread than the init, so greedy paths are not flat ties
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return s.eval()
+
+
+def _features(n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5 + 3 * i, DIMS["audio"], generator=g) for i in range(n)]
+
+
+def _greedy_by_hand(student, modality, feats, steps):
+    """Argmax decoding that re-runs the whole row every step (no cache)."""
+    ids = torch.tensor([[student.spec.bos_id]])
+    out = []
+    for _ in range(steps):
+        logits = student(ids, None, modality, [feats] if feats is not None else None)[0, -1]
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt == student.spec.eot_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("style", ["prefix", "cross_attention"])
+def test_greedy_with_cache_equals_argmax_by_hand(style):
+    s = _student(style)
+    feats = _features(2)
+    g = generate(s, "audio", feats, max_new_tokens=6)
+    for i, f in enumerate(feats):
+        want = _greedy_by_hand(s, "audio", f, 6)
+        got = g.tokens[i, : int(g.mask[i].sum())].tolist()
+        assert got == want
+    t = generate(s, "text", n=1, max_new_tokens=6)
+    assert t.tokens[0, : int(t.mask[0].sum())].tolist() == _greedy_by_hand(s, "text", None, 6)
+
+
+def test_mixed_modalities_decode_like_separate_calls():
+    s = _student("prefix")
+    feats = _features(2)
+    mixed = generate(s, ["audio", "text", "audio"], [feats[0], None, feats[1]], max_new_tokens=5)
+    audio = generate(s, "audio", feats, max_new_tokens=5)
+    text = generate(s, "text", n=1, max_new_tokens=5)
+    assert mixed.texts == [audio.texts[0], text.texts[0], audio.texts[1]]
+
+
+def test_rows_stop_at_end_of_text():
+    s = _student("prefix")
+    eot = s.spec.eot_id
+    real = s.decode_step
+    calls = {"n": 0}
+
+    def rigged(tokens, cache):  # row 0 says end-of-text at its third token; row 1 never does
+        logits, cache = real(tokens, cache)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            logits[0] = -1e4
+            logits[0, eot] = 1e4
+        logits[1, eot] = -1e4
+        return logits, cache
+
+    s.decode_step = rigged
+    g = generate(s, "audio", _features(2), max_new_tokens=7)
+    assert g.mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert g.tokens[0, 2] == eot and (g.tokens[0, 3:] == eot).all()
+    assert (g.logprobs[0, 3:] == 0).all()
+    assert g.finished.tolist() == [True, False]
+    assert int(g.mask[1].sum()) == 7
+    assert calls["n"] == 6  # the last token needs no further step
+
+
+def test_top_p_near_zero_is_greedy_and_sampling_follows_the_generator():
+    s = _student("prefix")
+    feats = _features(3)
+    greedy = generate(s, "audio", feats, max_new_tokens=8)
+    nucleus = generate(s, "audio", feats, max_new_tokens=8, temperature=1.0, top_p=1e-6,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy.tokens, nucleus.tokens)
+    a = generate(s, "audio", feats, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate(s, "audio", feats, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    c = generate(s, "audio", feats, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("style", ["prefix", "cross_attention"])
+def test_logprobs_are_the_models_temperature_one_scores(style):
+    """What policy gradient needs: generate's per-token log-probs equal Student.score of the same tokens."""
+    s = _student(style)
+    feats = _features(2)
+    g = generate(s, "audio", feats, max_new_tokens=6, temperature=0.7, top_p=0.9,
+                 generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([torch.full((2, 1), s.spec.bos_id), g.tokens], dim=1)
+    mask = torch.cat([torch.ones(2, 1, dtype=torch.long), g.mask], dim=1)
+    with torch.no_grad():
+        scored = s.score(ids, mask, "audio", feats)
+    assert torch.allclose(scored, g.logprobs, atol=1e-4)
+    assert (g.logprobs[g.mask.bool()] < 0).all()
