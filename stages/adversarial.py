@@ -1,0 +1,629 @@
+"""adversarial: the distilled student keeps learning from discriminators that compare what it writes about a
+real input with what the teacher said about the same input.
+
+Every step, for a batch of real train inputs (their features):
+  1. fake side: the student samples k texts per input (the previous iterate samples them under `spin`);
+  2. real side: the teacher's pseudo-labels of those inputs (plus their references where use_references);
+     `anchored: false` replaces it by samples of the frozen distilled model for the same inputs - "the
+     student's own earlier samples" - and no teacher label, reference or cross-entropy enters the stage
+     (the labels are dropped as the data is loaded);
+  3. disc_steps updates of every discriminator D_m on that one batch: per-token BCE with one-sided label
+     smoothing (real target 1 - label_smoothing), dropout, weight decay, an R1-style gradient penalty on the
+     real side's token embeddings;
+  4. after disc_warmup_steps discriminator-only steps, one student step:
+       pg    REINFORCE with dense rewards r_t = sum_d w_d * logit_d(y_<=t | x) (= log D - log(1 - D)),
+             returns G_t = sum_{s>=t} discount^(s-t) r_s, a baseline (leave-one-out over the k samples of an
+             input, per position; or an EMA per position), plus kl_weight * KL(student || reference) and
+             ce_weight * cross-entropy on the pseudo-labels. KL (kl_estimator): `exact` is the full-vocabulary
+             KL at every sampled position, a differentiable loss term; `sampled` is log pi - log ref at the
+             sampled token, subtracted from the reward (the usual RLHF form, whose gradient is unbiased).
+       spin  self-play (SPIN): DPO's logistic loss with beta spin_beta preferring each real row over the
+             previous iterate's samples of the same input, the previous iterate as the reference; it is
+             refreshed to the student every spin_iterate_steps steps. The KL (exact) and CE terms as pg.
+  5. guards every log_every steps: distinct-2 and self-BLEU-4 of the samples, per-modality discriminator
+     accuracy (on the fresh batch, before the discriminator learns from it), KL to the reference, mean
+     reward; a guard of adversarial.guards that trips ends the stage early, with its reason.
+
+The student samples and is scored in eval mode (no dropout), so the log-probs of the policy gradient are
+those of the distribution that drew the samples (at temperature 1).
+
+RUN/adversarial/
+    checkpoints/step-XXXXXX/   student, discriminator.<m>, (previous), their AdamW states, sampler + RNGs
+    final/                     the student (save_student layout), discriminators/<m>.{safetensors,json},
+                               adversarial.json (steps, stop reason, settings)
+    metrics.jsonl              one record every log_every steps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import faults
+from pipeline.checkpoint import CheckpointManager
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
+from pipeline.graph import StageContext, register_stage
+from stages.discriminator import (Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators,
+                                  sequence_logits)
+from stages.discriminator import load_discriminators as _load_discriminators_dir
+from stages.distill import _truncate_metrics
+from stages.generation import generate
+from stages.labelled_data import Example, MixtureSampler, collate, load_labelled
+from stages.student import Student, load_student, save_student
+from stages.text_metrics import distinct_n, self_bleu_4
+
+STUDENT = "student"
+PREVIOUS = "previous"  # spin: the previous iterate
+DISCRIMINATORS_DIR = "discriminators"
+
+
+def disc_name(modality: str) -> str:
+    return f"discriminator.{modality}"
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """G_t = sum_{s>=t} discount^(s-t) r_s over a row's own tokens: [N, L], [N, L] -> [N, L] (0 past the end)."""
+    r = rewards * mask
+    out = torch.zeros_like(r)
+    run = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        run = r[:, t] + discount * run
+        out[:, t] = run
+    return out * mask
+
+
+def loo_baseline(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baseline: rows come in groups of k (the k samples of one input); each row's baseline is
+    the mean of the other k-1 rows of its group, position by position (a finished row counts 0: it earns
+    nothing more). [N, L] -> [N, L]. k = 1: zeros."""
+    if k < 2:
+        return torch.zeros_like(values)
+    g = values.view(-1, k, *values.shape[1:])
+    return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(values.shape)
+
+
+def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE: -sum(A_t * log pi(y_t)) / number of tokens; the advantages are constants. [N, L] each."""
+    m = mask.to(logprobs.dtype)
+    return -(advantages.detach() * logprobs * m).sum() / m.sum().clamp_min(1.0)
+
+
+def dpo_loss(pi_win: torch.Tensor, ref_win: torch.Tensor, pi_lose: torch.Tensor, ref_lose: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """DPO / SPIN logistic loss, mean over pairs of -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)));
+    every argument [P] holds sequence log-probs (sums over tokens)."""
+    return -F.logsigmoid(beta * ((pi_win - ref_win) - (pi_lose - ref_lose))).mean()
+
+
+def disc_bce(real_logits: torch.Tensor, real_mask: torch.Tensor, fake_logits: torch.Tensor,
+             fake_mask: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Per-token BCE with one-sided label smoothing (Salimans et al. 2016): the mean over real tokens of
+    BCE(logit, 1 - smoothing) plus the mean over fake tokens of BCE(logit, 0). Logits and masks [N, L]."""
+    rm, fm = real_mask.to(real_logits.dtype), fake_mask.to(fake_logits.dtype)
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 1.0 - smoothing), reduction="none")
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="none")
+    return (real * rm).sum() / rm.sum().clamp_min(1.0) + (fake * fm).sum() / fm.sum().clamp_min(1.0)
+
+
+def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi || ref) at every position over the vocabulary: log-probs [N, L, V] -> [N, L]."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+# -------------------------------------------------------------------------------------------------- rows
+@dataclass
+class Rows:
+    """Texts about real inputs, as the student and the discriminators read them. N rows, L positions."""
+
+    input_ids: torch.Tensor  # [N, L] bos y_1 .. (eot), right-padded with eot
+    attention_mask: torch.Tensor  # [N, L] 1 on bos and tokens
+    modality: list[str]  # [N]
+    features: list[torch.Tensor | None]  # N rows [T_i, D] float32 (None: no features)
+    source: list[int]  # [N] the batch input each row is about
+
+    def __len__(self) -> int:
+        return len(self.modality)
+
+    def select(self, keep: Sequence[int]) -> "Rows":
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.input_ids.device)
+        width = max(1, int(self.attention_mask[idx].sum(1).max())) if len(keep) else 1
+        return Rows(self.input_ids[idx, :width], self.attention_mask[idx, :width], [self.modality[i] for i in keep],
+                    [self.features[i] for i in keep], [self.source[i] for i in keep])
+
+
+def rows_from_tokens(seqs: Sequence[Sequence[int]], modality: Sequence[str], features: Sequence, source: Sequence[int],
+                     bos: int, pad: int, device) -> Rows:
+    """Token lists (y_1 .. y_n, eot included where the text ends) -> Rows with bos in front."""
+    L = 1 + max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, 0] = bos
+        ids[i, 1: 1 + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : 1 + len(s)] = 1
+    return Rows(ids.to(device), mask.to(device), list(modality), list(features), list(source))
+
+
+def rows_from_generated(gen, modality, features, source, bos: int) -> Rows:
+    """Rows of what `generate` returned: bos + generated tokens (the stopping eot included)."""
+    n = gen.tokens.shape[0]
+    ids = torch.cat([gen.tokens.new_full((n, 1), bos), gen.tokens], dim=1)
+    mask = torch.cat([gen.mask.new_ones(n, 1), gen.mask], dim=1)
+    return Rows(ids, mask, list(modality), list(features), list(source))
+
+
+def _features(e: Example, device) -> torch.Tensor | None:
+    return e.features.to(device=device, dtype=torch.float32) if e.features is not None else None
+
+
+def strip_labels(e: Example) -> Example:
+    """`anchored: false`: the example without its teacher label or reference (its input stays)."""
+    return replace(e, text="", targets=[], topk_ids=None, topk_logprobs=None, reference=None)
+
+
+def real_rows(examples: list[Example], anchored: bool, use_references: bool, reference: Student, tokenizer,
+              max_text_tokens: int, temperature: float, max_new_tokens: int, device) -> Rows:
+    """The real side of one batch. Anchored: each input's pseudo-label (and its reference, where
+    use_references and the source has one). Unanchored: one sample of the frozen distilled model per input."""
+    bos, eot = reference.spec.bos_id, reference.spec.eot_id
+    feats = [_features(e, device) for e in examples]
+    if not anchored:
+        gen = generate(reference, [e.modality for e in examples], feats, temperature=temperature,
+                       max_new_tokens=max_new_tokens)
+        return rows_from_generated(gen, [e.modality for e in examples], feats, list(range(len(examples))), bos)
+    seqs, mods, fs, src = [], [], [], []
+    for i, e in enumerate(examples):
+        seqs.append(e.targets)
+        mods.append(e.modality), fs.append(feats[i]), src.append(i)
+        if use_references and e.reference and e.reference.strip() != e.text.strip():
+            toks = tokenizer.encode(e.reference)
+            seqs.append(toks[:max_text_tokens] if len(toks) > max_text_tokens else toks + [eot])
+            mods.append(e.modality), fs.append(feats[i]), src.append(i)
+    return rows_from_tokens(seqs, mods, fs, src, bos, eot, device)
+
+
+@dataclass
+class DiscBatch:
+    """What one discriminator learns from in one step."""
+
+    real: Rows
+    fake: Rows
+
+
+def discriminator_batch(modality: str, real: Rows, fake: Rows, text_reward_all: bool) -> DiscBatch:
+    """The rows of `modality` from each side. The plain-text discriminator (text_reward_all) also takes every
+    fake row, whatever its modality: it then rewards fluency everywhere."""
+    r = [i for i, m in enumerate(real.modality) if m == modality]
+    f = [i for i, m in enumerate(fake.modality) if m == modality or (text_reward_all and modality == "text")]
+    return DiscBatch(real.select(r), fake.select(f))
+
+
+def judges_of(modality: str, discs: dict, weights: dict[str, float], text_reward_all: bool) -> list[tuple[str, float]]:
+    """(discriminator name, weight) of every discriminator that rewards a sample of `modality`."""
+    out = [(modality, float(weights.get(modality, 1.0)))] if modality in discs else []
+    if text_reward_all and modality != "text" and "text" in discs:
+        out.append(("text", float(weights.get("text", 1.0))))
+    return out
+
+
+@torch.no_grad()
+def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str, float],
+                  text_reward_all: bool) -> torch.Tensor:
+    """r_t = sum over the discriminators judging the row of w_d * logit_d at t: [N, L-1] (eval mode)."""
+    out = torch.zeros(rows.input_ids.shape[0], rows.input_ids.shape[1] - 1, device=rows.input_ids.device)
+    for m in sorted(set(rows.modality)):
+        idx = [i for i, mm in enumerate(rows.modality) if mm == m]
+        sub = rows.select(idx)
+        for name, w in judges_of(m, discs, weights, text_reward_all):
+            d = discs[name]
+            was = d.training
+            d.eval()
+            lg = d(sub.input_ids, sub.attention_mask, sub.features).float()
+            d.train(was)
+            out[torch.tensor(idx, device=out.device), : lg.shape[1]] += w * lg
+    return out * rows.attention_mask[:, 1:].to(out.dtype)
+
+
+def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, grad_penalty: float) -> tuple[torch.Tensor, dict]:
+    """BCE (+ gradient penalty) of one discriminator on one batch, and its sequence accuracy on that batch."""
+    r, f = batch.real, batch.fake
+    emb = d.embed(r.input_ids)
+    real_logits = d(r.input_ids, r.attention_mask, r.features, token_embeds=emb).float()
+    fake_logits = d(f.input_ids, f.attention_mask, f.features).float()
+    rm, fm = r.attention_mask[:, 1:], f.attention_mask[:, 1:]
+    loss = disc_bce(real_logits, rm, fake_logits, fm, smoothing)
+    stats = {"bce": float(loss.detach())}
+    if grad_penalty > 0:
+        # R1 on the real side (Mescheder et al. 2018), with the token embeddings as the input.
+        g, = torch.autograd.grad((real_logits * rm).sum(), emb, create_graph=True)
+        gp = (g.pow(2).sum(-1) * r.attention_mask).sum() / max(1, len(r))
+        loss = loss + grad_penalty * gp
+        stats["gp"] = float(gp.detach())
+    with torch.no_grad():
+        # balanced over the two sides, which differ in size (k samples per input)
+        stats["acc"] = 0.5 * float((sequence_logits(real_logits, r.attention_mask) > 0).float().mean()) + \
+            0.5 * float((sequence_logits(fake_logits, f.attention_mask) <= 0).float().mean())
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------- the student
+def policy_logprobs(model: Student, rows: Rows) -> torch.Tensor:
+    """log pi(. | y_<t, x) at every generated position: [N, L-1, V] float32."""
+    logits = model(rows.input_ids, rows.attention_mask, rows.modality, rows.features)
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def ce_loss(student: Student, examples: list[Example], device) -> torch.Tensor:
+    """Mean cross-entropy per target token of the pseudo-labels of `examples`."""
+    b = collate(examples, student.spec.bos_id, student.spec.eot_id, device)
+    lp = student.score(b.input_ids, b.attention_mask, b.modality, b.features)
+    return -lp.sum() / max(1, b.n_targets)
+
+
+class EMABaseline:
+    """A baseline per position: an exponential moving average of the batch-mean return there."""
+
+    def __init__(self, length: int, decay: float):
+        self.decay = decay
+        self.value = torch.zeros(length)
+        self.seen = torch.zeros(length, dtype=torch.bool)
+
+    def __call__(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The baseline for `returns` [N, L] (before this batch), then the update with this batch."""
+        L = returns.shape[1]
+        base = self.value[:L].clone().to(returns.device).unsqueeze(0).expand_as(returns)
+        m = mask.to(returns.dtype)
+        alive = m.sum(0)
+        mean = (returns * m).sum(0) / alive.clamp_min(1.0)
+        upd = (alive > 0).cpu()
+        mean = mean.detach().cpu()
+        v, s = self.value[:L], self.seen[:L]
+        v[upd] = torch.where(s[upd], self.decay * v[upd] + (1 - self.decay) * mean[upd], mean[upd])
+        s[upd] = True
+        return base
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.tolist(), "seen": self.seen.tolist()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.value = torch.tensor(st["value"], dtype=torch.float32)
+        self.seen = torch.tensor(st["seen"], dtype=torch.bool)
+
+
+def pg_objective(student: Student, reference: Student, discs: dict[str, Discriminator], fake: Rows, k: int,
+                 weights: dict[str, float], *, discount: float, baseline: str | EMABaseline, kl_weight: float,
+                 kl_estimator: str, pg_weight: float = 1.0, text_reward_all: bool = False,
+                 ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The pg loss of the student on its own samples `fake` (k consecutive rows per input), and its stats.
+
+    Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
+    baseline: "loo" or an EMABaseline. ce: a callable giving the pseudo-label cross-entropy (None: none).
+    """
+    mask = fake.attention_mask[:, 1:].float()
+    tokens = fake.input_ids[:, 1:]
+    logp_all = policy_logprobs(student, fake)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        ref_all = policy_logprobs(reference, fake)
+        ref_tok = ref_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    kl_exact = exact_kl(logp_all, ref_all)
+    rewards = token_rewards(discs, fake, weights, text_reward_all)
+    shaped = rewards
+    if kl_estimator == "sampled":
+        shaped = rewards - kl_weight * (logp.detach() - ref_tok)
+    G = returns_to_go(shaped, mask, discount)
+    b = loo_baseline(G, k) if baseline == "loo" else baseline(G, mask)
+    adv = (G - b) * mask
+    pg = pg_loss(logp, adv, mask)
+    loss = pg_weight * pg
+    if kl_estimator == "exact" and kl_weight > 0:
+        loss = loss + kl_weight * masked_mean(kl_exact, mask)
+    stats = {"pg_loss": float(pg.detach()), "reward": float(masked_mean(rewards, mask)),
+             "kl": float(masked_mean(kl_exact.detach(), mask)), "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask)),
+             "sample_logprob": float(masked_mean(logp.detach(), mask))}
+    if ce is not None and ce_weight > 0:
+        c = ce()
+        loss = loss + ce_weight * c
+        stats["ce"] = float(c.detach())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def spin_objective(student: Student, previous: Student, reference: Student, real: Rows, fake: Rows, beta: float,
+                   *, kl_weight: float, ce: Callable[[], torch.Tensor] | None = None,
+                   ce_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """SPIN: every real row (winner) against every fake row (the previous iterate's sample, loser) of the
+    same input, DPO's loss with `previous` as the reference; plus kl_weight * exact KL to `reference` on the
+    fake rows' positions and ce_weight * ce()."""
+    pairs = [(i, j) for i in range(len(real)) for j in range(len(fake)) if real.source[i] == fake.source[j]]
+    wi = torch.tensor([p[0] for p in pairs], device=real.input_ids.device)
+    lj = torch.tensor([p[1] for p in pairs], device=fake.input_ids.device)
+    pi_w = student.score(real.input_ids, real.attention_mask, real.modality, real.features).sum(1)
+    lose_all = policy_logprobs(student, fake)
+    mask = fake.attention_mask[:, 1:].float()
+    pi_l = (lose_all.gather(-1, fake.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+    with torch.no_grad():
+        ref_w = previous.score(real.input_ids, real.attention_mask, real.modality, real.features).sum(1)
+        ref_l = previous.score(fake.input_ids, fake.attention_mask, fake.modality, fake.features).sum(1)
+        ref_all = policy_logprobs(reference, fake)
+    spin = dpo_loss(pi_w[wi], ref_w[wi], pi_l[lj], ref_l[lj], beta)
+    kl = masked_mean(exact_kl(lose_all, ref_all), mask)
+    loss = spin + kl_weight * kl
+    with torch.no_grad():
+        margin = ((pi_w[wi] - ref_w[wi]) - (pi_l[lj] - ref_l[lj])).mean()
+    stats = {"spin_loss": float(spin.detach()), "spin_margin": float(margin), "kl": float(kl.detach()), "pairs": len(pairs)}
+    if ce is not None and ce_weight > 0:
+        c = ce()
+        loss = loss + ce_weight * c
+        stats["ce"] = float(c.detach())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------- evaluate's view
+def load_discriminators(final_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Discriminator]:
+    """The discriminators saved in an adversarial final/ folder, by modality (FileNotFoundError: none)."""
+    return _load_discriminators_dir(Path(final_dir) / DISCRIMINATORS_DIR, device)
+
+
+@torch.no_grad()
+def discriminator_probs(discs: dict[str, Discriminator], modality: str, texts: Sequence[str],
+                        features: Sequence[torch.Tensor | None], tokenizer, batch_size: int = 32) -> list[float]:
+    """P(real) of each (text, features) pair by the modality's discriminator: its sequence logit (at the
+    last token) through a sigmoid. Texts are tokenised as labels are (bos + tokens + eot)."""
+    d = discs[modality]
+    d.eval()
+    cap = d.spec.max_text_len - 2
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        seqs = []
+        for t in texts[i: i + batch_size]:
+            toks = tokenizer.encode(t or "")
+            seqs.append(toks[:cap] if len(toks) > cap else toks + [tokenizer.eot])
+        chunk = list(features[i: i + batch_size])
+        rows = rows_from_tokens(seqs, [modality] * len(seqs), chunk, list(range(len(seqs))), tokenizer.bos,
+                                tokenizer.eot, d.device)
+        lg = d(rows.input_ids, rows.attention_mask, rows.features).float()
+        out += torch.sigmoid(sequence_logits(lg, rows.attention_mask)).tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- stage
+def progress(stage_dir: Path, cfg) -> str | None:
+    """`groundgan status`: "step k of n" (discriminator warm-up steps included) from the newest checkpoint."""
+    dirs = CheckpointManager(Path(stage_dir) / "checkpoints").step_dirs()
+    k = int(dirs[-1].name.split("-")[1]) if dirs else 0
+    a = cfg.root.adversarial
+    return f"step {k} of {a.disc_warmup_steps + a.steps}"
+
+
+def _check(cfg) -> None:
+    if cfg.kl_estimator not in ("exact", "sampled"):
+        raise UserError(f"config: 'adversarial.kl_estimator' must be exact or sampled, got {cfg.kl_estimator!r}")
+    if cfg.objective == "pg" and cfg.baseline == "loo" and cfg.k_samples < 2:
+        raise UserError("config: 'adversarial.baseline: loo' needs k_samples >= 2 (the others' mean is the baseline); "
+                        "use baseline: ema for k_samples: 1")
+
+
+def _copy_through(ctx: StageContext, src: Path) -> dict:
+    """`enabled: false`: final/ is the distilled student, so evaluate finds the same files."""
+    if ctx.dist.is_main:
+        tmp = ctx.dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        atomic_write_text(tmp / "adversarial.json", json.dumps({"enabled": False, "copied_from": str(src)}, indent=2) + "\n")
+        final = ctx.dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return {"enabled": 0, "steps": 0}
+
+
+def guard_trip(guards, record: dict) -> str | None:
+    """The reason the first tripped guard gives for `record` (None: all clear). A guard whose figure is
+    missing from the record (None) does not trip."""
+    checks = [("distinct_2", guards.min_distinct_2, lambda v, g: v < g, "<", "min_distinct_2"),
+              ("self_bleu_4", guards.max_self_bleu_4, lambda v, g: v > g, ">", "max_self_bleu_4"),
+              ("kl", guards.max_kl, lambda v, g: v > g, ">", "max_kl")]
+    for key, limit, trips, op, name in checks:
+        v = record.get(key)
+        if limit is not None and v is not None and trips(v, limit):
+            return f"{key} {v:.4f} {op} guards.{name} {limit} at step {record['step']}"
+    return None
+
+
+@register_stage("adversarial", after=("pseudo_label", "distill"), progress=progress,
+                description="discriminators anchored to real inputs; student by policy gradient (or SPIN)")
+def run(ctx: StageContext) -> dict:
+    cfg, device, dist = ctx.section, ctx.device, ctx.dist
+    _check(cfg)
+    src = ctx.input_dir("distill") / "final"
+    if not (src / "student.json").is_file():
+        raise UserError(f"adversarial: no distilled student in {src}; run the distill stage first")
+    if not cfg.enabled:
+        return _copy_through(ctx, src)
+    # Every process repeats the same computation (no data parallelism here); only the main one writes.
+
+    # ---- models and data
+    student = load_student(src, device).eval()
+    reference = load_student(src, device).eval().requires_grad_(False)
+    previous = load_student(src, device).eval().requires_grad_(False) if cfg.objective == "spin" else None
+    tok = student.tokenizer
+    max_text_tokens = ctx.cfg.root.distill.max_text_tokens
+    data = load_labelled(ctx.input_dir("pseudo_label"), tok, max_text_tokens, splits=("train",),
+                         max_frames=student.spec.feature_frames if student.spec.style == "prefix" else None,
+                         modalities=list(student.spec.modalities))
+    train = data.splits["train"]
+    if not train:
+        raise UserError("adversarial: the pseudo_label stage left no train examples")
+    if not cfg.anchored:
+        train = [strip_labels(e) for e in train]
+    ce_weight = cfg.ce_weight if cfg.anchored else 0.0
+    mods = sorted({e.modality for e in train})
+    discs: dict[str, Discriminator] = {}
+    for m in mods:
+        spec = DiscriminatorSpec(modality=m, vocab_size=student.spec.text_vocab,
+                                 feature_dim=int(student.spec.feature_dims.get(m, 0)), d_model=cfg.disc_d_model,
+                                 layers=cfg.disc_layers, heads=cfg.disc_heads, dropout=cfg.disc_dropout,
+                                 max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens),
+                                 feature_frames=cfg.disc_feature_frames)
+        discs[m] = build_discriminator(spec, device).train()
+    # Adam with beta1 0.5 for the discriminators, the GAN habit (Radford et al. 2016): a target that moves.
+    d_opts = {m: torch.optim.AdamW(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
+              for m, d in discs.items()}
+    # No weight decay on the student: it would pull away from the distilled weights the KL keeps it near.
+    s_opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
+    ema = EMABaseline(cfg.max_new_tokens + 1, cfg.ema_decay)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if str(device).startswith("cuda")
+                else contextlib.nullcontext)
+
+    models = {STUDENT: student, **{disc_name(m): d for m, d in discs.items()}}
+    if previous is not None:
+        models[PREVIOUS] = previous
+    opts = {STUDENT: s_opt, **{disc_name(m): o for m, o in d_opts.items()}}
+
+    # ---- resume
+    ckpts = ctx.checkpoints()
+    start, student_steps, stop_reason = 0, 0, None
+    loaded = ckpts.load_latest(models, opts, map_location=device)
+    if loaded is not None:
+        start = loaded.step
+        sampler.load_state_dict(loaded.state["data"])
+        extra = loaded.state["extra"]
+        ema.load_state_dict(extra["ema"])
+        student_steps = int(extra["student_steps"])
+        stop_reason = extra.get("early_stop")  # a guard had tripped: the run was over
+    if dist.is_main:
+        _truncate_metrics(ctx.dir / "metrics.jsonl", start)
+    if start == 0:
+        ctx.metric({"event": "start", "train": len(train), "modalities": mods, "anchored": cfg.anchored,
+                    "objective": cfg.objective, "kl_estimator": cfg.kl_estimator, "ce_weight": ce_weight})
+
+    def save_checkpoint(done: int) -> None:
+        if dist.is_main:
+            ckpts.save(done, models, opts, data_state=sampler.state_dict(),
+                       extra={"ema": ema.state_dict(), "student_steps": student_steps, "early_stop": stop_reason})
+
+    # ---- train
+    total = cfg.disc_warmup_steps + cfg.steps
+    done = start
+    bar = ctx.progress_bar(total=total, initial=start)
+    k = cfg.k_samples
+    for it in range(start, total if stop_reason is None else start):
+        examples = [train[i] for i in sampler.next_batch()]
+        moves = it >= cfg.disc_warmup_steps
+        rows_ex = [e for e in examples for _ in range(k)]
+        fake_feats = [_features(e, device) for e in rows_ex]
+        with autocast():
+            gen = generate(previous if previous is not None else student, [e.modality for e in rows_ex], fake_feats,
+                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+            fake = rows_from_generated(gen, [e.modality for e in rows_ex], fake_feats,
+                                       [i for i in range(len(examples)) for _ in range(k)], student.spec.bos_id)
+            real = real_rows(examples, cfg.anchored, cfg.use_references, reference, tok, max_text_tokens,
+                             cfg.temperature, cfg.max_new_tokens, device)
+        rec: dict = {"step": it + 1, "phase": "adversarial" if moves else "disc_warmup"}
+
+        # discriminators: disc_steps updates on this batch; accuracy from the first (before it learns)
+        for m, d in discs.items():
+            batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
+            if not len(batch.real) or not len(batch.fake):
+                continue
+            d.train()
+            for j in range(cfg.disc_steps):
+                with autocast():
+                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty)
+                d_opts[m].zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+                d_opts[m].step()
+                if j == 0:
+                    rec[f"disc_acc/{m}"] = st["acc"]
+                rec[f"disc_loss/{m}"] = st["bce"]
+                if "gp" in st:
+                    rec[f"disc_gp/{m}"] = st["gp"]
+
+        # the student
+        if moves:
+            ce = (lambda: ce_loss(student, examples, device)) if ce_weight > 0 else None
+            with autocast():
+                if cfg.objective == "pg":
+                    loss, st = pg_objective(student, reference, discs, fake, k, cfg.reward_weights,
+                                            discount=cfg.discount, baseline="loo" if cfg.baseline == "loo" else ema,
+                                            kl_weight=cfg.kl_weight, kl_estimator=cfg.kl_estimator,
+                                            pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all,
+                                            ce=ce, ce_weight=ce_weight)
+                else:
+                    loss, st = spin_objective(student, previous, reference, real, fake, cfg.spin_beta,
+                                              kl_weight=cfg.kl_weight, ce=ce, ce_weight=ce_weight)
+                    st["reward"] = float(masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all),
+                                                     fake.attention_mask[:, 1:]))
+            s_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            s_opt.step()
+            student_steps += 1
+            if previous is not None and student_steps % cfg.spin_iterate_steps == 0:
+                previous.load_state_dict(student.state_dict())
+            faults.point("step")
+            rec.update(st)
+        else:
+            rec["reward"] = float(masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all),
+                                              fake.attention_mask[:, 1:]))
+
+        done = it + 1
+        if done % cfg.log_every == 0 or done == total:
+            rec["distinct_2"] = distinct_n(gen.texts, 2)
+            rec["self_bleu_4"] = self_bleu_4(gen.texts)
+            rec["sample"] = gen.texts[0]
+            rec["label"] = examples[0].text if cfg.anchored else None
+            stop_reason = guard_trip(cfg.guards, rec) if moves else None
+            if stop_reason:
+                rec["early_stop"] = stop_reason
+            ctx.metric(rec)
+        bar.update(1)
+        if stop_reason:
+            if dist.is_main:
+                print(f"adversarial: early stop: {stop_reason}")
+            save_checkpoint(done)
+            break
+        if done % cfg.checkpoint_every == 0 or done == total:
+            save_checkpoint(done)
+    bar.close()
+
+    # ---- final/: the student, the discriminators, what happened
+    summary = {"enabled": True, "objective": cfg.objective, "anchored": cfg.anchored, "kl_estimator": cfg.kl_estimator,
+               "iterations": done, "student_steps": student_steps, "early_stop": stop_reason,
+               "real_side": "teacher pseudo-labels" + (" + references" if cfg.use_references else "") if cfg.anchored
+               else "samples of the frozen distilled model (no teacher label)"}
+    if dist.is_main:
+        tmp = ctx.dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_student(student, tmp)
+        save_discriminators(discs, tmp / DISCRIMINATORS_DIR)
+        atomic_write_text(tmp / "adversarial.json", json.dumps(summary, indent=2) + "\n")
+        final = ctx.dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    counts = {"steps": student_steps, "disc_warmup_steps": min(done, cfg.disc_warmup_steps), "train": len(train),
+              "discriminators": len(discs), "early_stopped": int(stop_reason is not None)}
+    if stop_reason:
+        counts["early_stop_step"] = done
+        counts["early_stop_reason"] = stop_reason
+    return counts

@@ -1,0 +1,162 @@
+"""The discriminators of the adversarial stage: one small transformer per modality that reads the features of
+a real input and a text, and says, token by token, whether the text is the teacher's (real) or the
+student's (generated).
+
+Layout of one row:  [f_1 .. f_F | bos y_1 .. y_n]
+    f_i     the input's features [T, D] average-pooled to at most F frames, projected to d_model (the same
+            features the student is conditioned on); none for modalities without features (text)
+    text    the student's token ids, with learned positions
+
+Attention: feature positions see the features only; text position t sees every feature and the text up to
+t (causal), so the logit at t judges y_1 .. y_t and nothing after it. That per-token logit is the dense
+reward of the policy gradient (ScratchGAN); the logit at the last token, which has seen the whole text, is
+the sequence's. A checkpoint is self-describing: <name>.safetensors beside <name>.json (DiscriminatorSpec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
+from stages.student import pool_frames
+
+
+@dataclass
+class DiscriminatorSpec:
+    """Everything needed to rebuild a Discriminator around its saved weights."""
+
+    modality: str  # the modality whose inputs it reads
+    vocab_size: int  # token ids it reads (the student's text vocabulary)
+    feature_dim: int  # D of the features (0: unconditional, e.g. plain text)
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    max_text_len: int = 128  # text positions (bos included)
+    feature_frames: int = 32  # features are average-pooled to at most this many frames
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+class Discriminator(nn.Module):
+    """D_m(features, text) -> a logit per text token. Shapes: B rows, L text positions (bos first)."""
+
+    def __init__(self, spec: DiscriminatorSpec):
+        super().__init__()
+        if spec.d_model % spec.heads:
+            raise UserError(f"adversarial.disc_d_model={spec.d_model} is not a multiple of disc_heads={spec.heads}")
+        self.spec = spec
+        d = spec.d_model
+        self.tok_emb = nn.Embedding(spec.vocab_size, d)
+        self.pos_emb = nn.Embedding(spec.max_text_len, d)
+        if spec.feature_dim > 0:
+            self.feat_proj = nn.Sequential(nn.LayerNorm(spec.feature_dim), nn.Linear(spec.feature_dim, d))
+            self.feat_pos = nn.Embedding(spec.feature_frames, d)
+        self.drop = nn.Dropout(spec.dropout)
+        layer = nn.TransformerEncoderLayer(d, spec.heads, 4 * d, spec.dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, d_model] (what the gradient penalty differentiates against)."""
+        return self.tok_emb(input_ids)
+
+    def _features(self, features: Sequence[torch.Tensor | None], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [T_i, D] -> (projected [B, F, d], valid mask [B, F]). A row without features gets one zero
+        frame, so that no position is left with nothing to attend to."""
+        rows = []
+        for f in features if features is not None else [None] * b:
+            if f is None:
+                f = torch.zeros(1, self.spec.feature_dim, device=self.device)
+            rows.append(pool_frames(f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim),
+                                    self.spec.feature_frames))
+        t = max(r.shape[0] for r in rows)
+        x = rows[0].new_zeros(b, t, self.spec.feature_dim)
+        mask = torch.zeros(b, t, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+        pos = self.feat_pos(torch.arange(t, device=self.device))
+        return self.feat_proj(x) + pos, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                features: Sequence[torch.Tensor | None] | None = None,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] (bos y_1 .. y_n, right-padded), attention_mask [B, L] (1 on tokens), features: B
+        rows [T_i, D] or None (ignored by an unconditional discriminator), token_embeds: [B, L, d_model] to
+        use instead of embed(input_ids). Returns logits [B, L-1]: entry t judges input_ids[:, 1: t+2] (the
+        text up to token t+1), aligned with Student.score's log-probs."""
+        b, L = input_ids.shape
+        if L > self.spec.max_text_len:
+            raise ValueError(f"{L} text positions; this discriminator holds {self.spec.max_text_len}")
+        tok = token_embeds if token_embeds is not None else self.embed(input_ids)
+        x = tok + self.pos_emb(torch.arange(L, device=tok.device))
+        pad = attention_mask == 0
+        n_feat = 0
+        if self.spec.feature_dim > 0:
+            fx, fmask = self._features(features, b)
+            n_feat = fx.shape[1]
+            x = torch.cat([fx.to(x.dtype), x], dim=1)
+            pad = torch.cat([~fmask, pad], dim=1)
+        S = n_feat + L
+        # True = may not attend. Features see features; text sees features and text up to itself.
+        block = torch.ones(S, S, dtype=torch.bool, device=x.device)
+        block[:, :n_feat] = False
+        block[n_feat:, n_feat:] = torch.triu(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=1)
+        h = self.encoder(self.drop(x), mask=block, src_key_padding_mask=pad)
+        logits = self.head(self.norm(h[:, n_feat:])).squeeze(-1)  # [B, L]
+        return logits[:, 1:]
+
+
+def sequence_logits(token_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logit at each row's last token (it has seen the whole text): [B, L-1], [B, L] -> [B]."""
+    last = (attention_mask[:, 1:].sum(1) - 1).clamp_min(0)
+    return token_logits.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def build_discriminator(spec: DiscriminatorSpec, device: str | torch.device = "cpu") -> Discriminator:
+    return Discriminator(spec).to(device)
+
+
+def save_discriminators(discs: dict[str, Discriminator], directory: str | os.PathLike) -> Path:
+    """<directory>/<name>.safetensors + <name>.json for every discriminator (name: its modality)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, d in discs.items():
+        d = getattr(d, "module", d)
+        tmp = directory / f".tmp-{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in d.state_dict().items()}, str(tmp))
+        os.replace(tmp, directory / f"{name}.safetensors")
+        atomic_write_text(directory / f"{name}.json", d.spec.to_json() + "\n")
+    return directory
+
+
+def load_discriminators(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Discriminator]:
+    """Every discriminator saved by save_discriminators in `directory`, by name, in eval mode."""
+    directory = Path(directory)
+    specs = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    if not specs:
+        raise FileNotFoundError(f"no discriminator in {directory}")
+    out = {}
+    for js in specs:
+        spec = DiscriminatorSpec(**json.loads(js.read_text()))
+        d = Discriminator(spec)
+        d.load_state_dict(load_file(str(js.with_suffix(".safetensors"))))
+        out[js.stem] = d.to(device).eval()
+    return out

@@ -1,0 +1,310 @@
+"""The adversarial stage: losses against values worked out by hand, a toy where a fixed discriminator's
+rewards move the student, the unanchored ablation that never shows a teacher label to a discriminator,
+and the stage end to end through the CLI, killed after its second student step and resumed to the same
+final weights."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import cli
+from stages import adversarial as adv
+from stages.discriminator import Discriminator, DiscriminatorSpec, sequence_logits
+from stages.generation import generate
+
+
+# ------------------------------------------------------------------------------------------- pinned losses
+def test_pg_loss_with_leave_one_out_baseline_by_hand():
+    # 2 inputs x k=2 samples, 2 positions; row 1 stopped after its first token.
+    rewards = torch.tensor([[1.0, 2.0], [0.5, 0.0], [-1.0, 1.0], [0.0, 3.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -9.0], [-1.5, -0.5], [-0.2, -1.0]], requires_grad=True)
+    # returns with discount 0.5: G_t = r_t + 0.5 G_{t+1}
+    G = adv.returns_to_go(rewards, mask, 0.5)
+    assert G.tolist() == [[2.0, 2.0], [0.5, 0.0], [-0.5, 1.0], [1.5, 3.0]]
+    # k = 2: each row's baseline is its sibling's return, position by position
+    b = adv.loo_baseline(G, 2)
+    assert b.tolist() == [[0.5, 0.0], [2.0, 2.0], [1.5, 3.0], [-0.5, 1.0]]
+    A = (G - b) * mask
+    assert A.tolist() == [[1.5, 2.0], [-1.5, 0.0], [-2.0, -2.0], [2.0, 2.0]]
+    # -(1.5*-1 + 2*-2  - 1.5*-0.5  - 2*-1.5 - 2*-0.5  + 2*-0.2 + 2*-1) / 7 tokens = 3.15 / 7
+    loss = adv.pg_loss(logp, A, mask)
+    assert loss.item() == pytest.approx(0.45, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, -A / 7)  # advantages are constants; masked tokens get no gradient
+    # k = 3 leave-one-out: the mean of the other two
+    assert adv.loo_baseline(torch.tensor([[3.0], [6.0], [9.0]]), 3).flatten().tolist() == [7.5, 6.0, 4.5]
+
+
+def test_dpo_spin_loss_by_hand():
+    # pair 1: margin (-3 - -4) - (-2 - -1.5) = 1.5, beta 0.5 -> log(1 + e^-0.75) = 0.386871
+    # pair 2: margin 0 -> log 2
+    pi_w, ref_w = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -1.0])
+    pi_l, ref_l = torch.tensor([-2.0, -1.0]), torch.tensor([-1.5, -1.0])
+    loss = adv.dpo_loss(pi_w, ref_w, pi_l, ref_l, beta=0.5)
+    assert loss.item() == pytest.approx((0.38687100611 + 0.69314718056) / 2, abs=1e-6)
+
+
+def test_discriminator_bce_with_one_sided_label_smoothing_by_hand():
+    real = torch.tensor([[0.0, 2.0]])
+    fake = torch.tensor([[0.0, -1.0, 5.0]])
+    # real targets 0.9: (log 2 + log(1+e^2) - 1.8) / 2 = 0.510038; fake targets 0 over two tokens (the 5.0 is
+    # padding): (log 2 + log(1+e^-1)) / 2 = 0.503204
+    loss = adv.disc_bce(real, torch.tensor([[1, 1]]), fake, torch.tensor([[1, 1, 0]]), smoothing=0.1)
+    assert loss.item() == pytest.approx(0.510037596 + 0.503204434, abs=1e-6)
+
+
+def test_exact_kl_and_ema_baseline_by_hand():
+    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    # 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
+    assert adv.exact_kl(p, q).item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-6)
+    ema = adv.EMABaseline(3, decay=0.5)
+    G, m = torch.tensor([[2.0, 1.0], [4.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
+    assert ema(G, m).tolist() == [[0.0, 0.0], [0.0, 0.0]]  # nothing seen yet
+    assert ema.value.tolist() == [3.0, 1.0, 0.0]  # the first batch's means (row 2 ended before position 1)
+    ema(torch.tensor([[1.0, 3.0]]), torch.tensor([[1, 1]]))
+    assert ema.value.tolist() == [2.0, 2.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------- discriminator
+def test_discriminator_token_logits_are_causal_and_conditioned():
+    torch.manual_seed(0)
+    d = Discriminator(DiscriminatorSpec("audio", vocab_size=50, feature_dim=3, d_model=16, layers=2, heads=2,
+                                       dropout=0.0, max_text_len=10, feature_frames=4)).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    f = [torch.randn(7, 3)]
+    base = d(ids, mask, f)
+    assert base.shape == (1, 5)
+    later = ids.clone()
+    later[0, 4] = 30  # token 4 is judged from entry 3 on
+    out = d(later, mask, f)
+    assert torch.equal(out[:, :3], base[:, :3]) and not torch.allclose(out[:, 3:], base[:, 3:])
+    assert not torch.allclose(d(ids, mask, [torch.randn(7, 3)]), base)  # the input matters
+    # padding after a row's end changes nothing before it; the sequence logit is the last token's
+    short = torch.tensor([[1, 5, 6, 7, 0, 0]])
+    smask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    s = d(short, smask, f)
+    assert torch.allclose(s[:, :3], base[:, :3], atol=1e-6)
+    assert sequence_logits(s, smask).item() == s[0, 2].item()
+
+
+# ------------------------------------------------------------------------------------------------- the toy
+def _tiny_student():
+    from pipeline.config import StudentConfig
+    from stages.student import build_student
+
+    torch.manual_seed(0)
+    return build_student(StudentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, prefix_len=1), {"text": 0})
+
+
+class FixedJudge(nn.Module):
+    """A discriminator that never learns: logit +1 on token `good`, -1 on `bad`, 0 elsewhere."""
+
+    def __init__(self, good: int, bad: int):
+        super().__init__()
+        self.good, self.bad = good, bad
+
+    def forward(self, input_ids, attention_mask, features=None, token_embeds=None):
+        y = input_ids[:, 1:]
+        return (y == self.good).float() - (y == self.bad).float()
+
+
+def _p_first(student, token: int) -> float:
+    with torch.no_grad():
+        lp = adv.policy_logprobs(student, adv.rows_from_tokens([[token]], ["text"], [None], [0], student.spec.bos_id,
+                                                               student.spec.eot_id, "cpu"))
+    return lp[0, 0, token].exp().item()
+
+
+@pytest.mark.parametrize("prefer", ["A", "B"])
+def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(prefer):
+    torch.set_num_threads(1)
+    student = _tiny_student().eval()
+    tok = student.tokenizer
+    A, B = tok.encode("yes")[0], tok.encode("no")[0]
+    eot = tok.eot
+    # First a student that says A or B about equally (the "distilled" model)...
+    opt = torch.optim.Adam(student.parameters(), lr=3e-2)
+    data = adv.rows_from_tokens([[A, eot], [B, eot]], ["text"] * 2, [None] * 2, [0, 1], tok.bos, eot, "cpu")
+    for _ in range(60):
+        loss = -student.score(data.input_ids, data.attention_mask, data.modality, data.features).sum() / 4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pa0, pb0 = _p_first(student, A), _p_first(student, B)
+    assert pa0 + pb0 > 0.9 and abs(pa0 - pb0) < 0.2, (pa0, pb0)
+    reference = _tiny_student().eval().requires_grad_(False)
+    reference.load_state_dict(student.state_dict())
+    # ...then policy-gradient steps on its own samples, rewarded by a discriminator that prefers one of them.
+    judge = FixedJudge(A, B) if prefer == "A" else FixedJudge(B, A)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    k = 4
+    for _ in range(15):
+        gen = generate(student, ["text"] * 8, [None] * 8, temperature=1.0, max_new_tokens=3)
+        fake = adv.rows_from_generated(gen, ["text"] * 8, [None] * 8, [i // k for i in range(8)], tok.bos)
+        loss, st = adv.pg_objective(student, reference, {"text": judge}, fake, k, {}, discount=1.0, baseline="loo",
+                                    kl_weight=0.01, kl_estimator="exact")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pa1, pb1 = _p_first(student, A), _p_first(student, B)
+    if prefer == "A":
+        assert pa1 > 0.85 and pa1 > pa0 + 0.3, (pa0, pa1)
+    else:
+        assert pb1 > 0.85 and pa1 < pa0 - 0.3, (pa0, pa1, pb1)
+    assert st["kl"] > 0  # it moved away from the reference, and the KL says so
+
+
+# ---------------------------------------------------------------------------------------- through the stage
+TINY = {
+    "plugins": ["toy_vibration"],
+    "stages": ["ingest", "pseudo_label", "distill", "adversarial"],
+    "run": {"progress": False, "num_threads": 1, "device": "cpu", "keep_checkpoints": 2},
+    "ingest": {"sources": [{"type": "synthetic", "modality": "vibration", "count": 16, "name": "vib"},
+                           {"type": "synthetic", "modality": "text", "count": 16, "name": "words"}],
+               "samples_per_shard": 8},
+    "distill": {"student": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "prefix_len": 2},
+                "steps": 3, "batch_size": 8, "lr": 0.01, "warmup_steps": 1, "val_every": 3, "checkpoint_every": 3},
+    "adversarial": {"steps": 3, "disc_warmup_steps": 1, "batch_size": 4, "k_samples": 2, "max_new_tokens": 10,
+                    "disc_d_model": 16, "disc_layers": 1, "disc_heads": 2, "log_every": 1, "checkpoint_every": 1,
+                    "grad_penalty": 0.5, "lr": 0.001},
+}
+
+
+def _run_in_process(cfg_path: Path, run_dir: Path, overrides=(), reuse: Path | None = None, until=None):
+    from pipeline.config import load_config
+    from pipeline.graph import Runner
+
+    cfg = load_config([str(cfg_path)], list(overrides))
+    Runner(cfg, run_dir, echo=lambda s: None).run_graph(until=until, reuse=str(reuse) if reuse else None)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A tiny run up to distill (3 steps: a weak reference whose samples are not the labels)."""
+    root = tmp_path_factory.mktemp("adv")
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    _run_in_process(cfg, root / "base", until="distill")
+    return cfg, root / "base"
+
+
+def _label_sequences(run: Path) -> set[tuple[int, ...]]:
+    from stages.labelled_data import load_labelled
+    from stages.student import load_student
+
+    tok = load_student(run / "distill" / "final").tokenizer
+    data = load_labelled(run / "pseudo_label", tok, 96, splits=("train",))
+    return {tuple(t for t in e.targets if t != tok.eot) for e in data.splits["train"]}
+
+
+def _contains(row: list[int], seq: tuple[int, ...]) -> bool:
+    return any(tuple(row[i: i + len(seq)]) == seq for i in range(len(row) - len(seq) + 1))
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path, monkeypatch, anchored):
+    cfg, base = distilled
+    real_rows = []
+    orig = adv.discriminator_batch
+
+    def spy(modality, real, fake, text_reward_all):
+        b = orig(modality, real, fake, text_reward_all)
+        for ids, m in zip(b.real.input_ids.tolist(), b.real.attention_mask.tolist()):
+            real_rows.append(ids[1: sum(m)])  # without bos and padding
+        return b
+
+    monkeypatch.setattr(adv, "discriminator_batch", spy)
+    run = tmp_path / "run"
+    _run_in_process(cfg, run, [f"adversarial.anchored={str(anchored).lower()}"], reuse=base)
+    labels = _label_sequences(base)
+    assert real_rows and all(len(s) >= 3 for s in labels)
+    hits = sum(any(_contains(r, s) for s in labels) for r in real_rows)
+    recs = [json.loads(l) for l in (run / "adversarial" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "adversarial" / "final" / "adversarial.json").read_text())
+    if anchored:  # the control: the same spy sees the labels when they are the real side
+        assert hits == len(real_rows)
+        assert any("ce" in r for r in recs)
+    else:
+        assert hits == 0, "a teacher label reached a discriminator's real side"
+        assert not any("ce" in r for r in recs) and all(r.get("label") is None for r in recs if "step" in r)
+        assert summary["anchored"] is False and "no teacher label" in summary["real_side"]
+        assert any(r.get("kl", 0) > 0 for r in recs)  # the KL penalty stays
+
+
+def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
+    cfg, base = distilled
+    _run_in_process(cfg, tmp_path / "spin", ["adversarial.objective=spin", "adversarial.spin_iterate_steps=1"], reuse=base)
+    recs = [json.loads(l) for l in (tmp_path / "spin/adversarial/metrics.jsonl").read_text().splitlines()]
+    moved = [r for r in recs if r.get("phase") == "adversarial"]
+    assert len(moved) == 3 and all(r["pairs"] == 8 and math.isfinite(r["spin_loss"]) for r in moved)
+    # the first SPIN step compares the student with itself: margin 0, loss log 2
+    assert moved[0]["spin_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+    _run_in_process(cfg, tmp_path / "guard", ["adversarial.guards.max_self_bleu_4=-1"], reuse=base)
+    m = json.loads((tmp_path / "guard/adversarial/manifest.json").read_text())
+    assert m["counts"]["early_stopped"] == 1 and m["counts"]["steps"] == 1 and m["counts"]["early_stop_step"] == 2
+    assert "self_bleu_4" in m["counts"]["early_stop_reason"]
+    last = json.loads((tmp_path / "guard/adversarial/metrics.jsonl").read_text().splitlines()[-1])
+    assert "max_self_bleu_4" in last["early_stop"]
+
+    _run_in_process(cfg, tmp_path / "off", ["adversarial.enabled=false"], reuse=base)
+    for f in ("student.json", "projectors.safetensors", "lm/model.safetensors"):
+        assert (tmp_path / "off/adversarial/final" / f).read_bytes() == (base / "distill/final" / f).read_bytes()
+
+
+def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
+    cfg = {
+        **TINY,
+        "plugins": ["modalities.audio", "modalities.image"],
+        "modalities": {"audio": {"teacher": {"checkpoint": "random", "max_new_tokens": 8}},
+                       "image": {"teacher": {"checkpoint": "random"}}},
+        "ingest": {"sources": [{"type": "synthetic", "modality": "text", "count": 12, "name": "words"},
+                               {"type": "synthetic", "modality": "audio", "count": 6, "name": "tones"},
+                               {"type": "synthetic", "modality": "image", "count": 6, "name": "shapes"}],
+                   "samples_per_shard": 6},
+        "pseudo_label": {"filters": {"min_avg_logprob": None, "max_compression_ratio": None,
+                                     "max_no_speech_prob": None, "max_wer": None}},
+        "adversarial": {**TINY["adversarial"], "steps": 4, "disc_feature_frames": 4, "max_new_tokens": 8},
+    }
+    cfg["distill"] = {**TINY["distill"], "student": {**TINY["distill"]["student"], "feature_frames": 16},
+                      "max_text_tokens": 16}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = cli("run", p, "--run-dir", a, check=True)
+    assert "adversarial: finished" in r.stdout
+    final = a / "adversarial" / "final"
+    assert sorted(x.name for x in (final / "discriminators").iterdir()) == [
+        "audio.json", "audio.safetensors", "image.json", "image.safetensors", "text.json", "text.safetensors"]
+    m = json.loads((a / "adversarial" / "manifest.json").read_text())
+    assert m["counts"]["steps"] == 4 and m["counts"]["discriminators"] == 3
+    recs = [json.loads(l) for l in (a / "adversarial" / "metrics.jsonl").read_text().splitlines()]
+    assert any("disc_acc/audio" in r for r in recs) and any("distinct_2" in r for r in recs)
+    # rebuilt from final/ alone, as evaluate does
+    discs = adv.load_discriminators(final)
+    from stages.student import load_student
+
+    tok = load_student(final).tokenizer
+    probs = adv.discriminator_probs(discs, "image", ["a picture of a dog", "x"], [torch.randn(3, discs["image"].spec.feature_dim)] * 2, tok)
+    assert len(probs) == 2 and all(0 < q < 1 for q in probs)
+
+    # the same run, killed right after its second student step, then resumed
+    cli("run", p, "--run-dir", b, "--until", "distill", "--reuse", a, check=True)
+    r = cli("run", p, "--run-dir", b, env={"GROUNDGAN_FAULT": "step:2"})
+    assert r.returncode == -9, r.stderr
+    assert not (b / "adversarial" / "manifest.json").exists()
+    r = cli("run", p, "--run-dir", b, check=True)
+    assert "adversarial: running (resuming partial work)" in r.stdout
+    files = sorted(q.relative_to(final) for q in final.rglob("*") if q.is_file())
+    assert len(files) >= 9
+    for rel in files:
+        assert (b / "adversarial" / "final" / rel).read_bytes() == (final / rel).read_bytes(), rel
+    assert (b / "adversarial" / "metrics.jsonl").read_text() == (a / "adversarial" / "metrics.jsonl").read_text()
