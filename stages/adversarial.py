@@ -37,6 +37,7 @@ RUN/adversarial/
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -44,10 +45,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import faults
+from pipeline import distributed, faults
 from pipeline.checkpoint import CheckpointManager
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -92,27 +94,37 @@ def loo_baseline(values: torch.Tensor, k: int) -> torch.Tensor:
     return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(values.shape)
 
 
-def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE: -sum(A_t * log pi(y_t)) / number of tokens; the advantages are constants. [N, L] each."""
+def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+            n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE: -sum(A_t * log pi(y_t)) / number of tokens; the advantages are constants. [N, L] each.
+    n_tokens: the denominator when these rows are one process's slice of a larger batch (default mask.sum())."""
     m = mask.to(logprobs.dtype)
-    return -(advantages.detach() * logprobs * m).sum() / m.sum().clamp_min(1.0)
+    n = m.sum() if n_tokens is None else n_tokens
+    return -(advantages.detach() * logprobs * m).sum() / n.clamp_min(1.0)
 
 
 def dpo_loss(pi_win: torch.Tensor, ref_win: torch.Tensor, pi_lose: torch.Tensor, ref_lose: torch.Tensor,
-             beta: float) -> torch.Tensor:
+             beta: float, n_pairs: torch.Tensor | None = None) -> torch.Tensor:
     """DPO / SPIN logistic loss, mean over pairs of -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)));
-    every argument [P] holds sequence log-probs (sums over tokens)."""
-    return -F.logsigmoid(beta * ((pi_win - ref_win) - (pi_lose - ref_lose))).mean()
+    every argument [P] holds sequence log-probs (sums over tokens). n_pairs: the denominator when these
+    pairs are one process's slice of a larger batch (default P)."""
+    losses = -F.logsigmoid(beta * ((pi_win - ref_win) - (pi_lose - ref_lose)))
+    return losses.mean() if n_pairs is None else losses.sum() / n_pairs.clamp_min(1.0)
 
 
 def disc_bce(real_logits: torch.Tensor, real_mask: torch.Tensor, fake_logits: torch.Tensor,
-             fake_mask: torch.Tensor, smoothing: float) -> torch.Tensor:
+             fake_mask: torch.Tensor, smoothing: float, n_real: torch.Tensor | None = None,
+             n_fake: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token BCE with one-sided label smoothing (Salimans et al. 2016): the mean over real tokens of
-    BCE(logit, 1 - smoothing) plus the mean over fake tokens of BCE(logit, 0). Logits and masks [N, L]."""
-    rm, fm = real_mask.to(real_logits.dtype), fake_mask.to(fake_logits.dtype)
-    real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 1.0 - smoothing), reduction="none")
-    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="none")
-    return (real * rm).sum() / rm.sum().clamp_min(1.0) + (fake * fm).sum() / fm.sum().clamp_min(1.0)
+    BCE(logit, 1 - smoothing) plus the mean over fake tokens of BCE(logit, 0). Logits and masks [N, L].
+    n_real, n_fake: the token counts to divide by when these rows are one process's slice of a larger batch."""
+    return _bce_side(real_logits, real_mask, 1.0 - smoothing, n_real) + _bce_side(fake_logits, fake_mask, 0.0, n_fake)
+
+
+def _bce_side(logits: torch.Tensor, mask: torch.Tensor, target: float, n: torch.Tensor | None) -> torch.Tensor:
+    m = mask.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")
+    return (bce * m).sum() / (m.sum() if n is None else n).clamp_min(1.0)
 
 
 def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -120,9 +132,21 @@ def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1; n: the count to divide by instead of mask.sum() (a slice's share of a
+    larger batch's mean)."""
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    return (x * m).sum() / (m.sum() if n is None else n).clamp_min(1.0)
+
+
+def global_count(x: torch.Tensor) -> torch.Tensor:
+    """A count over the whole batch: `x` (this process's count, a tensor) summed over every process.
+
+    Under torchrun each process holds a slice of the batch; a loss that is a sum over its rows divided by
+    the whole batch's count has gradients that, summed over the processes (distributed.sum_gradients), are
+    the single-process gradients. Stats made the same way are each process's share (distributed.sum_floats).
+    """
+    return distributed.all_reduce_sum(x.detach().float().clone())
 
 
 # -------------------------------------------------------------------------------------------------- rows
@@ -176,16 +200,48 @@ def strip_labels(e: Example) -> Example:
     return replace(e, text="", targets=[], topk_ids=None, topk_logprobs=None, reference=None)
 
 
+def stream_seed(*parts) -> int:
+    """A 63-bit seed that is a function of `parts` alone (their sha256), for one independent random stream."""
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def input_generator(seed: int, iteration: int, index: int, device) -> torch.Generator:
+    """The random stream input `index` of the batch of `iteration` samples from: a function of those three
+    numbers alone, so a sample does not depend on the number of processes or on which one holds the input,
+    and a resumed run draws what the uninterrupted one drew."""
+    return torch.Generator(device=device).manual_seed(stream_seed("adversarial", seed, iteration, index))
+
+
+def sample_rows(model: Student, examples: list[Example], per_input: int, generators: Sequence[torch.Generator | None],
+                temperature: float, max_new_tokens: int, device) -> tuple[Rows, list[str]]:
+    """`per_input` samples of `model` about each example, and their texts. Each example is decoded in a call
+    of its own from its own generator, so its rows never depend on which other inputs share the process.
+    Rows come in consecutive groups of per_input; a row's source is its example's index in `examples`."""
+    seqs, texts, mods, feats, src = [], [], [], [], []
+    for i, (e, g) in enumerate(zip(examples, generators)):
+        f = _features(e, device)
+        gen = generate(model, [e.modality] * per_input, [f] * per_input, temperature=temperature,
+                       max_new_tokens=max_new_tokens, generator=g)
+        seqs += [row[:n] for row, n in zip(gen.tokens.tolist(), gen.mask.sum(1).tolist())]
+        texts += gen.texts
+        mods += [e.modality] * per_input
+        feats += [f] * per_input
+        src += [i] * per_input
+    return rows_from_tokens(seqs, mods, feats, src, model.spec.bos_id, model.spec.eot_id, device), texts
+
+
 def real_rows(examples: list[Example], anchored: bool, use_references: bool, reference: Student, tokenizer,
-              max_text_tokens: int, temperature: float, max_new_tokens: int, device) -> Rows:
+              max_text_tokens: int, temperature: float, max_new_tokens: int, device,
+              generators: Sequence[torch.Generator | None] | None = None) -> Rows:
     """The real side of one batch. Anchored: each input's pseudo-label (and its reference, where
-    use_references and the source has one). Unanchored: one sample of the frozen distilled model per input."""
+    use_references and the source has one). Unanchored: one sample of the frozen distilled model per input,
+    drawn from that input's generator (None: the global RNG)."""
     bos, eot = reference.spec.bos_id, reference.spec.eot_id
-    feats = [_features(e, device) for e in examples]
     if not anchored:
-        gen = generate(reference, [e.modality for e in examples], feats, temperature=temperature,
-                       max_new_tokens=max_new_tokens)
-        return rows_from_generated(gen, [e.modality for e in examples], feats, list(range(len(examples))), bos)
+        return sample_rows(reference, examples, 1, generators or [None] * len(examples), temperature,
+                           max_new_tokens, device)[0]
+    feats = [_features(e, device) for e in examples]
     seqs, mods, fs, src = [], [], [], []
     for i, e in enumerate(examples):
         seqs.append(e.targets)
@@ -239,25 +295,64 @@ def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str
     return out * rows.attention_mask[:, 1:].to(out.dtype)
 
 
-def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, grad_penalty: float) -> tuple[torch.Tensor, dict]:
-    """BCE (+ gradient penalty) of one discriminator on one batch, and its sequence accuracy on that batch."""
+@dataclass
+class DiscCounts:
+    """The sizes of a discriminator's batch that its losses and stats divide by (float tensors)."""
+
+    real_rows: torch.Tensor
+    fake_rows: torch.Tensor
+    real_tokens: torch.Tensor  # judged positions: attention_mask[:, 1:]
+    fake_tokens: torch.Tensor
+
+    @staticmethod
+    def of(batch: DiscBatch, over_processes: bool = False) -> "DiscCounts":
+        """This batch's counts; over_processes: summed over every process (each holding a slice)."""
+        r, f = batch.real, batch.fake
+        c = torch.stack([torch.tensor(float(len(r))), torch.tensor(float(len(f))),
+                         r.attention_mask[:, 1:].sum().float().cpu(), f.attention_mask[:, 1:].sum().float().cpu()])
+        c = c.to(r.input_ids.device)
+        if over_processes:
+            distributed.all_reduce_sum(c)
+        return DiscCounts(*c.unbind())
+
+
+def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, grad_penalty: float,
+                       counts: DiscCounts | None = None) -> tuple[torch.Tensor, dict]:
+    """BCE (+ gradient penalty) of one discriminator on one batch, and its sequence accuracy on that batch.
+
+    counts: the whole batch's sizes when `batch` is one process's slice of it (DiscCounts.of(batch, True)):
+    the loss and the stats are then this slice's shares, and either side of the slice may be empty.
+    """
     r, f = batch.real, batch.fake
-    emb = d.embed(r.input_ids)
-    real_logits = d(r.input_ids, r.attention_mask, r.features, token_embeds=emb).float()
-    fake_logits = d(f.input_ids, f.attention_mask, f.features).float()
-    rm, fm = r.attention_mask[:, 1:], f.attention_mask[:, 1:]
-    loss = disc_bce(real_logits, rm, fake_logits, fm, smoothing)
-    stats = {"bce": float(loss.detach())}
-    if grad_penalty > 0:
+    c = counts if counts is not None else DiscCounts.of(batch)
+    loss = torch.zeros((), device=r.input_ids.device)
+    stats = {"bce": 0.0, "acc": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
+    real_logits = fake_logits = None
+    if len(r):
+        emb = d.embed(r.input_ids)
+        real_logits = d(r.input_ids, r.attention_mask, r.features, token_embeds=emb).float()
+    if len(f):
+        fake_logits = d(f.input_ids, f.attention_mask, f.features).float()
+    if real_logits is not None:
+        rm = r.attention_mask[:, 1:]
+        loss = loss + _bce_side(real_logits, rm, 1.0 - smoothing, c.real_tokens)
+    if fake_logits is not None:
+        loss = loss + _bce_side(fake_logits, f.attention_mask[:, 1:], 0.0, c.fake_tokens)
+    stats["bce"] = float(loss.detach())
+    if grad_penalty > 0 and real_logits is not None:
         # R1 on the real side (Mescheder et al. 2018), with the token embeddings as the input.
         g, = torch.autograd.grad((real_logits * rm).sum(), emb, create_graph=True)
-        gp = (g.pow(2).sum(-1) * r.attention_mask).sum() / max(1, len(r))
+        gp = (g.pow(2).sum(-1) * r.attention_mask).sum() / c.real_rows.clamp_min(1.0)
         loss = loss + grad_penalty * gp
         stats["gp"] = float(gp.detach())
     with torch.no_grad():
         # balanced over the two sides, which differ in size (k samples per input)
-        stats["acc"] = 0.5 * float((sequence_logits(real_logits, r.attention_mask) > 0).float().mean()) + \
-            0.5 * float((sequence_logits(fake_logits, f.attention_mask) <= 0).float().mean())
+        if real_logits is not None:
+            hits = (sequence_logits(real_logits, r.attention_mask) > 0).float().sum()
+            stats["acc"] += 0.5 * float(hits / c.real_rows.clamp_min(1.0))
+        if fake_logits is not None:
+            hits = (sequence_logits(fake_logits, f.attention_mask) <= 0).float().sum()
+            stats["acc"] += 0.5 * float(hits / c.fake_rows.clamp_min(1.0))
     return loss, stats
 
 
@@ -268,11 +363,12 @@ def policy_logprobs(model: Student, rows: Rows) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
-def ce_loss(student: Student, examples: list[Example], device) -> torch.Tensor:
-    """Mean cross-entropy per target token of the pseudo-labels of `examples`."""
+def ce_loss(student: Student, examples: list[Example], device, n_targets: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy per target token of the pseudo-labels of `examples`; n_targets: the denominator
+    when `examples` are one process's slice of a larger batch (default: their own target tokens)."""
     b = collate(examples, student.spec.bos_id, student.spec.eot_id, device)
     lp = student.score(b.input_ids, b.attention_mask, b.modality, b.features)
-    return -lp.sum() / max(1, b.n_targets)
+    return -lp.sum() / max(1, b.n_targets if n_targets is None else n_targets)
 
 
 class EMABaseline:
@@ -284,15 +380,19 @@ class EMABaseline:
         self.seen = torch.zeros(length, dtype=torch.bool)
 
     def __call__(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The baseline for `returns` [N, L] (before this batch), then the update with this batch."""
+        """The baseline for `returns` [N, L] (before this batch), then the update with this batch. Under
+        torchrun the batch mean is over every process's rows, so the baseline stays the same everywhere."""
         L = returns.shape[1]
         base = self.value[:L].clone().to(returns.device).unsqueeze(0).expand_as(returns)
         m = mask.to(returns.dtype)
-        alive = m.sum(0)
-        mean = (returns * m).sum(0) / alive.clamp_min(1.0)
-        upd = (alive > 0).cpu()
-        mean = mean.detach().cpu()
-        v, s = self.value[:L], self.seen[:L]
+        sums = returns.new_zeros(2, len(self.value))  # return sums, live rows; every position (slices differ in L)
+        sums[0, :L] = (returns * m).sum(0).detach()
+        sums[1, :L] = m.sum(0)
+        distributed.all_reduce_sum(sums)
+        alive = sums[1].cpu()
+        mean = (sums[0] / sums[1].clamp_min(1.0)).cpu()
+        upd = alive > 0
+        v, s = self.value, self.seen
         v[upd] = torch.where(s[upd], self.decay * v[upd] + (1 - self.decay) * mean[upd], mean[upd])
         s[upd] = True
         return base
@@ -313,8 +413,11 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
 
     Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
     baseline: "loo" or an EMABaseline. ce: a callable giving the pseudo-label cross-entropy (None: none).
+    Under torchrun `fake` is this process's slice (whole inputs) and the means are over every process's
+    tokens (global_count): the loss and the stats are this slice's shares of the whole batch's.
     """
     mask = fake.attention_mask[:, 1:].float()
+    n = global_count(mask.sum())
     tokens = fake.input_ids[:, 1:]
     logp_all = policy_logprobs(student, fake)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -329,13 +432,14 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     G = returns_to_go(shaped, mask, discount)
     b = loo_baseline(G, k) if baseline == "loo" else baseline(G, mask)
     adv = (G - b) * mask
-    pg = pg_loss(logp, adv, mask)
+    pg = pg_loss(logp, adv, mask, n)
     loss = pg_weight * pg
     if kl_estimator == "exact" and kl_weight > 0:
-        loss = loss + kl_weight * masked_mean(kl_exact, mask)
-    stats = {"pg_loss": float(pg.detach()), "reward": float(masked_mean(rewards, mask)),
-             "kl": float(masked_mean(kl_exact.detach(), mask)), "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask)),
-             "sample_logprob": float(masked_mean(logp.detach(), mask))}
+        loss = loss + kl_weight * masked_mean(kl_exact, mask, n)
+    stats = {"pg_loss": float(pg.detach()), "reward": float(masked_mean(rewards, mask, n)),
+             "kl": float(masked_mean(kl_exact.detach(), mask, n)),
+             "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask, n)),
+             "sample_logprob": float(masked_mean(logp.detach(), mask, n))}
     if ce is not None and ce_weight > 0:
         c = ce()
         loss = loss + ce_weight * c
@@ -349,23 +453,25 @@ def spin_objective(student: Student, previous: Student, reference: Student, real
                    ce_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """SPIN: every real row (winner) against every fake row (the previous iterate's sample, loser) of the
     same input, DPO's loss with `previous` as the reference; plus kl_weight * exact KL to `reference` on the
-    fake rows' positions and ce_weight * ce()."""
+    fake rows' positions and ce_weight * ce(). Under torchrun the rows are this process's slice (whole
+    inputs) and the loss and stats are its shares of the whole batch's, as in pg_objective."""
     pairs = [(i, j) for i in range(len(real)) for j in range(len(fake)) if real.source[i] == fake.source[j]]
     wi = torch.tensor([p[0] for p in pairs], device=real.input_ids.device)
     lj = torch.tensor([p[1] for p in pairs], device=fake.input_ids.device)
     pi_w = student.score(real.input_ids, real.attention_mask, real.modality, real.features).sum(1)
     lose_all = policy_logprobs(student, fake)
     mask = fake.attention_mask[:, 1:].float()
+    n_tok, n_pairs = global_count(mask.sum()), global_count(torch.tensor(float(len(pairs)), device=mask.device))
     pi_l = (lose_all.gather(-1, fake.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask).sum(1)
     with torch.no_grad():
         ref_w = previous.score(real.input_ids, real.attention_mask, real.modality, real.features).sum(1)
         ref_l = previous.score(fake.input_ids, fake.attention_mask, fake.modality, fake.features).sum(1)
         ref_all = policy_logprobs(reference, fake)
-    spin = dpo_loss(pi_w[wi], ref_w[wi], pi_l[lj], ref_l[lj], beta)
-    kl = masked_mean(exact_kl(lose_all, ref_all), mask)
+    spin = dpo_loss(pi_w[wi], ref_w[wi], pi_l[lj], ref_l[lj], beta, n_pairs)
+    kl = masked_mean(exact_kl(lose_all, ref_all), mask, n_tok)
     loss = spin + kl_weight * kl
     with torch.no_grad():
-        margin = ((pi_w[wi] - ref_w[wi]) - (pi_l[lj] - ref_l[lj])).mean()
+        margin = ((pi_w[wi] - ref_w[wi]) - (pi_l[lj] - ref_l[lj])).sum() / n_pairs.clamp_min(1.0)
     stats = {"spin_loss": float(spin.detach()), "spin_margin": float(margin), "kl": float(kl.detach()), "pairs": len(pairs)}
     if ce is not None and ce_weight > 0:
         c = ce()
@@ -456,7 +562,13 @@ def run(ctx: StageContext) -> dict:
         raise UserError(f"adversarial: no distilled student in {src}; run the distill stage first")
     if not cfg.enabled:
         return _copy_through(ctx, src)
-    # Every process repeats the same computation (no data parallelism here); only the main one writes.
+    if cfg.batch_size < dist.world:
+        raise UserError(f"adversarial.batch_size={cfg.batch_size} is smaller than the number of processes "
+                        f"({dist.world}): some process would get no inputs")
+    # Data parallel under torchrun: every process builds the same models and draws the same global batch,
+    # takes its slice of whole inputs, and divides its losses by the whole batch's counts; gradients are
+    # summed over processes (distributed.sum_gradients: the R1 penalty's double backward and a process
+    # whose slice lacks a modality rule out DDP's hooks). Only the main process writes.
 
     # ---- models and data
     student = load_student(src, device).eval()
@@ -524,34 +636,41 @@ def run(ctx: StageContext) -> dict:
     done = start
     bar = ctx.progress_bar(total=total, initial=start)
     k = cfg.k_samples
+    policy = previous if previous is not None else student  # spin samples from the previous iterate
     for it in range(start, total if stop_reason is None else start):
+        # Every process draws the same global batch and takes its contiguous slice of whole inputs.
         examples = [train[i] for i in sampler.next_batch()]
+        mine = [int(i) for i in np.array_split(np.arange(len(examples)), dist.world)[dist.rank]]
+        local = [examples[i] for i in mine]
+        # Dropout (discriminators) draws from a stream of this iteration and process: resume-exact, and
+        # not the same masks on every process.
+        torch.manual_seed(stream_seed("dropout", ctx.cfg.root.seed, it, dist.rank))
+        gens = [input_generator(ctx.cfg.root.seed, it, i, device) for i in mine]
         moves = it >= cfg.disc_warmup_steps
-        rows_ex = [e for e in examples for _ in range(k)]
-        fake_feats = [_features(e, device) for e in rows_ex]
         with autocast():
-            gen = generate(previous if previous is not None else student, [e.modality for e in rows_ex], fake_feats,
-                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-            fake = rows_from_generated(gen, [e.modality for e in rows_ex], fake_feats,
-                                       [i for i in range(len(examples)) for _ in range(k)], student.spec.bos_id)
-            real = real_rows(examples, cfg.anchored, cfg.use_references, reference, tok, max_text_tokens,
-                             cfg.temperature, cfg.max_new_tokens, device)
+            fake, fake_texts = sample_rows(policy, local, k, gens, cfg.temperature, cfg.max_new_tokens, device)
+            real = real_rows(local, cfg.anchored, cfg.use_references, reference, tok, max_text_tokens,
+                             cfg.temperature, cfg.max_new_tokens, device, generators=gens)
         rec: dict = {"step": it + 1, "phase": "adversarial" if moves else "disc_warmup"}
 
         # discriminators: disc_steps updates on this batch; accuracy from the first (before it learns)
         for m, d in discs.items():
             batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
-            if not len(batch.real) or not len(batch.fake):
+            counts = DiscCounts.of(batch, over_processes=True)
+            if not counts.real_rows or not counts.fake_rows:
                 continue
             d.train()
             for j in range(cfg.disc_steps):
                 with autocast():
-                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty)
+                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty, counts)
                 d_opts[m].zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:  # else this process holds none of the batch's rows
+                    loss.backward()
+                distributed.sum_gradients(d.parameters())
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
                 d_opts[m].step()
+                st = distributed.sum_floats(st, device)
                 if j == 0:
                     rec[f"disc_acc/{m}"] = st["acc"]
                 rec[f"disc_loss/{m}"] = st["bce"]
@@ -559,8 +678,10 @@ def run(ctx: StageContext) -> dict:
                     rec[f"disc_gp/{m}"] = st["gp"]
 
         # the student
+        mask = fake.attention_mask[:, 1:]
         if moves:
-            ce = (lambda: ce_loss(student, examples, device)) if ce_weight > 0 else None
+            n_targets = sum(len(e.targets) for e in examples)  # the whole batch's, for the CE's mean
+            ce = (lambda: ce_loss(student, local, device, n_targets)) if ce_weight > 0 else None
             with autocast():
                 if cfg.objective == "pg":
                     loss, st = pg_objective(student, reference, discs, fake, k, cfg.reward_weights,
@@ -572,9 +693,11 @@ def run(ctx: StageContext) -> dict:
                     loss, st = spin_objective(student, previous, reference, real, fake, cfg.spin_beta,
                                               kl_weight=cfg.kl_weight, ce=ce, ce_weight=ce_weight)
                     st["reward"] = float(masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all),
-                                                     fake.attention_mask[:, 1:]))
+                                                     mask, global_count(mask.sum())))
             s_opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sum_gradients(student.parameters())
+            st = distributed.sum_floats(st, device)
             st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                 student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             s_opt.step()
@@ -584,14 +707,16 @@ def run(ctx: StageContext) -> dict:
             faults.point("step")
             rec.update(st)
         else:
-            rec["reward"] = float(masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all),
-                                              fake.attention_mask[:, 1:]))
+            reward = masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all), mask,
+                                 global_count(mask.sum()))
+            rec["reward"] = distributed.sum_floats({"reward": float(reward)}, device)["reward"]
 
         done = it + 1
         if done % cfg.log_every == 0 or done == total:
-            rec["distinct_2"] = distinct_n(gen.texts, 2)
-            rec["self_bleu_4"] = self_bleu_4(gen.texts)
-            rec["sample"] = gen.texts[0]
+            texts = [t for part in distributed.all_gather_objects(fake_texts) for t in part]  # in batch order
+            rec["distinct_2"] = distinct_n(texts, 2)
+            rec["self_bleu_4"] = self_bleu_4(texts)
+            rec["sample"] = texts[0]
             rec["label"] = examples[0].text if cfg.anchored else None
             stop_reason = guard_trip(cfg.guards, rec) if moves else None
             if stop_reason:
