@@ -37,7 +37,8 @@ CONFIG = {
 
 # The first three training losses (cross-entropy + 0.5 KD, nats per token) of CONFIG. They change only when
 # the numerics of the stack change (torch, transformers, the synthetic data, the random teacher, the student).
-PINNED_LOSSES = [31.5911270, 31.6288338, 31.1841229]
+# Re-pinned after the Whisper teacher gained its silence tail (the random teacher's labels changed with it).
+PINNED_LOSSES = [31.6060729, 31.6443708, 31.1976294]
 
 
 def _write_config(path: Path, **distill) -> Path:
