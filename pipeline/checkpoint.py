@@ -13,11 +13,13 @@ checkpoint, with a warning naming the bad one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,31 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _serialise(write, path: Path) -> None:
+    """Run `write()`, which writes `path` through torch.save or safetensors. Both report a failed write (disk
+    full, I/O error) as RuntimeError / SafetensorError without an errno; those become OSError here, so the
+    caller keeps the previous checkpoint and says why. Any other error (a bug) goes through unchanged."""
+    try:
+        write()
+    except OSError:
+        raise
+    except Exception as e:
+        msg = str(e)
+        found = re.search(r"os error (\d+)", msg)  # safetensors: "I/O error: No space left on device (os error 28)"
+        if found:
+            code = int(found.group(1))
+        elif isinstance(e, RuntimeError) and ("unexpected pos" in msg or "PytorchStreamWriter" in msg):
+            # torch's zip writer: the write came up short; a full file system is the usual cause.
+            try:
+                st = os.statvfs(path.parent)
+                code = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
+            except OSError:
+                code = errno.EIO
+        else:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -101,12 +128,12 @@ class CheckpointManager:
             files = []
             for name, model in models.items():
                 fn = tmp / f"model.{name}.safetensors"
-                save_model(_unwrap(model), str(fn))
+                _serialise(lambda: save_model(_unwrap(model), str(fn)), fn)
                 files.append(fn)
                 faults.point("checkpoint")
             for name, opt in optimizers.items():
                 fn = tmp / f"optim.{name}.pt"
-                torch.save(opt.state_dict(), fn)
+                _serialise(lambda: torch.save(opt.state_dict(), fn), fn)
                 files.append(fn)
             state = {
                 "step": step,
@@ -116,7 +143,7 @@ class CheckpointManager:
                 "extra": extra or {},
             }
             fn = tmp / STATE_FILE
-            torch.save(state, fn)
+            _serialise(lambda: torch.save(state, fn), fn)
             files.append(fn)
             for fn in files:
                 _fsync_file(fn)

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 user error (one clear message, no traceback), 1 anythin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -174,9 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
         print(prefix + str(e), file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # A full disk or a run directory that cannot be written is the user's to fix, not a bug: one line.
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; free space or fix the permissions, then run the same command again "
+              "to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 if __name__ == "__main__":

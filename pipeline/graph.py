@@ -220,7 +220,9 @@ class Runner:
         if inputs is None:
             missing = [up for up in self.upstream[spec.name] if self.run.read_manifest(up) is None]
             raise UserError(f"stage {spec.name}: input stage(s) {', '.join(missing)} not done")
-        st = self.check(spec)
+        # Rank 0 decides and every rank follows: a rank that looked at the directory itself could see what
+        # rank 0 has just written there (a reused manifest, a new started.json) and take another branch.
+        st = distributed.broadcast_object(self.check(spec) if info.is_main else None)
         say = self.echo if info.is_main else (lambda *_: None)
         if st.state == "done" and not forced:
             say(f"{spec.name}: done, config and inputs unchanged; skipped")
@@ -243,6 +245,7 @@ class Runner:
             reason = "resuming partial work" if resumed else "inputs changed since the partial work"
         else:
             reason = "not run yet"
+        resumed = distributed.broadcast_object(resumed)
         if info.is_main:
             if not resumed and d.exists():
                 shutil.rmtree(d)
@@ -250,6 +253,11 @@ class Runner:
                 mp = self.run.manifest_path(spec.name)
                 if mp.exists():
                     mp.unlink()
+                # A kill between writing a temporary file and renaming it leaves the temporary behind
+                # (atomic_write's `.<name>.<random>.tmp`, write_shard's `.<name>.tmp`); we hold the lock.
+                for tmp in d.rglob(".*.tmp"):
+                    if tmp.is_file():
+                        tmp.unlink()
             d.mkdir(parents=True, exist_ok=True)
             self.run.write_started(spec.name, chash, inputs)
         distributed.barrier()

@@ -91,6 +91,25 @@ def _open(url: str, allow_pipe: bool):
     return open(p, "rb")
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile reads a corrupt, cut or missing header in mid-archive as the end of the archive, silently
+    dropping every sample after it. This remembers why reading stopped, so that iter_shard can tell a shard
+    that ended from one that broke."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the end-of-archive zero block: a proper end
+            raise
+        except tarfile.EmptyHeaderError as e:
+            tar.broken_at = f"the shard ends without the end-of-archive marker (truncated?): {e}"
+            raise
+        except tarfile.HeaderError as e:
+            tar.broken_at = f"bad tar header: {e}"
+            raise
+
+
 def iter_shard(url: str, allow_pipe: bool = False,
                on_error: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) per sample. A corrupt member or a truncated tar ends the shard early and is
@@ -98,7 +117,7 @@ def iter_shard(url: str, allow_pipe: bool = False,
     stream = _open(url, allow_pipe)
     cur_key, cur = None, {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             while True:
                 try:
                     ti = tar.next()
@@ -107,6 +126,9 @@ def iter_shard(url: str, allow_pipe: bool = False,
                         on_error(f"{url}:{cur_key or ''}", f"corrupt tar member after {cur_key!r}: {e}")
                     break
                 if ti is None:
+                    broken = getattr(tar, "broken_at", None)
+                    if broken and on_error:
+                        on_error(f"{url}:{cur_key or ''}", f"corrupt tar member after {cur_key!r}: {broken}")
                     break
                 if not ti.isfile():
                     continue
