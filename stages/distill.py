@@ -297,7 +297,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by the kill
-        if rec.get("step", 0) <= step:
+        # Step-less records are events of the run's start, written again when it starts from step 0.
+        if ("step" in rec and rec["step"] <= step) or ("step" not in rec and step > 0):
             keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 

@@ -422,7 +422,9 @@ def run(ctx: StageContext) -> dict:
                 for t in temps:
                     cache = ctx.dir / "generations" / _SAFE.sub("_", s) / m / cp / f"T{t:g}.json"
                     if distributed.broadcast_object(cache.is_file() if ctx.dist.is_main else None):
+                        # Reused from an interrupted attempt: still part of what this stage generated.
                         texts[(cp, s, m, t)] = json.loads(cache.read_text())["texts"] if ctx.dist.is_main else []
+                        n_generated += len(items)
                         continue
                     out = generate_texts(ctx, student, m, items, t, _seed(seed, "evaluate", cp, s, m, t))
                     n_generated += len(out)

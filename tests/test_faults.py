@@ -90,32 +90,8 @@ def _pickled(path: Path) -> bytes:
     return json.dumps(canon(torch.load(path, map_location="cpu", weights_only=True)), sort_keys=True).encode()
 
 
-# Two bugs in files this suite may not change (stages/distill.py, adversarial.py, evaluate.py), each pinned by
-# a strict xfail test below. products() compares around them, so that the kill matrix still checks the rest:
-#  - a training stage resumed with no checkpoint to load (killed before its first one, or all corrupt)
-#    writes its "start" metrics event a second time (_truncate_metrics(path, 0) keeps step-less records);
-#  - evaluate's counts.generated counts what the last attempt generated (0 after a resume), not the product.
-KNOWN_BUGS = True
-
-
-def _metrics(data: bytes) -> bytes:
-    if not KNOWN_BUGS:
-        return data
-    lines, started = [], False
-    for line in data.decode().splitlines():
-        if json.loads(line).get("event") == "start":
-            if started:
-                continue
-            started = True
-        lines.append(line)
-    return ("\n".join(lines) + "\n").encode()
-
-
 def _manifest(path: Path) -> bytes:
     m = {k: v for k, v in json.loads(path.read_text()).items() if k not in _TIMING}
-    if KNOWN_BUGS:
-        m["outputs"] = [o for o in m["outputs"] if Path(o["path"]).name != "metrics.jsonl"]  # compared on its own
-        m["counts"].pop("generated", None)
     return json.dumps(m, sort_keys=True).encode()
 
 
@@ -132,7 +108,7 @@ def products(run: Path) -> dict[str, bytes]:
         if p.name == "manifest.json":
             out[rel] = _manifest(p)
         elif p.name == "metrics.jsonl":
-            out[rel] = _metrics(p.read_bytes())
+            out[rel] = p.read_bytes()
         elif "/checkpoints/" in rel and p.suffix == ".pt":
             out[rel] = _pickled(p)
         elif "/checkpoints/" in rel and p.name == "checkpoint.json":
@@ -149,7 +125,7 @@ def assert_same_files(a: Path, b: Path, rels: list[str]) -> None:
         if rel.endswith(".pt"):
             same = _pickled(b / rel) == _pickled(a / rel)
         elif rel.endswith("metrics.jsonl"):
-            same = _metrics((b / rel).read_bytes()) == _metrics((a / rel).read_bytes())
+            same = (b / rel).read_bytes() == (a / rel).read_bytes()
         else:
             same = (b / rel).read_bytes() == (a / rel).read_bytes()
         assert same, f"{rel} differs"
@@ -244,9 +220,7 @@ def test_killed_again_and_again_from_scratch_gives_the_same_run(baseline, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="stages/distill.py (and adversarial.py): _truncate_metrics(path, 0) keeps the "
-                   "step-less 'start' record, then a stage that starts from step 0 writes it again")
-def test_known_bug_resume_without_a_checkpoint_writes_start_event_once(baseline, tmp_path):
+def test_resume_without_a_checkpoint_writes_start_event_once(baseline, tmp_path):
     run = seeded(baseline, tmp_path, "distill")
     assert cli("run", TINY, "--run-dir", run, "--until", "distill", env={"GROUNDGAN_FAULT": "step:1"}).returncode == -9
     cli("run", TINY, "--run-dir", run, "--until", "distill", check=True)
@@ -256,9 +230,7 @@ def test_known_bug_resume_without_a_checkpoint_writes_start_event_once(baseline,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="stages/evaluate.py: counts.generated counts what this attempt generated "
-                   "(0 when the generation caches of a killed attempt are reused), not what the stage holds")
-def test_known_bug_evaluate_counts_survive_a_resume(baseline, tmp_path):
+def test_evaluate_counts_survive_a_resume(baseline, tmp_path):
     run = seeded(baseline, tmp_path, "evaluate")
     assert cli("run", TINY, "--run-dir", run, env={"GROUNDGAN_FAULT": "manifest:1"}).returncode == -9
     cli("run", TINY, "--run-dir", run, check=True)
