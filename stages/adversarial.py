@@ -440,13 +440,19 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
              "kl": float(masked_mean(kl_exact.detach(), mask, n)),
              "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask, n)),
              "sample_logprob": float(masked_mean(logp.detach(), mask, n))}
+    return _with_ce(loss, stats, ce, ce_weight)
+
+
+
+def _with_ce(loss: torch.Tensor, stats: dict, ce: Callable[[], torch.Tensor] | None,
+             ce_weight: float) -> tuple[torch.Tensor, dict]:
+    """Both objectives end the same way: + ce_weight * ce() on the pseudo-labels (anchored runs), and the total."""
     if ce is not None and ce_weight > 0:
         c = ce()
         loss = loss + ce_weight * c
         stats["ce"] = float(c.detach())
     stats["loss"] = float(loss.detach())
     return loss, stats
-
 
 def spin_objective(student: Student, previous: Student, reference: Student, real: Rows, fake: Rows, beta: float,
                    *, kl_weight: float, ce: Callable[[], torch.Tensor] | None = None,
@@ -473,12 +479,7 @@ def spin_objective(student: Student, previous: Student, reference: Student, real
     with torch.no_grad():
         margin = ((pi_w[wi] - ref_w[wi]) - (pi_l[lj] - ref_l[lj])).sum() / n_pairs.clamp_min(1.0)
     stats = {"spin_loss": float(spin.detach()), "spin_margin": float(margin), "kl": float(kl.detach()), "pairs": len(pairs)}
-    if ce is not None and ce_weight > 0:
-        c = ce()
-        loss = loss + ce_weight * c
-        stats["ce"] = float(c.detach())
-    stats["loss"] = float(loss.detach())
-    return loss, stats
+    return _with_ce(loss, stats, ce, ce_weight)
 
 
 # ---------------------------------------------------------------------------------------- evaluate's view
