@@ -150,6 +150,11 @@ def ct2_to_whisper(variables: dict[str, np.ndarray], aliases: dict[str, str]) ->
             if part != "key":  # Whisper's key projection has no bias (CTranslate2 stores zeros)
                 sd[f"{dst}.{part}.bias"] = b_i.contiguous()
 
+    def self_attention(dst: str, src: str):
+        norm(f"{dst}.attn_ln", f"{src}/layer_norm")
+        fused_qkv(f"{dst}.attn", f"{src}/linear_0")
+        linear(f"{dst}.attn.out", f"{src}/linear_1")
+
     def ffn(dst: str, src: str):
         norm(f"{dst}.mlp_ln", f"{src}/layer_norm")
         linear(f"{dst}.mlp.0", f"{src}/linear_0")
@@ -163,9 +168,7 @@ def ct2_to_whisper(variables: dict[str, np.ndarray], aliases: dict[str, str]) ->
     n_audio_layer = _n_layers(variables, "encoder")
     for i in range(n_audio_layer):
         src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        fused_qkv(f"{dst}.attn", f"{src}/self_attention/linear_0")
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+        self_attention(dst, f"{src}/self_attention")
         ffn(dst, f"{src}/ffn")
     norm("encoder.ln_post", "encoder/layer_norm")
 
@@ -174,9 +177,7 @@ def ct2_to_whisper(variables: dict[str, np.ndarray], aliases: dict[str, str]) ->
     n_text_layer = _n_layers(variables, "decoder")
     for i in range(n_text_layer):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        fused_qkv(f"{dst}.attn", f"{src}/self_attention/linear_0")
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+        self_attention(dst, f"{src}/self_attention")
         norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
         linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
         kv_w, kv_b = _float(variables, f"{src}/attention/linear_1/weight"), _float(variables, f"{src}/attention/linear_1/bias")
