@@ -59,7 +59,7 @@ from stages.discriminator import (Discriminator, DiscriminatorSpec, build_discri
 from stages.discriminator import load_discriminators as _load_discriminators_dir
 from stages.distill import _truncate_metrics
 from stages.generation import generate
-from stages.labelled_data import Example, MixtureSampler, collate, load_labelled
+from stages.labelled_data import Example, MixtureSampler, collate, load_labelled, within_context
 from stages.student import Student, load_student, save_student
 from stages.text_metrics import distinct_n, self_bleu_4
 
@@ -580,7 +580,7 @@ def run(ctx: StageContext) -> dict:
     data = load_labelled(ctx.input_dir("pseudo_label"), tok, max_text_tokens, splits=("train",),
                          max_frames=student.spec.feature_frames if student.spec.style == "prefix" else None,
                          modalities=list(student.spec.modalities))
-    train = data.splits["train"]
+    train, _ = within_context(data.splits["train"], student.spec)
     if not train:
         raise UserError("adversarial: the pseudo_label stage left no train examples")
     if not cfg.anchored:

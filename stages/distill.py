@@ -32,7 +32,7 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
 from pipeline.graph import StageContext, register_stage
 from stages.generation import generate
-from stages.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled
+from stages.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
 from stages.student import Student, build_student, build_tokenizer, count_parameters, save_student
 
 MODEL = "student"  # the name of the student's weights and optimiser in checkpoints
@@ -53,22 +53,31 @@ def lr_multiplier(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
 
 
+def target_positions(batch: Batch) -> torch.Tensor:
+    """bool [B, L]: the positions whose next token is a target (logits there predict input_ids[:, t + 1])."""
+    m = batch.attention_mask[:, 1:].bool()
+    return torch.cat([m, m.new_zeros(m.shape[0], 1)], dim=1)
+
+
 def token_losses(logits: torch.Tensor, batch: Batch, kd_temperature: float, with_kd: bool) -> dict[str, torch.Tensor]:
     """Sums over the batch's target tokens: ce, kd (KL(teacher top-k || student) * T^2), correct (argmax hits).
 
-    logits [B, L, V] from Student.forward; targets are batch.input_ids[:, 1:] where attention_mask is 1.
+    logits: Student.forward(..., keep=target_positions(batch)), [N, V] for the N target tokens in row-major
+    order (or the whole [B, L, V], from which those rows are taken).
     """
-    lg = logits[:, :-1].float()
-    tgt = batch.input_ids[:, 1:]
-    m = batch.attention_mask[:, 1:].to(lg.dtype)
-    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view_as(m)
-    out = {"ce": (ce * m).sum(), "correct": ((lg.argmax(-1) == tgt).to(lg.dtype) * m).sum().detach()}
+    m = batch.attention_mask[:, 1:].bool()
+    if logits.dim() == 3:
+        logits = logits[target_positions(batch)]
+    lg = logits.float()
+    tgt = batch.input_ids[:, 1:][m]
+    ce = F.cross_entropy(lg, tgt, reduction="sum")
+    out = {"ce": ce, "correct": (lg.argmax(-1) == tgt).sum().to(lg.dtype).detach()}
     if with_kd and batch.topk_ids is not None:
         tau = kd_temperature
-        student_lp = torch.log_softmax(lg / tau, dim=-1).gather(-1, batch.topk_ids)  # [B, L-1, k]
-        teacher_lp = torch.log_softmax(batch.topk_logprobs / tau, dim=-1)  # renormalised over its top-k
+        student_lp = torch.log_softmax(lg / tau, dim=-1).gather(-1, batch.topk_ids[m])  # [N, k]
+        teacher_lp = torch.log_softmax(batch.topk_logprobs[m] / tau, dim=-1)  # renormalised over its top-k
         kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1) * tau * tau
-        out["kd"] = (kl * batch.kd_mask).sum()
+        out["kd"] = (kl * batch.kd_mask[m].to(kl.dtype)).sum()
     else:
         out["kd"] = lg.new_zeros(())
     return out
@@ -117,7 +126,8 @@ def validate(student: Student, examples: list[Example], batch_size: int, device:
     for i in range(0, len(mine), batch_size):
         batch = collate(mine[i: i + batch_size], student.spec.bos_id, student.spec.eot_id, device)
         with autocast():
-            logits = student(batch.input_ids, batch.attention_mask, batch.modality, batch.features)
+            logits = student(batch.input_ids, batch.attention_mask, batch.modality, batch.features,
+                             keep=target_positions(batch))
         s = token_losses(logits, batch, 1.0, with_kd=False)
         tot += torch.stack([s["ce"].double(), s["correct"].double(), torch.tensor(float(batch.n_targets), device=device, dtype=torch.float64)])
     if dist.world > 1:
@@ -145,6 +155,10 @@ def run(ctx: StageContext) -> dict:
     teacher_ck, teacher_mod = _whisper_teacher(ctx, data.modalities()) if scfg.style == "cross_attention" else (None, None)
     student = build_student(scfg, data.feature_dims, device, teacher_ck, teacher_mod, cfg.max_text_tokens)
     del teacher_ck
+    train, long_train = within_context(train, student.spec)
+    val, long_val = within_context(val, student.spec)
+    data.splits["train"], data.splits["val"] = train, val
+    data.counts["longer_than_context"] = long_train + long_val
     student.train()
     if scfg.freeze_embeddings:
         # The text rows stay as they were; the marker rows (new) still learn.
@@ -215,7 +229,8 @@ def run(ctx: StageContext) -> dict:
             sync = (model.no_sync if dist.world > 1 and j < len(micro) - 1 else contextlib.nullcontext)
             with sync():
                 with autocast():
-                    logits = model(batch.input_ids, batch.attention_mask, batch.modality, batch.features)
+                    logits = model(batch.input_ids, batch.attention_mask, batch.modality, batch.features,
+                                   keep=target_positions(batch))
                 s = token_losses(logits, batch, cfg.kd_temperature, with_kd)
                 loss = s["ce"] / n_targets + (cfg.kd_weight * s["kd"] / max(1, n_kd) if with_kd else 0.0)
                 # DDP averages gradients over processes; each holds a slice of the global batch, so its
@@ -322,7 +337,9 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, val_loss: 
         f"- teachers: {teachers}",
         f"- data: {counts.get('train', 0)} train, {counts.get('val', 0)} val examples; per modality "
         + ", ".join(f"{m} {v}" for m, v in sorted(per_mod.items()))
-        + f"; {data.counts.get('truncated', 0)} labels truncated to {cfg.max_text_tokens} tokens",
+        + f"; {data.counts.get('truncated', 0)} labels truncated to {cfg.max_text_tokens} tokens"
+        + (f"; {data.counts['longer_than_context']} clips longer than the decoder's context left out"
+           if data.counts.get("longer_than_context") else ""),
         f"- training: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, kd_weight {cfg.kd_weight} "
         f"(top-k rows on {data.counts.get('kd_examples', 0)} examples)",
         f"- this checkpoint: step {step}" + (f", the lowest validation loss ({val_loss:.4f} nats/token)"

@@ -225,7 +225,7 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
                    seed: int) -> list[str]:
     """The student's text for every item, at `temperature` (0: greedy). Blocks of batch_size rows are dealt
     round-robin to ranks; block j samples from a generator seeded by (seed, j)."""
-    from stages.generation import generate
+    from stages.generation import generate_texts as generate_rows
 
     cfg = ctx.section
     mine: dict[int, str] = {}
@@ -234,9 +234,9 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
             continue
         gen = torch.Generator(device=student.device).manual_seed(_seed(seed, j) % (2**63))
         feats = _features(items, rows)
-        out = generate(student, modality, feats, n=None if feats is not None else len(rows), temperature=temperature,
-                       max_new_tokens=cfg.max_new_tokens, generator=gen)
-        mine.update(zip(rows, out.texts))
+        texts = generate_rows(student, modality, feats, n=None if feats is not None else len(rows),
+                              temperature=temperature, max_new_tokens=cfg.max_new_tokens, generator=gen)
+        mine.update(zip(rows, texts))
     return _gather_rows(mine, len(items))
 
 

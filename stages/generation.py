@@ -1,6 +1,7 @@
 """Batched decoding with the student: greedy, temperature and top-p sampling, with the LM's KV cache.
 
-`generate` is the one decoding function of the project (evaluate and adversarial use it too).
+`generate` is the one decoding function of the project (evaluate and adversarial use it too);
+`generate_texts` runs it over whole inputs, windowing the ones longer than a cross_attention decoder's context.
 `generate_cli` is `groundgan generate RUN_DIR --audio FILE | --image FILE | --prompt TEXT`.
 """
 
@@ -134,6 +135,37 @@ def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, m
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def feature_windows(student: Student, features: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """One input's features [T, D] as the pieces a student reads: a cross_attention student (whose decoder
+    sees at most source_frames frames) reads a longer input in consecutive windows of source_frames, as the
+    Whisper teacher labelled it (its features are the concatenated encodings of 30 s windows). Anything
+    else: the input whole."""
+    student = getattr(student, "module", student)
+    n = student.spec.source_frames
+    if features is None or student.spec.style != "cross_attention" or features.dim() != 2 or features.shape[0] <= n:
+        return [features]
+    return [features[s: s + n] for s in range(0, features.shape[0], n)]
+
+
+def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
+                   **kw) -> list[str]:
+    """The text of every input: `generate` over its windows (feature_windows), the windows' texts joined by a
+    space. features: a list of [T_i, D] tensors, or None (give n). kw: as `generate`."""
+    if features is None:
+        return generate(student, modality, None, n=n, **kw).texts
+    pieces, owner = [], []
+    for i, f in enumerate(features):
+        for w in feature_windows(student, f):
+            pieces.append(w)
+            owner.append(i)
+    out = generate(student, modality, pieces, **kw)
+    texts: list[list[str]] = [[] for _ in features]
+    for i, t in zip(owner, out.texts):
+        if t:
+            texts[i].append(t)
+    return [" ".join(t) for t in texts]
+
+
 def generate_cli(a) -> int:
     """`groundgan generate RUN_DIR (--audio F | --image F | --prompt TEXT) [--stage S] [--temperature T]
     [--top-p P] [--max-new-tokens N]`: print what the run's student writes."""
@@ -184,6 +216,5 @@ def generate_cli(a) -> int:
     if feats is None or student.spec.feature_dims.get(modality, 0) <= 0:
         raise UserError(f"the {modality} teacher gave no features for {path}")
     f = torch.from_numpy(feats.astype("float32")).reshape(-1, feats.shape[-1])
-    out = generate(student, modality, [f], **kw)
-    print(out.texts[0])
+    print(generate_texts(student, modality, [f], **kw)[0])
     return 0

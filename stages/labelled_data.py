@@ -107,6 +107,18 @@ def load_labelled(stage_dir: Path, tokenizer: TextTokenizer, max_text_tokens: in
     return out
 
 
+def within_context(examples: list[Example], spec) -> tuple[list[Example], int]:
+    """The examples a student with StudentSpec `spec` can learn from whole, and how many it cannot: a
+    cross_attention decoder reads at most spec.source_frames frames, and a clip longer than that (labelled by
+    the Whisper teacher window by window) has a label that does not belong to its first window alone
+    (Distil-Whisper also trains on <= 30 s segments). Generation windows such clips instead
+    (stages.generation.feature_windows)."""
+    if spec.style != "cross_attention":
+        return list(examples), 0
+    kept = [e for e in examples if e.features is None or e.features.shape[0] <= spec.source_frames]
+    return kept, len(examples) - len(kept)
+
+
 # -------------------------------------------------------------------------------------------------- batches
 @dataclass
 class Batch:

@@ -57,7 +57,8 @@ class TextTokenizer:
     """Text <-> token ids of the student's text vocabulary.
 
     spec {"kind": "whisper", "multilingual": false}: the Whisper teacher's own BPE (token-level KD needs no
-    mapping); eot is both end-of-text and BOS. spec {"kind": "hf", "path": ..., "gguf_file": ...}: the
+    mapping); eot ends the text and <|notimestamps|> is BOS, so that a student whose marker sits where the
+    teacher read <|startoftranscript|> reads the teacher's own prompt. spec {"kind": "hf", "path": ..., "gguf_file": ...}: the
     tokenizer of an HF model folder or .gguf file; a relative path resolves from `base_dir`.
     """
 
@@ -68,7 +69,7 @@ class TextTokenizer:
 
             self._tok = whisper.tokenizer.get_tokenizer(multilingual=bool(spec.get("multilingual", False)))
             self.eot = self._tok.eot
-            self.bos = self._tok.eot
+            self.bos = self._tok.no_timestamps
             self.vocab_size = self._tok.encoding.n_vocab  # the teacher decoder's logit width
         elif spec["kind"] == "hf":
             from transformers import AutoTokenizer
@@ -242,6 +243,10 @@ class Student(nn.Module):
                 self.projectors[m] = nn.Linear(dim, d_model)
         # cross_attention: rows without features attend to one learned state, starting at zero.
         self.text_state = nn.Parameter(torch.zeros(1, d_model)) if spec.style == "cross_attention" else None
+        # cross_attention from a Whisper teacher: the teacher's encoding of 30 s of silence [source_frames, D],
+        # which fills the frames past a clip, as the teacher's decoder saw them when it labelled the clip
+        # (zeros there instead put the copied decoder off its training distribution: it loops). Not trained.
+        self.register_buffer("source_pad", None, persistent=False)
         self._tokenizer: TextTokenizer | None = None
 
     # ---------------------------------------------------------------------------------------------- basics
@@ -290,29 +295,58 @@ class Student(nn.Module):
         return _pad_rows(rows)
 
     def _encoder_states(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None,
-                        batch: int) -> torch.Tensor:
-        """cross_attention: what the decoder attends to, [b, T_enc, d]. Sequences (T > 1) are padded with zeros
-        or truncated to source_frames, since a Whisper decoder takes no encoder mask."""
+                        batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """cross_attention: what the decoder attends to, as (states [b, T, d], tail [n - T, d] | None).
+
+        A Whisper decoder takes no encoder mask, so sequences (T > 1) are read at source_frames (n) frames:
+        the teacher's own modality padded with the teacher's encoding of silence (source_pad) where there is
+        one, anything else with zeros. `states` holds the first T frames (T = the longest row, padded rows
+        already filled) and `tail` the frames T..n that every row shares, so that their keys and values are
+        computed once per batch, not once per row (_cross_cache). tail None: `states` is everything."""
         if features is None or self.spec.feature_dims.get(modality, 0) <= 0:
-            return self.text_state.unsqueeze(0).expand(batch, -1, -1)
+            return self.text_state.unsqueeze(0).expand(batch, -1, -1), None
         x = features.to(self.text_state.dtype)
-        if feature_mask is not None:
-            x = x * feature_mask.unsqueeze(-1).to(x.dtype)
-        if x.shape[1] > 1:
-            n = self.spec.source_frames
-            x = x[:, :n] if x.shape[1] >= n else F.pad(x, (0, 0, 0, n - x.shape[1]))
-        return self.projectors[modality](x) if modality in self.projectors else x
+        if feature_mask is None:
+            feature_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        proj = self.projectors[modality] if modality in self.projectors else (lambda v: v)
+        if x.shape[1] <= 1:
+            return proj(torch.where(feature_mask.unsqueeze(-1), x, x.new_zeros(()))), None
+        n = self.spec.source_frames
+        x, feature_mask = x[:, :n], feature_mask[:, :n]
+        pad = self.source_pad if (modality in self.spec.direct and self.source_pad is not None
+                                  and self.source_pad.shape[0] == n) else None
+        pad = pad.to(x.dtype) if pad is not None else x.new_zeros(n, x.shape[-1])
+        t = x.shape[1]
+        states = proj(torch.where(feature_mask.unsqueeze(-1), x, pad[:t].unsqueeze(0)))
+        return states, (proj(pad[t:]) if t < n else None)
+
+    def _cross_cache(self, states: torch.Tensor, tail: torch.Tensor):
+        """An EncoderDecoderCache whose cross-attention keys and values are those of [states | tail] per row
+        (tail's projected once, then broadcast): what the decoder would compute from the full sequence."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        b = states.shape[0]
+        kv = []
+        for layer in self.lm.model.decoder.layers:
+            attn = layer.encoder_attn
+            shape = (b, -1, attn.num_heads, attn.head_dim)
+            k = torch.cat([attn.k_proj(states), attn.k_proj(tail).unsqueeze(0).expand(b, -1, -1)], dim=1)
+            v = torch.cat([attn.v_proj(states), attn.v_proj(tail).unsqueeze(0).expand(b, -1, -1)], dim=1)
+            kv.append((k.view(shape).transpose(1, 2).contiguous(), v.view(shape).transpose(1, 2).contiguous()))
+        return EncoderDecoderCache(DynamicCache(), DynamicCache(kv))
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 modality: str | Sequence[str] = "text", features: Any = None,
-                feature_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits at every text position.
+                feature_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every text position (or at the `keep` positions only).
 
         input_ids [B, L] (bos y_1 .. y_n eot, right-padded), attention_mask [B, L] (1 = token);
         modality: one name for every row, or one per row; features: None, a tensor [B, T, D] (one modality,
         with feature_mask [B, T], True = real frame; None = all real), or a list of B tensors [T_i, D] | None.
-        Returns logits [B, L, V]: logits[:, i] predict input_ids[:, i + 1].
+        Returns logits [B, L, V]: logits[:, i] predict input_ids[:, i + 1]. keep: a bool [B, L]; then only the
+        logits there, [N, V] in row-major order (= logits[keep]), without running the output layer (V wide)
+        on the rest: what training needs, as padding is most of a mixed batch.
         """
         B, L = input_ids.shape
         if attention_mask is None:
@@ -320,41 +354,58 @@ class Student(nn.Module):
         groups = _group_rows(modality, B)
         if len(groups) == 1 and not isinstance(features, (list, tuple)):
             (m, _), = groups.items()
-            return self._forward_group(input_ids, attention_mask, m, *_as_batch(features, feature_mask))
-        out = None
-        for m, rows in groups.items():
-            idx = torch.tensor(rows, device=input_ids.device)
-            if isinstance(features, (list, tuple)):
-                f, fm = _pad_rows([features[i] for i in rows]) if features[rows[0]] is not None else (None, None)
-            elif features is not None:
-                f, fm = features[idx], (feature_mask[idx] if feature_mask is not None else None)
-            else:
-                f, fm = None, None
-            logits = self._forward_group(input_ids[idx], attention_mask[idx], m, *_as_batch(f, fm))
-            if out is None:
-                out = logits.new_zeros(B, L, logits.shape[-1])
-            out[idx] = logits
-        return out
+            h, _ = self._run(input_ids, attention_mask, m, *_as_batch(features, feature_mask), cache=None, use_cache=False)
+        else:
+            h = None
+            for m, rows in groups.items():
+                idx = torch.tensor(rows, device=input_ids.device)
+                if isinstance(features, (list, tuple)):
+                    f, fm = _pad_rows([features[i] for i in rows]) if features[rows[0]] is not None else (None, None)
+                elif features is not None:
+                    f, fm = features[idx], (feature_mask[idx] if feature_mask is not None else None)
+                else:
+                    f, fm = None, None
+                part, _ = self._run(input_ids[idx], attention_mask[idx], m, *_as_batch(f, fm), cache=None, use_cache=False)
+                if h is None:
+                    h = part.new_zeros(B, L, part.shape[-1])
+                h = h.index_copy(0, idx, part)
+        return self.head(h[keep] if keep is not None else h)
 
-    def _forward_group(self, input_ids, attention_mask, modality, features, feature_mask) -> torch.Tensor:
-        logits, _ = self._run(input_ids, attention_mask, modality, features, feature_mask, cache=None, use_cache=False)
-        return logits
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's output layer cut to the text vocabulary: hidden [..., d] -> logits [..., V] (a marker is
+        never predicted)."""
+        out = self.lm.get_output_embeddings()
+        v = self.spec.text_vocab
+        bias = out.bias[:v] if getattr(out, "bias", None) is not None else None
+        return F.linear(hidden, out.weight[:v], bias)
+
+    def _decoder(self) -> nn.Module:
+        """The LM without its output layer (hidden states out)."""
+        dec = self.lm.model.decoder if self.spec.style == "cross_attention" else self.lm.get_decoder()
+        if dec is self.lm:
+            raise UserError(f"{type(self.lm).__name__}: cannot find its decoder body (get_decoder)")
+        return dec
 
     def _run(self, input_ids, attention_mask, modality, features, feature_mask, cache, use_cache):
-        """One LM call for rows of one modality. Without a cache: the whole row (conditioning + text); with
-        one: only the new text tokens. Returns (logits [b, l, V] at the text positions, cache)."""
+        """One decoder call for rows of one modality. Without a cache: the whole row (conditioning + text); with
+        one: only the new text tokens. Returns (hidden states [b, l, d] at the text positions, cache)."""
         b, l = input_ids.shape
+        dec = self._decoder()
         if self.spec.style == "cross_attention":
-            states = cache["states"] if cache is not None else self._encoder_states(modality, features, feature_mask, b)
             if cache is None:
+                states, tail = self._encoder_states(modality, features, feature_mask, b)
                 ids = torch.cat([input_ids.new_full((b, 1), self.marker_id(modality)), input_ids], dim=1)
                 mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
-                out = self.lm(input_ids=ids, attention_mask=mask, encoder_outputs=(states,), use_cache=use_cache)
-                logits = out.logits[:, 1:]
+                if tail is None:
+                    out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=use_cache)
+                else:  # the decoder reads the cross-attention keys and values from the cache (it must use one)
+                    out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
+                              past_key_values=self._cross_cache(states, tail), use_cache=True)
+                hidden = out.last_hidden_state[:, 1:]
             else:
-                out = self.lm(input_ids=input_ids, encoder_outputs=(states,), past_key_values=cache["past"],
-                              use_cache=True)
-                logits = out.logits
+                states = cache["states"]
+                out = dec(input_ids=input_ids, encoder_hidden_states=states, past_key_values=cache["past"], use_cache=True)
+                hidden = out.last_hidden_state
             new_cache = {"past": out.past_key_values, "states": states} if use_cache else None
         else:
             if cache is None:
@@ -363,13 +414,13 @@ class Student(nn.Module):
                 tok = self.lm.get_input_embeddings()(input_ids)
                 embeds = torch.cat([pre.to(tok.dtype), tok], dim=1)
                 mask = torch.cat([attention_mask.new_ones(b, pre.shape[1]), attention_mask], dim=1)
-                out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache)
-                logits = out.logits[:, pre.shape[1]:]
+                out = dec(inputs_embeds=embeds, attention_mask=mask, use_cache=use_cache)
+                hidden = out.last_hidden_state[:, pre.shape[1]:]
             else:
-                out = self.lm(input_ids=input_ids, past_key_values=cache["past"], use_cache=True)
-                logits = out.logits
+                out = dec(input_ids=input_ids, past_key_values=cache["past"], use_cache=True)
+                hidden = out.last_hidden_state
             new_cache = {"past": out.past_key_values} if use_cache else None
-        return logits[..., : self.spec.text_vocab], new_cache
+        return hidden, new_cache
 
     # ------------------------------------------------------------------------------------- for other stages
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -389,19 +440,21 @@ class Student(nn.Module):
         """Start decoding rows of one modality from a shared, unpadded prompt [b, L0] (bos ...).
         Returns (logits of the next token [b, V], cache)."""
         f, fm = _as_batch(features, feature_mask)
-        logits, cache = self._run(prompt_ids, torch.ones_like(prompt_ids), modality, f, fm, cache=None, use_cache=True)
-        return logits[:, -1], cache
+        hidden, cache = self._run(prompt_ids, torch.ones_like(prompt_ids), modality, f, fm, cache=None, use_cache=True)
+        return self.head(hidden[:, -1]), cache
 
     def decode_step(self, tokens: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
         """Feed one token per row [b]; returns (logits of the next token [b, V], cache)."""
-        logits, cache = self._run(tokens.unsqueeze(1), None, None, None, None, cache=cache, use_cache=True)
-        return logits[:, -1], cache
+        hidden, cache = self._run(tokens.unsqueeze(1), None, None, None, None, cache=cache, use_cache=True)
+        return self.head(hidden[:, -1]), cache
 
     def conditioning_state(self) -> dict[str, torch.Tensor]:
         """Weights outside the LM (projectors, text state), as saved in projectors.safetensors."""
         sd = {f"projectors.{k}": v for k, v in self.projectors.state_dict().items()}
         if self.text_state is not None:
             sd["text_state"] = self.text_state.data
+        if self.source_pad is not None:
+            sd["source_pad"] = self.source_pad
         return sd
 
 
@@ -541,6 +594,8 @@ def build_student(cfg: Any, feature_dims: dict[str, int], device: str | torch.de
             sot = teacher_decoder["model_state_dict"]["decoder.token_embedding.weight"][tok._tok.sot]
             lm.get_input_embeddings().weight[spec.marker_ids[direct[0]]] = sot.float()
     student = Student(spec, lm)
+    if direct and spec.source_frames == teacher_decoder["dims"]["n_audio_ctx"]:
+        student.source_pad = _whisper_silence(teacher_decoder)
     student._tokenizer = tok
     return student.to(device)
 
@@ -588,6 +643,22 @@ def _prefix_lm(cfg, tok: TextTokenizer, n_markers: int, max_text_tokens: int):
     return lm, text_vocab, Path(cfg.init_from).name
 
 
+def _whisper_silence(teacher: dict) -> torch.Tensor:
+    """The teacher's encoder states for 30 s of silence, [n_audio_ctx, D] (what its labeller pads clips with)."""
+    import numpy as np
+    import whisper.model
+
+    from modalities.whisper_teacher import encode, log_mel
+
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**teacher["dims"]))
+    model.load_state_dict(teacher["model_state_dict"])
+    model.float().eval()
+    n = model.dims.n_audio_ctx
+    with torch.no_grad():  # not inference_mode: the pad enters the student's autograd graph
+        mel = log_mel([np.zeros(0, np.float32)], 2 * n, model.dims.n_mels, torch.device("cpu"))
+        return encode(model, mel)[0].clone()
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 def save_student(student: Student, directory: str | os.PathLike) -> Path:
     """Write lm/ (save_pretrained, safetensors), projectors.safetensors and student.json into `directory`
@@ -629,6 +700,8 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
     student.projectors.load_state_dict({k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")})
     if student.text_state is not None:
         student.text_state.data.copy_(state["text_state"])
+    if "source_pad" in state:
+        student.source_pad = state["source_pad"].float()
     student._tokenizer = TextTokenizer(spec.tokenizer, base_dir=directory)
     student.spec = dataclasses.replace(spec, tokenizer=student._tokenizer.spec)
     return student.to(device).eval()
