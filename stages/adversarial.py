@@ -329,7 +329,7 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     stats = {"bce": 0.0, "acc": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
     real_logits = fake_logits = None
     if len(r):
-        emb = d.embed(r.input_ids)
+        emb = d.embed(r.input_ids) if grad_penalty > 0 else None
         real_logits = d(r.input_ids, r.attention_mask, r.features, token_embeds=emb).float()
     if len(f):
         fake_logits = d(f.input_ids, f.attention_mask, f.features).float()
@@ -587,14 +587,20 @@ def run(ctx: StageContext) -> dict:
         train = [strip_labels(e) for e in train]
     ce_weight = cfg.ce_weight if cfg.anchored else 0.0
     mods = sorted({e.modality for e in train})
+    if cfg.disc_backbone not in ("transformer", "student"):
+        raise UserError(f"adversarial.disc_backbone must be transformer or student, got {cfg.disc_backbone!r}")
+    if cfg.disc_backbone == "student" and cfg.grad_penalty > 0:
+        raise UserError("adversarial.grad_penalty needs disc_backbone: transformer (its penalty is on the "
+                        "discriminator's own token embeddings)")
     discs: dict[str, Discriminator] = {}
     for m in mods:
         spec = DiscriminatorSpec(modality=m, vocab_size=student.spec.text_vocab,
                                  feature_dim=int(student.spec.feature_dims.get(m, 0)), d_model=cfg.disc_d_model,
                                  layers=cfg.disc_layers, heads=cfg.disc_heads, dropout=cfg.disc_dropout,
                                  max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens),
-                                 feature_frames=cfg.disc_feature_frames)
-        discs[m] = build_discriminator(spec, device).train()
+                                 feature_frames=cfg.disc_feature_frames, backbone=cfg.disc_backbone)
+        body = load_student(src, device) if cfg.disc_backbone == "student" else None
+        discs[m] = build_discriminator(spec, device, body).train()
     # Adam with beta1 0.5 for the discriminators, the GAN habit (Radford et al. 2016): a target that moves.
     d_opts = {m: torch.optim.AdamW(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
               for m, d in discs.items()}

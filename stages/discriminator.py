@@ -11,6 +11,12 @@ Attention: feature positions see the features only; text position t sees every f
 t (causal), so the logit at t judges y_1 .. y_t and nothing after it. That per-token logit is the dense
 reward of the policy gradient (ScratchGAN); the logit at the last token, which has seen the whole text, is
 the sequence's. A checkpoint is self-describing: <name>.safetensors beside <name>.json (DiscriminatorSpec).
+
+backbone `student` (the reward-model habit of RLHF: start the judge from the policy's own network): the body is
+a copy of the distilled student, which already reads the real input through its own conditioning (for the
+cross_attention student, every frame of the Whisper encoder states) and knows the text; a linear head on its
+last hidden states, started at zero (D = 0.5 everywhere), gives the per-token logits. Its body is saved as a
+student folder <name>.student/ beside <name>.safetensors (the head).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class DiscriminatorSpec:
     dropout: float = 0.1
     max_text_len: int = 128  # text positions (bos included)
     feature_frames: int = 32  # features are average-pooled to at most this many frames
+    backbone: str = "transformer"  # transformer (small, from scratch) | student (a copy of the distilled student)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -52,11 +59,22 @@ class DiscriminatorSpec:
 class Discriminator(nn.Module):
     """D_m(features, text) -> a logit per text token. Shapes: B rows, L text positions (bos first)."""
 
-    def __init__(self, spec: DiscriminatorSpec):
+    def __init__(self, spec: DiscriminatorSpec, body: nn.Module | None = None):
         super().__init__()
+        self.spec = spec
+        if spec.backbone == "student":
+            if body is None:
+                raise ValueError("a student-backbone discriminator needs the student it starts from")
+            self.body = body
+            self.head = nn.Linear(body.d_model, 1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            return
+        if spec.backbone != "transformer":
+            raise UserError(f"adversarial.disc_backbone must be transformer or student, got {spec.backbone!r}")
+        self.body = None
         if spec.d_model % spec.heads:
             raise UserError(f"adversarial.disc_d_model={spec.d_model} is not a multiple of disc_heads={spec.heads}")
-        self.spec = spec
         d = spec.d_model
         self.tok_emb = nn.Embedding(spec.vocab_size, d)
         self.pos_emb = nn.Embedding(spec.max_text_len, d)
@@ -71,7 +89,7 @@ class Discriminator(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.head.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, L, d_model] (what the gradient penalty differentiates against)."""
@@ -103,6 +121,13 @@ class Discriminator(nn.Module):
         use instead of embed(input_ids). Returns logits [B, L-1]: entry t judges input_ids[:, 1: t+2] (the
         text up to token t+1), aligned with Student.score's log-probs."""
         b, L = input_ids.shape
+        if self.body is not None:
+            if token_embeds is not None:
+                raise ValueError("a student-backbone discriminator takes no token_embeds (no gradient penalty)")
+            feats = None if self.spec.feature_dim <= 0 or features is None else [
+                f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim) for f in features]
+            h = self.body.hidden(input_ids, attention_mask, self.spec.modality, feats)
+            return self.head(h).squeeze(-1)[:, 1:]
         if L > self.spec.max_text_len:
             raise ValueError(f"{L} text positions; this discriminator holds {self.spec.max_text_len}")
         tok = token_embeds if token_embeds is not None else self.embed(input_ids)
@@ -130,8 +155,10 @@ def sequence_logits(token_logits: torch.Tensor, attention_mask: torch.Tensor) ->
     return token_logits.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def build_discriminator(spec: DiscriminatorSpec, device: str | torch.device = "cpu") -> Discriminator:
-    return Discriminator(spec).to(device)
+def build_discriminator(spec: DiscriminatorSpec, device: str | torch.device = "cpu",
+                        student: nn.Module | None = None) -> Discriminator:
+    """A new discriminator; backbone student: `student` (a copy of the distilled student) becomes its body."""
+    return Discriminator(spec, student).to(device)
 
 
 def save_discriminators(discs: dict[str, Discriminator], directory: str | os.PathLike) -> Path:
@@ -141,7 +168,13 @@ def save_discriminators(discs: dict[str, Discriminator], directory: str | os.Pat
     for name, d in discs.items():
         d = getattr(d, "module", d)
         tmp = directory / f".tmp-{name}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in d.state_dict().items()}, str(tmp))
+        state = d.state_dict()
+        if d.body is not None:
+            from stages.student import save_student
+
+            save_student(d.body, directory / f"{name}.student")
+            state = {k: v for k, v in state.items() if not k.startswith("body.")}
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
         os.replace(tmp, directory / f"{name}.safetensors")
         atomic_write_text(directory / f"{name}.json", d.spec.to_json() + "\n")
     return directory
@@ -156,7 +189,13 @@ def load_discriminators(directory: str | os.PathLike, device: str | torch.device
     out = {}
     for js in specs:
         spec = DiscriminatorSpec(**json.loads(js.read_text()))
-        d = Discriminator(spec)
-        d.load_state_dict(load_file(str(js.with_suffix(".safetensors"))))
+        if spec.backbone == "student":
+            from stages.student import load_student
+
+            d = Discriminator(spec, load_student(directory / f"{js.stem}.student", device))
+            d.head.load_state_dict({k[len("head."):]: v for k, v in load_file(str(js.with_suffix(".safetensors"))).items()})
+        else:
+            d = Discriminator(spec)
+            d.load_state_dict(load_file(str(js.with_suffix(".safetensors"))))
         out[js.stem] = d.to(device).eval()
     return out

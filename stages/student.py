@@ -348,6 +348,14 @@ class Student(nn.Module):
         logits there, [N, V] in row-major order (= logits[keep]), without running the output layer (V wide)
         on the rest: what training needs, as padding is most of a mixed batch.
         """
+        h = self.hidden(input_ids, attention_mask, modality, features, feature_mask)
+        return self.head(h[keep] if keep is not None else h)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               modality: str | Sequence[str] = "text", features: Any = None,
+               feature_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's last hidden states at every text position, [B, L, d] (arguments as forward): what
+        the output layer reads, and what a discriminator built on the student reads."""
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -369,7 +377,7 @@ class Student(nn.Module):
                 if h is None:
                     h = part.new_zeros(B, L, part.shape[-1])
                 h = h.index_copy(0, idx, part)
-        return self.head(h[keep] if keep is not None else h)
+        return h
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM's output layer cut to the text vocabulary: hidden [..., d] -> logits [..., V] (a marker is

@@ -95,6 +95,29 @@ def test_discriminator_token_logits_are_causal_and_conditioned():
     assert sequence_logits(s, smask).item() == s[0, 2].item()
 
 
+def test_student_backbone_discriminator_starts_undecided_and_is_causal_and_conditioned():
+    from pipeline.config import StudentConfig
+    from stages.student import build_student
+
+    torch.manual_seed(0)
+    body = build_student(StudentConfig(style="cross_attention", d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                         {"audio": 16}, max_text_tokens=8).eval()
+    d = Discriminator(DiscriminatorSpec("audio", vocab_size=body.spec.text_vocab, feature_dim=16, backbone="student"),
+                      body).eval()
+    ids = torch.tensor([[body.spec.bos_id, 5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    f = [torch.randn(7, 16)]
+    assert torch.equal(d(ids, mask, f), torch.zeros(1, 5))  # head starts at zero: D = 0.5 everywhere
+    with torch.no_grad():
+        torch.nn.init.normal_(d.head.weight)
+    base = d(ids, mask, f)
+    later = ids.clone()
+    later[0, 4] = 30
+    out = d(later, mask, f)
+    assert torch.equal(out[:, :3], base[:, :3]) and not torch.allclose(out[:, 3:], base[:, 3:])
+    assert not torch.allclose(d(ids, mask, [torch.randn(7, 16)]), base)  # it reads the input
+
+
 # ------------------------------------------------------------------------------------------------- the toy
 def _tiny_student():
     from pipeline.config import StudentConfig
@@ -260,7 +283,8 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
         assert (tmp_path / "off/adversarial/final" / f).read_bytes() == (base / "distill/final" / f).read_bytes()
 
 
-def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("backbone", ["transformer", "student"])
+def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path, backbone):
     cfg = {
         **TINY,
         "plugins": ["modalities.audio", "modalities.image"],
@@ -272,7 +296,8 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
                    "samples_per_shard": 6},
         "pseudo_label": {"filters": {"min_avg_logprob": None, "max_compression_ratio": None,
                                      "max_no_speech_prob": None, "max_wer": None}},
-        "adversarial": {**TINY["adversarial"], "steps": 4, "disc_feature_frames": 4, "max_new_tokens": 8},
+        "adversarial": {**TINY["adversarial"], "steps": 4, "disc_feature_frames": 4, "max_new_tokens": 8,
+                        "disc_backbone": backbone, **({"grad_penalty": 0.0} if backbone == "student" else {})},
     }
     cfg["distill"] = {**TINY["distill"], "student": {**TINY["distill"]["student"], "feature_frames": 16},
                       "max_text_tokens": 16}
@@ -282,8 +307,9 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
     r = cli("run", p, "--run-dir", a, check=True)
     assert "adversarial: finished" in r.stdout
     final = a / "adversarial" / "final"
+    parts = ["json", "safetensors"] + (["student"] if backbone == "student" else [])
     assert sorted(x.name for x in (final / "discriminators").iterdir()) == [
-        "audio.json", "audio.safetensors", "image.json", "image.safetensors", "text.json", "text.safetensors"]
+        f"{m}.{p}" for m in ("audio", "image", "text") for p in parts]
     m = json.loads((a / "adversarial" / "manifest.json").read_text())
     assert m["counts"]["steps"] == 4 and m["counts"]["discriminators"] == 3
     recs = [json.loads(l) for l in (a / "adversarial" / "metrics.jsonl").read_text().splitlines()]
