@@ -165,6 +165,7 @@ class AdversarialConfig:
 # --------------------------------------------------------------------------------------------------- evaluate
 @dataclass
 class EvaluateConfig:
+    splits: List[str] = field(default_factory=lambda: ["test"])  # the run's splits to evaluate (test; train and val too if asked)
     sources: List[SourceConfig] = field(default_factory=list)  # extra held-out sets, each with a `name`
     temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
     max_new_tokens: int = field(default=64, metadata=_min(1))

@@ -42,6 +42,7 @@ from stages.pseudo_label import npy_bytes, read_labelled
 log = logging.getLogger("groundgan")
 
 TEST_SET = "test"
+WHISPER_WINDOW_FRAMES = 1500  # encoder frames of one 30 s Whisper window (50 per second)
 STUDENT_STAGES = ("distill", "adversarial")  # checkpoints read from RUN/<stage>/final
 # The sweep's quality axis per modality: how close the samples stay to the teacher. Others: teacher_nll.
 SWEEP_QUALITY = {"audio": "wer_vs_teacher", "image": "label_agreement"}
@@ -146,19 +147,23 @@ def label_source(ctx: StageContext, src, index: int, adapters: dict, teachers: d
 
 
 def collect_sets(ctx: StageContext, adapters: dict, teachers: dict) -> dict[str, dict[str, list[EvalItem]]]:
-    """{set: {modality: [EvalItem]}}: the test split, then each evaluate source, max_samples each."""
+    """{set: {modality: [EvalItem]}}: the run's splits in evaluate.splits (the held-out test split by default;
+    train shows how far the student fits what it learnt from), then each evaluate source, max_samples each."""
     cfg = ctx.section
     names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
+    for sp in cfg.splits:
+        if sp not in ("train", "val", "test"):
+            raise UserError(f"evaluate.splits: {sp!r} is not a split of the run (train, val, test)")
     for n in names:
-        if n in (TEST_SET, report_mod.SWEEP):
-            raise UserError(f"evaluate.sources: the name {n!r} is taken (the run's test split / the sweep); rename it")
+        if n in ("train", "val", "test", report_mod.SWEEP):
+            raise UserError(f"evaluate.sources: the name {n!r} is taken (the run's splits / the sweep); rename it")
     if len(set(names)) != len(names):
         raise UserError(f"evaluate.sources: names must differ, got {', '.join(names)}")
     if ctx.dist.is_main:
         for i, src in enumerate(cfg.sources):
             label_source(ctx, src, i, adapters, teachers)
     distributed.barrier()
-    sets = {TEST_SET: _items(read_labelled(ctx.input_dir("pseudo_label"), splits=(TEST_SET,)))}
+    sets = {sp: _items(read_labelled(ctx.input_dir("pseudo_label"), splits=(sp,))) for sp in cfg.splits}
     for i, src in enumerate(cfg.sources):
         sets[names[i]] = _items(read_labelled(ctx.dir / "sets" / _SAFE.sub("_", names[i])))
     if cfg.max_samples:
@@ -330,6 +335,17 @@ def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootst
             m["wer_vs_teacher"] = b.wer
             m["wer_vs_teacher_ci"] = tm.bootstrap_ci(b.pairs, n=bootstrap, seed=seed)
         m["rep_5gram"] = tm.rep_5gram(hyps)
+        # Short-form WER (Distil-Whisper's split): clips that fit one 30 s window (<= 1,500 encoder frames),
+        # apart from the long-form ones that are decoded window by window, where a few long clips can
+        # dominate a small set's WER. Only where the set has both.
+        frames = [None if it.features is None else int(np.asarray(it.features).reshape(-1, it.features.shape[-1]).shape[0])
+                  for it in items]
+        short = [i for i, f in enumerate(frames) if f is not None and f <= WHISPER_WINDOW_FRAMES]
+        if 0 < len(short) < len(items):
+            s_ = tm.align([hyps[i] for i in short], [refs[i] for i in short])
+            m["wer_short_form"] = s_.wer
+            m["wer_short_form_ci"] = tm.bootstrap_ci(s_.pairs, n=bootstrap, seed=seed)
+            m["n_short_form"] = s_.n
     for k, v in (adapter.metrics(hyps, teacher, refs, [it.info for it in items]) or {}).items():
         if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
             m[k] = v

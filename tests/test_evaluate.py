@@ -234,7 +234,8 @@ def test_evaluate_end_to_end(tiny_run):
 def test_evaluate_without_adversarial_stage(tiny_run):
     d = tiny_run
     cfg = TINY.replace("stages: [ingest, pseudo_label, distill, adversarial, evaluate]",
-                       "stages: [ingest, pseudo_label, distill, evaluate]")
+                       "stages: [ingest, pseudo_label, distill, evaluate]").replace(
+        "evaluate:\n", "evaluate:\n  splits: [test, train]\n")
     (d / "noadv.yaml").write_text(cfg)
     # adversarial is an input of evaluate only where the graph has it: the first run's evaluate has other
     # inputs, so --reuse copies distill but re-runs evaluate
@@ -242,9 +243,31 @@ def test_evaluate_without_adversarial_stage(tiny_run):
     assert "distill: reused" in r.stdout and "evaluate: finished" in r.stdout
     report = json.loads((d / "noadv/evaluate/report.json").read_text())
     assert all(set(cps) == {"teacher", "distill"} for s, mods in report.items() if s != "sweep" for cps in mods.values())
+    # evaluate.splits: the train split too
+    assert set(report) == {"test", "train", "extra_tones", "sweep"}
+    assert sum(c["teacher"]["n_samples"] for c in report["train"].values()) > 0
     assert not (d / "noadv/evaluate/disc_accuracy.png").exists()
     # the same data, student and seed: the distilled student's row matches the first run's
     first = json.loads((d / "run/evaluate/report.json").read_text())
     for s in ("test", "extra_tones"):
         for m in report[s]:
             assert report[s][m]["distill"] == first[s][m]["distill"]
+
+
+def test_short_form_wer_leaves_out_clips_longer_than_one_window():
+    import numpy as np
+
+    from stages.evaluate import EvalItem, score
+
+    class NoExtra:
+        def metrics(self, *a):
+            return {}
+
+    items = [EvalItem("a", "audio", "press one", "press one", "press one", features=np.zeros((100, 4), np.float16)),
+             EvalItem("b", "audio", "hello there", "hello there", "hello there", features=np.zeros((1501, 4), np.float16)),
+             EvalItem("c", "audio", "good bye", "good bye", "good bye", features=np.zeros((1500, 4), np.float16))]
+    m, _ = score("audio", NoExtra(), ["press one", "hello hello hello", "good"], items, bootstrap=20, seed=0)
+    assert m["wer_vs_reference"] == pytest.approx(3 / 6)  # 2 insertions/substitutions on b, 1 deletion on c
+    assert m["n_short_form"] == 2 and m["wer_short_form"] == pytest.approx(1 / 4)  # a and c (1,500 frames fit)
+    m, _ = score("audio", NoExtra(), ["press one", "good bye"], [items[0], items[2]], bootstrap=20, seed=0)
+    assert "wer_short_form" not in m  # every clip is short-form: nothing to split
