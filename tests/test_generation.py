@@ -114,3 +114,23 @@ def test_logprobs_are_the_models_temperature_one_scores(style):
         scored = s.score(ids, mask, "audio", feats)
     assert torch.allclose(scored, g.logprobs, atol=1e-4)
     assert (g.logprobs[g.mask.bool()] < 0).all()
+
+
+@pytest.mark.parametrize("style", ["prefix", "cross_attention"])
+def test_long_inputs_are_read_window_by_window_by_a_cross_attention_student(style):
+    import dataclasses
+
+    from stages.generation import feature_windows, generate_texts
+
+    s = _student(style)
+    s.spec = dataclasses.replace(s.spec, source_frames=4)  # a decoder context of 4 frames
+    long, short = torch.randn(10, DIMS["audio"]), torch.randn(3, DIMS["audio"])
+    wins = feature_windows(s, long)
+    if style == "prefix":  # pooled to a prefix: read whole
+        assert len(wins) == 1 and wins[0] is long
+        return
+    assert [w.shape[0] for w in wins] == [4, 4, 2] and torch.equal(torch.cat(wins), long)
+    texts = generate_texts(s, "audio", [long, short], max_new_tokens=4)
+    each = [generate(s, "audio", [w], max_new_tokens=4).texts[0] for w in wins]
+    assert texts[0] == " ".join(t for t in each if t)
+    assert texts[1] == generate(s, "audio", [short], max_new_tokens=4).texts[0]
