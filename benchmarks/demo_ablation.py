@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/demo_ablation.py [--seeds 0 1] [--out runs/ablation] [--reuse runs/demo] [key=value ...]
 
 For each seed S this runs the whole demo graph with `seed=S` (ingest and pseudo_label reused from --reuse when
-their config matches), then the same run with `adversarial.anchored=false` reusing everything up to distill,
-so both adversarial students start from the same distilled one. Then it prints, per seed, the held-out
+their config matches), then two runs that reuse everything up to distill, so that every adversarial student
+starts from the same distilled one: `adversarial.anchored=false` (the ablation of anchoring) and
+`adversarial.pg_weight=0` (the same phase without the discriminators' rewards: its cross-entropy and KL terms
+alone, i.e. more likelihood training at the adversarial learning rate - what the GAN part must beat). Then it prints, per seed, the held-out
 figures of the distilled, anchored and unanchored students side by side (WER with its 95% bootstrap interval,
-image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), the relative
-WER change of each adversarial student against its distilled one, and writes `groundgan compare` of every
+image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
+clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
 run into OUT/compare. Extra key=value arguments go to every run (e.g. adversarial.steps=40).
 Nothing here is timed; the figures are the runs' own report.json.
 """
@@ -40,8 +42,8 @@ def fmt(x, digits=3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def row(name: str, m: dict, base_wer: float | None) -> str:
-    wer, ci = m.get("wer_vs_reference"), m.get("wer_vs_reference_ci")
+def row(name: str, m: dict, base_wer: float | None, key: str = "wer_vs_reference") -> str:
+    wer, ci = m.get(key), m.get(f"{key}_ci")
     rel = "" if base_wer in (None, 0) or wer is None else f"{(wer - base_wer) / base_wer:+.1%}"
     ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     return (f"| {name} | {fmt(wer)}{ci_s} | {rel} | {fmt(m.get('wer_vs_teacher'))} | {fmt(m.get('distinct_2'))} | "
@@ -58,31 +60,40 @@ def main() -> int:
     out = ROOT / a.out
     runs: list[Path] = []
     for seed in a.seeds:
-        anchored, unanchored = out / f"seed{seed}", out / f"seed{seed}-unanchored"
+        anchored = out / f"seed{seed}"
         reuse = ["--reuse", a.reuse] if (ROOT / a.reuse).is_dir() else []
         run(["run", str(CONFIG), f"seed={seed}", *a.overrides, "--run-dir", str(anchored), *reuse])
-        run(["run", str(CONFIG), f"seed={seed}", "adversarial.anchored=false", *a.overrides,
-             "--run-dir", str(unanchored), "--reuse", str(anchored)])
-        runs += [anchored, unanchored]
+        runs.append(anchored)
+        for name, override in (("unanchored", "adversarial.anchored=false"), ("mle", "adversarial.pg_weight=0")):
+            run(["run", str(CONFIG), f"seed={seed}", override, *a.overrides,
+                 "--run-dir", str(out / f"seed{seed}-{name}"), "--reuse", str(anchored)])
+            runs.append(out / f"seed{seed}-{name}")
 
-    lines = ["| student | WER vs reference [95% CI] | vs distilled | WER vs teacher | distinct-2 | self-BLEU-4 | "
-             "5-gram repeats | disc accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    images = ["| seed | distilled | anchored | unanchored |", "|---|---:|---:|---:|"]
+    header = ("| student | {} [95% CI] | vs distilled | WER vs teacher (all clips) | distinct-2 | self-BLEU-4 | 5-gram repeats | "
+              "disc accuracy |")
+    tables = {k: [header.format(title), "|---|---|---:|---:|---:|---:|---:|---:|"]
+              for k, title in (("wer_vs_reference", "WER vs reference"), ("wer_short_form", "short-form WER"))}
+    images = ["| seed | distilled | anchored | unanchored | pg_weight 0 |", "|---|---:|---:|---:|---:|"]
     for seed in a.seeds:
-        ra, ru = report(out / f"seed{seed}")["test"], report(out / f"seed{seed}-unanchored")["test"]
-        aud_a, aud_u = ra.get("audio", {}), ru.get("audio", {})
-        base = aud_a.get("distill", {}).get("wer_vs_reference")
-        lines.append(row(f"seed {seed} teacher", aud_a.get("teacher", {}), None))
-        lines.append(row(f"seed {seed} distilled (MLE)", aud_a.get("distill", {}), None))
-        lines.append(row(f"seed {seed} adversarial, anchored", aud_a.get("adversarial", {}), base))
-        lines.append(row(f"seed {seed} adversarial, unanchored", aud_u.get("adversarial", {}), base))
-        img_a, img_u = ra.get("image", {}), ru.get("image", {})
-        if img_a:
-            images.append(f"| {seed} | {fmt(img_a.get('distill', {}).get('label_agreement'))} | "
-                          f"{fmt(img_a.get('adversarial', {}).get('label_agreement'))} | "
-                          f"{fmt(img_u.get('adversarial', {}).get('label_agreement'))} |")
-    print("\n## held-out audio (test split)\n")
-    print("\n".join(lines))
+        reps = {name: report(out / (f"seed{seed}" + (f"-{name}" if name else "")))["test"]
+                for name in ("", "unanchored", "mle")}
+        aud = {n: r.get("audio", {}) for n, r in reps.items()}
+        for key, lines in tables.items():
+            base = aud[""].get("distill", {}).get(key)
+            lines.append(row(f"seed {seed} teacher", aud[""].get("teacher", {}), None, key))
+            lines.append(row(f"seed {seed} distilled", aud[""].get("distill", {}), None, key))
+            lines.append(row(f"seed {seed} adversarial, anchored", aud[""].get("adversarial", {}), base, key))
+            lines.append(row(f"seed {seed} adversarial, unanchored", aud["unanchored"].get("adversarial", {}), base, key))
+            lines.append(row(f"seed {seed} pg_weight 0 (CE + KL only)", aud["mle"].get("adversarial", {}), base, key))
+        img = {n: r.get("image", {}) for n, r in reps.items()}
+        if img[""]:
+            images.append(f"| {seed} | {fmt(img[''].get('distill', {}).get('label_agreement'))} | "
+                          + " | ".join(fmt(img[n].get('adversarial', {}).get('label_agreement'))
+                                       for n in ("", "unanchored", "mle")) + " |")
+    print("\n## held-out audio (test split): every clip (long ones decoded window by window)\n")
+    print("\n".join(tables["wer_vs_reference"]))
+    print("\n## held-out audio: short-form clips only (<= 30 s)\n")
+    print("\n".join(tables["wer_short_form"]))
     print("\n## held-out images: agreement with the teacher's labels\n")
     print("\n".join(images))
     run(["compare", *map(str, runs), "--out", str(out / "compare")])

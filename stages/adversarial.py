@@ -261,11 +261,25 @@ class DiscBatch:
     fake: Rows
 
 
+def _row_texts(rows: Rows) -> list[tuple[int, tuple[int, ...]]]:
+    """(source, token ids) of every row, padding left out."""
+    ids, mask = rows.input_ids.tolist(), rows.attention_mask.tolist()
+    return [(src, tuple(t for t, m in zip(r, mr) if m)) for src, r, mr in zip(rows.source, ids, mask)]
+
+
 def discriminator_batch(modality: str, real: Rows, fake: Rows, text_reward_all: bool) -> DiscBatch:
     """The rows of `modality` from each side. The plain-text discriminator (text_reward_all) also takes every
-    fake row, whatever its modality: it then rewards fluency everywhere."""
+    fake row, whatever its modality: it then rewards fluency everywhere.
+
+    A sample that is word for word a real row of the same input is not fake, whoever wrote it: it leaves the
+    fake side (no discriminator can tell the two apart, and calling it fake only fights the real row's target).
+    With a good student these collisions are most of its samples; what is left is where it differs."""
     r = [i for i, m in enumerate(real.modality) if m == modality]
-    f = [i for i, m in enumerate(fake.modality) if m == modality or (text_reward_all and modality == "text")]
+    texts = _row_texts(real)
+    real_texts = {texts[i] for i in r}
+    fake_texts = _row_texts(fake)
+    f = [i for i, m in enumerate(fake.modality)
+         if (m == modality or (text_reward_all and modality == "text")) and fake_texts[i] not in real_texts]
     return DiscBatch(real.select(r), fake.select(f))
 
 

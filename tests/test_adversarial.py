@@ -118,6 +118,17 @@ def test_student_backbone_discriminator_starts_undecided_and_is_causal_and_condi
     assert not torch.allclose(d(ids, mask, [torch.randn(7, 16)]), base)  # it reads the input
 
 
+def test_a_sample_equal_to_the_real_row_of_its_input_is_not_fake():
+    real = adv.rows_from_tokens([[5, 6, 0], [7, 0]], ["audio", "audio"], [None, None], [0, 1], bos=1, pad=0, device="cpu")
+    fake = adv.rows_from_tokens([[5, 6, 0], [5, 6], [7, 0], [5, 6, 0], [9, 0]], ["audio"] * 4 + ["image"],
+                                [None] * 5, [0, 0, 0, 1, 1], bos=1, pad=0, device="cpu")
+    b = adv.discriminator_batch("audio", real, fake, text_reward_all=False)
+    # row 0 repeats input 0's label: left out; row 1 is that label unfinished (no eot) and row 2 another
+    # input's label: both fake; row 3 is input 0's label written about input 1: fake; row 4 is an image
+    assert b.fake.source == [0, 0, 1] and len(b.real) == 2
+    assert b.fake.input_ids[:, 1:3].tolist() == [[5, 6], [7, 0], [5, 6]]
+
+
 # ------------------------------------------------------------------------------------------------- the toy
 def _tiny_student():
     from pipeline.config import StudentConfig
