@@ -340,7 +340,7 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     r, f = batch.real, batch.fake
     c = counts if counts is not None else DiscCounts.of(batch)
     loss = torch.zeros((), device=r.input_ids.device)
-    stats = {"bce": 0.0, "acc": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
+    stats = {"bce": 0.0, "acc": 0.0, "rank": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
     real_logits = fake_logits = None
     if len(r):
         emb = d.embed(r.input_ids) if grad_penalty > 0 else None
@@ -362,11 +362,19 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     with torch.no_grad():
         # balanced over the two sides, which differ in size (k samples per input)
         if real_logits is not None:
-            hits = (sequence_logits(real_logits, r.attention_mask) > 0).float().sum()
-            stats["acc"] += 0.5 * float(hits / c.real_rows.clamp_min(1.0))
+            real_seq = sequence_logits(real_logits, r.attention_mask)
+            stats["acc"] += 0.5 * float((real_seq > 0).float().sum() / c.real_rows.clamp_min(1.0))
         if fake_logits is not None:
-            hits = (sequence_logits(fake_logits, f.attention_mask) <= 0).float().sum()
-            stats["acc"] += 0.5 * float(hits / c.fake_rows.clamp_min(1.0))
+            fake_seq = sequence_logits(fake_logits, f.attention_mask)
+            stats["acc"] += 0.5 * float((fake_seq <= 0).float().sum() / c.fake_rows.clamp_min(1.0))
+        if real_logits is not None and fake_logits is not None:
+            # ranking: does the real row of an input score above each of that input's samples? Free of the
+            # logits' offset, which the sides' imbalance and the label smoothing shift (accuracy then sits
+            # at 0.5 while the order is right). Real and fake rows of an input are on the same process.
+            by_source = dict(zip(r.source, real_seq.tolist()))
+            hits = sum(1.0 if by_source[src] > x else 0.5 if by_source[src] == x else 0.0
+                       for src, x in zip(f.source, fake_seq.tolist()) if src in by_source)
+            stats["rank"] = hits / float(c.fake_rows.clamp_min(1.0))
     return loss, stats
 
 
@@ -694,6 +702,8 @@ def run(ctx: StageContext) -> dict:
                 st = distributed.sum_floats(st, device)
                 if j == 0:
                     rec[f"disc_acc/{m}"] = st["acc"]
+                    if "rank" in st:
+                        rec[f"disc_rank/{m}"] = st["rank"]
                 rec[f"disc_loss/{m}"] = st["bce"]
                 if "gp" in st:
                     rec[f"disc_gp/{m}"] = st["gp"]

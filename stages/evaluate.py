@@ -316,6 +316,23 @@ def disc_accuracy(discs: dict, student_tok, modality: str, items: list[EvalItem]
     return right / (2 * len(items))
 
 
+@torch.no_grad()
+def disc_ranking(discs: dict, student_tok, modality: str, items: list[EvalItem], hyps: list[str]) -> float | None:
+    """Over the items whose greedy output differs from the teacher's label: the fraction where the modality's
+    discriminator scores the label above the output (ties count half). Free of the offset of its logits,
+    unlike disc_accuracy. None without a discriminator or without such items."""
+    from stages.adversarial import discriminator_probs
+
+    diff = [i for i, (it, h) in enumerate(zip(items, hyps)) if (h or "") != (it.teacher_text or "")]
+    if discs is None or modality not in discs or not diff:
+        return None
+    feats = [None if items[i].features is None else torch.from_numpy(np.asarray(items[i].features, dtype=np.float32))
+             for i in diff]
+    p_real = discriminator_probs(discs, modality, [items[i].teacher_text for i in diff], feats, student_tok)
+    p_fake = discriminator_probs(discs, modality, [hyps[i] for i in diff], feats, student_tok)
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(p_real, p_fake)) / len(diff)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootstrap: int, seed: int,
           is_teacher: bool = False, clip_model=None) -> tuple[dict, dict]:
@@ -449,7 +466,9 @@ def run(ctx: StageContext) -> dict:
                         atomic_write_json(cache, {"keys": [it.key for it in items], "texts": out})
                 nlls[(cp, s, m)] = teacher_nll(ctx, student, m, items, sorted(set(temps) | {1.0}))
                 if ctx.dist.is_main and cp == "adversarial":
-                    disc[(cp, s, m)] = disc_accuracy(discs, student.tokenizer, m, items, texts[(cp, s, m, 0.0)])
+                    hyps = texts[(cp, s, m, 0.0)]
+                    disc[(cp, s, m)] = (disc_accuracy(discs, student.tokenizer, m, items, hyps),
+                                        disc_ranking(discs, student.tokenizer, m, items, hyps))
         del student, discs
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -480,7 +499,7 @@ def run(ctx: StageContext) -> dict:
                                         clip_model=clip)
                 metrics["teacher_nll"] = nlls[(cp, s, m)].get(1.0)
                 if cp == "adversarial":
-                    metrics["disc_accuracy"] = disc.get((cp, s, m))
+                    metrics["disc_accuracy"], metrics["disc_ranking"] = disc.get((cp, s, m), (None, None))
                 rows[cp] = metrics
                 details[s][m][cp] = extras
                 sweep.setdefault(s, {}).setdefault(m, {})[cp] = [

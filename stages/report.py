@@ -31,7 +31,7 @@ CHECKPOINT_ORDER = ("teacher", "distill", "adversarial")
 # Headline columns first, in this order; any other metric follows, sorted.
 METRIC_ORDER = ("n_samples", "wer_vs_reference", "wer_vs_teacher", "ier", "rep_5gram", "label_agreement",
                 "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "self_bleu_4",
-                "mean_length", "disc_accuracy")
+                "mean_length", "disc_accuracy", "disc_ranking")
 LOWER_IS_BETTER = {"wer_vs_reference": True, "wer_vs_teacher": True, "teacher_nll": True,
                    "label_agreement": False, "category_agreement": False}
 SAMPLES_PER_TABLE = 8
@@ -76,7 +76,8 @@ def _is_loss(key: str) -> bool:
 
 
 def _is_disc_acc(key: str) -> bool:
-    return key.startswith("disc_acc")
+    """disc_acc/<m> (thresholded accuracy) and disc_rank/<m> (real row above the input's samples)."""
+    return key.startswith(("disc_acc", "disc_rank"))
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -219,8 +220,9 @@ def plot_training_curves(runs: dict[str, Path], path: Path) -> bool:
 
 
 def plot_disc_accuracy(runs: dict[str, Path], path: Path) -> bool:
-    """Discriminator accuracy over adversarial training: every `disc_acc*` key (one per modality, e.g.
-    disc_acc/audio) of RUN/adversarial/metrics.jsonl against the step, with the 0.5 chance line."""
+    """Discriminator accuracy and ranking over adversarial training: every `disc_acc*` and `disc_rank*` key
+    (one per modality, e.g. disc_acc/audio) of RUN/adversarial/metrics.jsonl against the step, with the 0.5
+    chance line."""
     plt = _pyplot()
     series = {name: {k: v for k, v in read_curves(run, "adversarial").items() if _is_disc_acc(k)}
               for name, run in runs.items()}
@@ -241,7 +243,7 @@ def plot_disc_accuracy(runs: dict[str, Path], path: Path) -> bool:
                     label=f"{name}: {k}" if multi_run else k)
     ax.axhline(0.5, color="grey", linewidth=1, linestyle=":", label="chance")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("discriminator accuracy (real teacher labels vs student samples)")
+    ax.set_title("discriminators: accuracy and ranking (real labels vs student samples)")
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)

@@ -345,3 +345,29 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path, 
     for rel in files:
         assert (b / "adversarial" / "final" / rel).read_bytes() == (final / rel).read_bytes(), rel
     assert (b / "adversarial" / "metrics.jsonl").read_text() == (a / "adversarial" / "metrics.jsonl").read_text()
+
+
+class RowJudge(nn.Module):
+    """A discriminator whose logit at every position is a fixed score of the row's first token."""
+
+    def __init__(self, score: dict[int, float]):
+        super().__init__()
+        self.score = score
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask, features=None, token_embeds=None):
+        s = torch.tensor([self.score[int(t)] for t in input_ids[:, 1]]) + self.w
+        return s[:, None].expand(-1, input_ids.shape[1] - 1)
+
+
+def test_discriminator_ranking_is_free_of_the_logits_offset():
+    real = adv.rows_from_tokens([[5, 0], [6, 0]], ["audio"] * 2, [None] * 2, [0, 1], bos=1, pad=0, device="cpu")
+    fake = adv.rows_from_tokens([[7, 0], [8, 0], [9, 0], [5, 0]], ["audio"] * 4, [None] * 4, [0, 0, 1, 1], bos=1,
+                                pad=0, device="cpu")
+    b = adv.DiscBatch(real, fake)
+    # every logit negative: the thresholded accuracy is the 0.5 of "all fake", the ranking is what it is
+    judge = RowJudge({5: -1.0, 6: -3.0, 7: -2.0, 8: -1.0, 9: -4.0})
+    _, st = adv.discriminator_loss(judge, b, 0.0, 0.0)
+    assert st["acc"] == pytest.approx(0.5)
+    # input 0: -1 vs -2 (above), -1 vs -1 (tie, half); input 1: -3 vs -4 (above), -3 vs -1 (below)
+    assert st["rank"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)

@@ -202,8 +202,10 @@ def test_evaluate_end_to_end(tiny_run):
         # train split has none)
         if (tiny_run / "run/adversarial/final/discriminators" / f"{m}.json").is_file():
             assert 0.0 <= cps["adversarial"]["disc_accuracy"] <= 1.0
+            r = cps["adversarial"]["disc_ranking"]
+            assert r is None or 0.0 <= r <= 1.0
         else:
-            assert cps["adversarial"]["disc_accuracy"] is None
+            assert cps["adversarial"]["disc_accuracy"] is None and cps["adversarial"]["disc_ranking"] is None
         assert cps["distill"]["teacher_nll"] > 0
     audio = report["test"]["audio"]["distill"]
     assert {"wer_vs_teacher", "wer_vs_teacher_ci", "wer_vs_reference", "ier", "rep_5gram", "distinct_2",
