@@ -378,6 +378,47 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     return loss, stats
 
 
+def pretrain_discriminators(discs: dict, d_opts: dict, train: list[Example], reference: Student, cfg, tokenizer,
+                            max_text_tokens: int, seed: int, device, autocast, metric: Callable[[dict], None]) -> None:
+    """disc_pretrain_epochs passes over a pool built once: every train input's real row(s) against one sample
+    of the frozen distilled model about it (unanchored: two of its samples), so that a discriminator starts
+    the adversarial steps having judged the whole train split, not a few batches of it (a few hundred rows in
+    40 steps only fit, and stay at chance on fresh inputs). Every process runs the same passes from the same
+    seeds (no gradient exchange needed: the updates are identical). One metrics record per pass."""
+    gens = [torch.Generator(device=device).manual_seed(stream_seed("pretrain", seed, i)) for i in range(len(train))]
+    pool: list[tuple[Rows, Rows]] = []
+    n = cfg.batch_size
+    for b in range(0, len(train), n):
+        exs = [train[i] for i in range(b, min(b + n, len(train)))]
+        g = gens[b: b + len(exs)]
+        with torch.no_grad(), autocast():
+            fake, _ = sample_rows(reference, exs, 1, g, cfg.temperature, cfg.max_new_tokens, device)
+            real = real_rows(exs, cfg.anchored, cfg.use_references, reference, tokenizer, max_text_tokens,
+                             cfg.temperature, cfg.max_new_tokens, device, generators=g)
+        pool.append((real, fake))
+    order = np.random.default_rng(stream_seed("pretrain-order", seed)).permutation
+    for epoch in range(cfg.disc_pretrain_epochs):
+        sums: dict[str, list[float]] = {}
+        for j, bi in enumerate(order(len(pool)).tolist()):
+            real, fake = pool[bi]
+            torch.manual_seed(stream_seed("pretrain-dropout", seed, epoch, j))
+            for m, d in discs.items():
+                batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
+                if not len(batch.real) or not len(batch.fake):
+                    continue
+                d.train()
+                with autocast():
+                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty)
+                d_opts[m].zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+                d_opts[m].step()
+                for key in ("bce", "acc", "rank"):
+                    sums.setdefault(f"pretrain_disc_{key}/{m}", []).append(st[key])
+        metric({"phase": "disc_pretrain", "epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in sums.items()}})
+
+
 # --------------------------------------------------------------------------------------------- the student
 def policy_logprobs(model: Student, rows: Rows) -> torch.Tensor:
     """log pi(. | y_<t, x) at every generated position: [N, L-1, V] float32."""
@@ -654,6 +695,10 @@ def run(ctx: StageContext) -> dict:
     if start == 0:
         ctx.metric({"event": "start", "train": len(train), "modalities": mods, "anchored": cfg.anchored,
                     "objective": cfg.objective, "kl_estimator": cfg.kl_estimator, "ce_weight": ce_weight})
+
+    if start == 0 and cfg.disc_pretrain_epochs > 0:
+        pretrain_discriminators(discs, d_opts, train, reference, cfg, tok, max_text_tokens, ctx.cfg.root.seed, device,
+                                autocast, ctx.metric)
 
     def save_checkpoint(done: int) -> None:
         if dist.is_main:

@@ -308,7 +308,8 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path, 
         "pseudo_label": {"filters": {"min_avg_logprob": None, "max_compression_ratio": None,
                                      "max_no_speech_prob": None, "max_wer": None}},
         "adversarial": {**TINY["adversarial"], "steps": 4, "disc_feature_frames": 4, "max_new_tokens": 8,
-                        "disc_backbone": backbone, **({"grad_penalty": 0.0} if backbone == "student" else {})},
+                        "disc_backbone": backbone,
+                        **({"grad_penalty": 0.0, "disc_pretrain_epochs": 2} if backbone == "student" else {})},
     }
     cfg["distill"] = {**TINY["distill"], "student": {**TINY["distill"]["student"], "feature_frames": 16},
                       "max_text_tokens": 16}
@@ -325,6 +326,8 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path, 
     assert m["counts"]["steps"] == 4 and m["counts"]["discriminators"] == 3
     recs = [json.loads(l) for l in (a / "adversarial" / "metrics.jsonl").read_text().splitlines()]
     assert any("disc_acc/audio" in r for r in recs) and any("distinct_2" in r for r in recs)
+    pre = [r for r in recs if r.get("phase") == "disc_pretrain"]
+    assert [r["epoch"] for r in pre] == ([1, 2] if backbone == "student" else [])
     # rebuilt from final/ alone, as evaluate does
     discs = adv.load_discriminators(final)
     from stages.student import load_student
