@@ -378,6 +378,25 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     return loss, stats
 
 
+def discriminator_step(d: Discriminator, opt, batch: DiscBatch, cfg, autocast, counts: DiscCounts | None = None,
+                       over_processes: bool = False) -> dict:
+    """One update of `d` on `batch` (discriminator_loss, then clipping and the optimiser step); returns the
+    loss's stats, taken before the update. over_processes: `batch` is this process's slice (counts are the
+    whole batch's) and the gradients are summed over processes before the step."""
+    d.train()
+    with autocast():
+        loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty, counts)
+    opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:  # else this process holds none of the batch's rows
+        loss.backward()
+    if over_processes:
+        distributed.sum_gradients(d.parameters())
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+    opt.step()
+    return st
+
+
 def pretrain_discriminators(discs: dict, d_opts: dict, train: list[Example], reference: Student, cfg, tokenizer,
                             max_text_tokens: int, seed: int, device, autocast, metric: Callable[[dict], None]) -> None:
     """disc_pretrain_epochs passes over a pool built once: every train input's real row(s) against one sample
@@ -406,14 +425,7 @@ def pretrain_discriminators(discs: dict, d_opts: dict, train: list[Example], ref
                 batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
                 if not len(batch.real) or not len(batch.fake):
                     continue
-                d.train()
-                with autocast():
-                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty)
-                d_opts[m].zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
-                d_opts[m].step()
+                st = discriminator_step(d, d_opts[m], batch, cfg, autocast)
                 for key in ("bce", "acc", "rank"):
                     sums.setdefault(f"pretrain_disc_{key}/{m}", []).append(st[key])
         metric({"phase": "disc_pretrain", "epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in sums.items()}})
@@ -733,22 +745,12 @@ def run(ctx: StageContext) -> dict:
             counts = DiscCounts.of(batch, over_processes=True)
             if not counts.real_rows or not counts.fake_rows:
                 continue
-            d.train()
             for j in range(cfg.disc_steps):
-                with autocast():
-                    loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty, counts)
-                d_opts[m].zero_grad(set_to_none=True)
-                if loss.requires_grad:  # else this process holds none of the batch's rows
-                    loss.backward()
-                distributed.sum_gradients(d.parameters())
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
-                d_opts[m].step()
+                st = discriminator_step(d, d_opts[m], batch, cfg, autocast, counts, over_processes=True)
                 st = distributed.sum_floats(st, device)
                 if j == 0:
                     rec[f"disc_acc/{m}"] = st["acc"]
-                    if "rank" in st:
-                        rec[f"disc_rank/{m}"] = st["rank"]
+                    rec[f"disc_rank/{m}"] = st["rank"]
                 rec[f"disc_loss/{m}"] = st["bce"]
                 if "gp" in st:
                     rec[f"disc_gp/{m}"] = st["gp"]
