@@ -184,16 +184,21 @@ def test_mixed_batch_rows_equal_rows_alone():
     assert torch.allclose(both[0], a[0], atol=1e-6) and torch.allclose(both[1, :3], t[0], atol=1e-6)
 
 
-def test_cross_attention_student_starts_as_the_teacher_decoder():
+def _random_whisper(text_layers: int):
+    """A small openai-whisper model with random weights (English vocabulary, 30 s context) and its checkpoint."""
     from whisper.model import ModelDimensions, Whisper
 
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51864, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=3)
+                           n_vocab=51864, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=text_layers)
     torch.manual_seed(0)
     w = Whisper(dims)
     for p in w.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    ck = {"dims": dims.__dict__, "model_state_dict": w.state_dict()}
+    return w, {"dims": dims.__dict__, "model_state_dict": w.state_dict()}
+
+
+def test_cross_attention_student_starts_as_the_teacher_decoder():
+    w, ck = _random_whisper(3)
     cfg = StudentConfig(style="cross_attention", keep_decoder_layers=[0, 1, -1])
     s = build_student(cfg, {"audio": 32}, teacher_decoder=ck, teacher_modality="audio").eval()
     assert s.spec.direct == ["audio"] and s.lm.config.decoder_layers == 3
@@ -211,17 +216,10 @@ def test_cross_attention_student_reads_a_clip_as_the_teacher_labelled_it(tmp_pat
     the teacher's encoding of silence, prompted as the teacher was (<|startoftranscript|><|notimestamps|>):
     at step 0 the student with every layer kept is the labeller. Holds through save/load."""
     import numpy as np
-    from whisper.model import ModelDimensions, Whisper
 
     from modalities.whisper_teacher import encode, log_mel
 
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51864, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=2)
-    torch.manual_seed(0)
-    w = Whisper(dims)
-    for p in w.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    ck = {"dims": dims.__dict__, "model_state_dict": w.state_dict()}
+    w, ck = _random_whisper(2)
     s = build_student(StudentConfig(style="cross_attention", keep_decoder_layers=[0, 1]), {"audio": 32},
                       teacher_decoder=ck, teacher_modality="audio").eval()
     with torch.no_grad():
