@@ -41,7 +41,6 @@ from stages.pseudo_label import npy_bytes, read_labelled
 
 log = logging.getLogger("groundgan")
 
-TEST_SET = "test"
 WHISPER_WINDOW_FRAMES = 1500  # encoder frames of one 30 s Whisper window (50 per second)
 STUDENT_STAGES = ("distill", "adversarial")  # checkpoints read from RUN/<stage>/final
 # The sweep's quality axis per modality: how close the samples stay to the teacher. Others: teacher_nll.

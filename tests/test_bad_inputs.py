@@ -217,18 +217,11 @@ def _by_file(rejects: list[dict]) -> dict[str, str]:
     return {Path(r["file"]).name: r["reason"] for r in rejects if r.get("file")}
 
 
-def test_every_bad_audio_file_is_rejected_with_its_reason(bad_run):
+@pytest.mark.parametrize("bad_files", [bad_audio, bad_images], ids=["audio", "image"])
+def test_every_bad_file_is_rejected_with_its_reason(bad_run, bad_files):
     run, _ = bad_run
     got = _by_file(_rejects(run / "ingest"))
-    for name, (_, reason) in bad_audio().items():
-        assert name in got, f"{name} was not rejected: {sorted(got)}"
-        assert got[name].startswith(reason), f"{name}: {got[name]!r} does not start with {reason!r}"
-
-
-def test_every_bad_image_is_rejected_with_its_reason(bad_run):
-    run, _ = bad_run
-    got = _by_file(_rejects(run / "ingest"))
-    for name, (_, reason) in bad_images().items():
+    for name, (_, reason) in bad_files().items():
         assert name in got, f"{name} was not rejected: {sorted(got)}"
         assert got[name].startswith(reason), f"{name}: {got[name]!r} does not start with {reason!r}"
 
