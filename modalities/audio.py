@@ -56,6 +56,9 @@ class Audio(Modality):
             raise UserError(f"config: '{where}.teacher.kind' must be whisper for audio, got {t.kind!r}")
         if t.long_audio not in ("window", "reject"):
             raise UserError(f"config: '{where}.teacher.long_audio' must be window or reject, got {t.long_audio!r}")
+        if not 1.0 <= t.chunk_seconds <= 30.0:
+            raise UserError(f"config: '{where}.teacher.chunk_seconds' must be in [1, 30] (Whisper reads 30 s), "
+                            f"got {t.chunk_seconds!r}")
         if t.quantize not in ("none", "int8"):
             raise UserError(f"config: '{where}.teacher.quantize' must be none or int8, got {t.quantize!r}")
         ck = t.checkpoint

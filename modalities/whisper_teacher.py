@@ -49,7 +49,10 @@ class WhisperTeacherConfig(TeacherConfig):
     checkpoint: Optional[str] = "offline:tiny.en"  # a .pt path, a whisper model name, a CTranslate2 folder, offline:tiny.en or random
     language: str = "en"  # transcription language (English-only models accept only en)
     max_new_tokens: int = dataclasses.field(default=224, metadata={"min": 1})  # tokens decoded per 30 s window (whisper's own limit)
-    long_audio: str = "window"  # audio over 30 s: window (label 30 s windows, join the text) | reject
+    long_audio: str = "window"  # audio over 30 s: window (label it in chunks, join the text) | reject
+    # a clip longer than this is labelled in chunks of at most this length, each cut at the quietest 0.3 s
+    # (a pause, not a word) and encoded from its own start as a short clip is; at most 30 (one window)
+    chunk_seconds: float = dataclasses.field(default=30.0, metadata={"min": 1.0})
     max_seconds: float = dataclasses.field(default=600.0, metadata={"min": 0.1})  # longer audio is refused as bad input
     trim_audio_ctx: bool = True  # run the encoder on the clip's own length (+ margin), not on 30 s of padding
     audio_ctx_margin_s: float = dataclasses.field(default=1.0, metadata={"min": 0.0})  # padding kept after the clip (seconds)
@@ -232,7 +235,9 @@ class WhisperTeacher(Teacher):
                 raise UserError("teacher.quantize=int8 runs on CPU only")
             model = _quantize_int8(model)
         self.dtype = torch.float16 if (self.device.type == "cuda" and cfg.fp16_on_cuda) else torch.float32
-        self.model = model.to(self.device, self.dtype)
+        # Weights stay float32, as in openai-whisper: its Linear and Conv1d cast them to the input's dtype per
+        # call and its LayerNorm runs in float32 (half weights there fail: "expected Float but found Half").
+        self.model = model.to(self.device, torch.float32)
         self.feature_dim = model.dims.n_audio_state
         if not model.is_multilingual and cfg.language != "en":
             raise UserError(f"teacher.language={cfg.language!r}, but {self.name} is an English-only model")
@@ -266,8 +271,8 @@ class WhisperTeacher(Teacher):
                 raise BadInput(f"audio is {seconds:.1f} s, longer than max_seconds={self.cfg.max_seconds:g}")
             if audio.size > WINDOW_SAMPLES and self.cfg.long_audio == "reject":
                 raise BadInput(f"audio is {seconds:.1f} s, longer than 30 s (long_audio: reject)")
-            for start in range(0, audio.size, WINDOW_SAMPLES):
-                w = audio[start: start + WINDOW_SAMPLES]
+            for a, b in audio_chunks(audio, self.cfg.chunk_seconds):
+                w = audio[a:b]
                 windows.append(_Window(i, w, audio_ctx_for(w.size, self.cfg, n_ctx)))
 
         results = self._decode_windows(windows)
@@ -425,12 +430,71 @@ class WhisperTeacher(Teacher):
             "n_windows": len(parts),
         }
         arrays = {"tokens": np.asarray(tokens, dtype=np.int32)}
+        if len(parts) > 1:  # each chunk's text, and where its tokens (and features) end and the next one's begin
+            info["chunk_texts"] = texts
+            arrays["chunk_tokens"] = np.asarray([len(d.tokens) for _, d in parts], dtype=np.int32)
         if self.top_k:
             arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in parts]).reshape(-1, self.top_k).astype(np.int32)
             arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in parts]).reshape(-1, self.top_k).astype(np.float16)
         if self.store_features:
             arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16)
+            if len(parts) > 1:
+                arrays["chunk_frames"] = np.asarray([len(d.features) for _, d in parts], dtype=np.int32)
         return Label(text=text, info=info, arrays=arrays)
+
+
+# ------------------------------------------------------------------------------------------------ chunks
+def frame_db(audio: np.ndarray, step: int = 2 * HOP) -> np.ndarray:
+    """Mean power in dB (floor -100) of each `step` samples of `audio` (default: one encoder frame, 20 ms),
+    the last frame padded with zeros: [ceil(len / step)]."""
+    a = np.asarray(audio, dtype=np.float64)
+    n = max(1, math.ceil(a.size / step))
+    x = np.zeros(n * step)
+    x[: a.size] = a
+    return 10.0 * np.log10(np.maximum((x.reshape(n, step) ** 2).mean(axis=1), 1e-10))
+
+
+def pause_cuts(db: np.ndarray, max_frames: int, min_frames: int | None = None, smooth: int = 15) -> list[tuple[int, int]]:
+    """Cut len(db) frames into consecutive chunks [start, end) of at most max_frames, each cut at the quietest
+    point between min_frames (default max_frames // 4) and max_frames after its start: the frame whose
+    `smooth`-frame neighbourhood has the least mean power, in the middle of the last run of such frames (a
+    pause, not its first quiet frame). WhisperX's habit (cut long audio at gaps in the speech, not at fixed
+    30 s marks) on plain frame loudness."""
+    db = np.asarray(db, dtype=np.float64)
+    T = db.size
+    if max_frames < 1:
+        raise ValueError("max_frames must be >= 1")
+    lo_off = max(1, min(max_frames, max_frames // 4 if min_frames is None else min_frames))
+    k = max(1, min(smooth, T))
+    power = 10.0 ** (db / 10.0)
+    mean = np.convolve(power, np.ones(k), mode="same") / np.convolve(np.ones(T), np.ones(k), mode="same")
+    level = 10.0 * np.log10(np.maximum(mean, 1e-10))
+    cuts, s = [], 0
+    while T - s > max_frames:
+        lo = s + lo_off
+        seg = level[lo: s + max_frames + 1]  # candidate cut points: the chunk is [s, cut)
+        quiet = seg <= seg.min() + 0.5
+        end = int(np.flatnonzero(quiet)[-1])
+        start = end
+        while start > 0 and quiet[start - 1]:
+            start -= 1
+        cut = lo + (start + end + 1) // 2
+        cuts.append((s, cut))
+        s = cut
+    cuts.append((s, T))
+    return cuts
+
+
+def audio_chunks(audio: np.ndarray, chunk_seconds: float) -> list[tuple[int, int]]:
+    """Sample ranges [a, b) of 16 kHz `audio` that the teacher labels one by one: the whole clip when it is at
+    most chunk_seconds (<= 30) long, else chunks of at most that length cut at pauses (pause_cuts on 20 ms
+    frames)."""
+    step = 2 * HOP
+    limit = min(WINDOW_SAMPLES, int(round(chunk_seconds * SAMPLE_RATE)))
+    if audio.size <= limit:
+        return [(0, audio.size)]
+    cuts = pause_cuts(frame_db(audio, step), max(1, limit // step))
+    return [(a * step, min(b * step, audio.size)) for a, b in cuts]
 
 
 def _quantize_int8(model):

@@ -338,6 +338,8 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, val_loss: 
         f"- data: {counts.get('train', 0)} train, {counts.get('val', 0)} val examples; per modality "
         + ", ".join(f"{m} {v}" for m, v in sorted(per_mod.items()))
         + f"; {data.counts.get('truncated', 0)} labels truncated to {cfg.max_text_tokens} tokens"
+        + (f"; {data.counts['chunked']} long clips trained chunk by chunk (as the teacher labelled them)"
+           if data.counts.get("chunked") else "")
         + (f"; {data.counts['longer_than_context']} clips longer than the decoder's context left out"
            if data.counts.get("longer_than_context") else ""),
         f"- training: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, kd_weight {cfg.kd_weight} "

@@ -55,7 +55,7 @@ def load_labelled(stage_dir: Path, tokenizer: TextTokenizer, max_text_tokens: in
     tokenizer is the teacher's (Whisper) and the teacher's own tokens decode to the label.
     """
     out = LabelledData({s: [] for s in splits}, {}, {})
-    counts = {"examples": 0, "kd_examples": 0, "truncated": 0, "empty": 0}
+    counts = {"examples": 0, "kd_examples": 0, "truncated": 0, "empty": 0, "chunked": 0}
     whisper_tok = tokenizer.spec["kind"] == "whisper"
     for modality, rec, _, _, arrays in read_labelled(stage_dir, modalities, tuple(splits)):
         text = str(rec.get("text") or "")
@@ -67,50 +67,79 @@ def load_labelled(stage_dir: Path, tokenizer: TextTokenizer, max_text_tokens: in
         if teacher and teacher not in names:
             names.append(teacher)
 
-        targets, topk_ids, topk_lp = None, None, None
-        teacher_tokens = arrays.get("tokens")
-        if whisper_tok and teacher.startswith("whisper") and teacher_tokens is not None and len(teacher_tokens):
-            toks = [int(t) for t in teacher_tokens]
+        teacher_tokens, topk_ids, topk_lp = None, None, None
+        tt = arrays.get("tokens")
+        if whisper_tok and teacher.startswith("whisper") and tt is not None and len(tt):
+            toks = [int(t) for t in tt]
             # The teacher's tokens are used only when they are the label (not a reference put in its place)
             # and only text ids: then its top-k rows line up with our targets one for one.
             if all(t < tokenizer.eot for t in toks) and tokenizer.decode(toks) == text.strip():
-                targets = toks
+                teacher_tokens = toks
                 if "topk_ids" in arrays and len(arrays["topk_ids"]) == len(toks):
                     topk_ids = torch.from_numpy(arrays["topk_ids"].astype(np.int64))
                     topk_lp = torch.from_numpy(arrays["topk_logprobs"].astype(np.float32))
-        if targets is None:
-            targets = tokenizer.encode(text)
-        if not targets:
-            counts["empty"] += 1  # nothing to learn but "stop": kept, it teaches the eot after a marker
-        if len(targets) > max_text_tokens:
-            targets = targets[:max_text_tokens]
-            counts["truncated"] += 1
-            if topk_ids is not None:
-                topk_ids, topk_lp = topk_ids[:max_text_tokens], topk_lp[:max_text_tokens]
-        else:
-            targets = targets + [tokenizer.eot]
-
         f = None
         if feats is not None and feats.size:
             f = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float16)).reshape(-1, feats.shape[-1])
-            if max_frames is not None and f.shape[0] > max_frames:
-                f = pool_frames(f.float(), max_frames).half()
-        ex = Example(key=str(rec.get("key", "")), modality=modality, split=rec["split"], text=text, targets=targets,
-                     teacher=teacher, features=f, topk_ids=topk_ids, topk_logprobs=topk_lp,
-                     reference=rec.get("reference"))
-        out.splits[rec["split"]].append(ex)
-        counts["examples"] += 1
-        counts["kd_examples"] += topk_ids is not None
+        key = str(rec.get("key", ""))
+        pieces = _chunks(rec, arrays, text, teacher_tokens, f)
+        counts["chunked"] += len(pieces) > 1
+        for j, (ptext, (ta, tb), (fa, fb)) in enumerate(pieces):
+            targets = teacher_tokens[ta:tb] if teacher_tokens is not None else tokenizer.encode(ptext)
+            p_ids = topk_ids[ta:tb] if topk_ids is not None else None
+            p_lp = topk_lp[ta:tb] if topk_lp is not None else None
+            if not targets:
+                counts["empty"] += 1  # nothing to learn but "stop": kept, it teaches the eot after a marker
+            if len(targets) > max_text_tokens:
+                targets = targets[:max_text_tokens]
+                counts["truncated"] += 1
+                if p_ids is not None:
+                    p_ids, p_lp = p_ids[:max_text_tokens], p_lp[:max_text_tokens]
+            else:
+                targets = targets + [tokenizer.eot]
+            pf = None if f is None else f[fa:fb]
+            if pf is not None and max_frames is not None and pf.shape[0] > max_frames:
+                pf = pool_frames(pf.float(), max_frames).half()
+            ex = Example(key=key if len(pieces) == 1 else f"{key}#{j}", modality=modality, split=rec["split"],
+                         text=ptext, targets=targets, teacher=teacher, features=pf, topk_ids=p_ids,
+                         topk_logprobs=p_lp, reference=rec.get("reference") if len(pieces) == 1 else None)
+            out.splits[rec["split"]].append(ex)
+            counts["examples"] += 1
+            counts["kd_examples"] += p_ids is not None
     for s in splits:
         out.splits[s].sort(key=lambda e: (e.modality, e.key))  # shard order may change; this order does not
     out.counts = counts
     return out
 
 
+def _chunks(rec: dict, arrays: dict, text: str, tokens: list[int] | None,
+            features: torch.Tensor | None) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """The pieces one labelled sample trains as: (text, token range, feature-frame range) each. A long clip
+    the teacher labelled chunk by chunk (info.chunk_texts, arrays chunk_tokens and chunk_frames) gives one
+    piece per chunk, when its label is the teacher's own (the chunks' texts join to it) and the arrays agree;
+    anything else is one piece, whole. Token ranges index the teacher's tokens (None: the piece's text is
+    tokenised instead)."""
+    whole = [(text, (0, len(tokens) if tokens is not None else 0), (0, 0 if features is None else features.shape[0]))]
+    texts = (rec.get("info") or {}).get("chunk_texts")
+    n_tok, n_frames = arrays.get("chunk_tokens"), arrays.get("chunk_frames")
+    if not texts or n_tok is None or len(texts) < 2 or len(n_tok) != len(texts):
+        return whole
+    if " ".join(t for t in texts if t) != text.strip():
+        return whole  # the label is not the teacher's (a reference took its place)
+    if tokens is not None and int(np.sum(n_tok)) != len(tokens):
+        return whole
+    if features is not None and (n_frames is None or len(n_frames) != len(texts)
+                                 or int(np.sum(n_frames)) != features.shape[0]):
+        return whole
+    tb = np.concatenate([[0], np.cumsum(n_tok)]).astype(int)
+    fb = np.concatenate([[0], np.cumsum(n_frames)]).astype(int) if features is not None else np.zeros(len(texts) + 1, int)
+    return [(str(texts[j]), (int(tb[j]), int(tb[j + 1])), (int(fb[j]), int(fb[j + 1]))) for j in range(len(texts))]
+
+
 def within_context(examples: list[Example], spec) -> tuple[list[Example], int]:
     """The examples a student with StudentSpec `spec` can learn from whole, and how many it cannot: a
-    cross_attention decoder reads at most spec.source_frames frames, and a clip longer than that (labelled by
-    the Whisper teacher window by window) has a label that does not belong to its first window alone
+    cross_attention decoder reads at most spec.source_frames frames, and a clip longer than that that was not
+    split into the teacher's chunks (see _chunks) has a label that does not belong to its first window alone
     (Distil-Whisper also trains on <= 30 s segments). Generation windows such clips instead
     (stages.generation.feature_windows)."""
     if spec.style != "cross_attention":

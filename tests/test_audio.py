@@ -204,8 +204,9 @@ def test_a_clips_label_does_not_depend_on_its_batch(random_teacher):
 def test_long_audio_is_windowed_or_refused(random_teacher):
     long = (0.05 * np.random.default_rng(2).standard_normal(int(31.5 * 16000))).astype(np.float32)
     lab = random_teacher.label([long])[0]
-    assert lab.info["n_windows"] == 2
-    assert lab.arrays["features"].shape[0] == 1500 + math.ceil(1.5 * 16000 / 320)
+    assert lab.info["n_windows"] == 2 and len(lab.info["chunk_texts"]) == 2
+    assert lab.arrays["features"].shape[0] == math.ceil(31.5 * 16000 / 320) == int(lab.arrays["chunk_frames"].sum())
+    assert int(lab.arrays["chunk_tokens"].sum()) == len(lab.arrays["tokens"])
     strict = WhisperTeacher(WhisperTeacherConfig(**RANDOM, long_audio="reject", max_seconds=40))
     with pytest.raises(BadInput, match="longer than 30 s"):
         strict.label([long])
@@ -214,6 +215,49 @@ def test_long_audio_is_windowed_or_refused(random_teacher):
         short.label([long])
 
 
+def test_pause_cuts_cut_in_the_middle_of_the_quietest_stretch():
+    from modalities.whisper_teacher import pause_cuts
+
+    db = np.full(100, -20.0)
+    db[30:40] = -90.0  # a long pause
+    db[70:72] = -60.0  # a short dip
+    assert pause_cuts(db, 50) == [(0, 35), (35, 71), (71, 100)]
+    assert pause_cuts(db, 100) == [(0, 100)]
+    # No pause: chunks still cover every frame, in order, none longer than the limit.
+    flat = pause_cuts(np.full(1000, -20.0), 300)
+    assert flat[0][0] == 0 and flat[-1][1] == 1000 and all(b == c for (_, b), (c, _) in zip(flat, flat[1:]))
+    assert all(0 < b - a <= 300 for a, b in flat)
+
+
+def _speech_with_a_pause() -> np.ndarray:
+    """5 s of noise, 1 s of silence, 6 s of noise at 16 kHz: the only place to cut is 5-6 s."""
+    rng = np.random.default_rng(3)
+    loud = lambda s: (0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32)
+    return np.concatenate([loud(5.0), np.zeros(16000, np.float32), loud(6.0)])
+
+
+def test_a_clip_longer_than_chunk_seconds_is_labelled_chunk_by_chunk_from_each_chunks_start():
+    from modalities.whisper_teacher import audio_chunks
+
+    clip = _speech_with_a_pause()
+    (a0, b0), (a1, b1) = audio_chunks(clip, 8.0)
+    assert a0 == 0 and b0 == a1 and b1 == clip.size and 5.3 * 16000 < b0 < 5.7 * 16000  # inside the pause
+    assert audio_chunks(clip, 12.0) == [(0, clip.size)]
+    teacher = WhisperTeacher(WhisperTeacherConfig(**RANDOM, chunk_seconds=8.0), "cpu", top_k=3, store_features=True)
+    lab = teacher.label([clip])[0]
+    parts = [teacher.label([clip[a:b]])[0] for a, b in ((a0, b0), (a1, b1))]  # each chunk as a clip of its own
+    assert lab.info["chunk_texts"] == [p.text for p in parts]
+    assert lab.text == " ".join(p.text for p in parts if p.text)
+    assert lab.arrays["chunk_tokens"].tolist() == [len(p.arrays["tokens"]) for p in parts]
+    assert lab.arrays["chunk_frames"].tolist() == [len(p.arrays["features"]) for p in parts]
+    assert np.array_equal(lab.arrays["tokens"], np.concatenate([p.arrays["tokens"] for p in parts]))
+    # The second chunk is encoded from its own start (as a short clip is), not as frames 270+ of one window.
+    np.testing.assert_allclose(lab.arrays["features"].astype(np.float32),
+                               np.concatenate([p.arrays["features"] for p in parts]).astype(np.float32), atol=2e-3)
+    whole = WhisperTeacher(WhisperTeacherConfig(**RANDOM), "cpu", store_features=True).label([clip])[0]
+    assert "chunk_frames" not in whole.arrays and "chunk_texts" not in whole.info
+    assert not np.allclose(whole.arrays["features"][b0 // 320:].astype(np.float32),
+                           parts[1].arrays["features"].astype(np.float32), atol=1e-2)
 def test_filter_reasons(random_teacher):
     lab = Label("hello world", info={"avg_logprob": -1.32, "compression_ratio": 1.1, "no_speech_prob": 0.1})
     off = FilterConfig(min_avg_logprob=None, max_compression_ratio=None, max_no_speech_prob=None, max_wer=None)

@@ -255,3 +255,22 @@ def test_sampler_state_restores_exactly():
     assert sum(ex[i].modality == "audio" for i in drawn) > sum(ex[i].modality == "text" for i in drawn) / 2
     c, d = (MixtureSampler(ex, 4, {"image": 0.0, "audio": 2.0}, seed=s) for s in (8, 7))
     assert [c.next_batch() for _ in range(14)] != [d.next_batch() for _ in range(14)]
+
+
+def test_a_clip_labelled_in_chunks_trains_as_its_chunks():
+    import numpy as np
+
+    from stages.labelled_data import _chunks
+
+    rec = {"info": {"chunk_texts": ["Hello there.", "", "Goodbye."]}}
+    arrays = {"chunk_tokens": np.array([3, 0, 2]), "chunk_frames": np.array([10, 4, 6])}
+    f = torch.zeros(20, 8)
+    tokens = [1, 2, 3, 4, 5]
+    assert _chunks(rec, arrays, "Hello there. Goodbye.", tokens, f) == [
+        ("Hello there.", (0, 3), (0, 10)), ("", (3, 3), (10, 14)), ("Goodbye.", (3, 5), (14, 20))]
+    # Trained whole instead: a reference took the label's place, or the arrays disagree with the label.
+    whole = [("Hello, there. Goodbye.", (0, 5), (0, 20))]
+    assert _chunks(rec, arrays, "Hello, there. Goodbye.", tokens, f) == whole
+    assert _chunks(rec, arrays, "Hello there. Goodbye.", tokens, torch.zeros(21, 8))[0][2] == (0, 21)
+    assert len(_chunks(rec, arrays, "Hello there. Goodbye.", tokens + [6], f)) == 1
+    assert len(_chunks({}, {}, "Hello there. Goodbye.", tokens, f)) == 1
