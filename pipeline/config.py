@@ -170,6 +170,10 @@ class EvaluateConfig:
     sources: List[SourceConfig] = field(default_factory=list)  # extra held-out sets, each with a `name`
     temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
     max_new_tokens: int = field(default=64, metadata=_min(1))
+    # Whisper's temperature fallback for greedy decoding (T = 0): a piece whose text's compression ratio is
+    # above max_compression_ratio (a repetition loop) is decoded again at these temperatures in turn; [] = off
+    fallback_temperatures: List[float] = field(default_factory=list)
+    max_compression_ratio: float = field(default=2.4, metadata=_min(1.0))
     max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
     bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
     batch_size: int = field(default=16, metadata=_min(1))

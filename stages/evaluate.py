@@ -60,17 +60,22 @@ class EvalItem:
     reference: str | None
     info: dict = field(default_factory=dict)
     features: np.ndarray | None = None  # [T, D] float16, None for modalities without features
+    chunks: list[int] | None = None  # a long clip the teacher labelled chunk by chunk: each chunk's frames
+    chunk_texts: list[str] | None = None  # and its text
 
 
 # ----------------------------------------------------------------------------------------------- the sets
 def _items(records) -> dict[str, list[EvalItem]]:
     by_mod: dict[str, list[EvalItem]] = {}
     for modality, rec, _, _, arrays in records:
-        f = arrays.get("features")
+        f, cf = arrays.get("features"), arrays.get("chunk_frames")
+        ct = (rec.get("info") or {}).get("chunk_texts")
         by_mod.setdefault(modality, []).append(EvalItem(
             key=str(rec.get("key", "")), modality=modality, teacher_text=str(rec.get("teacher_text", rec.get("text")) or ""),
             label=str(rec.get("text") or ""), reference=rec.get("reference"), info=rec.get("info") or {},
-            features=None if f is None or not f.size else np.asarray(f).reshape(-1, f.shape[-1])))
+            features=None if f is None or not f.size else np.asarray(f).reshape(-1, f.shape[-1]),
+            chunks=None if cf is None else [int(c) for c in np.asarray(cf).reshape(-1)],
+            chunk_texts=None if not ct else [str(t) for t in ct]))
     for items in by_mod.values():
         items.sort(key=lambda it: it.key)  # shard order may change; this order does not
     return dict(sorted(by_mod.items()))
@@ -211,6 +216,24 @@ def _seed(*parts) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
+def chunk_items(items: list[EvalItem]) -> list[EvalItem]:
+    """Each item as the pieces the student was trained on: a long clip the teacher labelled chunk by chunk
+    becomes one item per chunk (its features and the teacher's text of it; no reference); others stay."""
+    out = []
+    for it in items:
+        ok = (it.chunks and it.chunk_texts and len(it.chunks) == len(it.chunk_texts) > 1 and it.features is not None
+              and sum(it.chunks) == len(it.features))
+        if not ok:
+            out.append(it)
+            continue
+        a = 0
+        for j, (n, t) in enumerate(zip(it.chunks, it.chunk_texts)):
+            out.append(EvalItem(key=f"{it.key}#{j}", modality=it.modality, teacher_text=t, label=t, reference=None,
+                                info=it.info, features=it.features[a: a + n]))
+            a += n
+    return out
+
+
 def _features(items: list[EvalItem], rows: list[int]) -> list[torch.Tensor] | None:
     if any(items[i].features is None for i in rows):
         return None
@@ -239,6 +262,8 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
         gen = torch.Generator(device=student.device).manual_seed(_seed(seed, j) % (2**63))
         feats = _features(items, rows)
         texts = generate_rows(student, modality, feats, n=None if feats is not None else len(rows),
+                              chunks=[items[i].chunks for i in rows], fallback=cfg.fallback_temperatures,
+                              max_compression_ratio=cfg.max_compression_ratio,
                               temperature=temperature, max_new_tokens=cfg.max_new_tokens, generator=gen)
         mine.update(zip(rows, texts))
     return _gather_rows(mine, len(items))
@@ -249,8 +274,10 @@ def teacher_nll(ctx: StageContext, student, modality: str, items: list[EvalItem]
                 temperatures: list[float]) -> dict[float, float | None]:
     """Per-token negative log-likelihood of the teacher's labels (bos y.. eot, cut to the student's text
     positions) under the student's distribution softmax(logits / T), pooled over every token of every
-    item, for each T > 0 in `temperatures` (T = 0 has no density: None)."""
+    item (a long clip: of every chunk the teacher labelled), for each T > 0 in `temperatures` (T = 0 has no
+    density: None)."""
     cfg = ctx.section
+    items = chunk_items(items)
     temps = [t for t in temperatures if t > 0]
     tok, spec = student.tokenizer, student.spec
     limit = student.max_text_positions()
@@ -418,6 +445,8 @@ def _temperatures(cfg) -> list[float]:
     temps = [float(t) for t in cfg.temperatures]
     if any(t < 0 for t in temps):
         raise UserError(f"evaluate.temperatures must be >= 0 (0 is greedy), got {temps}")
+    if any(float(t) <= 0 for t in cfg.fallback_temperatures):
+        raise UserError(f"evaluate.fallback_temperatures must be > 0, got {list(cfg.fallback_temperatures)}")
     return sorted(set(temps) | {0.0})
 
 
@@ -465,9 +494,12 @@ def run(ctx: StageContext) -> dict:
                         atomic_write_json(cache, {"keys": [it.key for it in items], "texts": out})
                 nlls[(cp, s, m)] = teacher_nll(ctx, student, m, items, sorted(set(temps) | {1.0}))
                 if ctx.dist.is_main and cp == "adversarial":
-                    hyps = texts[(cp, s, m, 0.0)]
-                    disc[(cp, s, m)] = (disc_accuracy(discs, student.tokenizer, m, items, hyps),
-                                        disc_ranking(discs, student.tokenizer, m, items, hyps))
+                    # judged where a discriminator was trained: inputs the teacher labelled in one piece
+                    one = [i for i, it in enumerate(items) if not it.chunks or len(it.chunks) < 2]
+                    hyps = [texts[(cp, s, m, 0.0)][i] for i in one]
+                    sub = [items[i] for i in one]
+                    disc[(cp, s, m)] = (disc_accuracy(discs, student.tokenizer, m, sub, hyps),
+                                        disc_ranking(discs, student.tokenizer, m, sub, hyps))
         del student, discs
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -135,32 +135,68 @@ def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, m
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def feature_windows(student: Student, features: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """One input's features [T, D] as the pieces a student reads: a cross_attention student (whose decoder
-    sees at most source_frames frames) reads a longer input in consecutive windows of source_frames, as the
-    Whisper teacher labelled it (its features are the concatenated encodings of 30 s windows). Anything
-    else: the input whole."""
+def feature_windows(student: Student, features: torch.Tensor | None,
+                    chunks: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+    """One input's features [T, D] as the pieces a student reads, in order. chunks: the frame counts of the
+    pieces the teacher labelled one by one (a long clip's chunks, each encoded from its own start; they sum
+    to T): those pieces, as the student was trained on them. Without chunks, a cross_attention student (its
+    decoder sees at most source_frames frames) reads a longer input in consecutive windows of source_frames;
+    any other student reads the input whole."""
     student = getattr(student, "module", student)
-    n = student.spec.source_frames
-    if features is None or student.spec.style != "cross_attention" or features.dim() != 2 or features.shape[0] <= n:
+    if features is None or features.dim() != 2:
         return [features]
-    return [features[s: s + n] for s in range(0, features.shape[0], n)]
+    if chunks is not None and len(chunks) > 1 and int(sum(chunks)) == features.shape[0]:
+        bounds = [0]
+        for c in chunks:
+            bounds.append(bounds[-1] + int(c))
+        pieces = [features[x:y] for x, y in zip(bounds, bounds[1:])]
+    else:
+        pieces = [features]
+    n = student.spec.source_frames
+    if student.spec.style != "cross_attention":
+        return pieces
+    return [p[s: s + n] for p in pieces for s in range(0, max(1, p.shape[0]), n)]
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8 bytes) / len(zlib-compressed bytes): Whisper's repetition-loop detector (a loop compresses
+    well; Whisper re-decodes a window whose text scores above 2.4). 0 for empty text."""
+    import zlib
+
+    b = text.encode("utf-8")
+    return len(b) / len(zlib.compress(b)) if b else 0.0
 
 
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
+                   chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
                    **kw) -> list[str]:
-    """The text of every input: `generate` over its windows (feature_windows), the windows' texts joined by a
-    space. features: a list of [T_i, D] tensors, or None (give n). kw: as `generate`."""
+    """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
+    space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
+    frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
+    compression_ratio exceeds max_compression_ratio (a repetition loop) is decoded again at each of these
+    temperatures in turn (sampling from kw's generator) until one is below it; the least repetitive attempt
+    is kept. kw: as `generate`."""
     if features is None:
         return generate(student, modality, None, n=n, **kw).texts
     pieces, owner = [], []
     for i, f in enumerate(features):
-        for w in feature_windows(student, f):
+        for w in feature_windows(student, f, chunks[i] if chunks is not None else None):
             pieces.append(w)
             owner.append(i)
-    out = generate(student, modality, pieces, **kw)
+    out = generate(student, modality, pieces, **kw).texts
+    if fallback and kw.get("temperature", 0.0) <= 0:
+        score = [compression_ratio(t) for t in out]
+        for temp in fallback:
+            redo = [j for j, c in enumerate(score) if c > max_compression_ratio]
+            if not redo:
+                break
+            again = generate(student, modality, [pieces[j] for j in redo], **{**kw, "temperature": float(temp)}).texts
+            for j, t in zip(redo, again):
+                c = compression_ratio(t)
+                if c < score[j]:
+                    out[j], score[j] = t, c
     texts: list[list[str]] = [[] for _ in features]
-    for i, t in zip(owner, out.texts):
+    for i, t in zip(owner, out):
         if t:
             texts[i].append(t)
     return [" ".join(t) for t in texts]
@@ -216,5 +252,7 @@ def generate_cli(a) -> int:
     if feats is None or student.spec.feature_dims.get(modality, 0) <= 0:
         raise UserError(f"the {modality} teacher gave no features for {path}")
     f = torch.from_numpy(feats.astype("float32")).reshape(-1, feats.shape[-1])
-    print(generate_texts(student, modality, [f], **kw)[0])
+    ev = cfg.root.evaluate
+    print(generate_texts(student, modality, [f], chunks=[label.arrays.get("chunk_frames")],
+                         fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio, **kw)[0])
     return 0

@@ -273,3 +273,19 @@ def test_short_form_wer_leaves_out_clips_longer_than_one_window():
     assert m["n_short_form"] == 2 and m["wer_short_form"] == pytest.approx(1 / 4)  # a and c (1,500 frames fit)
     m, _ = score("audio", NoExtra(), ["press one", "good bye"], [items[0], items[2]], bootstrap=20, seed=0)
     assert "wer_short_form" not in m  # every clip is short-form: nothing to split
+
+
+def test_a_long_clip_is_scored_for_likelihood_chunk_by_chunk():
+    import numpy as np
+
+    from stages.evaluate import EvalItem, chunk_items
+
+    f = np.arange(20 * 3, dtype=np.float16).reshape(20, 3)
+    long = EvalItem("a", "audio", "One. Two.", "One. Two.", "one two", features=f, chunks=[12, 8],
+                    chunk_texts=["One.", "Two."])
+    short = EvalItem("b", "audio", "Three.", "Three.", "three", features=f[:5])
+    odd = EvalItem("c", "audio", "x", "x", None, features=f, chunks=[12, 7], chunk_texts=["x", ""])  # don't add up
+    out = chunk_items([long, short, odd])
+    assert [(it.key, it.teacher_text, len(it.features)) for it in out] == [
+        ("a#0", "One.", 12), ("a#1", "Two.", 8), ("b", "Three.", 5), ("c", "x", 20)]
+    assert np.array_equal(out[1].features, f[12:]) and out[0].reference is None

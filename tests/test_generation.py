@@ -134,3 +134,50 @@ def test_long_inputs_are_read_window_by_window_by_a_cross_attention_student(styl
     each = [generate(s, "audio", [w], max_new_tokens=4).texts[0] for w in wins]
     assert texts[0] == " ".join(t for t in each if t)
     assert texts[1] == generate(s, "audio", [short], max_new_tokens=4).texts[0]
+
+
+@pytest.mark.parametrize("style", ["prefix", "cross_attention"])
+def test_a_clip_labelled_in_chunks_is_read_chunk_by_chunk(style):
+    import dataclasses
+
+    from stages.generation import feature_windows, generate_texts
+
+    s = _student(style)
+    s.spec = dataclasses.replace(s.spec, source_frames=4)
+    x = torch.randn(10, DIMS["audio"])
+    wins = feature_windows(s, x, [3, 7])  # the teacher's chunks; the second is longer than the decoder's context
+    expect = [3, 7] if style == "prefix" else [3, 4, 3]
+    assert [w.shape[0] for w in wins] == expect and torch.equal(torch.cat(wins), x)
+    assert [w.shape[0] for w in feature_windows(s, x, [3, 6])] == ([10] if style == "prefix" else [4, 4, 2])  # don't add up: ignored
+    texts = generate_texts(s, "audio", [x], chunks=[[3, 7]], max_new_tokens=4)
+    each = [generate(s, "audio", [w], max_new_tokens=4).texts[0] for w in wins]
+    assert texts[0] == " ".join(t for t in each if t)
+
+
+def test_compression_ratio_flags_repetition_loops():
+    from stages.generation import compression_ratio
+
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("the 9 key for Z") < 1.0
+    assert compression_ratio("the voice of " * 20) > 2.4 > compression_ratio(
+        "If you would like to learn more technical information about Asterisk dial 2 now.")
+
+
+def test_temperature_fallback_redecodes_only_looping_pieces():
+    from stages.generation import compression_ratio, generate_texts
+
+    s = _student("prefix")
+    feats = _features(6)
+    kw = dict(max_new_tokens=24)
+    greedy = generate_texts(s, "audio", feats, **kw)
+    # Nothing above the threshold: the greedy texts, untouched.
+    assert generate_texts(s, "audio", feats, fallback=(0.5, 1.0), max_compression_ratio=1e9, **kw) == greedy
+    # Every piece above it: each is decoded again; a text is replaced only by a less repetitive one.
+    g = torch.Generator().manual_seed(0)
+    redone = generate_texts(s, "audio", feats, fallback=(0.5, 1.0), max_compression_ratio=0.0, generator=g, **kw)
+    assert all(compression_ratio(r) <= compression_ratio(t) for r, t in zip(redone, greedy))
+    assert redone != greedy
+    # Sampling already: no fallback.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert (generate_texts(s, "audio", feats, temperature=1.0, generator=g1, fallback=(0.5,), max_compression_ratio=0.0, **kw)
+            == generate_texts(s, "audio", feats, temperature=1.0, generator=g2, **kw))
