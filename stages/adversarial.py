@@ -180,7 +180,8 @@ def rows_from_tokens(seqs: Sequence[Sequence[int]], modality: Sequence[str], fea
         ids[i, 0] = bos
         ids[i, 1: 1 + len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : 1 + len(s)] = 1
-    return Rows(ids.to(device), mask.to(device), list(modality), list(features), list(source))
+    return Rows(ids.to(device), mask.to(device), list(modality),
+                [None if f is None else f.to(device) for f in features], list(source))
 
 
 def rows_from_generated(gen, modality, features, source, bos: int) -> Rows:

@@ -399,6 +399,9 @@ class Student(nn.Module):
         one: only the new text tokens. Returns (hidden states [b, l, d] at the text positions, cache)."""
         b, l = input_ids.shape
         dec = self._decoder()
+        dev = input_ids.device  # features given on another device (a user's CPU tensors) follow the tokens
+        features = features.to(dev) if features is not None and features.device != dev else features
+        feature_mask = feature_mask.to(dev) if feature_mask is not None and feature_mask.device != dev else feature_mask
         if self.spec.style == "cross_attention":
             if cache is None:
                 states, tail = self._encoder_states(modality, features, feature_mask, b)
