@@ -10,7 +10,8 @@ alone, i.e. more likelihood training at the adversarial learning rate - what the
 figures of the distilled, anchored and unanchored students side by side (WER with its 95% bootstrap interval,
 image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
 clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
-run into OUT/compare. Extra key=value arguments go to every run (e.g. adversarial.steps=40).
+run into OUT/compare. With --greedy-too, every run is scored again with plain greedy decoding (no temperature
+fallback), which shows the repetition loops the fallback hides. Extra key=value arguments go to every run (e.g. adversarial.steps=40).
 Nothing here is timed; the figures are the runs' own report.json.
 """
 
@@ -55,6 +56,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--reuse", default="runs/demo", help="a finished demo run whose ingest/pseudo_label to reuse")
+    ap.add_argument("--greedy-too", action="store_true",
+                    help="also score every run with plain greedy decoding (evaluate.fallback_temperatures=[]): "
+                         "a run OUT/seedS[-name]-greedy that reuses everything but evaluate")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     a = ap.parse_args()
     out = ROOT / a.out
@@ -68,17 +72,26 @@ def main() -> int:
             run(["run", str(CONFIG), f"seed={seed}", override, *a.overrides,
                  "--run-dir", str(out / f"seed{seed}-{name}"), "--reuse", str(anchored)])
             runs.append(out / f"seed{seed}-{name}")
+        if a.greedy_too:
+            for src in [anchored, out / f"seed{seed}-unanchored", out / f"seed{seed}-mle"]:
+                run(["run", str(CONFIG), f"seed={seed}", *(["adversarial.anchored=false"] if src.name.endswith("unanchored")
+                                                          else ["adversarial.pg_weight=0"] if src.name.endswith("mle") else []),
+                     *a.overrides, "evaluate.fallback_temperatures=[]", "evaluate.temperatures=[0.0]",
+                     "--run-dir", str(src.with_name(src.name + "-greedy")), "--reuse", str(src)])
 
     header = ("| student | {} [95% CI] | vs distilled | WER vs teacher (all clips) | distinct-2 | self-BLEU-4 | 5-gram repeats | "
               "disc accuracy |")
-    tables = {k: [header.format(title), "|---|---|---:|---:|---:|---:|---:|---:|"]
-              for k, title in (("wer_vs_reference", "WER vs reference"), ("wer_short_form", "short-form WER"))}
+    variants = [("", "wer_vs_reference", "WER vs reference"), ("", "wer_short_form", "short-form WER")]
+    if a.greedy_too:
+        variants.append(("-greedy", "wer_vs_reference", "WER vs reference, plain greedy"))
+    tables = {(v, k): [header.format(title), "|---|---|---:|---:|---:|---:|---:|---:|"] for v, k, title in variants}
     images = ["| seed | distilled | anchored | unanchored | pg_weight 0 |", "|---|---:|---:|---:|---:|"]
     for seed in a.seeds:
         reps = {name: report(out / (f"seed{seed}" + (f"-{name}" if name else "")))["test"]
                 for name in ("", "unanchored", "mle")}
-        aud = {n: r.get("audio", {}) for n, r in reps.items()}
-        for key, lines in tables.items():
+        for (v, key), lines in tables.items():
+            aud = {n: report(out / (f"seed{seed}" + (f"-{n}" if n else "") + v))["test"].get("audio", {})
+                   for n in ("", "unanchored", "mle")}
             base = aud[""].get("distill", {}).get(key)
             lines.append(row(f"seed {seed} teacher", aud[""].get("teacher", {}), None, key))
             lines.append(row(f"seed {seed} distilled", aud[""].get("distill", {}), None, key))
@@ -90,10 +103,13 @@ def main() -> int:
             images.append(f"| {seed} | {fmt(img[''].get('distill', {}).get('label_agreement'))} | "
                           + " | ".join(fmt(img[n].get('adversarial', {}).get('label_agreement'))
                                        for n in ("", "unanchored", "mle")) + " |")
-    print("\n## held-out audio (test split): every clip (long ones decoded window by window)\n")
-    print("\n".join(tables["wer_vs_reference"]))
+    print("\n## held-out audio (test split): every clip (long ones read chunk by chunk)\n")
+    print("\n".join(tables[("", "wer_vs_reference")]))
     print("\n## held-out audio: short-form clips only (<= 30 s)\n")
-    print("\n".join(tables["wer_short_form"]))
+    print("\n".join(tables[("", "wer_short_form")]))
+    if a.greedy_too:
+        print("\n## held-out audio, every clip, plain greedy decoding (no temperature fallback)\n")
+        print("\n".join(tables[("-greedy", "wer_vs_reference")]))
     print("\n## held-out images: agreement with the teacher's labels\n")
     print("\n".join(images))
     run(["compare", *map(str, runs), "--out", str(out / "compare")])
