@@ -174,6 +174,7 @@ class EvaluateConfig:
     # above max_compression_ratio (a repetition loop) is decoded again at these temperatures in turn; [] = off
     fallback_temperatures: List[float] = field(default_factory=list)
     max_compression_ratio: float = field(default=2.4, metadata=_min(1.0))
+    min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
     max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
     bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
     batch_size: int = field(default=16, metadata=_min(1))

@@ -169,13 +169,14 @@ def compression_ratio(text: str) -> float:
 
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
-                   **kw) -> list[str]:
+                   min_avg_logprob: float | None = None, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
-    compression_ratio exceeds max_compression_ratio (a repetition loop) is decoded again at each of these
-    temperatures in turn (sampling from kw's generator) until one is below it; the least repetitive attempt
-    is kept. kw: as `generate`."""
+    compression_ratio exceeds max_compression_ratio (a repetition loop), or whose mean token log-prob is
+    below min_avg_logprob (None: not checked), is decoded again at each of these temperatures in turn
+    (sampling from kw's generator) until an attempt passes both; where none does, the least repetitive
+    attempt is kept. kw: as `generate`."""
     if features is None:
         return generate(student, modality, None, n=n, **kw).texts
     pieces, owner = [], []
@@ -183,18 +184,24 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
         for w in feature_windows(student, f, chunks[i] if chunks is not None else None):
             pieces.append(w)
             owner.append(i)
-    out = generate(student, modality, pieces, **kw).texts
+    first = generate(student, modality, pieces, **kw)
+    out = first.texts
     if fallback and kw.get("temperature", 0.0) <= 0:
-        score = [compression_ratio(t) for t in out]
+        def check(g: Generated) -> list[tuple[bool, float]]:  # (passes, compression ratio) per row
+            lp = (g.logprobs.sum(1) / g.mask.sum(1).clamp(min=1)).tolist()
+            cr = [compression_ratio(t) for t in g.texts]
+            return [(c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob), c)
+                    for c, a in zip(cr, lp)]
+
+        state = check(first)
         for temp in fallback:
-            redo = [j for j, c in enumerate(score) if c > max_compression_ratio]
+            redo = [j for j, (ok, _) in enumerate(state) if not ok]
             if not redo:
                 break
-            again = generate(student, modality, [pieces[j] for j in redo], **{**kw, "temperature": float(temp)}).texts
-            for j, t in zip(redo, again):
-                c = compression_ratio(t)
-                if c < score[j]:
-                    out[j], score[j] = t, c
+            again = generate(student, modality, [pieces[j] for j in redo], **{**kw, "temperature": float(temp)})
+            for j, t, (ok, c) in zip(redo, again.texts, check(again)):
+                if ok or c < state[j][1]:
+                    out[j], state[j] = t, (ok, c)
     texts: list[list[str]] = [[] for _ in features]
     for i, t in zip(owner, out):
         if t:
@@ -254,5 +261,6 @@ def generate_cli(a) -> int:
     f = torch.from_numpy(feats.astype("float32")).reshape(-1, feats.shape[-1])
     ev = cfg.root.evaluate
     print(generate_texts(student, modality, [f], chunks=[label.arrays.get("chunk_frames")],
-                         fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio, **kw)[0])
+                         fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio,
+                         min_avg_logprob=ev.min_avg_logprob, **kw)[0])
     return 0
