@@ -153,6 +153,9 @@ class AdversarialConfig:
     reward_weights: Dict[str, float] = field(default_factory=dict)  # per modality discriminator weight (default 1)
     guards: GuardConfig = field(default_factory=GuardConfig)
     discount: float = field(default=1.0, metadata=_min(0.0))  # gamma of the per-token returns G_t = sum_s>=t gamma^(s-t) r_s
+    # subtract the batch's mean token reward before the returns: raw logits are mostly negative on samples,
+    # and then a sample that stops early earns more (fewer negative terms); centred, stopping gains nothing on average
+    center_rewards: bool = False
     kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)

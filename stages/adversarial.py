@@ -484,7 +484,8 @@ class EMABaseline:
 def pg_objective(student: Student, reference: Student, discs: dict[str, Discriminator], fake: Rows, k: int,
                  weights: dict[str, float], *, discount: float, baseline: str | EMABaseline, kl_weight: float,
                  kl_estimator: str, pg_weight: float = 1.0, text_reward_all: bool = False,
-                 ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                 ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
+                 center_rewards: bool = False) -> tuple[torch.Tensor, dict]:
     """The pg loss of the student on its own samples `fake` (k consecutive rows per input), and its stats.
 
     Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
@@ -503,6 +504,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     kl_exact = exact_kl(logp_all, ref_all)
     rewards = token_rewards(discs, fake, weights, text_reward_all)
     shaped = rewards
+    if center_rewards:  # minus the mean over every process's tokens: the same shift everywhere
+        shaped = (rewards - global_count((rewards * mask).sum()) / n) * mask
     if kl_estimator == "sampled":
         shaped = rewards - kl_weight * (logp.detach() - ref_tok)
     G = returns_to_go(shaped, mask, discount)
@@ -767,7 +770,7 @@ def run(ctx: StageContext) -> dict:
                                             discount=cfg.discount, baseline="loo" if cfg.baseline == "loo" else ema,
                                             kl_weight=cfg.kl_weight, kl_estimator=cfg.kl_estimator,
                                             pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all,
-                                            ce=ce, ce_weight=ce_weight)
+                                            ce=ce, ce_weight=ce_weight, center_rewards=cfg.center_rewards)
                 else:
                     loss, st = spin_objective(student, previous, reference, real, fake, cfg.spin_beta,
                                               kl_weight=cfg.kl_weight, ce=ce, ce_weight=ce_weight)

@@ -196,6 +196,55 @@ def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(pre
     assert st["kl"] > 0  # it moved away from the reference, and the KL says so
 
 
+class ConstantJudge(nn.Module):
+    """A discriminator that finds every token equally fake: logit -1 everywhere."""
+
+    def forward(self, input_ids, attention_mask, features=None, token_embeds=None):
+        return -torch.ones(input_ids[:, 1:].shape)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_centred_rewards_do_not_teach_a_student_to_stop_early(center):
+    """With rewards that are negative everywhere, a shorter sample collects fewer of them: raw returns teach
+    the student to stop early whatever it says; centred on the batch's mean reward they carry no such pull."""
+    torch.set_num_threads(1)
+    student = _tiny_student().eval()
+    tok = student.tokenizer
+    A, B, eot = tok.encode("yes")[0], tok.encode("no")[0], tok.eot
+    opt = torch.optim.Adam(student.parameters(), lr=3e-2)
+    data = adv.rows_from_tokens([[A, eot], [A, B, eot]], ["text"] * 2, [None] * 2, [0, 1], tok.bos, eot, "cpu")
+    for _ in range(60):  # "A" then, as often, "B" or the end
+        loss = -student.score(data.input_ids, data.attention_mask, data.modality, data.features).sum() / 5
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def p_stop() -> float:
+        with torch.no_grad():
+            lp = adv.policy_logprobs(student, adv.rows_from_tokens([[A, eot]], ["text"], [None], [0], tok.bos, eot, "cpu"))
+        return lp[0, 1, eot].exp().item()
+
+    p0 = p_stop()
+    assert 0.3 < p0 < 0.7, p0
+    reference = _tiny_student().eval().requires_grad_(False)
+    reference.load_state_dict(student.state_dict())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        gen = generate(student, ["text"] * 8, [None] * 8, temperature=1.0, max_new_tokens=3, generator=g)
+        fake = adv.rows_from_generated(gen, ["text"] * 8, [None] * 8, [i // 4 for i in range(8)], tok.bos)
+        loss, _ = adv.pg_objective(student, reference, {"text": ConstantJudge()}, fake, 4, {}, discount=1.0,
+                                   baseline="loo", kl_weight=0.01, kl_estimator="exact", center_rewards=center)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p1 = p_stop()
+    if center:
+        assert abs(p1 - p0) < 0.05, (p0, p1)
+    else:
+        assert p1 > p0 + 0.2, (p0, p1)
+
+
 # ---------------------------------------------------------------------------------------- through the stage
 TINY = {
     "plugins": ["toy_vibration"],
