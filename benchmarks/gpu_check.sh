@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA paths on one GPU, as one prepared call of the device tool (never CI):
 #   configs/tiny.yaml end to end on cpu and on cuda (prefix student with transformer discriminators;
-#   cross_attention student with student-backbone discriminators), under torchrun with 1 process (NCCL),
+#   cross_attention student with student-backbone discriminators), under torchrun with 1 process (no process
+#   group is made for one process, so this is the launcher's path, not NCCL's),
 #   and on cuda killed inside distill (GROUNDGAN_FAULT=step:6) then resumed; benchmarks/gpu_compare.py
 #   compares them. Packages the GPU image lacks travel as wheels in .whl/ (see the device tool's README).
 #   bash benchmarks/gpu_check.sh          # writes logs and summary.txt under $OUT (default /tmp/gpu_check)

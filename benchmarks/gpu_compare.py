@@ -75,7 +75,7 @@ def main(work: Path) -> int:
 
     pair("cuda", "cpu", "prefix, cuda bf16 autocast vs cpu fp32", 0.05)
     pair("cuda_ca", "cpu_ca", "cross_attention, cuda vs cpu", 0.05)
-    pair("nccl", "cuda", "torchrun 1 process NCCL vs 1 process cuda", 1e-3)
+    pair("nccl", "cuda", "torchrun, 1 process (no process group) vs plain 1 process, cuda", 1e-3)
     pair("resume", "cuda", "cuda killed at distill step 6 and resumed vs uninterrupted", 1e-3)
     return 1 if bad else 0
 
