@@ -507,7 +507,7 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     if center_rewards:  # minus the mean over every process's tokens: the same shift everywhere
         shaped = (rewards - global_count((rewards * mask).sum()) / n) * mask
     if kl_estimator == "sampled":
-        shaped = rewards - kl_weight * (logp.detach() - ref_tok)
+        shaped = shaped - kl_weight * (logp.detach() - ref_tok)
     G = returns_to_go(shaped, mask, discount)
     b = loo_baseline(G, k) if baseline == "loo" else baseline(G, mask)
     adv = (G - b) * mask

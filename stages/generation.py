@@ -146,10 +146,7 @@ def feature_windows(student: Student, features: torch.Tensor | None,
     if features is None or features.dim() != 2:
         return [features]
     if chunks is not None and len(chunks) > 1 and int(sum(chunks)) == features.shape[0]:
-        bounds = [0]
-        for c in chunks:
-            bounds.append(bounds[-1] + int(c))
-        pieces = [features[x:y] for x, y in zip(bounds, bounds[1:])]
+        pieces = list(torch.split(features, [int(c) for c in chunks]))
     else:
         pieces = [features]
     n = student.spec.source_frames
@@ -158,22 +155,14 @@ def feature_windows(student: Student, features: torch.Tensor | None,
     return [p[s: s + n] for p in pieces for s in range(0, max(1, p.shape[0]), n)]
 
 
-def compression_ratio(text: str) -> float:
-    """len(utf-8 bytes) / len(zlib-compressed bytes): Whisper's repetition-loop detector (a loop compresses
-    well; Whisper re-decodes a window whose text scores above 2.4). 0 for empty text."""
-    import zlib
-
-    b = text.encode("utf-8")
-    return len(b) / len(zlib.compress(b)) if b else 0.0
-
-
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
                    min_avg_logprob: float | None = None, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
-    compression_ratio exceeds max_compression_ratio (a repetition loop), or whose mean token log-prob is
+    compression ratio (whisper.utils.compression_ratio: utf-8 bytes over zlib-compressed bytes; a loop
+    compresses well) exceeds max_compression_ratio, or whose mean token log-prob is
     below min_avg_logprob (None: not checked), is decoded again at each of these temperatures in turn
     (sampling from kw's generator) until an attempt passes both; where none does, the least repetitive
     attempt is kept. kw: as `generate`."""
@@ -187,6 +176,8 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     first = generate(student, modality, pieces, **kw)
     out = first.texts
     if fallback and kw.get("temperature", 0.0) <= 0:
+        from whisper.utils import compression_ratio
+
         def check(g: Generated) -> list[tuple[bool, float]]:  # (passes, compression ratio) per row
             lp = (g.logprobs.sum(1) / g.mask.sum(1).clamp(min=1)).tolist()
             cr = [compression_ratio(t) for t in g.texts]
