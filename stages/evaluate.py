@@ -226,11 +226,9 @@ def chunk_items(items: list[EvalItem]) -> list[EvalItem]:
         if not ok:
             out.append(it)
             continue
-        a = 0
-        for j, (n, t) in enumerate(zip(it.chunks, it.chunk_texts)):
-            out.append(EvalItem(key=f"{it.key}#{j}", modality=it.modality, teacher_text=t, label=t, reference=None,
-                                info=it.info, features=it.features[a: a + n]))
-            a += n
+        parts = np.split(it.features, np.cumsum(it.chunks)[:-1])
+        out += [EvalItem(key=f"{it.key}#{j}", modality=it.modality, teacher_text=t, label=t, reference=None,
+                         info=it.info, features=f) for j, (f, t) in enumerate(zip(parts, it.chunk_texts))]
     return out
 
 

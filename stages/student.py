@@ -400,8 +400,8 @@ class Student(nn.Module):
         b, l = input_ids.shape
         dec = self._decoder()
         dev = input_ids.device  # features given on another device (a user's CPU tensors) follow the tokens
-        features = features.to(dev) if features is not None and features.device != dev else features
-        feature_mask = feature_mask.to(dev) if feature_mask is not None and feature_mask.device != dev else feature_mask
+        features = features.to(dev) if features is not None else None  # .to is a no-op on the same device
+        feature_mask = feature_mask.to(dev) if feature_mask is not None else None
         if self.spec.style == "cross_attention":
             if cache is None:
                 states, tail = self._encoder_states(modality, features, feature_mask, b)
