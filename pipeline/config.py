@@ -109,6 +109,9 @@ class DistillConfig:
     max_text_tokens: int = field(default=96, metadata=_min(4))
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
     val_every: int = field(default=50, metadata=_min(1))
+    # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
+    # val_wer (greedy decoding of the val clips, WER against their labels; ties go to the lower val_loss)
+    select_by: str = "val_loss"
     checkpoint_every: int = field(default=50, metadata=_min(1))
 
 
@@ -164,6 +167,11 @@ class AdversarialConfig:
     log_every: int = field(default=10, metadata=_min(1))
     checkpoint_every: int = field(default=25, metadata=_min(1))
     grad_clip: float = field(default=1.0, metadata=_min(0.0))
+    # which student final/ holds: last (the last step) or val_wer (the lowest greedy WER against the teacher's
+    # labels of the val clips, checked before the first student step and every val_every student steps; the
+    # distilled student itself when no step beats it). val_wer reads teacher labels: anchored runs only.
+    select_by: str = "last"
+    val_every: int = field(default=10, metadata=_min(1))
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -390,6 +398,8 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         modality_registry.get(name).validate_config(mcfg, f"modalities.{name}")
     if root.distill.student.style not in ("prefix", "cross_attention"):
         raise UserError(f"config: 'distill.student.style' must be prefix or cross_attention, got {root.distill.student.style!r}")
+    if root.distill.select_by not in ("val_loss", "val_wer"):
+        raise UserError(f"config: 'distill.select_by' must be val_loss or val_wer, got {root.distill.select_by!r}")
     if root.adversarial.objective not in ("pg", "spin"):
         raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
     if root.adversarial.baseline not in ("loo", "ema"):

@@ -57,11 +57,11 @@ from pipeline.graph import StageContext, register_stage
 from stages.discriminator import (Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators,
                                   sequence_logits)
 from stages.discriminator import load_discriminators as _load_discriminators_dir
-from stages.distill import _truncate_metrics
+from stages.distill import _truncate_metrics, validate_wer
 from stages.generation import generate
 from stages.labelled_data import Example, MixtureSampler, collate, load_labelled, within_context
 from stages.student import Student, load_student, save_student
-from stages.text_metrics import distinct_n, self_bleu_4
+from stages.text_metrics import TRANSCRIPT_MODALITIES, distinct_n, self_bleu_4
 
 STUDENT = "student"
 PREVIOUS = "previous"  # spin: the previous iterate
@@ -604,6 +604,11 @@ def _check(cfg) -> None:
     if cfg.objective == "pg" and cfg.baseline == "loo" and cfg.k_samples < 2:
         raise UserError("config: 'adversarial.baseline: loo' needs k_samples >= 2 (the others' mean is the baseline); "
                         "use baseline: ema for k_samples: 1")
+    if cfg.select_by not in ("last", "val_wer"):
+        raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {cfg.select_by!r}")
+    if cfg.select_by == "val_wer" and not cfg.anchored:
+        raise UserError("config: 'adversarial.select_by: val_wer' scores the student against the teacher's labels "
+                        "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
 
 
 def _copy_through(ctx: StageContext, src: Path) -> dict:
@@ -656,10 +661,16 @@ def run(ctx: StageContext) -> dict:
     previous = load_student(src, device).eval().requires_grad_(False) if cfg.objective == "spin" else None
     tok = student.tokenizer
     max_text_tokens = ctx.cfg.root.distill.max_text_tokens
-    data = load_labelled(ctx.input_dir("pseudo_label"), tok, max_text_tokens, splits=("train",),
+    select = cfg.select_by == "val_wer"
+    data = load_labelled(ctx.input_dir("pseudo_label"), tok, max_text_tokens,
+                         splits=("train", "val") if select else ("train",),
                          max_frames=student.spec.feature_frames if student.spec.style == "prefix" else None,
                          modalities=list(student.spec.modalities))
     train, _ = within_context(data.splits["train"], student.spec)
+    val = within_context(data.splits["val"], student.spec)[0] if select else []
+    if select and not any(e.modality in TRANSCRIPT_MODALITIES and e.features is not None for e in val):
+        raise UserError("adversarial.select_by: val_wer needs val clips of a transcript modality "
+                        f"({', '.join(TRANSCRIPT_MODALITIES)}) in the pseudo_label stage's val split; there are none")
     if not train:
         raise UserError("adversarial: the pseudo_label stage left no train examples")
     if not cfg.anchored:
@@ -698,6 +709,7 @@ def run(ctx: StageContext) -> dict:
     # ---- resume
     ckpts = ctx.checkpoints()
     start, student_steps, stop_reason = 0, 0, None
+    best = {"step": None, "val_wer": None}  # select_by val_wer: the student step final/ takes (0: the distilled one)
     loaded = ckpts.load_latest(models, opts, map_location=device)
     if loaded is not None:
         start = loaded.step
@@ -706,6 +718,7 @@ def run(ctx: StageContext) -> dict:
         ema.load_state_dict(extra["ema"])
         student_steps = int(extra["student_steps"])
         stop_reason = extra.get("early_stop")  # a guard had tripped: the run was over
+        best = dict(extra.get("best", best))
     if dist.is_main:
         _truncate_metrics(ctx.dir / "metrics.jsonl", start)
     if start == 0:
@@ -719,11 +732,31 @@ def run(ctx: StageContext) -> dict:
     def save_checkpoint(done: int) -> None:
         if dist.is_main:
             ckpts.save(done, models, opts, data_state=sampler.state_dict(),
-                       extra={"ema": ema.state_dict(), "student_steps": student_steps, "early_stop": stop_reason})
+                       extra={"ema": ema.state_dict(), "student_steps": student_steps, "early_stop": stop_reason,
+                              "best": dict(best)})
+
+    checked = {"student_steps": None}
+
+    def validate_and_keep_best(step: int) -> None:
+        """select_by val_wer: greedy WER of the student on the val clips; best/ keeps the lowest (the earlier
+        student on a tie: the one nearer the distilled model)."""
+        if not select or checked["student_steps"] == student_steps:
+            return
+        checked["student_steps"] = student_steps
+        v = validate_wer(student, val, cfg.batch_size, max_text_tokens, dist)
+        if dist.is_main:
+            ctx.metric({"step": step, "student_steps": student_steps, **v})
+            if v["val_wer"] is not None and (best["val_wer"] is None or v["val_wer"] < best["val_wer"]):
+                save_student(student, ctx.dir / "best")
+                best.update(step=student_steps, val_wer=v["val_wer"])
+        best.update(distributed.broadcast_object(dict(best)))
+
+    done = start
+    if start == 0:
+        validate_and_keep_best(0)  # the distilled student: the phase must beat it to be kept
 
     # ---- train
     total = cfg.disc_warmup_steps + cfg.steps
-    done = start
     bar = ctx.progress_bar(total=total, initial=start)
     k = cfg.k_samples
     policy = previous if previous is not None else student  # spin samples from the previous iterate
@@ -788,6 +821,8 @@ def run(ctx: StageContext) -> dict:
                 previous.load_state_dict(student.state_dict())
             faults.point("step")
             rec.update(st)
+            if student_steps % cfg.val_every == 0:
+                validate_and_keep_best(it + 1)
         else:
             reward = masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all), mask,
                                  global_count(mask.sum()))
@@ -811,25 +846,35 @@ def run(ctx: StageContext) -> dict:
             save_checkpoint(done)
             break
         if done % cfg.checkpoint_every == 0 or done == total:
+            if done == total:
+                validate_and_keep_best(done)
             save_checkpoint(done)
     bar.close()
+    if stop_reason:
+        validate_and_keep_best(done)
 
     # ---- final/: the student, the discriminators, what happened
     summary = {"enabled": True, "objective": cfg.objective, "anchored": cfg.anchored, "kl_estimator": cfg.kl_estimator,
                "iterations": done, "student_steps": student_steps, "early_stop": stop_reason,
                "real_side": "teacher pseudo-labels" + (" + references" if cfg.use_references else "") if cfg.anchored
-               else "samples of the frozen distilled model (no teacher label)"}
+               else "samples of the frozen distilled model (no teacher label)",
+               "select_by": cfg.select_by, "selected_student_step": best["step"] if select else student_steps,
+               "selected_val_wer": best["val_wer"] if select else None}
     if dist.is_main:
         tmp = ctx.dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_student(student, tmp)
+        if select and best["step"] is not None and (ctx.dir / "best").is_dir():
+            shutil.copytree(ctx.dir / "best", tmp)
+        else:
+            save_student(student, tmp)
         save_discriminators(discs, tmp / DISCRIMINATORS_DIR)
         atomic_write_text(tmp / "adversarial.json", json.dumps(summary, indent=2) + "\n")
         final = ctx.dir / "final"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     counts = {"steps": student_steps, "disc_warmup_steps": min(done, cfg.disc_warmup_steps), "train": len(train),
-              "discriminators": len(discs), "early_stopped": int(stop_reason is not None)}
+              "discriminators": len(discs), "early_stopped": int(stop_reason is not None),
+              "selected_student_step": summary["selected_student_step"]}
     if stop_reason:
         counts["early_stop_step"] = done
         counts["early_stop_reason"] = stop_reason

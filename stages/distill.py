@@ -7,9 +7,10 @@ processes computes the same loss and gradient as a run on one.
 
 RUN/distill/
     checkpoints/step-XXXXXX/    student weights, AdamW, scheduler, RNGs, sampler state, best-so-far
-    best/                       the student with the lowest validation loss so far (save_student layout)
+    best/                       the best student by validation so far (save_student layout): the lowest
+                                val loss, or with select_by: val_wer the lowest greedy WER on the val clips
     final/                      the student to use: best/ (or the last step without a val split) + README.md
-    metrics.jsonl, tensorboard/ train loss / lr / tokens per second; val loss, token accuracy, a sample
+    metrics.jsonl, tensorboard/ train loss / lr / tokens per second; val loss, token accuracy, val WER, a sample
 """
 
 from __future__ import annotations
@@ -137,6 +138,57 @@ def validate(student: Student, examples: list[Example], batch_size: int, device:
     return {"val_loss": float(tot[0]) / n, "val_token_acc": float(tot[1]) / n, "val_tokens": int(tot[2])}
 
 
+@torch.no_grad()
+def validate_wer(student: Student, examples: list[Example], batch_size: int, max_new_tokens: int,
+                 dist: distributed.DistInfo) -> dict[str, float | None]:
+    """Greedy decoding of the val examples of transcript modalities (each rank takes every world-th) and
+    the corpus WER against their labels (text_metrics.wer: Whisper's normaliser, labels that normalise to ""
+    left out): {"val_wer": pooled, "val_wer_<modality>": each}. Free-running, unlike val_loss: it sees the
+    repetition loops and early stops that teacher forcing hides. A long clip's chunks are examples of their
+    own here (load_labelled), so this is short-form WER."""
+    from stages import text_metrics as tm
+    from stages.generation import generate_texts
+
+    was = student.training
+    student.eval()
+    rows = [i for i, e in enumerate(examples) if e.modality in tm.TRANSCRIPT_MODALITIES and e.features is not None]
+    mine: dict[int, str] = {}
+    for j in range(0, len(rows), batch_size):
+        if (j // batch_size) % dist.world != dist.rank:
+            continue
+        part = rows[j: j + batch_size]
+        by_mod: dict[str, list[int]] = {}
+        for i in part:
+            by_mod.setdefault(examples[i].modality, []).append(i)
+        for m, idx in by_mod.items():
+            texts = generate_texts(student, m, [examples[i].features.float() for i in idx],
+                                   temperature=0.0, max_new_tokens=max_new_tokens)
+            mine.update(zip(idx, texts))
+    student.train(was)
+    merged: dict[int, str] = {}
+    for d in distributed.all_gather_objects(mine):
+        merged.update(d)
+    out: dict[str, float | None] = {"val_wer": tm.wer([merged[i] for i in rows], [examples[i].text for i in rows])[0]}
+    for m in sorted({examples[i].modality for i in rows}):
+        sel = [i for i in rows if examples[i].modality == m]
+        out[f"val_wer_{m}"] = tm.wer([merged[i] for i in sel], [examples[i].text for i in sel])[0]
+    return out
+
+
+def better(new: dict, best: dict, select_by: str) -> bool:
+    """Whether validation figures `new` beat `best` under select_by (val_loss, or val_wer with val_loss
+    breaking ties); anything beats an empty best, and a missing val_wer (no transcript clips) never wins."""
+    if best.get("step") is None:
+        return True
+    if select_by == "val_wer":
+        if new.get("val_wer") is None:
+            return False
+        if best.get("val_wer") is None:
+            return True
+        return (new["val_wer"], new["val_loss"]) < (best["val_wer"], best["val_loss"])
+    return new["val_loss"] < best["val_loss"]
+
+
 @register_stage("distill", after=("pseudo_label",), progress=progress,
                 description="train the student LM on pseudo-labels: cross-entropy + top-k KD, exact resume")
 def run(ctx: StageContext) -> dict:
@@ -182,7 +234,7 @@ def run(ctx: StageContext) -> dict:
 
     # ---- resume
     ckpts = ctx.checkpoints()
-    start, best = 0, {"step": None, "val_loss": None}
+    start, best = 0, {"step": None, "val_loss": None, "val_wer": None}
     loaded = ckpts.load_latest({MODEL: student}, {MODEL: opt}, sched, map_location=device)
     if loaded is not None:
         start = loaded.step
@@ -203,14 +255,17 @@ def run(ctx: StageContext) -> dict:
         if not val:
             return
         v = validate(student, val, cfg.batch_size, device, dist, autocast)
+        if cfg.select_by == "val_wer":
+            v.update(validate_wer(student, val, cfg.batch_size, cfg.max_text_tokens, dist))
         sample = _val_sample(student, val[0])
         if dist.is_main:
             ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})
-            for k in ("val_loss", "val_token_acc"):
-                writer.add_scalar(f"val/{k[4:]}", v[k], step)
-            if best["val_loss"] is None or v["val_loss"] < best["val_loss"]:
+            for k, x in v.items():
+                if k != "val_tokens" and x is not None:
+                    writer.add_scalar(f"val/{k[4:]}", x, step)
+            if better(v, best, cfg.select_by):
                 save_student(student, ctx.dir / "best")
-                best.update(step=step, val_loss=v["val_loss"])
+                best.update(step=step, val_loss=v["val_loss"], val_wer=v.get("val_wer"))
         best.update(distributed.broadcast_object(dict(best)))
 
     # ---- train
@@ -286,13 +341,14 @@ def run(ctx: StageContext) -> dict:
         else:
             chosen = cfg.steps
             save_student(student, tmp)
-        atomic_write_text(tmp / "README.md", _model_card(ctx, student, data, chosen, best["val_loss"]))
+        atomic_write_text(tmp / "README.md", _model_card(ctx, student, data, chosen, best))
         final = ctx.dir / "final"
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     distributed.barrier()
     return {"steps": cfg.steps, "train": len(train), "val": len(val), "best_step": int(best["step"] or cfg.steps),
+            "best_val_loss": best["val_loss"], "best_val_wer": best.get("val_wer"),
             "kd_examples": data.counts["kd_examples"] if with_kd else 0}
 
 
@@ -318,7 +374,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
-def _model_card(ctx: StageContext, student: Student, data, step: int, val_loss: float | None) -> str:
+def _model_card(ctx: StageContext, student: Student, data, step: int, best: dict) -> str:
     spec = student.spec
     counts = {s: len(v) for s, v in data.splits.items()}
     per_mod = {}
@@ -344,8 +400,11 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, val_loss: 
            if data.counts.get("longer_than_context") else ""),
         f"- training: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, kd_weight {cfg.kd_weight} "
         f"(top-k rows on {data.counts.get('kd_examples', 0)} examples)",
-        f"- this checkpoint: step {step}" + (f", the lowest validation loss ({val_loss:.4f} nats/token)"
-                                               if val_loss is not None else " (the last; no val split)"),
+        f"- this checkpoint: step {step}" + (
+            " (the last; no val split)" if best["val_loss"] is None else
+            f", the lowest greedy WER on the val clips ({best['val_wer']:.2%}; validation loss "
+            f"{best['val_loss']:.4f} nats/token)" if cfg.select_by == "val_wer" and best.get("val_wer") is not None else
+            f", the lowest validation loss ({best['val_loss']:.4f} nats/token)"),
         "", "Load: `stages.student.load_student(this_dir)`; the LM alone: "
         "`AutoModelForCausalLM.from_pretrained(this_dir + '/lm')` (rows start with a modality marker id).", "",
     ]

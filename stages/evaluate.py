@@ -36,6 +36,7 @@ from pipeline.registry import modality_registry
 from pipeline.shards import expand_urls, write_shard
 from stages import report as report_mod
 from stages import text_metrics as tm
+from stages.text_metrics import TRANSCRIPT_MODALITIES
 from stages.ingest import list_folder, list_synthetic, read_shard_items, source_name
 from stages.pseudo_label import npy_bytes, read_labelled
 
@@ -45,7 +46,6 @@ WHISPER_WINDOW_FRAMES = 1500  # encoder frames of one 30 s Whisper window (50 pe
 STUDENT_STAGES = ("distill", "adversarial")  # checkpoints read from RUN/<stage>/final
 # The sweep's quality axis per modality: how close the samples stay to the teacher. Others: teacher_nll.
 SWEEP_QUALITY = {"audio": "wer_vs_teacher", "image": "label_agreement"}
-TRANSCRIPT_MODALITIES = ("audio",)  # modalities whose labels are transcripts: WER, IER and 5-gram duplicates
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

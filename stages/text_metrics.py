@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+TRANSCRIPT_MODALITIES = ("audio",)  # modalities whose labels are transcripts: WER, IER and 5-gram duplicates
 SMOOTHING_EPSILON = 0.1  # Chen & Cherry (2014) method 1, as nltk's SmoothingFunction().method1
 
 

@@ -423,3 +423,43 @@ def test_discriminator_ranking_is_free_of_the_logits_offset():
     assert st["acc"] == pytest.approx(0.5)
     # input 0: -1 vs -2 (above), -1 vs -1 (tie, half); input 1: -3 vs -4 (above), -3 vs -1 (below)
     assert st["rank"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+
+
+AUDIO = {
+    "stages": ["ingest", "pseudo_label", "distill", "adversarial"],
+    "seed": 0,
+    "plugins": ["modalities.audio"],
+    "run": {"num_threads": 1, "progress": False, "device": "cpu"},
+    "ingest": {"sources": [{"type": "synthetic", "modality": "audio", "count": 12, "name": "tones"}],
+               "samples_per_shard": 12, "split": {"train": 0.6, "val": 0.4, "test": 0.0}},
+    "modalities": {"audio": {"teacher": {"kind": "whisper", "checkpoint": "random"}}},
+    "pseudo_label": {"filters": {"min_avg_logprob": None, "max_compression_ratio": None,
+                                 "max_no_speech_prob": None, "max_wer": None}},
+    "distill": {"student": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "prefix_len": 2,
+                            "feature_frames": 8},
+                "steps": 2, "batch_size": 6, "lr": 3e-3, "warmup_steps": 1, "max_text_tokens": 12},
+    "adversarial": {"steps": 4, "disc_warmup_steps": 0, "batch_size": 4, "k_samples": 2, "max_new_tokens": 12,
+                    "disc_d_model": 16, "disc_layers": 1, "disc_heads": 2, "lr": 0.05, "select_by": "val_wer",
+                    "val_every": 2, "log_every": 1},
+}
+
+
+def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_included(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(AUDIO))
+    _run_in_process(cfg, tmp_path / "run")
+    adv_dir = tmp_path / "run" / "adversarial"
+    vals = [r for r in map(json.loads, (adv_dir / "metrics.jsonl").read_text().splitlines()) if "val_wer" in r]
+    assert [r["student_steps"] for r in vals] == [0, 2, 4]  # before the first step, then every val_every
+    want = min(vals, key=lambda r: (r["val_wer"], r["student_steps"]))  # a tie keeps the earlier student
+    summary = json.loads((adv_dir / "final" / "adversarial.json").read_text())
+    assert summary["selected_student_step"] == want["student_steps"] and summary["selected_val_wer"] == want["val_wer"]
+    final = load_file(str(adv_dir / "final/lm/model.safetensors"))
+    distilled = load_file(str(tmp_path / "run/distill/final/lm/model.safetensors"))
+    same = all(torch.equal(final[k], distilled[k]) for k in final)
+    assert same == (want["student_steps"] == 0)  # lr 0.05 moves the student: only step 0 is the distilled one
+
+    r = cli("run", cfg, "--run-dir", tmp_path / "run", "adversarial.anchored=false")
+    assert r.returncode == 2 and "anchored: false" in r.stderr and "select_by" in r.stderr

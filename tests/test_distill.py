@@ -274,3 +274,46 @@ def test_a_clip_labelled_in_chunks_trains_as_its_chunks():
     assert _chunks(rec, arrays, "Hello there. Goodbye.", tokens, torch.zeros(21, 8))[0][2] == (0, 21)
     assert len(_chunks(rec, arrays, "Hello there. Goodbye.", tokens + [6], f)) == 1
     assert len(_chunks({}, {}, "Hello there. Goodbye.", tokens, f)) == 1
+
+
+def test_select_by_val_wer_keeps_the_step_with_the_lowest_greedy_wer(tmp_path, labelled):
+    out = _run(tmp_path, "wer", labelled, steps=6, select_by="val_wer")
+    vals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6]
+    assert all(r["val_wer"] is not None and r["val_wer"] == r["val_wer_audio"] for r in vals)
+    want = min(vals, key=lambda r: (r["val_wer"], r["val_loss"], r["step"]))
+    counts = json.loads((tmp_path / "wer/distill/manifest.json").read_text())["counts"]
+    assert counts["best_step"] == want["step"] and counts["best_val_wer"] == want["val_wer"]
+    assert f"step {want['step']}, the lowest greedy WER on the val clips" in (out / "final/README.md").read_text()
+
+
+def test_validate_wer_scores_greedy_text_against_the_labels():
+    from pipeline.distributed import DistInfo
+    from stages.distill import validate_wer
+    from stages.generation import generate_texts
+
+    torch.manual_seed(0)
+    s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
+                      {"audio": 12, "text": 0}, max_text_tokens=8).eval()
+    feats = [torch.randn(5, 12) for _ in range(3)]
+    said = generate_texts(s, "audio", feats, temperature=0.0, max_new_tokens=8)
+    ex = [Example(f"k{i}", "audio", "val", t, [1], "t", f.half()) for i, (t, f) in enumerate(zip(said, feats))]
+    ex.append(Example("plain", "text", "val", "never decoded", [1], "t"))  # text rows are not transcripts
+    dist = DistInfo(rank=0, world=1, local_rank=0)
+    assert validate_wer(s, ex, 2, 8, dist) == {"val_wer": 0.0, "val_wer_audio": 0.0}
+    n_words = len(" ".join(said[1:]).split())
+    ex[0].text = "alpha beta gamma delta"  # every word of label 0 is now wrong: 4 errors at least
+    got = validate_wer(s, ex, 2, 8, dist)["val_wer"]
+    assert got >= 4 / (4 + n_words) and got > 0
+
+
+def test_better_breaks_wer_ties_by_val_loss():
+    from stages.distill import better
+
+    empty = {"step": None, "val_loss": None, "val_wer": None}
+    assert better({"val_loss": 9.0, "val_wer": None}, empty, "val_wer")
+    best = {"step": 2, "val_loss": 1.0, "val_wer": 0.2}
+    assert better({"val_loss": 1.5, "val_wer": 0.1}, best, "val_wer")  # lower WER wins despite the loss
+    assert not better({"val_loss": 0.5, "val_wer": 0.3}, best, "val_wer")
+    assert better({"val_loss": 0.9, "val_wer": 0.2}, best, "val_wer") and not better({"val_loss": 1.1, "val_wer": 0.2}, best, "val_wer")
+    assert better({"val_loss": 0.5, "val_wer": 0.3}, best, "val_loss")
