@@ -348,7 +348,7 @@ def run(ctx: StageContext) -> dict:
         os.replace(tmp, final)
     distributed.barrier()
     return {"steps": cfg.steps, "train": len(train), "val": len(val), "best_step": int(best["step"] or cfg.steps),
-            "best_val_loss": best["val_loss"], "best_val_wer": best.get("val_wer"),
+            "best_val_wer": best.get("val_wer"),
             "kd_examples": data.counts["kd_examples"] if with_kd else 0}
 
 
