@@ -289,3 +289,19 @@ def test_a_long_clip_is_scored_for_likelihood_chunk_by_chunk():
     assert [(it.key, it.teacher_text, len(it.features)) for it in out] == [
         ("a#0", "One.", 12), ("a#1", "Two.", 8), ("b", "Three.", 5), ("c", "x", 20)]
     assert np.array_equal(out[1].features, f[12:]) and out[0].reference is None
+
+
+def test_equal_weights_write_equal_samples_whatever_the_checkpoint(tiny_run):
+    # adversarial.lr=0: the phase runs and leaves the distilled weights as they were. The two checkpoints
+    # share one random stream per set, modality and temperature, so even their sampled (T = 1) texts agree
+    d = tiny_run
+    r = cli("run", d / "tiny.yaml", "adversarial.lr=0", "--run-dir", d / "off", "--reuse", d / "run", check=True)
+    assert "distill: reused" in r.stdout and "adversarial: finished" in r.stdout
+    gen = d / "off/evaluate/generations/test"
+    for m in ("audio", "image", "text"):
+        a, b = (json.loads((gen / m / cp / "T1.json").read_text())["texts"] for cp in ("distill", "adversarial"))
+        assert a == b and len(set(a)) > 1, m
+    report = json.loads((d / "off/evaluate/report.json").read_text())
+    for m, cps in report["test"].items():
+        assert {k: v for k, v in cps["adversarial"].items() if not k.startswith("disc_")} == \
+            {k: v for k, v in cps["distill"].items() if not k.startswith("disc_")}, m
