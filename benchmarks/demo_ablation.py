@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/demo_ablation.py [--seeds 0 1] [--out runs/ablation] [--reuse runs/demo] [key=value ...]
 
 For each seed S this runs the whole demo graph with `seed=S` (ingest and pseudo_label reused from --reuse when
-their config matches), then two runs that reuse everything up to distill, so that every adversarial student
-starts from the same distilled one: `adversarial.anchored=false` (the ablation of anchoring) and
-`adversarial.pg_weight=0` (the same phase without the discriminators' rewards: its cross-entropy and KL terms
-alone, i.e. more likelihood training at the adversarial learning rate - what the GAN part must beat). Then it prints, per seed, the held-out
-figures of the distilled, anchored and unanchored students side by side (WER with its 95% bootstrap interval,
+their config matches; the demo keeps the adversarial step with the lowest val WER, the distilled student
+included), then three runs that reuse everything up to distill, so that every adversarial student starts from
+the same distilled one, each keeping its last step (`adversarial.select_by=last`): the anchored phase as it
+ends (`last`), `adversarial.anchored=false` (the ablation of anchoring) and `adversarial.pg_weight=0` (the same
+phase without the discriminators' rewards: its cross-entropy and KL terms alone, i.e. more likelihood training
+at the adversarial learning rate - what the GAN part must beat). Then it prints, per seed, the held-out
+figures of the distilled and adversarial students side by side (WER with its 95% bootstrap interval,
 image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
 clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
 run into OUT/compare. With --greedy-too, every run is scored again with plain greedy decoding (no temperature
@@ -25,6 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
+# (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
+ARMS = [("", []),
+        ("last", ["adversarial.select_by=last"]),
+        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last"]),
+        ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"])]
+LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
+          "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step"}
 
 
 def run(args: list[str]) -> None:
@@ -68,15 +77,15 @@ def main() -> int:
         reuse = ["--reuse", a.reuse] if (ROOT / a.reuse).is_dir() else []
         run(["run", str(CONFIG), f"seed={seed}", *a.overrides, "--run-dir", str(anchored), *reuse])
         runs.append(anchored)
-        for name, override in (("unanchored", "adversarial.anchored=false"), ("mle", "adversarial.pg_weight=0")):
-            run(["run", str(CONFIG), f"seed={seed}", override, *a.overrides,
+        for name, overrides in ARMS[1:]:
+            run(["run", str(CONFIG), f"seed={seed}", *overrides, *a.overrides,
                  "--run-dir", str(out / f"seed{seed}-{name}"), "--reuse", str(anchored)])
             runs.append(out / f"seed{seed}-{name}")
         if a.greedy_too:
-            for src in [anchored, out / f"seed{seed}-unanchored", out / f"seed{seed}-mle"]:
-                run(["run", str(CONFIG), f"seed={seed}", *(["adversarial.anchored=false"] if src.name.endswith("unanchored")
-                                                          else ["adversarial.pg_weight=0"] if src.name.endswith("mle") else []),
-                     *a.overrides, "evaluate.fallback_temperatures=[]", "evaluate.temperatures=[0.0]",
+            for name, overrides in ARMS:
+                src = out / (f"seed{seed}" + (f"-{name}" if name else ""))
+                run(["run", str(CONFIG), f"seed={seed}", *overrides, *a.overrides,
+                     "evaluate.fallback_temperatures=[]", "evaluate.temperatures=[0.0]",
                      "--run-dir", str(src.with_name(src.name + "-greedy")), "--reuse", str(src)])
 
     header = ("| student | {} [95% CI] | vs distilled | WER vs teacher (all clips) | distinct-2 | self-BLEU-4 | 5-gram repeats | "
@@ -85,24 +94,22 @@ def main() -> int:
     if a.greedy_too:
         variants.append(("-greedy", "wer_vs_reference", "WER vs reference, plain greedy"))
     tables = {(v, k): [header.format(title), "|---|---|---:|---:|---:|---:|---:|---:|"] for v, k, title in variants}
-    images = ["| seed | distilled | anchored | unanchored | pg_weight 0 |", "|---|---:|---:|---:|---:|"]
+    names = [n for n, _ in ARMS]
+    images = ["| seed | distilled | " + " | ".join(LABELS[n] for n in names) + " |", "|---|---:|" + "---:|" * len(names)]
     for seed in a.seeds:
-        reps = {name: report(out / (f"seed{seed}" + (f"-{name}" if name else "")))["test"]
-                for name in ("", "unanchored", "mle")}
+        reps = {name: report(out / (f"seed{seed}" + (f"-{name}" if name else "")))["test"] for name in names}
         for (v, key), lines in tables.items():
             aud = {n: report(out / (f"seed{seed}" + (f"-{n}" if n else "") + v))["test"].get("audio", {})
-                   for n in ("", "unanchored", "mle")}
+                   for n in names}
             base = aud[""].get("distill", {}).get(key)
             lines.append(row(f"seed {seed} teacher", aud[""].get("teacher", {}), None, key))
             lines.append(row(f"seed {seed} distilled", aud[""].get("distill", {}), None, key))
-            lines.append(row(f"seed {seed} adversarial, anchored", aud[""].get("adversarial", {}), base, key))
-            lines.append(row(f"seed {seed} adversarial, unanchored", aud["unanchored"].get("adversarial", {}), base, key))
-            lines.append(row(f"seed {seed} pg_weight 0 (CE + KL only)", aud["mle"].get("adversarial", {}), base, key))
+            for n in names:
+                lines.append(row(f"seed {seed} {LABELS[n]}", aud[n].get("adversarial", {}), base, key))
         img = {n: r.get("image", {}) for n, r in reps.items()}
         if img[""]:
             images.append(f"| {seed} | {fmt(img[''].get('distill', {}).get('label_agreement'))} | "
-                          + " | ".join(fmt(img[n].get('adversarial', {}).get('label_agreement'))
-                                       for n in ("", "unanchored", "mle")) + " |")
+                          + " | ".join(fmt(img[n].get('adversarial', {}).get('label_agreement')) for n in names) + " |")
     print("\n## held-out audio (test split): every clip (long ones read chunk by chunk)\n")
     print("\n".join(tables[("", "wer_vs_reference")]))
     print("\n## held-out audio: short-form clips only (<= 30 s)\n")

@@ -150,6 +150,9 @@ class AdversarialConfig:
     disc_heads: int = field(default=4, metadata=_min(1))
     disc_dropout: float = field(default=0.1, metadata=_min(0.0))
     label_smoothing: float = field(default=0.1, metadata=_min(0.0))
+    # judge a sample's tokens as fake only from where it leaves every real row of its input (the shared start
+    # is the real row's own text; calling it fake contradicts the real side's targets token for token)
+    disc_from_divergence: bool = False
     grad_penalty: float = field(default=0.0, metadata=_min(0.0))  # R1-style penalty on input embeddings
     weight_decay: float = field(default=0.01, metadata=_min(0.0))
     spin_beta: float = field(default=0.1, metadata=_min(0.0))

@@ -159,15 +159,21 @@ class Rows:
     modality: list[str]  # [N]
     features: list[torch.Tensor | None]  # N rows [T_i, D] float32 (None: no features)
     source: list[int]  # [N] the batch input each row is about
+    judged: torch.Tensor | None = None  # [N, L-1] the positions a discriminator's loss counts (None: every token)
 
     def __len__(self) -> int:
         return len(self.modality)
+
+    def judged_mask(self) -> torch.Tensor:
+        """[N, L-1]: 1 where a discriminator's loss counts the token y_t (default: every token)."""
+        return self.attention_mask[:, 1:] if self.judged is None else self.judged
 
     def select(self, keep: Sequence[int]) -> "Rows":
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.input_ids.device)
         width = max(1, int(self.attention_mask[idx].sum(1).max())) if len(keep) else 1
         return Rows(self.input_ids[idx, :width], self.attention_mask[idx, :width], [self.modality[i] for i in keep],
-                    [self.features[i] for i in keep], [self.source[i] for i in keep])
+                    [self.features[i] for i in keep], [self.source[i] for i in keep],
+                    None if self.judged is None else self.judged[idx, : width - 1])
 
 
 def rows_from_tokens(seqs: Sequence[Sequence[int]], modality: Sequence[str], features: Sequence, source: Sequence[int],
@@ -268,20 +274,43 @@ def _row_texts(rows: Rows) -> list[tuple[int, tuple[int, ...]]]:
     return [(src, tuple(t for t, m in zip(r, mr) if m)) for src, r, mr in zip(rows.source, ids, mask)]
 
 
-def discriminator_batch(modality: str, real: Rows, fake: Rows, text_reward_all: bool) -> DiscBatch:
+def discriminator_batch(modality: str, real: Rows, fake: Rows, text_reward_all: bool,
+                        from_divergence: bool = False) -> DiscBatch:
     """The rows of `modality` from each side. The plain-text discriminator (text_reward_all) also takes every
     fake row, whatever its modality: it then rewards fluency everywhere.
 
     A sample that is word for word a real row of the same input is not fake, whoever wrote it: it leaves the
     fake side (no discriminator can tell the two apart, and calling it fake only fights the real row's target).
-    With a good student these collisions are most of its samples; what is left is where it differs."""
+    With a good student these collisions are most of its samples; what is left is where it differs.
+
+    from_divergence: the same reasoning token by token. The tokens a sample shares with the start of a real
+    row of its input are not judged fake (the same context and the same next token are the real row's too, and
+    calling them fake teaches a dense discriminator the opposite of its real target there); the sample is
+    judged from the first token where it leaves every real row of its input."""
     r = [i for i, m in enumerate(real.modality) if m == modality]
     texts = _row_texts(real)
     real_texts = {texts[i] for i in r}
     fake_texts = _row_texts(fake)
     f = [i for i, m in enumerate(fake.modality)
          if (m == modality or (text_reward_all and modality == "text")) and fake_texts[i] not in real_texts]
-    return DiscBatch(real.select(r), fake.select(f))
+    fake_rows = fake.select(f)
+    if from_divergence and f:
+        judged = fake_rows.judged_mask().clone()
+        for j, i in enumerate(f):
+            src, toks = fake_texts[i]
+            shared = max((_common_prefix(toks[1:], rt[1:]) for s_, rt in real_texts if s_ == src), default=0)
+            judged[j, :shared] = 0
+        fake_rows.judged = judged
+    return DiscBatch(real.select(r), fake_rows)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def judges_of(modality: str, discs: dict, weights: dict[str, float], text_reward_all: bool) -> list[tuple[str, float]]:
@@ -324,7 +353,7 @@ class DiscCounts:
         """This batch's counts; over_processes: summed over every process (each holding a slice)."""
         r, f = batch.real, batch.fake
         c = torch.stack([torch.tensor(float(len(r))), torch.tensor(float(len(f))),
-                         r.attention_mask[:, 1:].sum().float().cpu(), f.attention_mask[:, 1:].sum().float().cpu()])
+                         r.attention_mask[:, 1:].sum().float().cpu(), f.judged_mask().sum().float().cpu()])
         c = c.to(r.input_ids.device)
         if over_processes:
             distributed.all_reduce_sum(c)
@@ -352,7 +381,7 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
         rm = r.attention_mask[:, 1:]
         loss = loss + _bce_side(real_logits, rm, 1.0 - smoothing, c.real_tokens)
     if fake_logits is not None:
-        loss = loss + _bce_side(fake_logits, f.attention_mask[:, 1:], 0.0, c.fake_tokens)
+        loss = loss + _bce_side(fake_logits, f.judged_mask(), 0.0, c.fake_tokens)
     stats["bce"] = float(loss.detach())
     if grad_penalty > 0 and real_logits is not None:
         # R1 on the real side (Mescheder et al. 2018), with the token embeddings as the input.
@@ -423,7 +452,7 @@ def pretrain_discriminators(discs: dict, d_opts: dict, train: list[Example], ref
             real, fake = pool[bi]
             torch.manual_seed(stream_seed("pretrain-dropout", seed, epoch, j))
             for m, d in discs.items():
-                batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
+                batch = discriminator_batch(m, real, fake, cfg.text_reward_all, cfg.disc_from_divergence)
                 if not len(batch.real) or not len(batch.fake):
                     continue
                 st = discriminator_step(d, d_opts[m], batch, cfg, autocast)
@@ -778,7 +807,7 @@ def run(ctx: StageContext) -> dict:
 
         # discriminators: disc_steps updates on this batch; accuracy from the first (before it learns)
         for m, d in discs.items():
-            batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
+            batch = discriminator_batch(m, real, fake, cfg.text_reward_all, cfg.disc_from_divergence)
             counts = DiscCounts.of(batch, over_processes=True)
             if not counts.real_rows or not counts.fake_rows:
                 continue

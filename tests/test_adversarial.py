@@ -129,6 +129,25 @@ def test_a_sample_equal_to_the_real_row_of_its_input_is_not_fake():
     assert b.fake.input_ids[:, 1:3].tolist() == [[5, 6], [7, 0], [5, 6]]
 
 
+@pytest.mark.parametrize("from_divergence", [False, True])
+def test_a_sample_is_judged_fake_from_where_it_leaves_the_real_rows(from_divergence):
+    real = adv.rows_from_tokens([[5, 6, 7, 0], [5, 8, 0]], ["audio"] * 2, [None] * 2, [0, 1], bos=1, pad=0, device="cpu")
+    fake = adv.rows_from_tokens([[5, 6, 9, 0], [8, 6, 7, 0], [5, 6], [5, 6, 7, 0]], ["audio"] * 4, [None] * 4,
+                                [0, 0, 0, 1], bos=1, pad=0, device="cpu")
+    b = adv.discriminator_batch("audio", real, fake, text_reward_all=False, from_divergence=from_divergence)
+    every = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]
+    # input 0's label is 5 6 7 eot: row 0 leaves it at its third token, row 1 at its first, row 2 never (an
+    # unfinished copy); row 3 is about input 1, whose label (5 8 eot) it shares one token with
+    want = [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]] if from_divergence else every
+    assert b.fake.judged_mask().tolist() == want
+    assert float(adv.DiscCounts.of(b).fake_tokens) == sum(map(sum, want))
+    # the BCE's fake side averages over the judged tokens only: a logit on an unjudged token changes nothing
+    logits = torch.zeros(4, 4)
+    base = adv._bce_side(logits, b.fake.judged_mask(), 0.0, None)
+    logits[0, 0] = 9.0
+    assert (adv._bce_side(logits, b.fake.judged_mask(), 0.0, None) == base) == from_divergence
+
+
 # ------------------------------------------------------------------------------------------------- the toy
 def _tiny_student():
     from pipeline.config import StudentConfig
