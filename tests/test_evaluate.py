@@ -295,7 +295,8 @@ def test_equal_weights_write_equal_samples_whatever_the_checkpoint(tiny_run):
     # adversarial.lr=0: the phase runs and leaves the distilled weights as they were. The two checkpoints
     # share one random stream per set, modality and temperature, so even their sampled (T = 1) texts agree
     d = tiny_run
-    r = cli("run", d / "tiny.yaml", "adversarial.lr=0", "--run-dir", d / "off", "--reuse", d / "run", check=True)
+    r = cli("run", d / "tiny.yaml", "adversarial.lr=0", "evaluate.temperatures=[1.0]", "evaluate.sources=[]",
+            "--run-dir", d / "off", "--reuse", d / "run", check=True)
     assert "distill: reused" in r.stdout and "adversarial: finished" in r.stdout
     gen = d / "off/evaluate/generations/test"
     for m in ("audio", "image", "text"):
