@@ -317,8 +317,8 @@ def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path
     real_rows = []
     orig = adv.discriminator_batch
 
-    def spy(modality, real, fake, text_reward_all):
-        b = orig(modality, real, fake, text_reward_all)
+    def spy(modality, real, fake, text_reward_all, from_divergence=False):
+        b = orig(modality, real, fake, text_reward_all, from_divergence)
         for ids, m in zip(b.real.input_ids.tolist(), b.real.attention_mask.tolist()):
             real_rows.append(ids[1: sum(m)])  # without bos and padding
         return b
