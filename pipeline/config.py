@@ -405,6 +405,11 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError(f"config: 'distill.select_by' must be val_loss or val_wer, got {root.distill.select_by!r}")
     if root.adversarial.objective not in ("pg", "spin"):
         raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
+    if root.adversarial.select_by not in ("last", "val_wer"):
+        raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
+    if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:
+        raise UserError("config: 'adversarial.select_by: val_wer' scores the student against the teacher's labels "
+                        "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
     if root.adversarial.baseline not in ("loo", "ema"):
         raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
     for s in root.stages:

@@ -633,11 +633,6 @@ def _check(cfg) -> None:
     if cfg.objective == "pg" and cfg.baseline == "loo" and cfg.k_samples < 2:
         raise UserError("config: 'adversarial.baseline: loo' needs k_samples >= 2 (the others' mean is the baseline); "
                         "use baseline: ema for k_samples: 1")
-    if cfg.select_by not in ("last", "val_wer"):
-        raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {cfg.select_by!r}")
-    if cfg.select_by == "val_wer" and not cfg.anchored:
-        raise UserError("config: 'adversarial.select_by: val_wer' scores the student against the teacher's labels "
-                        "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
 
 
 def _copy_through(ctx: StageContext, src: Path) -> dict:
