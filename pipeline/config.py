@@ -112,6 +112,9 @@ class DistillConfig:
     # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
     # val_wer (greedy decoding of the val clips, WER against their labels; ties go to the lower val_loss)
     select_by: str = "val_loss"
+    # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
+    # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
+    ema_decay: float = field(default=0.0, metadata=_min(0.0))
     checkpoint_every: int = field(default=50, metadata=_min(1))
 
 
@@ -189,6 +192,8 @@ class EvaluateConfig:
     fallback_temperatures: List[float] = field(default_factory=list)
     max_compression_ratio: float = field(default=2.4, metadata=_min(1.0))
     min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
+    # samples per piece at each fallback temperature; the passing one with the highest mean log-prob is kept (Whisper: 5)
+    best_of: int = field(default=1, metadata=_min(1))
     max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
     bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
     batch_size: int = field(default=16, metadata=_min(1))
@@ -405,6 +410,8 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError(f"config: 'distill.select_by' must be val_loss or val_wer, got {root.distill.select_by!r}")
     if root.adversarial.objective not in ("pg", "spin"):
         raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
+    if not root.distill.ema_decay < 1.0:
+        raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {root.distill.ema_decay!r}")
     if root.adversarial.select_by not in ("last", "val_wer"):
         raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
     if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:

@@ -6,7 +6,8 @@ kd_temperature (Hinton's T^2 scaling). Both are means over the tokens of the glo
 processes computes the same loss and gradient as a run on one.
 
 RUN/distill/
-    checkpoints/step-XXXXXX/    student weights, AdamW, scheduler, RNGs, sampler state, best-so-far
+    checkpoints/step-XXXXXX/    student weights (and their moving average, ema_decay > 0), AdamW, scheduler,
+                                RNGs, sampler state, best-so-far
     best/                       the best student by validation so far (save_student layout): the lowest
                                 val loss, or with select_by: val_wer the lowest greedy WER on the val clips
     final/                      the student to use: best/ (or the last step without a val split) + README.md
@@ -37,6 +38,7 @@ from stages.labelled_data import Batch, Example, MixtureSampler, collate, load_l
 from stages.student import Student, build_student, build_tokenizer, count_parameters, save_student
 
 MODEL = "student"  # the name of the student's weights and optimiser in checkpoints
+EMA_MODEL = "student_ema"  # the moving average of its weights (distill.ema_decay > 0)
 
 
 def progress(stage_dir: Path, cfg) -> str | None:
@@ -44,6 +46,47 @@ def progress(stage_dir: Path, cfg) -> str | None:
     dirs = CheckpointManager(Path(stage_dir) / "checkpoints").step_dirs()
     k = int(dirs[-1].name.split("-")[1]) if dirs else 0
     return f"step {k} of {cfg.root.distill.steps}"
+
+
+class EMA:
+    """An exponential moving average of a model's weights (Polyak averaging; timm's ModelEmaV2, lingua's and
+    nanoGPT-style trainers keep one to smooth out the last steps' noise). The decay is warmed up as
+    min(decay, (1 + t) / (10 + t)) so the first steps do not pin the average to the initial weights.
+    Floating-point parameters and buffers are averaged; frozen ones and integer buffers are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def rate(self, step: int) -> float:
+        """The decay applied at optimiser step `step` (1-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = self.rate(step)
+        mine = dict(self.model.named_parameters())
+        avg, new = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.is_floating_point():
+                avg.append(mine[name])
+                new.append(p.detach())
+            elif not p.requires_grad:
+                mine[name].copy_(p)
+        if avg:
+            torch._foreach_lerp_(avg, new, 1.0 - d)
+        bufs = dict(self.model.named_buffers())
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                bufs[name].lerp_(b, 1.0 - d)
+            else:
+                bufs[name].copy_(b)
 
 
 def lr_multiplier(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -226,6 +269,8 @@ def run(ctx: StageContext) -> dict:
         # find_unused_parameters: a process whose rows hold no audio leaves the audio projector unused.
         model = DDP(student, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
                     find_unused_parameters=True)
+    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    scored = ema.model if ema is not None else student  # the weights validation scores and final/ keeps
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps))
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
@@ -235,7 +280,8 @@ def run(ctx: StageContext) -> dict:
     # ---- resume
     ckpts = ctx.checkpoints()
     start, best = 0, {"step": None, "val_loss": None, "val_wer": None}
-    loaded = ckpts.load_latest({MODEL: student}, {MODEL: opt}, sched, map_location=device)
+    models = {MODEL: student, **({EMA_MODEL: ema.model} if ema is not None else {})}
+    loaded = ckpts.load_latest(models, {MODEL: opt}, sched, map_location=device)
     if loaded is not None:
         start = loaded.step
         sampler.load_state_dict(loaded.state["data"])
@@ -254,17 +300,17 @@ def run(ctx: StageContext) -> dict:
     def validate_and_keep_best(step: int) -> None:
         if not val:
             return
-        v = validate(student, val, cfg.batch_size, device, dist, autocast)
+        v = validate(scored, val, cfg.batch_size, device, dist, autocast)
         if cfg.select_by == "val_wer":
-            v.update(validate_wer(student, val, cfg.batch_size, cfg.max_text_tokens, dist))
-        sample = _val_sample(student, val[0])
+            v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist))
+        sample = _val_sample(scored, val[0])
         if dist.is_main:
             ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})
             for k, x in v.items():
                 if k != "val_tokens" and x is not None:
                     writer.add_scalar(f"val/{k[4:]}", x, step)
             if better(v, best, cfg.select_by):
-                save_student(student, ctx.dir / "best")
+                save_student(scored, ctx.dir / "best")
                 best.update(step=step, val_loss=v["val_loss"], val_wer=v.get("val_wer"))
         best.update(distributed.broadcast_object(dict(best)))
 
@@ -297,8 +343,10 @@ def run(ctx: StageContext) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        faults.point("step")
         done = step + 1
+        if ema is not None:
+            ema.update(student, done)
+        faults.point("step")
         if dist.world > 1:
             torch.distributed.all_reduce(sums)
         ce, kd = float(sums[0]) / n_targets, float(sums[1]) / max(1, n_kd)
@@ -322,7 +370,7 @@ def run(ctx: StageContext) -> dict:
             validate_and_keep_best(done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if dist.is_main:
-                ckpts.save(done, {MODEL: student}, {MODEL: opt}, sched, data_state=sampler.state_dict(),
+                ckpts.save(done, models, {MODEL: opt}, sched, data_state=sampler.state_dict(),
                            extra={"best": dict(best)})
             distributed.barrier()
     bar.close()
@@ -340,8 +388,8 @@ def run(ctx: StageContext) -> dict:
             shutil.copytree(best_dir, tmp)
         else:
             chosen = cfg.steps
-            save_student(student, tmp)
-        atomic_write_text(tmp / "README.md", _model_card(ctx, student, data, chosen, best))
+            save_student(scored, tmp)
+        atomic_write_text(tmp / "README.md", _model_card(ctx, scored, data, chosen, best))
         final = ctx.dir / "final"
         if final.exists():
             shutil.rmtree(final)
@@ -399,7 +447,8 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, best: dict
         + (f"; {data.counts['longer_than_context']} clips longer than the decoder's context left out"
            if data.counts.get("longer_than_context") else ""),
         f"- training: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, kd_weight {cfg.kd_weight} "
-        f"(top-k rows on {data.counts.get('kd_examples', 0)} examples)",
+        f"(top-k rows on {data.counts.get('kd_examples', 0)} examples)"
+        + (f"; these are the moving average of its weights (ema_decay {cfg.ema_decay})" if cfg.ema_decay > 0 else ""),
         f"- this checkpoint: step {step}" + (
             " (the last; no val split)" if best["val_loss"] is None else
             f", the lowest greedy WER on the val clips ({best['val_wer']:.2%}; validation loss "

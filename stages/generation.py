@@ -157,7 +157,7 @@ def feature_windows(student: Student, features: torch.Tensor | None,
 
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
-                   min_avg_logprob: float | None = None, **kw) -> list[str]:
+                   min_avg_logprob: float | None = None, best_of: int = 1, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
@@ -165,7 +165,9 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     compresses well) exceeds max_compression_ratio, or whose mean token log-prob is
     below min_avg_logprob (None: not checked), is decoded again at each of these temperatures in turn
     (sampling from kw's generator) until an attempt passes both; where none does, the least repetitive
-    attempt is kept. kw: as `generate`."""
+    attempt is kept. best_of: samples drawn per piece at each fallback temperature (Whisper's `best_of`, 5 in
+    its transcribe command); of those that pass, the one with the highest mean token log-prob is kept (one
+    sample is one draw of the model's noise; the most likely of five is less so). kw: as `generate`."""
     if features is None:
         return generate(student, modality, None, n=n, **kw).texts
     pieces, owner = [], []
@@ -175,6 +177,8 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
             owner.append(i)
     first = generate(student, modality, pieces, **kw)
     out = first.texts
+    if best_of < 1:
+        raise ValueError(f"best_of must be >= 1, got {best_of}")
     if fallback and kw.get("temperature", 0.0) <= 0:
         from whisper.utils import compression_ratio
 
@@ -189,10 +193,16 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
             redo = [j for j, (ok, _) in enumerate(state) if not ok]
             if not redo:
                 break
-            again = generate(student, modality, [pieces[j] for j in redo], **{**kw, "temperature": float(temp)})
-            for j, t, (ok, c) in zip(redo, again.texts, check(again)):
-                if ok or c < state[j][1]:
-                    out[j], state[j] = t, (ok, c)
+            again = generate(student, modality, [pieces[j] for j in redo for _ in range(best_of)],
+                             **{**kw, "temperature": float(temp)})
+            checked = check(again)
+            lp = (again.logprobs.sum(1) / again.mask.sum(1).clamp(min=1)).tolist()
+            for r, j in enumerate(redo):
+                cand = range(r * best_of, (r + 1) * best_of)
+                passing = [c for c in cand if checked[c][0]]
+                pick = max(passing, key=lambda c: lp[c]) if passing else min(cand, key=lambda c: checked[c][1])
+                if checked[pick][0] or checked[pick][1] < state[j][1]:
+                    out[j], state[j] = again.texts[pick], checked[pick]
     texts: list[list[str]] = [[] for _ in features]
     for i, t in zip(owner, out):
         if t:
@@ -253,5 +263,5 @@ def generate_cli(a) -> int:
     ev = cfg.root.evaluate
     print(generate_texts(student, modality, [f], chunks=[label.arrays.get("chunk_frames")],
                          fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio,
-                         min_avg_logprob=ev.min_avg_logprob, **kw)[0])
+                         min_avg_logprob=ev.min_avg_logprob, best_of=ev.best_of, **kw)[0])
     return 0

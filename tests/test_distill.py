@@ -80,9 +80,10 @@ def test_pinned_first_losses(tmp_path, labelled):
     assert start["kd"] is True and start["kd_examples"] > 0  # the KD term is in the pinned numbers
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path, labelled):
-    once = _run(tmp_path, "once", labelled, steps=5)
-    cfg = _write_config(tmp_path / "killed.yaml", steps=5)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_after_kill_gives_identical_weights(tmp_path, labelled, ema_decay):
+    once = _run(tmp_path, "once", labelled, steps=5, ema_decay=ema_decay)
+    cfg = _write_config(tmp_path / "killed.yaml", steps=5, ema_decay=ema_decay)
     shutil.copytree(labelled, tmp_path / "killed")
     r = cli("run", cfg, "--run-dir", tmp_path / "killed", env={"GROUNDGAN_FAULT": "step:3"})
     assert r.returncode == -9, r.stderr  # SIGKILL after the third optimiser step, before checkpoint 4
@@ -93,7 +94,10 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, labelled):
     Runner(load_config([str(cfg)]), tmp_path / "killed", echo=said.append).run_graph()
     assert "distill: running (resuming partial work)" in said
     a, b = once, tmp_path / "killed/distill"
-    for f in ("final/lm/model.safetensors", "final/projectors.safetensors", "checkpoints/step-000005/model.student.safetensors"):
+    files = ["final/lm/model.safetensors", "final/projectors.safetensors", "checkpoints/step-000005/model.student.safetensors"]
+    if ema_decay:  # the average is restored too (final/ holds it)
+        files.append("checkpoints/step-000005/model.student_ema.safetensors")
+    for f in files:
         ta, tb = load_file(str(a / f)), load_file(str(b / f))
         assert ta.keys() == tb.keys()
         for k in ta:
@@ -317,3 +321,36 @@ def test_better_breaks_wer_ties_by_val_loss():
     assert not better({"val_loss": 0.5, "val_wer": 0.3}, best, "val_wer")
     assert better({"val_loss": 0.9, "val_wer": 0.2}, best, "val_wer") and not better({"val_loss": 1.1, "val_wer": 0.2}, best, "val_wer")
     assert better({"val_loss": 0.5, "val_wer": 0.3}, best, "val_loss")
+
+
+def test_ema_averages_trained_weights_and_copies_frozen_ones():
+    from stages.distill import EMA
+
+    m = torch.nn.Linear(2, 1)
+    m.bias.requires_grad_(False)
+    ema = EMA(m, 0.9)
+    assert [ema.rate(t) for t in (1, 10, 100)] == pytest.approx([2 / 11, 11 / 20, 0.9])
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+        m.bias.fill_(7.0)
+    ema.update(m, 100)  # decay 0.9: 0.9 * old + 0.1 * new
+    assert torch.allclose(ema.model.weight, w0 + 0.1)
+    assert torch.equal(ema.model.bias, m.bias)  # not trained: copied, not averaged
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    with pytest.raises(ValueError):
+        EMA(m, 1.0)
+
+
+def test_ema_run_keeps_the_average_in_checkpoints_and_final(tmp_path, labelled):
+    out = _run(tmp_path, "ema", labelled, steps=4, ema_decay=0.5)
+    ck = out / "checkpoints/step-000004"
+    raw, avg = load_file(str(ck / "model.student.safetensors")), load_file(str(ck / "model.student_ema.safetensors"))
+    assert raw.keys() == avg.keys() and any(not torch.equal(raw[k], avg[k]) for k in raw)
+    best = json.loads((tmp_path / "ema/distill/manifest.json").read_text())["counts"]["best_step"]
+    # final/ is the average at the best step: reload it and compare with that checkpoint's average.
+    want = load_file(str(out / f"checkpoints/step-{best:06d}/model.student_ema.safetensors"))
+    s = load_student(out / "final", "cpu")
+    got = {k: v for k, v in s.state_dict().items()}
+    assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)
+    assert "moving average of its weights (ema_decay 0.5)" in (out / "final/README.md").read_text()

@@ -174,3 +174,38 @@ def test_temperature_fallback_redecodes_only_looping_pieces():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert (generate_texts(s, "audio", feats, temperature=1.0, generator=g1, fallback=(0.5,), max_compression_ratio=0.0, **kw)
             == generate_texts(s, "audio", feats, temperature=1.0, generator=g2, **kw))
+
+
+def test_fallback_best_of_keeps_the_most_likely_passing_sample():
+    from whisper.utils import compression_ratio
+
+    from stages.generation import generate, generate_texts
+
+    s = _student("prefix")
+    feats = _features(4)
+    kw = dict(max_new_tokens=24)
+    greedy = generate(s, "audio", feats, **kw)
+    # A threshold every greedy text fails (their loops compress) and the draws at T = 1 are checked against.
+    limit = min(compression_ratio(t) for t in greedy.texts) - 1e-6
+    got = generate_texts(s, "audio", feats, fallback=(1.0,), max_compression_ratio=limit, best_of=3,
+                         generator=torch.Generator().manual_seed(5), **kw)
+    # The same draws by hand: every piece three times, in order, from the same generator.
+    draws = generate(s, "audio", [f for f in feats for _ in range(3)], temperature=1.0,
+                     generator=torch.Generator().manual_seed(5), **kw)
+    lp = (draws.logprobs.sum(1) / draws.mask.sum(1).clamp(min=1)).tolist()
+    want, picked_not_first = [], 0
+    for i in range(len(feats)):
+        cand = [3 * i + j for j in range(3)]
+        passing = [c for c in cand if compression_ratio(draws.texts[c]) <= limit]
+        if passing:
+            best = max(passing, key=lambda c: lp[c])
+            picked_not_first += best != passing[0]
+        else:
+            best = min(cand, key=lambda c: compression_ratio(draws.texts[c]))
+            if compression_ratio(draws.texts[best]) >= compression_ratio(greedy.texts[i]):
+                best = None
+        want.append(greedy.texts[i] if best is None else draws.texts[best])
+    assert got == want
+    assert picked_not_first > 0  # the test reaches a case where taking the first passing draw would differ
+    with pytest.raises(ValueError, match="best_of"):
+        generate_texts(s, "audio", feats, fallback=(1.0,), best_of=0, **kw)
