@@ -194,6 +194,8 @@ class EvaluateConfig:
     min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
     # samples per piece at each fallback temperature; the passing one with the highest mean log-prob is kept (Whisper: 5)
     best_of: int = field(default=1, metadata=_min(1))
+    # and where a word 4-gram occurs more than this many times in one piece (a loop too short for zlib; None: off)
+    max_ngram_repeats: Optional[int] = field(default=None, metadata=_min(1))
     max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
     bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
     batch_size: int = field(default=16, metadata=_min(1))

@@ -262,7 +262,7 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
         texts = generate_rows(student, modality, feats, n=None if feats is not None else len(rows),
                               chunks=[items[i].chunks for i in rows], fallback=cfg.fallback_temperatures,
                               max_compression_ratio=cfg.max_compression_ratio, min_avg_logprob=cfg.min_avg_logprob,
-                              best_of=cfg.best_of,
+                              best_of=cfg.best_of, max_ngram_repeats=cfg.max_ngram_repeats,
                               temperature=temperature, max_new_tokens=cfg.max_new_tokens, generator=gen)
         mine.update(zip(rows, texts))
     return _gather_rows(mine, len(items))

@@ -155,15 +155,30 @@ def feature_windows(student: Student, features: torch.Tensor | None,
     return [p[s: s + n] for p in pieces for s in range(0, max(1, p.shape[0]), n)]
 
 
+def ngram_repeats(text: str, n: int = 4) -> int:
+    """How often the most frequent word n-gram of `text` occurs (lower-cased words; 0 for fewer than n
+    words). A repetition loop ("the voice over ip capabilities of the voice over ip capabilities of ...")
+    repeats one n-gram; fluent speech of one 10 s chunk hardly does."""
+    import re
+    from collections import Counter
+
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+    return max(grams.values(), default=0)
+
+
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
-                   min_avg_logprob: float | None = None, best_of: int = 1, **kw) -> list[str]:
+                   min_avg_logprob: float | None = None, best_of: int = 1, max_ngram_repeats: int | None = None,
+                   **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
     compression ratio (whisper.utils.compression_ratio: utf-8 bytes over zlib-compressed bytes; a loop
     compresses well) exceeds max_compression_ratio, or whose mean token log-prob is
-    below min_avg_logprob (None: not checked), is decoded again at each of these temperatures in turn
+    below min_avg_logprob, or in which a word 4-gram occurs more than max_ngram_repeats times (None: those
+    two not checked; zlib needs long text to see a loop, and a 10 s chunk's loop of three repeats
+    compresses no better than plain speech), is decoded again at each of these temperatures in turn
     (sampling from kw's generator) until an attempt passes both; where none does, the least repetitive
     attempt is kept. best_of: samples drawn per piece at each fallback temperature (Whisper's `best_of`, 5 in
     its transcribe command); of those that pass, the one with the highest mean token log-prob is kept (one
@@ -182,11 +197,18 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     if fallback and kw.get("temperature", 0.0) <= 0:
         from whisper.utils import compression_ratio
 
-        def check(g: Generated) -> list[tuple[bool, float]]:  # (passes, compression ratio) per row
+        def check(g: Generated) -> list[tuple[bool, tuple]]:
+            """(passes, how repetitive) per row; repetitiveness orders attempts that all fail: the 4-gram
+            repeat count first where that is checked (a short loop can compress no better than speech),
+            then the compression ratio."""
             lp = (g.logprobs.sum(1) / g.mask.sum(1).clamp(min=1)).tolist()
-            cr = [compression_ratio(t) for t in g.texts]
-            return [(c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob), c)
-                    for c, a in zip(cr, lp)]
+            out = []
+            for t, a in zip(g.texts, lp):
+                c, r = compression_ratio(t), (ngram_repeats(t) if max_ngram_repeats is not None else 0)
+                ok = (c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob)
+                      and (max_ngram_repeats is None or r <= max_ngram_repeats))
+                out.append((ok, (r, c)))
+            return out
 
         state = check(first)
         for temp in fallback:
@@ -263,5 +285,6 @@ def generate_cli(a) -> int:
     ev = cfg.root.evaluate
     print(generate_texts(student, modality, [f], chunks=[label.arrays.get("chunk_frames")],
                          fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio,
-                         min_avg_logprob=ev.min_avg_logprob, best_of=ev.best_of, **kw)[0])
+                         min_avg_logprob=ev.min_avg_logprob, best_of=ev.best_of,
+                         max_ngram_repeats=ev.max_ngram_repeats, **kw)[0])
     return 0

@@ -209,3 +209,33 @@ def test_fallback_best_of_keeps_the_most_likely_passing_sample():
     assert picked_not_first > 0  # the test reaches a case where taking the first passing draw would differ
     with pytest.raises(ValueError, match="best_of"):
         generate_texts(s, "audio", feats, fallback=(1.0,), best_of=0, **kw)
+
+
+def test_ngram_repeats_counts_the_most_repeated_word_4gram():
+    from stages.generation import ngram_repeats
+
+    loop = "the voice over IP capabilities of the voice over IP capabilities of the voice over ip capabilities"
+    assert ngram_repeats(loop) == 3
+    assert ngram_repeats("Press 1 to record your name. Press 2 to record your busy message.") == 1
+    assert ngram_repeats("three words only") == 0
+    assert ngram_repeats("a b a b a b", n=2) == 3
+
+
+def test_ngram_check_sends_a_looping_piece_to_the_fallback():
+    from stages.generation import generate, generate_texts, ngram_repeats
+
+    s = _student("prefix")
+    feats = _features(6)
+    kw = dict(max_new_tokens=24)
+    greedy = generate(s, "audio", feats, **kw).texts
+    reps = [ngram_repeats(t) for t in greedy]
+    limit = min(reps)  # the pieces above it loop by this measure; the others pass
+    assert max(reps) > limit
+    got = generate_texts(s, "audio", feats, fallback=(1.0,), max_ngram_repeats=limit, max_compression_ratio=1e9,
+                         generator=torch.Generator().manual_seed(0), **kw)
+    for g, t, r in zip(got, greedy, reps):
+        if r <= limit:
+            assert g == t  # passed: kept as greedy wrote it
+    assert any(g != t for g, t, r in zip(got, greedy, reps) if r > limit)
+    # Off (None) and a zlib limit nothing reaches: plain greedy text.
+    assert generate_texts(s, "audio", feats, fallback=(1.0,), max_compression_ratio=1e9, **kw) == [t for t in greedy]
