@@ -147,7 +147,9 @@ class AdversarialConfig:
     disc_steps: int = field(default=1, metadata=_min(1))  # discriminator steps per student step
     disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
     disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over a pool (every train input vs a sample of the distilled model) before step 0
-    disc_backbone: str = "transformer"  # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear head; no grad_penalty)
+    # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
+    # head) | teacher (the Whisper teacher's whole decoder with a linear head); no grad_penalty but with transformer
+    disc_backbone: str = "transformer"
     disc_d_model: int = field(default=128, metadata=_min(8))
     disc_layers: int = field(default=2, metadata=_min(1))
     disc_heads: int = field(default=4, metadata=_min(1))

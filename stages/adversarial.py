@@ -661,6 +661,44 @@ def guard_trip(guards, record: dict) -> str | None:
     return None
 
 
+def _teacher_body_builder(ctx: StageContext, student, mods: list[str], device):
+    """disc_backbone: teacher. A function that builds a discriminator body: a student with every decoder layer
+    of the Whisper teacher (the distilled student keeps some of them), reading the same encoder states, with
+    the distilled student's projectors and modality-marker embeddings for the modalities the teacher does not
+    read. It starts out knowing what the teacher would write for each input, which a copy of the student does
+    not: on the train inputs the student's samples and the teacher's labels mostly agree, and where they do
+    not, the student cannot tell which of the two is wrong."""
+    import dataclasses
+
+    from stages.distill import _whisper_teacher
+    from stages.student import build_student
+
+    if student.spec.style != "cross_attention":
+        raise UserError("adversarial.disc_backbone: teacher needs a cross_attention student (a Whisper decoder); "
+                        f"this one is {student.spec.style}")
+    ck, teacher_mod = _whisper_teacher(ctx, mods)
+    if ck is None:
+        raise UserError("adversarial.disc_backbone: teacher needs a modality labelled by a Whisper teacher; "
+                        f"none of {', '.join(mods)} is")
+    scfg = dataclasses.replace(ctx.cfg.root.distill.student,
+                               keep_decoder_layers=list(range(int(ck["dims"]["n_text_layer"]))))
+    feature_dims = dict(student.spec.feature_dims)
+    max_text_tokens = ctx.cfg.root.distill.max_text_tokens
+
+    def build():
+        body = build_student(scfg, feature_dims, device, ck, teacher_mod, max_text_tokens)
+        if body.spec.marker_ids != student.spec.marker_ids or set(body.projectors) != set(student.projectors):
+            raise UserError("adversarial.disc_backbone: teacher: the teacher's decoder and the distilled student "
+                            "disagree on modalities or marker tokens")
+        with torch.no_grad():
+            body.projectors.load_state_dict(student.projectors.state_dict())
+            mine, theirs = body.lm.get_input_embeddings().weight, student.lm.get_input_embeddings().weight
+            mine[student.spec.text_vocab:] = theirs[student.spec.text_vocab:]
+        return body
+
+    return build
+
+
 @register_stage("adversarial", after=("pseudo_label", "distill"), progress=progress,
                 description="discriminators anchored to real inputs; student by policy gradient (or SPIN)")
 def run(ctx: StageContext) -> dict:
@@ -701,19 +739,22 @@ def run(ctx: StageContext) -> dict:
         train = [strip_labels(e) for e in train]
     ce_weight = cfg.ce_weight if cfg.anchored else 0.0
     mods = sorted({e.modality for e in train})
-    if cfg.disc_backbone not in ("transformer", "student"):
-        raise UserError(f"adversarial.disc_backbone must be transformer or student, got {cfg.disc_backbone!r}")
-    if cfg.disc_backbone == "student" and cfg.grad_penalty > 0:
+    if cfg.disc_backbone not in ("transformer", "student", "teacher"):
+        raise UserError(f"adversarial.disc_backbone must be transformer, student or teacher, got {cfg.disc_backbone!r}")
+    if cfg.disc_backbone != "transformer" and cfg.grad_penalty > 0:
         raise UserError("adversarial.grad_penalty needs disc_backbone: transformer (its penalty is on the "
                         "discriminator's own token embeddings)")
+    teacher_body = _teacher_body_builder(ctx, student, mods, device) if cfg.disc_backbone == "teacher" else None
     discs: dict[str, Discriminator] = {}
     for m in mods:
         spec = DiscriminatorSpec(modality=m, vocab_size=student.spec.text_vocab,
                                  feature_dim=int(student.spec.feature_dims.get(m, 0)), d_model=cfg.disc_d_model,
                                  layers=cfg.disc_layers, heads=cfg.disc_heads, dropout=cfg.disc_dropout,
                                  max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens),
-                                 feature_frames=cfg.disc_feature_frames, backbone=cfg.disc_backbone)
-        body = load_student(src, device) if cfg.disc_backbone == "student" else None
+                                 feature_frames=cfg.disc_feature_frames,
+                                 backbone="transformer" if cfg.disc_backbone == "transformer" else "student")
+        body = (load_student(src, device) if cfg.disc_backbone == "student" else
+                teacher_body() if cfg.disc_backbone == "teacher" else None)
         discs[m] = build_discriminator(spec, device, body).train()
     # Adam with beta1 0.5 for the discriminators, the GAN habit (Radford et al. 2016): a target that moves.
     d_opts = {m: torch.optim.AdamW(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)

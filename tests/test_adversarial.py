@@ -482,3 +482,56 @@ def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_include
 
     r = cli("run", cfg, "--run-dir", tmp_path / "run", "adversarial.anchored=false")
     assert r.returncode == 2 and "anchored: false" in r.stderr and "select_by" in r.stderr
+
+
+def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_students_projectors(tmp_path):
+    """disc_backbone: teacher: each discriminator reads text with the Whisper teacher's whole decoder (the
+    student keeps one of its three layers here), its modality projectors and markers copied from the student."""
+    from safetensors.torch import load_file
+
+    from stages.student import load_student
+
+    cfg = {
+        **TINY,
+        "plugins": ["modalities.audio", "modalities.image"],
+        "modalities": {"audio": {"teacher": {"checkpoint": "random", "max_new_tokens": 8, "random_n_layer": 3}},
+                       "image": {"teacher": {"checkpoint": "random"}}},
+        "ingest": {"sources": [{"type": "synthetic", "modality": "audio", "count": 6, "name": "tones"},
+                               {"type": "synthetic", "modality": "image", "count": 6, "name": "shapes"}],
+                   "samples_per_shard": 6},
+        "pseudo_label": {"filters": {"min_avg_logprob": None, "max_compression_ratio": None,
+                                     "max_no_speech_prob": None, "max_wer": None}},
+        "distill": {**TINY["distill"], "student": {"style": "cross_attention", "keep_decoder_layers": [0]},
+                    "max_text_tokens": 16},
+        "adversarial": {**TINY["adversarial"], "steps": 2, "max_new_tokens": 8, "disc_backbone": "teacher",
+                        "grad_penalty": 0.0},
+    }
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    _run_in_process(p, tmp_path / "run")
+    final = tmp_path / "run/adversarial/final"
+    student = load_student(tmp_path / "run/distill/final")
+    assert len(student.lm.model.decoder.layers) == 1
+    discs = adv.load_discriminators(final)
+    assert sorted(discs) == ["audio", "image"]
+    for m, d in discs.items():
+        assert len(d.body.lm.model.decoder.layers) == 3, m
+        assert d.body.spec.marker_ids == student.spec.marker_ids
+    # Where a body starts: the student's projectors and marker rows, the teacher's three layers.
+    import types
+
+    from pipeline.config import load_config
+
+    body = adv._teacher_body_builder(types.SimpleNamespace(cfg=load_config([str(p)])), student,
+                                     ["audio", "image"], "cpu")()
+    want, got = student.projectors.state_dict(), body.projectors.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    rows = slice(student.spec.text_vocab, None)
+    assert torch.equal(body.lm.get_input_embeddings().weight[rows], student.lm.get_input_embeddings().weight[rows])
+    assert len(body.lm.model.decoder.layers) == 3
+    trained = load_file(str(final / "discriminators/image.student/projectors.safetensors"))
+    assert {f"projectors.{k}" for k in want} <= trained.keys()
+    with pytest.raises(Exception, match="cross_attention"):
+        bad = {**cfg, "distill": {**cfg["distill"], "student": {"style": "prefix"}}}
+        p.write_text(yaml.safe_dump(bad))
+        _run_in_process(p, tmp_path / "bad")
