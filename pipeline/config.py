@@ -150,6 +150,9 @@ class AdversarialConfig:
     # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
     # head) | teacher (the Whisper teacher's whole decoder with a linear head); no grad_penalty but with transformer
     disc_backbone: str = "transformer"
+    # student / teacher backbones: add the body's own log-prob of each judged token (scaled, learned) to the
+    # logit; with the teacher's decoder that is the teacher-likelihood half of the optimal discriminator
+    disc_lm_score: bool = False
     disc_d_model: int = field(default=128, metadata=_min(8))
     disc_layers: int = field(default=2, metadata=_min(1))
     disc_heads: int = field(default=4, metadata=_min(1))
@@ -416,6 +419,9 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
     if not root.distill.ema_decay < 1.0:
         raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {root.distill.ema_decay!r}")
+    if root.adversarial.disc_lm_score and root.adversarial.disc_backbone == "transformer":
+        raise UserError("config: 'adversarial.disc_lm_score' adds a language model's score of each token; "
+                        "'disc_backbone: transformer' has none (use student or teacher)")
     if root.adversarial.select_by not in ("last", "val_wer"):
         raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
     if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:

@@ -752,7 +752,8 @@ def run(ctx: StageContext) -> dict:
                                  layers=cfg.disc_layers, heads=cfg.disc_heads, dropout=cfg.disc_dropout,
                                  max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens),
                                  feature_frames=cfg.disc_feature_frames,
-                                 backbone="transformer" if cfg.disc_backbone == "transformer" else "student")
+                                 backbone="transformer" if cfg.disc_backbone == "transformer" else "student",
+                                 lm_score=cfg.disc_lm_score)
         body = (load_student(src, device) if cfg.disc_backbone == "student" else
                 teacher_body() if cfg.disc_backbone == "teacher" else None)
         discs[m] = build_discriminator(spec, device, body).train()

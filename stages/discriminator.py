@@ -51,6 +51,11 @@ class DiscriminatorSpec:
     max_text_len: int = 128  # text positions (bos included)
     feature_frames: int = 32  # features are average-pooled to at most this many frames
     backbone: str = "transformer"  # transformer (small, from scratch) | student (a copy of the distilled student)
+    # backbone student: add lm_scale * log p_body(token | its prefix, input), the body's own language-model
+    # score of each judged token, to the head's logit (lm_scale learned, from 1). With the teacher's decoder as
+    # the body that term is the teacher's log-likelihood: log p_data of the Bayes-optimal discriminator's
+    # log p_data - log p_student, with p_data the teacher's distribution, which the head corrects.
+    lm_score: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -69,7 +74,12 @@ class Discriminator(nn.Module):
             self.head = nn.Linear(body.d_model, 1)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            if spec.lm_score:
+                self.lm_scale = nn.Parameter(torch.ones(()))
             return
+        if spec.lm_score:
+            raise UserError("adversarial.disc_lm_score needs a discriminator built on a language model "
+                            "(disc_backbone: student or teacher)")
         if spec.backbone != "transformer":
             raise UserError(f"adversarial.disc_backbone must be transformer or student, got {spec.backbone!r}")
         self.body = None
@@ -127,7 +137,13 @@ class Discriminator(nn.Module):
             feats = None if self.spec.feature_dim <= 0 or features is None else [
                 f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim) for f in features]
             h = self.body.hidden(input_ids, attention_mask, self.spec.modality, feats)
-            return self.head(h).squeeze(-1)[:, 1:]
+            out = self.head(h).squeeze(-1)[:, 1:]
+            if self.spec.lm_score:
+                # entry t judges token t + 1; the body's prediction of it is read at position t
+                lp = torch.log_softmax(self.body.head(h[:, :-1]).float(), dim=-1)
+                lp = lp.gather(-1, input_ids[:, 1:].clamp(max=lp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+                out = out + self.lm_scale * lp.to(out.dtype)
+            return out
         if L > self.spec.max_text_len:
             raise ValueError(f"{L} text positions; this discriminator holds {self.spec.max_text_len}")
         tok = token_embeds if token_embeds is not None else self.embed(input_ids)
@@ -193,7 +209,10 @@ def load_discriminators(directory: str | os.PathLike, device: str | torch.device
             from stages.student import load_student
 
             d = Discriminator(spec, load_student(directory / f"{js.stem}.student", device))
-            d.head.load_state_dict({k[len("head."):]: v for k, v in load_file(str(js.with_suffix(".safetensors"))).items()})
+            missing, unexpected = d.load_state_dict(load_file(str(js.with_suffix(".safetensors"))), strict=False)
+            if unexpected or any(not k.startswith("body.") for k in missing):
+                raise ValueError(f"{js.with_suffix('.safetensors')}: does not match {js.name} "
+                                 f"(unexpected {unexpected}, missing {[k for k in missing if not k.startswith('body.')]})")
         else:
             d = Discriminator(spec)
             d.load_state_dict(load_file(str(js.with_suffix(".safetensors"))))

@@ -118,6 +118,31 @@ def test_student_backbone_discriminator_starts_undecided_and_is_causal_and_condi
     assert not torch.allclose(d(ids, mask, [torch.randn(7, 16)]), base)  # it reads the input
 
 
+def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_trips(tmp_path):
+    from pipeline.config import StudentConfig
+    from stages.discriminator import load_discriminators, save_discriminators
+    from stages.student import build_student
+
+    torch.manual_seed(0)
+    body = build_student(StudentConfig(style="cross_attention", d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                         {"audio": 16}, max_text_tokens=8).eval()
+    d = Discriminator(DiscriminatorSpec("audio", vocab_size=body.spec.text_vocab, feature_dim=16, backbone="student",
+                                        lm_score=True), body).eval()
+    ids = torch.tensor([[body.spec.bos_id, 5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    f = [torch.randn(7, 16)]
+    lp = body.score(ids, mask, "audio", f)  # log p(token t + 1 | bos .. t, input), [1, 4]
+    assert torch.allclose(d(ids, mask, f), lp, atol=1e-5)  # head at zero, scale 1: the body's log-likelihood
+    with torch.no_grad():
+        d.lm_scale.fill_(0.5)
+        torch.nn.init.normal_(d.head.weight)
+    want = d(ids, mask, f)
+    back = load_discriminators(save_discriminators({"audio": d}, tmp_path / "d"))["audio"]
+    assert back.spec.lm_score and back.lm_scale.item() == 0.5 and torch.allclose(back(ids, mask, f), want, atol=1e-6)
+    with pytest.raises(Exception, match="disc_lm_score"):
+        Discriminator(DiscriminatorSpec("audio", vocab_size=10, feature_dim=16, lm_score=True))
+
+
 def test_a_sample_equal_to_the_real_row_of_its_input_is_not_fake():
     real = adv.rows_from_tokens([[5, 6, 0], [7, 0]], ["audio", "audio"], [None, None], [0, 1], bos=1, pad=0, device="cpu")
     fake = adv.rows_from_tokens([[5, 6, 0], [5, 6], [7, 0], [5, 6, 0], [9, 0]], ["audio"] * 4 + ["image"],
