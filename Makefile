@@ -22,11 +22,15 @@ demo: demo-data
 	$(BIN)/groundgan run configs/demo.yaml
 	@echo "Report: runs/demo/evaluate/report.md"
 
+# One pytest worker per core (tests run torch on one thread each); a file's tests stay on one worker, so its
+# module fixtures (the kill matrix's baseline run) are built once.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 clean:
 	rm -rf runs
