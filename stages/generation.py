@@ -179,10 +179,12 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     below min_avg_logprob, or in which a word 4-gram occurs more than max_ngram_repeats times (None: those
     two not checked; zlib needs long text to see a loop, and a 10 s chunk's loop of three repeats
     compresses no better than plain speech), is decoded again at each of these temperatures in turn
-    (sampling from kw's generator) until an attempt passes both; where none does, the least repetitive
+    (sampling from kw's generator) until an attempt passes every check; where none does, the least repetitive
     attempt is kept. best_of: samples drawn per piece at each fallback temperature (Whisper's `best_of`, 5 in
     its transcribe command); of those that pass, the one with the highest mean token log-prob is kept (one
     sample is one draw of the model's noise; the most likely of five is less so). kw: as `generate`."""
+    if best_of < 1:
+        raise ValueError(f"best_of must be >= 1, got {best_of}")
     if features is None:
         return generate(student, modality, None, n=n, **kw).texts
     pieces, owner = [], []
@@ -192,37 +194,35 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
             owner.append(i)
     first = generate(student, modality, pieces, **kw)
     out = first.texts
-    if best_of < 1:
-        raise ValueError(f"best_of must be >= 1, got {best_of}")
     if fallback and kw.get("temperature", 0.0) <= 0:
         from whisper.utils import compression_ratio
 
-        def check(g: Generated) -> list[tuple[bool, tuple]]:
-            """(passes, how repetitive) per row; repetitiveness orders attempts that all fail: the 4-gram
-            repeat count first where that is checked (a short loop can compress no better than speech),
-            then the compression ratio."""
+        def check(g: Generated) -> list[tuple[bool, tuple, float]]:
+            """(passes, how repetitive, mean token log-prob) per row; repetitiveness orders attempts that all
+            fail: the 4-gram repeat count first where that is checked (a short loop can compress no better
+            than speech), then the compression ratio."""
             lp = (g.logprobs.sum(1) / g.mask.sum(1).clamp(min=1)).tolist()
-            out = []
+            rows = []
             for t, a in zip(g.texts, lp):
                 c, r = compression_ratio(t), (ngram_repeats(t) if max_ngram_repeats is not None else 0)
                 ok = (c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob)
                       and (max_ngram_repeats is None or r <= max_ngram_repeats))
-                out.append((ok, (r, c)))
-            return out
+                rows.append((ok, (r, c), a))
+            return rows
 
         state = check(first)
         for temp in fallback:
-            redo = [j for j, (ok, _) in enumerate(state) if not ok]
+            redo = [j for j, st in enumerate(state) if not st[0]]
             if not redo:
                 break
             again = generate(student, modality, [pieces[j] for j in redo for _ in range(best_of)],
                              **{**kw, "temperature": float(temp)})
             checked = check(again)
-            lp = (again.logprobs.sum(1) / again.mask.sum(1).clamp(min=1)).tolist()
             for r, j in enumerate(redo):
                 cand = range(r * best_of, (r + 1) * best_of)
                 passing = [c for c in cand if checked[c][0]]
-                pick = max(passing, key=lambda c: lp[c]) if passing else min(cand, key=lambda c: checked[c][1])
+                pick = (max(passing, key=lambda c: checked[c][2]) if passing
+                        else min(cand, key=lambda c: checked[c][1]))
                 if checked[pick][0] or checked[pick][1] < state[j][1]:
                     out[j], state[j] = again.texts[pick], checked[pick]
     texts: list[list[str]] = [[] for _ in features]
