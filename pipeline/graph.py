@@ -198,13 +198,14 @@ class Runner:
                                     f"{' (' + st.detail + ')' if st.detail and st.state != 'done' else ''}; run it first")
             for spec in self.specs[lo: hi + 1]:
                 self._run_stage(spec, spec.name in force, reuse, info, device)
-            distributed.barrier()  # every rank is done with the process group before any tears it down
+            # Every rank is done with the process group; it is torn down here rather than left to interpreter
+            # exit, where gloo's threads could still be joinable when their destructors ran (a rank aborted with
+            # "terminate called without an active exception" after a finished run, under load). A rank that
+            # fails leaves it as it is: the others learn of the failure when that process's connections close.
+            distributed.barrier()
+            distributed.shutdown()
         finally:
             self.run.lock.release()
-            # Torn down here rather than left to interpreter exit, where gloo's threads could still be
-            # joinable when their destructors ran (a rank aborted with "terminate called without an active
-            # exception" after a finished run, under load).
-            distributed.shutdown()
 
     def _try_reuse(self, spec: StageSpec, other: Path, chash: str, inputs: dict) -> bool:
         src = RunDir(other)
