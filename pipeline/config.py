@@ -419,6 +419,15 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
     if not root.distill.ema_decay < 1.0:
         raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {root.distill.ema_decay!r}")
+    if root.adversarial.disc_backbone not in ("transformer", "student", "teacher"):
+        raise UserError("config: 'adversarial.disc_backbone' must be transformer, student or teacher, "
+                        f"got {root.adversarial.disc_backbone!r}")
+    if root.adversarial.disc_backbone != "transformer" and root.adversarial.grad_penalty > 0:
+        raise UserError("config: 'adversarial.grad_penalty' needs disc_backbone: transformer (its penalty is on the "
+                        "discriminator's own token embeddings)")
+    if root.adversarial.disc_backbone == "teacher" and root.distill.student.style != "cross_attention":
+        raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "
+                        f"decoder); 'distill.student.style' is {root.distill.student.style!r}")
     if root.adversarial.disc_lm_score and root.adversarial.disc_backbone == "transformer":
         raise UserError("config: 'adversarial.disc_lm_score' adds a language model's score of each token; "
                         "'disc_backbone: transformer' has none (use student or teacher)")

@@ -673,9 +673,6 @@ def _teacher_body_builder(ctx: StageContext, student, mods: list[str], device):
     from stages.distill import _whisper_teacher
     from stages.student import build_student
 
-    if student.spec.style != "cross_attention":
-        raise UserError("adversarial.disc_backbone: teacher needs a cross_attention student (a Whisper decoder); "
-                        f"this one is {student.spec.style}")
     ck, teacher_mod = _whisper_teacher(ctx, mods)
     if ck is None:
         raise UserError("adversarial.disc_backbone: teacher needs a modality labelled by a Whisper teacher; "
@@ -739,11 +736,7 @@ def run(ctx: StageContext) -> dict:
         train = [strip_labels(e) for e in train]
     ce_weight = cfg.ce_weight if cfg.anchored else 0.0
     mods = sorted({e.modality for e in train})
-    if cfg.disc_backbone not in ("transformer", "student", "teacher"):
-        raise UserError(f"adversarial.disc_backbone must be transformer, student or teacher, got {cfg.disc_backbone!r}")
-    if cfg.disc_backbone != "transformer" and cfg.grad_penalty > 0:
-        raise UserError("adversarial.grad_penalty needs disc_backbone: transformer (its penalty is on the "
-                        "discriminator's own token embeddings)")
+    # disc_backbone, grad_penalty and disc_lm_score are checked together when the config loads (pipeline/config.py)
     teacher_body = _teacher_body_builder(ctx, student, mods, device) if cfg.disc_backbone == "teacher" else None
     discs: dict[str, Discriminator] = {}
     for m in mods:

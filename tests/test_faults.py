@@ -384,6 +384,8 @@ def test_disk_full_injected_through_a_plugin(baseline, tmp_path):
     ("stages=[ingest, nosuch]", "unknown stage 'nosuch'"),
     ("ingest.sources=[{type: shards, modality: audio}]", "is a shards source without 'urls'"),
     ("ingest.sources=[{dir: /no/such/audio, modality: audio}]", "data folder not found: /no/such/audio"),
+    ("adversarial.disc_backbone=teacher", "'adversarial.disc_backbone: teacher' needs a cross_attention student"),
+    ("adversarial.disc_backbone=linear", "'adversarial.disc_backbone' must be transformer, student or teacher"),
 ])
 def test_bad_config_is_one_message_and_exit_2(override, needle):
     r = cli("config", TINY, override)
