@@ -9,6 +9,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
@@ -21,6 +22,11 @@ from pipeline.errors import BadInput, UserError
 @dataclass
 class AudioConfig(ModalityConfig):
     teacher: WhisperTeacherConfig = field(default_factory=WhisperTeacherConfig)  # the Whisper that labels audio
+    # pseudo_label.augment_copies > 0: copy j of a train clip is played at speed augment_speeds[j % n] (tempo and
+    # pitch, Kaldi's speed perturbation: Ko et al. 2015 used 0.9 / 1.1) with white noise at an SNR drawn from
+    # [lo, hi] dB (null: no noise). 1.0 keeps the speed.
+    augment_speeds: List[float] = field(default_factory=lambda: [0.9, 1.1])
+    augment_snr_db: Optional[List[float]] = None
 
 
 def _wav_truncation(data: bytes) -> str | None:
@@ -59,6 +65,12 @@ class Audio(Modality):
         if not 1.0 <= t.chunk_seconds <= 30.0:
             raise UserError(f"config: '{where}.teacher.chunk_seconds' must be in [1, 30] (Whisper reads 30 s), "
                             f"got {t.chunk_seconds!r}")
+        if not cfg.augment_speeds or not all(0.5 <= v <= 2.0 for v in cfg.augment_speeds):
+            raise UserError(f"config: '{where}.augment_speeds' must be a non-empty list of speeds in [0.5, 2], "
+                            f"got {cfg.augment_speeds!r}")
+        snr = cfg.augment_snr_db
+        if snr is not None and (len(snr) != 2 or snr[0] > snr[1]):
+            raise UserError(f"config: '{where}.augment_snr_db' must be [lo, hi] in dB with lo <= hi (or null), got {snr!r}")
         if t.quantize not in ("none", "int8"):
             raise UserError(f"config: '{where}.teacher.quantize' must be none or int8, got {t.quantize!r}")
         ck = t.checkpoint
@@ -74,7 +86,8 @@ class Audio(Modality):
     def decode_config(cls, cfg: AudioConfig) -> dict:
         # decode refuses audio longer than teacher.max_seconds, so ingest's output depends on it.
         plain = to_plain(cfg)
-        plain.pop("teacher", None)
+        for k in ("teacher", "augment_speeds", "augment_snr_db"):
+            plain.pop(k, None)  # the teacher and the copies pseudo_label makes: not ingest's business
         plain["max_seconds"] = cfg.teacher.max_seconds
         return plain
 
@@ -113,6 +126,28 @@ class Audio(Modality):
 
             mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, SAMPLE_RATE).numpy()
         return np.ascontiguousarray(mono, dtype=np.float32)
+
+    def perturb(self, x: np.ndarray, rng: np.random.Generator, copy: int) -> tuple[np.ndarray, dict] | None:
+        """Copy `copy` of a clip: resampled as if recorded at speed x 16 kHz (1.1: 10% shorter, higher), then
+        white noise at a drawn SNR. None where the copy would pass teacher.max_seconds."""
+        import torch
+        import torchaudio.functional as AF
+
+        speed = float(self.cfg.augment_speeds[copy % len(self.cfg.augment_speeds)])
+        info: dict = {"speed": speed}
+        y = np.asarray(x, dtype=np.float32)
+        if speed != 1.0:
+            if y.size / speed > self.cfg.teacher.max_seconds * SAMPLE_RATE:
+                return None
+            y = AF.resample(torch.from_numpy(np.ascontiguousarray(y)), round(SAMPLE_RATE * speed), SAMPLE_RATE).numpy()
+        snr = self.cfg.augment_snr_db
+        if snr is not None:
+            db = float(rng.uniform(snr[0], snr[1]))
+            power = float(np.mean(np.square(y, dtype=np.float64)))
+            if power > 0:
+                y = y + rng.standard_normal(y.size).astype(np.float32) * np.float32(math.sqrt(power / 10 ** (db / 10)))
+            info["snr_db"] = round(db, 2)
+        return np.ascontiguousarray(np.clip(y, -1.0, 1.0), dtype=np.float32), info
 
     def synthesize(self, index: int, rng: np.random.Generator) -> tuple[bytes, str, None]:
         """A 0.5-2 s 16 kHz WAV: a tone or a chirp with a little noise. No reference (it is not speech)."""

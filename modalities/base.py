@@ -87,6 +87,12 @@ class Modality(ABC):
     def decode(self, data: bytes, ext: str) -> Any:
         """Bytes of one media file -> what the teacher takes (raise BadInput with the reason)."""
 
+    def perturb(self, x: Any, rng: np.random.Generator, copy: int) -> tuple[Any, dict] | None:
+        """A perturbed copy of a decoded train input, for `pseudo_label.augment_copies`: (what the teacher
+        takes, a JSON-able record of the perturbation), or None for no copy. The copy is labelled by the
+        teacher like any input, so it stays tied to the real recording it came from. Default: no copies."""
+        return None
+
     def synthesize(self, index: int, rng: np.random.Generator) -> tuple[bytes, str, str | None]:
         """For `synthetic` sources (tests): (media bytes, extension, reference or None)."""
         raise UserError(f"modality {self.name!r} has no synthetic source")

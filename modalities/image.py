@@ -59,6 +59,9 @@ class ImageConfig(ModalityConfig):
     max_side: int = field(default=1024, metadata={"min": 8})  # decoded images are shrunk to this longest side (memory)
     caption: str = "a picture of a {label}"  # the pseudo-label; `{label}` is the teacher's top-1 class name
     categories: List[str] = field(default_factory=list)  # evaluation: categories labels map onto (empty: those in the references)
+    # pseudo_label.augment_copies > 0: copy j of a train image is mirrored left-right when j is odd, and cropped
+    # to a random box covering augment_min_area..1 of it (aspect kept), Inception-style but milder
+    augment_min_area: float = field(default=0.7, metadata={"min": 0.05})
 
 
 # ------------------------------------------------------------------------------------------------- decoding
@@ -507,6 +510,8 @@ class Image(Modality):
             raise UserError(f"config: '{where}.teacher.kind' must be classifier or clip, got {t.kind!r}")
         if cfg.resize not in RESIZE_MODES:
             raise UserError(f"config: '{where}.resize' must be one of {', '.join(RESIZE_MODES)}, got {cfg.resize!r}")
+        if not cfg.augment_min_area <= 1.0:
+            raise UserError(f"config: '{where}.augment_min_area' must be in [0.05, 1], got {cfg.augment_min_area!r}")
         if "{label}" not in cfg.caption:
             raise UserError(f"config: '{where}.caption' must contain {{label}}, got {cfg.caption!r}")
         ck = t.checkpoint
@@ -529,6 +534,18 @@ class Image(Modality):
 
     def decode(self, data: bytes, ext: str) -> PILImage.Image:
         return decode_image(data, self.cfg.max_pixels, self.cfg.max_side)
+
+    def perturb(self, x: PILImage.Image, rng: np.random.Generator, copy: int) -> tuple[PILImage.Image, dict]:
+        """Copy `copy` of a picture: mirrored when copy is odd (copy 0 is not, so one copy is never a mirror
+        alone), then a box of a drawn area fraction at a drawn place."""
+        info: dict = {"mirror": bool(copy % 2)}
+        im = x.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT) if info["mirror"] else x
+        area = float(rng.uniform(self.cfg.augment_min_area, 1.0)) if self.cfg.augment_min_area < 1.0 else 1.0
+        w, h = im.size
+        cw, ch = max(1, round(w * area ** 0.5)), max(1, round(h * area ** 0.5))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        info["box"] = [left, top, left + cw, top + ch]
+        return im.crop(tuple(info["box"])), info
 
     def synthesize(self, index, rng):
         """A 64x64 PNG: one shape (ellipse, rectangle or triangle) of a random colour on white."""

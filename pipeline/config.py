@@ -74,6 +74,10 @@ class PseudoLabelConfig:
     max_reject_fraction: float = field(default=0.2, metadata=_min(0.0))  # fail past this fraction of bad inputs
     top_k: int = field(default=0, metadata=_min(0))  # store the teacher's top-k log-probs per token (0: off)
     store_features: bool = True  # store the teacher's features (fp16) for the student and discriminators
+    # Perturbed copies of each train input (modalities whose adapter can perturb: audio and image, see their augment_*),
+    # labelled by the teacher like any input and filtered like train, kept as split `augmented`: inputs the
+    # student has not memorised, for `distill.inputs` / `adversarial.inputs` to take. 0: none.
+    augment_copies: int = field(default=0, metadata=_min(0))
 
 
 # ---------------------------------------------------------------------------------------------------- distill
@@ -108,6 +112,7 @@ class DistillConfig:
     kd_temperature: float = field(default=2.0, metadata=_min(0.01))
     max_text_tokens: int = field(default=96, metadata=_min(4))
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented
     val_every: int = field(default=50, metadata=_min(1))
     # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
     # val_wer (greedy decoding of the val clips, WER against their labels; ties go to the lower val_loss)
@@ -173,6 +178,10 @@ class AdversarialConfig:
     kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    # the pseudo_label splits the phase's inputs come from: train, augmented (perturbed copies of train inputs,
+    # pseudo_label.augment_copies). A student that has memorised its train inputs samples their labels back,
+    # which leaves the discriminators nothing to tell apart; copies it has not seen do not.
+    inputs: List[str] = field(default_factory=lambda: ["train"])
     disc_feature_frames: int = field(default=32, metadata=_min(1))  # features average-pooled to at most this many frames for the discriminators
     text_reward_all: bool = False  # the plain-text discriminator (modality text) also rewards every other modality's samples (weight reward_weights.text)
     log_every: int = field(default=10, metadata=_min(1))
@@ -436,6 +445,13 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:
         raise UserError("config: 'adversarial.select_by: val_wer' scores the student against the teacher's labels "
                         "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
+    for sec in ("distill", "adversarial"):
+        names = getattr(root, sec).inputs
+        if not names or any(n not in ("train", "augmented") for n in names) or len(set(names)) != len(names):
+            raise UserError(f"config: '{sec}.inputs' must list train and/or augmented, each once, got {names!r}")
+        if "augmented" in names and root.pseudo_label.augment_copies == 0:
+            raise UserError(f"config: '{sec}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
+                            "the pseudo_label stage makes no augmented copies")
     if root.adversarial.baseline not in ("loo", "ema"):
         raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
     for s in root.stages:

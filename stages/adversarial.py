@@ -722,10 +722,10 @@ def run(ctx: StageContext) -> dict:
     max_text_tokens = ctx.cfg.root.distill.max_text_tokens
     select = cfg.select_by == "val_wer"
     data = load_labelled(ctx.input_dir("pseudo_label"), tok, max_text_tokens,
-                         splits=("train", "val") if select else ("train",),
+                         splits=tuple(dict.fromkeys([*cfg.inputs, *(["val"] if select else [])])),
                          max_frames=student.spec.feature_frames if student.spec.style == "prefix" else None,
                          modalities=list(student.spec.modalities))
-    train, _ = within_context(data.splits["train"], student.spec)
+    train, _ = within_context([e for s in cfg.inputs for e in data.splits[s]], student.spec)
     val = within_context(data.splits["val"], student.spec)[0] if select else []
     if select and not any(e.modality in TRANSCRIPT_MODALITIES and e.features is not None for e in val):
         raise UserError("adversarial.select_by: val_wer needs val clips of a transcript modality "

@@ -242,9 +242,10 @@ def run(ctx: StageContext) -> dict:
 
     # ---- data and model
     tokenizer = build_tokenizer(scfg)
-    data = load_labelled(ctx.input_dir("pseudo_label"), tokenizer, cfg.max_text_tokens, splits=("train", "val"),
+    data = load_labelled(ctx.input_dir("pseudo_label"), tokenizer, cfg.max_text_tokens,
+                         splits=tuple(dict.fromkeys([*cfg.inputs, "val"])),
                          max_frames=scfg.feature_frames if scfg.style == "prefix" else None)
-    train, val = data.splits["train"], data.splits["val"]
+    train, val = [e for s in cfg.inputs for e in data.splits[s]], data.splits["val"]
     if not train:
         raise UserError("distill: the pseudo_label stage left no train examples (all filtered or rejected?)")
     teacher_ck, teacher_mod = _whisper_teacher(ctx, data.modalities()) if scfg.style == "cross_attention" else (None, None)

@@ -6,12 +6,17 @@ RUN/pseudo_label/shards/<modality>/<name>.tar, one per ingest shard, each sample
                              info (confidence figures), source, file, meta, filter_reason}
     <key>.<ext>             the media bytes
     <key>.<array>.npy       tokens, topk_ids, topk_logprobs, features (whatever the teacher gives)
+  and with augment_copies > 0, per train input and copy j (1..n) where the adapter can perturb it
+  (Modality.perturb; the copy is decoded, perturbed and labelled here, its media is not stored):
+    <key>__aug<j>.json      split `augmented`, augmented_from <key>, augment {the perturbation}
+    <key>__aug<j>.<array>.npy
 RUN/pseudo_label/filtered.jsonl   labels the filters dropped (train/val), with the reason
 RUN/pseudo_label/rejects.jsonl    inputs that could not be decoded or labelled
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -23,6 +28,9 @@ from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
 from pipeline.shards import iter_shard, list_shards
+
+
+AUGMENTED = "augmented"  # the split of perturbed copies of train inputs
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -66,8 +74,22 @@ def run(ctx: StageContext) -> dict:
                 decoded.append((key, meta, ext, members[ext], adapter.decode(members[ext], ext)))
             except BadInput as e:
                 res.rejects.append({"key": key, "reason": e.reason})
+                continue
             except (KeyError, StopIteration, ValueError) as e:
                 res.rejects.append({"key": key, "reason": f"malformed ingest sample: {e}"})
+                continue
+            if meta.get("split") == "train":
+                x = decoded[-1][4]
+                for j in range(1, cfg.augment_copies + 1):
+                    copy = f"{key}__aug{j}"
+                    try:
+                        got = adapter.perturb(x, np.random.default_rng(_copy_seed(ctx.cfg.root.seed, key, j)), j - 1)
+                    except BadInput as e:
+                        res.rejects.append({"key": copy, "reason": f"perturbed copy: {e.reason}"})
+                        continue
+                    if got is not None:
+                        decoded.append((copy, {**meta, "key": copy, "split": AUGMENTED, "augmented_from": key,
+                                               "augment": got[1]}, None, None, got[0]))
         samples = []
         for i in range(0, len(decoded), cfg.batch_size):
             batch = decoded[i: i + cfg.batch_size]
@@ -89,7 +111,8 @@ def run(ctx: StageContext) -> dict:
                     continue
                 reference = meta.get("reference")
                 reason = None
-                if meta["split"] in cfg.filters.splits:
+                # a perturbed copy of a train input is filtered as train
+                if ("train" if meta["split"] == AUGMENTED else meta["split"]) in cfg.filters.splits:
                     reason = teacher.filter_reason(label, reference, cfg.filters)
                     if reason:
                         res.logs["filtered"].append({"key": key, "split": meta["split"], "reason": reason, "text": label.text})
@@ -102,7 +125,9 @@ def run(ctx: StageContext) -> dict:
                 text = reference if meta.get("reference_is_label") and reference else label.text
                 record = {**meta, "text": text, "teacher_text": label.text, "teacher": {"name": teacher.name, "sha256": teacher.sha256},
                           "info": label.info, "filter_reason": reason}
-                sample = {"__key__": key, "json": json.dumps(record, sort_keys=True, default=float).encode(), ext: media}
+                sample = {"__key__": key, "json": json.dumps(record, sort_keys=True, default=float).encode()}
+                if ext is not None:
+                    sample[ext] = media
                 for name, arr in sorted(label.arrays.items()):
                     sample[f"{name}.npy"] = npy_bytes(arr)
                 samples.append(sample)
@@ -113,7 +138,12 @@ def run(ctx: StageContext) -> dict:
 
     counts = run_units(ctx, units, process, kept_keys=("out", "filtered"), max_reject_fraction=cfg.max_reject_fraction)
     return {"out": counts.get("out", 0), "filtered": counts.get("filtered", 0), "rejected": counts["rejected"],
-            **{s: counts.get(s, 0) for s in ("train", "val", "test")}}
+            **{s: counts.get(s, 0) for s in ("train", "val", "test", AUGMENTED)}}
+
+
+def _copy_seed(seed: int, key: str, copy: int) -> int:
+    """The perturbation stream of one copy: fixed by (seed, key, copy), whatever the shard layout or process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{copy}".encode()).digest()[:8], "little")
 
 
 def read_labelled(stage_dir: Path, modalities: list[str] | None = None, splits: tuple[str, ...] | None = None,

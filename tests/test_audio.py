@@ -294,3 +294,39 @@ def test_offline_tiny_en_transcribes_shared_clips():
     hyps = [normalize_text(lab.text) for lab in labels]
     wer = jiwer.wer(refs, hyps)
     assert wer < 0.10, list(zip(refs, hyps))
+
+
+# ------------------------------------------------------------------------------ perturbed copies (augment)
+def test_speed_perturbation_changes_length_and_pitch_by_the_factor():
+    a = Audio(AudioConfig(augment_speeds=[0.9, 1.1]))
+    x = tone(2.0, 16000, freq=500.0)
+    slow, info0 = a.perturb(x, np.random.default_rng(0), 0)
+    fast, info1 = a.perturb(x, np.random.default_rng(0), 1)
+    assert (info0, info1) == ({"speed": 0.9}, {"speed": 1.1})
+    assert abs(slow.size - x.size / 0.9) <= 1 and abs(fast.size - x.size / 1.1) <= 1
+    assert peak_hz(slow) == pytest.approx(450.0, abs=3) and peak_hz(fast) == pytest.approx(550.0, abs=3)
+    again, _ = a.perturb(x, np.random.default_rng(1), 2)  # copy 2 cycles back to the first speed
+    assert np.array_equal(again, slow)
+
+
+def test_noise_is_added_at_the_drawn_snr_and_is_seeded():
+    a = Audio(AudioConfig(augment_speeds=[1.0], augment_snr_db=[10.0, 30.0]))
+    x = tone(3.0, 16000)
+    y, info = a.perturb(x, np.random.default_rng(7), 0)
+    db = np.random.default_rng(7).uniform(10.0, 30.0)
+    assert info == {"speed": 1.0, "snr_db": round(db, 2)}
+    measured = 10 * np.log10(np.mean(x.astype(np.float64) ** 2) / np.mean((y - x).astype(np.float64) ** 2))
+    assert measured == pytest.approx(db, abs=0.2)
+    assert np.array_equal(y, a.perturb(x, np.random.default_rng(7), 0)[0])
+    assert not np.array_equal(y, a.perturb(x, np.random.default_rng(8), 0)[0])
+
+
+def test_no_copy_past_max_seconds_and_bad_augment_settings_are_refused():
+    a = Audio(AudioConfig(teacher=WhisperTeacherConfig(max_seconds=2.0), augment_speeds=[0.9]))
+    assert a.perturb(tone(1.9, 16000), np.random.default_rng(0), 0) is None  # 2.11 s at 0.9x
+    for cfg, field in ((AudioConfig(augment_speeds=[]), "augment_speeds"), (AudioConfig(augment_speeds=[3.0]), "augment_speeds"),
+                       (AudioConfig(augment_snr_db=[30.0, 10.0]), "augment_snr_db")):
+        with pytest.raises(UserError, match=field):
+            Audio.validate_config(cfg, "modalities.audio")
+    # the copies are pseudo_label's business: ingest's output (and its hash) does not depend on them
+    assert Audio.decode_config(AudioConfig(augment_speeds=[0.8])) == Audio.decode_config(AudioConfig())

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import cli
 from pipeline.config import StudentConfig, load_config
+from pipeline.errors import UserError
 from pipeline.graph import Runner
 from stages.labelled_data import Example, MixtureSampler
 from stages.student import build_student, load_student, save_student
@@ -354,3 +356,36 @@ def test_ema_run_keeps_the_average_in_checkpoints_and_final(tmp_path, labelled):
     got = {k: v for k, v in s.state_dict().items()}
     assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)
     assert "moving average of its weights (ema_decay 0.5)" in (out / "final/README.md").read_text()
+
+
+def test_augmented_copies_are_labelled_train_audio_and_distill_takes_them_when_asked(tmp_path, labelled):
+    from stages.pseudo_label import read_labelled
+
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["pseudo_label"]["augment_copies"] = 2
+    cfg["distill"].update(steps=1, inputs=["train", "augmented"])
+    (tmp_path / "aug.yaml").write_text(yaml.safe_dump(cfg))
+    Runner(load_config([str(tmp_path / "aug.yaml")]), tmp_path / "aug", echo=lambda s: None).run_graph(reuse=str(labelled))
+    before = {rec["key"]: (rec, arrs) for _, rec, _, _, arrs in read_labelled(labelled / "pseudo_label")}
+    after = {rec["key"]: (rec, arrs) for _, rec, _, _, arrs in read_labelled(tmp_path / "aug/pseudo_label")}
+    # the inputs themselves are labelled as before
+    for key, (rec, arrs) in before.items():
+        assert after[key][0] == rec and all(np.array_equal(arrs[n], after[key][1][n]) for n in arrs)
+    copies = {k: v for k, v in after.items() if k not in before}
+    train_audio = sorted(k for k, (rec, _) in before.items() if rec["modality"] == "audio" and rec["split"] == "train")
+    assert train_audio and sorted(copies) == sorted(f"{k}__aug{j}" for k in train_audio for j in (1, 2))
+    for key, (rec, arrs) in copies.items():
+        src, j = key.split("__aug")
+        assert rec["split"] == "augmented" and rec["augmented_from"] == src
+        assert rec["augment"] == {"speed": [0.9, 1.1][int(j) - 1]}
+        # the teacher read the perturbed clip: its encoder frames follow the clip's new length
+        n0, n1 = len(before[src][1]["features"]), len(arrs["features"])
+        assert n1 == pytest.approx(n0 / rec["augment"]["speed"], abs=2) and n1 != n0
+    start = json.loads((tmp_path / "aug/distill/metrics.jsonl").read_text().splitlines()[0])
+    n_train = sum(rec["split"] == "train" for rec, _ in before.values())
+    assert start["train"] == n_train + len(copies)
+    # naming augmented inputs without any copies is a config error, found when the config loads
+    cfg["pseudo_label"]["augment_copies"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="distill.inputs.*augment_copies is 0"):
+        load_config([str(tmp_path / "bad.yaml")])

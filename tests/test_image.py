@@ -330,3 +330,21 @@ def test_ingest_and_pseudo_label_synthetic_images(tmp_path):
         assert modality == "image" and ext == "png" and rec["teacher"]["name"] == "classifier:random-test_efficientnet"
         assert rec["text"] == f"a picture of a {rec['info']['label']}"
         assert arrays["features"].shape[0] == 1 and arrays["features"].dtype == np.float16
+
+
+def test_perturbed_copies_mirror_odd_copies_and_crop_a_drawn_box():
+    a = Image(ImageConfig(augment_min_area=0.5))
+    x = np.zeros((40, 60, 3), np.uint8)
+    x[:, :30] = 255  # left half white, right half black
+    im = PILImage.fromarray(x)
+    c0, i0 = a.perturb(im, np.random.default_rng(0), 0)
+    c1, i1 = a.perturb(im, np.random.default_rng(0), 1)
+    assert i0["mirror"] is False and i1["mirror"] is True and i0["box"] == i1["box"]
+    left, top, right, bottom = i0["box"]
+    assert c0.size == (right - left, bottom - top) and 0.5 * 2400 <= c0.size[0] * c0.size[1] <= 2400
+    assert np.array_equal(np.asarray(c0), x[top:bottom, left:right])
+    assert np.array_equal(np.asarray(c1), x[:, ::-1][top:bottom, left:right])
+    whole, info = Image(ImageConfig(augment_min_area=1.0)).perturb(im, np.random.default_rng(0), 0)
+    assert info["box"] == [0, 0, 60, 40] and np.array_equal(np.asarray(whole), x)
+    with pytest.raises(UserError, match="augment_min_area"):
+        Image.validate_config(ImageConfig(augment_min_area=1.5), "modalities.image")
