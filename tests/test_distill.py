@@ -358,12 +358,15 @@ def test_ema_run_keeps_the_average_in_checkpoints_and_final(tmp_path, labelled):
     assert "moving average of its weights (ema_decay 0.5)" in (out / "final/README.md").read_text()
 
 
-def test_augmented_copies_are_labelled_train_audio_and_distill_takes_them_when_asked(tmp_path, labelled):
+def test_augmented_copies_are_labelled_train_audio_and_the_stages_take_them_when_asked(tmp_path, labelled):
     from stages.pseudo_label import read_labelled
 
     cfg = json.loads(json.dumps(CONFIG))
     cfg["pseudo_label"]["augment_copies"] = 2
     cfg["distill"].update(steps=1, inputs=["train", "augmented"])
+    cfg["stages"] = [*cfg["stages"], "adversarial"]
+    cfg["adversarial"] = {"inputs": ["augmented"], "steps": 1, "disc_warmup_steps": 0, "batch_size": 2,
+                          "max_new_tokens": 4, "disc_d_model": 16, "disc_layers": 1}
     (tmp_path / "aug.yaml").write_text(yaml.safe_dump(cfg))
     Runner(load_config([str(tmp_path / "aug.yaml")]), tmp_path / "aug", echo=lambda s: None).run_graph(reuse=str(labelled))
     before = {rec["key"]: (rec, arrs) for _, rec, _, _, arrs in read_labelled(labelled / "pseudo_label")}
@@ -384,6 +387,8 @@ def test_augmented_copies_are_labelled_train_audio_and_distill_takes_them_when_a
     start = json.loads((tmp_path / "aug/distill/metrics.jsonl").read_text().splitlines()[0])
     n_train = sum(rec["split"] == "train" for rec, _ in before.values())
     assert start["train"] == n_train + len(copies)
+    adv = json.loads((tmp_path / "aug/adversarial/metrics.jsonl").read_text().splitlines()[0])
+    assert adv["train"] == len(copies) and adv["modalities"] == ["audio"]  # the copies alone
     # naming augmented inputs without any copies is a config error, found when the config loads
     cfg["pseudo_label"]["augment_copies"] = 0
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
