@@ -44,6 +44,7 @@ log = logging.getLogger("groundgan")
 
 WHISPER_WINDOW_FRAMES = 1500  # encoder frames of one 30 s Whisper window (50 per second)
 STUDENT_STAGES = ("distill", "adversarial")  # checkpoints read from RUN/<stage>/final
+BASELINE = "distill"  # the checkpoint every later one's WER change is measured against (paired bootstrap)
 # The sweep's quality axis per modality: how close the samples stay to the teacher. Others: teacher_nll.
 SWEEP_QUALITY = {"audio": "wer_vs_teacher", "image": "label_agreement"}
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -532,6 +533,16 @@ def run(ctx: StageContext) -> dict:
                 metrics, extras = score(m, adapter, texts[(cp, s, m, 0.0)], items, cfg.bootstrap, row_seed,
                                         clip_model=clip)
                 metrics["teacher_nll"] = nlls[(cp, s, m)].get(1.0)
+                base = texts.get((BASELINE, s, m, 0.0))
+                if m in TRANSCRIPT_MODALITIES and cp != BASELINE and base is not None:
+                    # the question the adversarial phase has to answer, on the same clips: paired bootstrap
+                    refs = [it.reference for it in items]
+                    ch = tm.paired_change(tm.align(base, refs).pairs, tm.align(texts[(cp, s, m, 0.0)], refs).pairs,
+                                          n=cfg.bootstrap, seed=row_seed)
+                    if ch is not None:
+                        metrics["wer_change_vs_distill"] = ch["change"]
+                        metrics["wer_change_vs_distill_ci"] = ch["ci"]
+                        metrics["p_fewer_errors_than_distill"] = ch["p_lower"]
                 if cp == "adversarial":
                     metrics["disc_accuracy"], metrics["disc_ranking"] = disc.get((cp, s, m), (None, None))
                 rows[cp] = metrics

@@ -155,6 +155,33 @@ def bootstrap_ci(pairs: Sequence[tuple[int, int]], n: int = 1000, seed: int = 0,
     return [float(lo), float(hi)]
 
 
+def paired_change(base: Sequence[tuple[int, int]], new: Sequence[tuple[int, int]], n: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict | None:
+    """Paired bootstrap of the relative change of a corpus error rate between two systems on the same samples
+    (Bisani & Ney 2004): much tighter than comparing two independent intervals, since both systems find the
+    same samples hard.
+
+    base, new: per sample (errors, ref_words), sample i of both about the same input (as `align` gives them
+    for the same references). The change is (E_new - E_base) / E_base (the words are the same), -0.1 being 10%
+    fewer errors. Each of `n` resamples draws the samples with replacement (numpy default_rng(seed)), the same
+    draw for both systems; resamples where the base has no error are dropped. Returns {change, ci [lo, hi],
+    p_lower (the fraction of resamples where the new system has fewer errors)}, or None with no sample or no
+    base error. ValueError if the two do not cover the same samples."""
+    b = np.asarray(base, dtype=np.float64).reshape(-1, 2)
+    w = np.asarray(new, dtype=np.float64).reshape(-1, 2)
+    if b.shape != w.shape or not np.array_equal(b[:, 1], w[:, 1]):
+        raise ValueError("paired_change: the two systems must be scored on the same samples, in the same order")
+    if not len(b) or b[:, 0].sum() == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(n, len(b)))
+    eb, ew = b[idx, 0].sum(axis=1), w[idx, 0].sum(axis=1)
+    ok = eb > 0
+    rel = (ew[ok] - eb[ok]) / eb[ok]
+    lo, hi = np.percentile(rel, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return {"change": float((w[:, 0].sum() - b[:, 0].sum()) / b[:, 0].sum()), "ci": [float(lo), float(hi)],
+            "p_lower": float(np.mean(ew[ok] < eb[ok]))}
+
+
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
 

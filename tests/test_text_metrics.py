@@ -173,3 +173,37 @@ def test_clip_score_by_hand():
     assert tm.clip_score(np.zeros((0, 4)), np.zeros((0, 4))) is None
     with pytest.raises(ValueError):
         tm.clip_score([[1, 0]], [[1, 0, 0]])
+
+
+# ------------------------------------------------------------------------ paired bootstrap of a WER change
+def test_paired_change_pinned():
+    base = [(2, 10), (0, 5), (4, 10)]
+    new = [(1, 10), (0, 5), (2, 10)]
+    ch = tm.paired_change(base, new, n=2000, seed=0)
+    assert ch["change"] == pytest.approx(-0.5)  # 3 errors instead of 6
+    # every resample holding sample 1 or 3 halves its errors: the interval is -0.5 itself
+    assert ch["ci"] == [pytest.approx(-0.5), pytest.approx(-0.5)]
+    # only a resample of sample 2 alone has no base error (dropped): the new one is lower in all the rest
+    assert ch["p_lower"] == 1.0
+
+
+def test_paired_change_is_tighter_than_two_independent_intervals():
+    rng = np.random.default_rng(0)
+    words = rng.integers(5, 40, size=60)
+    base_err = rng.binomial(words, 0.15)
+    new_err = np.maximum(base_err - rng.binomial(1, 0.4, size=60), 0)  # one error fewer on ~40% of the clips
+    base, new = list(zip(base_err, words)), list(zip(new_err, words))
+    ch = tm.paired_change(base, new, n=1000, seed=1)
+    assert ch["ci"][1] < 0 and ch["p_lower"] > 0.99  # the paired test sees the improvement...
+    lo_b, hi_b = tm.bootstrap_ci(base, n=1000, seed=1)
+    lo_n, hi_n = tm.bootstrap_ci(new, n=1000, seed=1)
+    assert lo_b < hi_n  # ...that two unpaired intervals cannot tell apart (they overlap)
+    assert tm.paired_change(base, base)["ci"] == [0.0, 0.0] and tm.paired_change(base, base)["p_lower"] == 0.0
+
+
+def test_paired_change_refuses_unpaired_inputs_and_has_nothing_without_base_errors():
+    with pytest.raises(ValueError, match="same samples"):
+        tm.paired_change([(1, 5), (0, 3)], [(1, 5)])
+    with pytest.raises(ValueError, match="same samples"):
+        tm.paired_change([(1, 5)], [(1, 6)])
+    assert tm.paired_change([(0, 5)], [(2, 5)]) is None and tm.paired_change([], []) is None
