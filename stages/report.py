@@ -410,6 +410,51 @@ def _run_names(runs: list[Path]) -> list[str]:
     return [f"{Path(r).resolve().parent.name}/{Path(r).resolve().name}" for r in runs]
 
 
+def paired_changes(run_paths: dict[str, Path], n: int = 1000, seed: int = 0) -> list[str]:
+    """Markdown lines: for each run after the first and each student checkpoint, the relative change of its WER
+    against the first run's same checkpoint, on the clips both runs scored with the same reference (their
+    evaluate/predictions.jsonl), with a paired bootstrap interval (text_metrics.paired_change). The way to read
+    an ablation (anchored vs unanchored, MLE vs adversarial): both runs err on the same hard clips, so the
+    paired interval is far tighter than the two runs' own intervals. No lines when no run has predictions."""
+    from stages import text_metrics as tm
+
+    names = list(run_paths)
+    preds = {}
+    for name, path in run_paths.items():
+        rows = read_jsonl(Path(path) / "evaluate" / "predictions.jsonl")
+        preds[name] = {(r.get("set"), r.get("modality"), r.get("key")): r for r in rows
+                       if r.get("modality") in tm.TRANSCRIPT_MODALITIES and r.get("reference")}
+    base = names[0]
+    if len(names) < 2 or not preds[base]:
+        return []
+    lines = [f"## Paired WER change against `{base}`", "",
+             f"Relative change in word errors against `{base}`'s same checkpoint, on the clips both runs scored "
+             "(-0.10: 10% fewer errors); `[lo, hi]` is a 95% paired bootstrap interval, `P(fewer)` the fraction of "
+             "resamples where the run has fewer errors.", ""]
+    body = []
+    for s, m in sorted({k[:2] for k in preds[base]}):
+        for name in names[1:]:
+            for cp in ("distill", "adversarial"):
+                keys = sorted(k for k, r in preds[base].items() if k[:2] == (s, m) and k in preds[name]
+                              and preds[name][k]["reference"] == r["reference"]
+                              and cp in r.get("outputs", {}) and cp in preds[name][k].get("outputs", {}))
+                if not keys:
+                    continue
+                refs = [preds[base][k]["reference"] for k in keys]
+                a = tm.align([preds[base][k]["outputs"][cp] for k in keys], refs)
+                b = tm.align([preds[name][k]["outputs"][cp] for k in keys], refs)
+                ch = tm.paired_change(a.pairs, b.pairs, n=n, seed=seed)
+                if ch is None:
+                    continue
+                body.append([f"{s} / {m}", f"{name} {cp}", f"{a.wer:.3f}", f"{b.wer:.3f}",
+                             f"{ch['change']:+.3f} [{ch['ci'][0]:+.3f}, {ch['ci'][1]:+.3f}]", f"{ch['p_lower']:.2f}",
+                             str(len(keys))])
+    if not body:
+        return []
+    return lines + _table(["set / modality", "run, checkpoint", f"WER {base}", "WER run", "change", "P(fewer)", "clips"],
+                          body) + [""]
+
+
 def compare_runs(runs: list[Path], out: Path | None = None) -> int:
     """`groundgan compare RUN_A RUN_B ...`: the report's tables across runs side by side (each metric's
     column split by run) and overlaid curves. Prints the markdown; with `out`, writes out/compare.md and
@@ -438,6 +483,7 @@ def compare_runs(runs: list[Path], out: Path | None = None) -> int:
     for s, m in set_mods:
         per_run = {n: rep.get(s, {}).get(m, {}) for n, rep in present.items()}
         lines += [f"## {s} / {m}", "", *compare_table(per_run), ""]
+    lines += paired_changes(run_paths)
     plots: list[tuple[str, str]] = []
     if out is not None:
         out = Path(out)

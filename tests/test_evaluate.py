@@ -306,3 +306,26 @@ def test_equal_weights_write_equal_samples_whatever_the_checkpoint(tiny_run):
     for m, cps in report["test"].items():
         assert {k: v for k, v in cps["adversarial"].items() if not k.startswith("disc_")} == \
             {k: v for k, v in cps["distill"].items() if not k.startswith("disc_")}, m
+
+
+def test_compare_pairs_the_runs_clips_for_the_wer_change(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    refs = ["press one for sales", "please hold the line", "goodbye", "enter your password now"]
+    outs = {a: ["press one for sales", "please hold a line", "good bye", "enter your password now"],   # 1 + 2 errors
+            b: ["press one for sales", "please hold the line", "good bye", "enter your password"]}      # 2 + 1 errors
+    for run, hyps in outs.items():
+        report, _ = _fake_run(run)
+        preds = [{"set": "test", "modality": "audio", "key": f"k{i}", "reference": r, "teacher": r,
+                  "outputs": {"distill": r, "adversarial": h}} for i, (r, h) in enumerate(zip(refs, hyps))]
+        preds.append({"set": "test", "modality": "audio", "key": f"only-{run.name}", "reference": "x y", "teacher": "x y",
+                      "outputs": {"distill": "x y", "adversarial": "z"}})  # scored by one run only: left out
+        rp.write_report(run, run / "evaluate", report, preds)
+    lines = rp.paired_changes({"a": a, "b": b}, n=500)
+    row = next(l for l in lines if "b adversarial" in l)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["0.231", "0.231"]  # 3 errors in 13 words each
+    assert cells[4].startswith("+0.000") and cells[6] == "4"
+    # the distilled checkpoints are word for word the references: no base error, no row
+    assert not any("b distill" in l for l in lines)
+    # one run, or a second without predictions: nothing to pair
+    assert rp.paired_changes({"a": a}) == [] and rp.paired_changes({"a": a, "none": tmp_path / "none"}) == []
