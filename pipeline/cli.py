@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") != "0":
         logging.getLogger().setLevel(logging.ERROR)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        if rc == 0 and args.fn is cmd_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _exit_finished_worker()
+        return rc
     except UserError as e:
         rank = os.environ.get("RANK")
         prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
@@ -189,6 +192,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _exit_finished_worker() -> None:
+    """A torchrun worker whose run finished: every rank has met at the last barrier, the process group is
+    destroyed and every output is on disk (atomic renames), so the process leaves now, without the interpreter's
+    teardown. That teardown can still destroy a gloo worker thread that is joinable and abort the process
+    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291 describes the race), and
+    torchrun then reports a finished run as failed (seen in `make test` with two pytest workers beside it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # DDP reducers and pending work objects in reference cycles go while the group still exists
         dist.destroy_process_group()
 
 
