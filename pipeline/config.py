@@ -223,6 +223,10 @@ class RunConfig:
     keep_checkpoints: int = field(default=3, metadata=_min(1))  # newest K step checkpoints kept
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = field(default=0, metadata=_min(0))  # torch threads (0: torch's default)
+    # torch.use_deterministic_algorithms (warn_only): the same run repeats to the bit at any thread count. Without
+    # it, the backward of an indexed lookup (Whisper's positional embedding) sums in thread order on CPU, and two
+    # 2-thread runs of the demo's adversarial phase parted after 10 student steps. false: torch's faster defaults.
+    deterministic: bool = True
     progress: bool = True  # tqdm bars
     distributed_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 

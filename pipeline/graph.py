@@ -180,6 +180,10 @@ class Runner:
         hi = names.index(until) if until else len(names) - 1
         force = set(force or [])
 
+        if self.cfg.root.run.deterministic:
+            # cuBLAS needs this set before its first handle for deterministic matmuls (torch raises otherwise)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         info = distributed.init(self.cfg.root.run.distributed_backend, self.cfg.root.run.device)
         device = distributed.pick_device(self.cfg.root.run.device, info)
         if self.cfg.root.run.num_threads:

@@ -394,3 +394,28 @@ def test_augmented_copies_are_labelled_train_audio_and_the_stages_take_them_when
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="distill.inputs.*augment_copies is 0"):
         load_config([str(tmp_path / "bad.yaml")])
+
+
+def test_run_deterministic_makes_two_thread_gradients_repeat_to_the_bit(tmp_path):
+    """run.deterministic (default): the Runner turns on torch's deterministic algorithms. The cross-attention
+    student's positional-embedding gradient (an indexed lookup, summed in thread order on CPU otherwise) then
+    repeats to the bit at 2 threads, pass after pass."""
+    _, ck = _random_whisper(2)
+    s = build_student(StudentConfig(style="cross_attention"), {"audio": 32}, teacher_decoder=ck, teacher_modality="audio")
+    toks = torch.randint(0, 50000, (16, 90))
+    x = torch.randn(16, 1500, 32)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "stages": ["ingest"]}))
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        Runner(load_config([str(tmp_path / "c.yaml")]), tmp_path / "run", echo=lambda s: None).run_graph()
+        assert torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(2)
+        grads = []
+        for _ in range(4):
+            s.zero_grad(set_to_none=True)
+            s.lm(input_ids=toks, encoder_outputs=(x,)).logits.float().pow(2).mean().backward()
+            grads.append(s.lm.model.decoder.embed_positions.weight.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
