@@ -536,9 +536,8 @@ def run(ctx: StageContext) -> dict:
                 base = texts.get((BASELINE, s, m, 0.0))
                 if m in TRANSCRIPT_MODALITIES and cp != BASELINE and base is not None:
                     # the question the adversarial phase has to answer, on the same clips: paired bootstrap
-                    refs = [it.reference for it in items]
-                    ch = tm.paired_change(tm.align(base, refs).pairs, tm.align(texts[(cp, s, m, 0.0)], refs).pairs,
-                                          n=cfg.bootstrap, seed=row_seed)
+                    _, _, ch = tm.paired_wer_change(base, texts[(cp, s, m, 0.0)], [it.reference for it in items],
+                                                    n=cfg.bootstrap, seed=row_seed)
                     if ch is not None:
                         metrics["wer_change_vs_distill"] = ch["change"]
                         metrics["wer_change_vs_distill_ci"] = ch["ci"]

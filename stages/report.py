@@ -29,11 +29,11 @@ SWEEP = "sweep"  # the top-level key of report.json that is not a set
 TRAINING_STAGES = ("distill", "adversarial")  # stages whose metrics.jsonl the training curves show
 CHECKPOINT_ORDER = ("teacher", "distill", "adversarial")
 # Headline columns first, in this order; any other metric follows, sorted.
-METRIC_ORDER = ("n_samples", "wer_vs_reference", "wer_change_vs_distill", "p_fewer_errors_than_distill", "wer_vs_teacher", "ier", "rep_5gram", "label_agreement",
-                "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "self_bleu_4",
+METRIC_ORDER = ("n_samples", "wer_vs_reference", "wer_change_vs_distill", "p_fewer_errors_than_distill",
+                "wer_vs_teacher", "ier", "rep_5gram", "label_agreement", "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "self_bleu_4",
                 "mean_length", "disc_accuracy", "disc_ranking")
-LOWER_IS_BETTER = {"wer_vs_reference": True, "wer_change_vs_distill": True, "wer_vs_teacher": True, "teacher_nll": True,
-                   "label_agreement": False, "category_agreement": False}
+LOWER_IS_BETTER = {"wer_vs_reference": True, "wer_change_vs_distill": True, "wer_vs_teacher": True,
+                   "teacher_nll": True, "label_agreement": False, "category_agreement": False}
 SAMPLES_PER_TABLE = 8
 CELL_CHARS = 100  # longer sample texts are cut in the markdown table (predictions.jsonl keeps them whole)
 _STEP_KEYS = ("step", "global_step", "iter")
@@ -434,16 +434,15 @@ def paired_changes(run_paths: dict[str, Path], n: int = 1000, seed: int = 0) -> 
     body = []
     for s, m in sorted({k[:2] for k in preds[base]}):
         for name in names[1:]:
-            for cp in ("distill", "adversarial"):
+            for cp in CHECKPOINT_ORDER[1:]:  # the students
                 keys = sorted(k for k, r in preds[base].items() if k[:2] == (s, m) and k in preds[name]
                               and preds[name][k]["reference"] == r["reference"]
                               and cp in r.get("outputs", {}) and cp in preds[name][k].get("outputs", {}))
                 if not keys:
                     continue
-                refs = [preds[base][k]["reference"] for k in keys]
-                a = tm.align([preds[base][k]["outputs"][cp] for k in keys], refs)
-                b = tm.align([preds[name][k]["outputs"][cp] for k in keys], refs)
-                ch = tm.paired_change(a.pairs, b.pairs, n=n, seed=seed)
+                a, b, ch = tm.paired_wer_change([preds[base][k]["outputs"][cp] for k in keys],
+                                                [preds[name][k]["outputs"][cp] for k in keys],
+                                                [preds[base][k]["reference"] for k in keys], n=n, seed=seed)
                 if ch is None:
                     continue
                 body.append([f"{s} / {m}", f"{name} {cp}", f"{a.wer:.3f}", f"{b.wer:.3f}",

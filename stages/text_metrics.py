@@ -182,6 +182,14 @@ def paired_change(base: Sequence[tuple[int, int]], new: Sequence[tuple[int, int]
             "p_lower": float(np.mean(ew[ok] < eb[ok]))}
 
 
+def paired_wer_change(base_hyps: Sequence[str | None], new_hyps: Sequence[str | None], refs: Sequence[str | None],
+                      n: int = 1000, seed: int = 0):
+    """Two systems' transcripts of the same inputs against the same references: (base alignment, new alignment,
+    paired_change of their errors or None)."""
+    a, b = align(base_hyps, refs), align(new_hyps, refs)
+    return a, b, paired_change(a.pairs, b.pairs, n=n, seed=seed)
+
+
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
 
