@@ -175,6 +175,15 @@ class AdversarialConfig:
     # subtract the batch's mean token reward before the returns: raw logits are mostly negative on samples,
     # and then a sample that stops early earns more (fewer negative terms); centred, stopping gains nothing on average
     center_rewards: bool = False
+    # token: each token's reward is its own logit (dense, ScratchGAN), returns summed over the tokens after it
+    # (discount), baselined position by position. sequence: one reward per sample, the discriminators' logit
+    # at its last token (which has read the whole text, its end included), and RLOO's advantage (the reward
+    # minus the mean of the input's other k-1 samples) on every token of the sample (Ahmadian et al. 2024): no
+    # pull toward shorter or longer samples, and a sample compared only with samples about the same input.
+    # The discriminators train token by token either way (the per-token targets teach the last token's logit
+    # faster than its own alone: demo audio, ranking 0.71 against 0.63 after pre-training). Needs baseline:
+    # loo and k_samples >= 2.
+    reward_level: str = "token"
     kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
@@ -456,6 +465,14 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         if "augmented" in names and root.pseudo_label.augment_copies == 0:
             raise UserError(f"config: '{sec}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
                             "the pseudo_label stage makes no augmented copies")
+    if root.adversarial.reward_level not in ("token", "sequence"):
+        raise UserError("config: 'adversarial.reward_level' must be token or sequence, "
+                        f"got {root.adversarial.reward_level!r}")
+    if root.adversarial.reward_level == "sequence" and (root.adversarial.baseline != "loo"
+                                                         or root.adversarial.k_samples < 2):
+        raise UserError("config: 'adversarial.reward_level: sequence' compares a sample with the other samples of "
+                        "its input: it needs 'adversarial.baseline: loo' and 'adversarial.k_samples' >= 2, got "
+                        f"{root.adversarial.baseline!r} and {root.adversarial.k_samples}")
     if root.adversarial.baseline not in ("loo", "ema"):
         raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
     for s in root.stages:

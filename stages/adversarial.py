@@ -514,11 +514,15 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
                  weights: dict[str, float], *, discount: float, baseline: str | EMABaseline, kl_weight: float,
                  kl_estimator: str, pg_weight: float = 1.0, text_reward_all: bool = False,
                  ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
-                 center_rewards: bool = False) -> tuple[torch.Tensor, dict]:
+                 center_rewards: bool = False, reward_level: str = "token") -> tuple[torch.Tensor, dict]:
     """The pg loss of the student on its own samples `fake` (k consecutive rows per input), and its stats.
 
     Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
     baseline: "loo" or an EMABaseline. ce: a callable giving the pseudo-label cross-entropy (None: none).
+    reward_level "sequence": each row's reward is the discriminators' logit at its last token (minus
+    kl_weight times its summed sampled KL with kl_estimator "sampled"), its advantage that reward minus the
+    mean of its input's other k-1 rows (loo only), on every one of its tokens; discount and center_rewards
+    do not apply. The logged "reward" is then the mean of those sequence rewards.
     Under torchrun `fake` is this process's slice (whole inputs) and the means are over every process's
     tokens (global_count): the loss and the stats are this slice's shares of the whole batch's.
     """
@@ -532,6 +536,33 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
         ref_tok = ref_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     kl_exact = exact_kl(logp_all, ref_all)
     rewards = token_rewards(discs, fake, weights, text_reward_all)
+    if reward_level == "sequence":
+        if baseline != "loo" or k < 2:
+            raise ValueError("reward_level 'sequence' needs the leave-one-out baseline over k >= 2 samples")
+        seq = sequence_logits(rewards, fake.attention_mask)
+        if kl_estimator == "sampled":
+            seq = seq - kl_weight * ((logp.detach() - ref_tok) * mask).sum(1)
+        adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask
+        mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
+    else:
+        adv = _token_advantages(rewards, logp, ref_tok, mask, n, k, discount=discount, baseline=baseline,
+                                kl_weight=kl_weight, kl_estimator=kl_estimator, center_rewards=center_rewards)
+        mean_reward = masked_mean(rewards, mask, n)
+    pg = pg_loss(logp, adv, mask, n)
+    loss = pg_weight * pg
+    if kl_estimator == "exact" and kl_weight > 0:
+        loss = loss + kl_weight * masked_mean(kl_exact, mask, n)
+    stats = {"pg_loss": float(pg.detach()), "reward": float(mean_reward),
+             "kl": float(masked_mean(kl_exact.detach(), mask, n)),
+             "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask, n)),
+             "sample_logprob": float(masked_mean(logp.detach(), mask, n))}
+    return _with_ce(loss, stats, ce, ce_weight)
+
+
+def _token_advantages(rewards: torch.Tensor, logp: torch.Tensor, ref_tok: torch.Tensor, mask: torch.Tensor,
+                      n: torch.Tensor, k: int, *, discount: float, baseline: str | EMABaseline, kl_weight: float,
+                      kl_estimator: str, center_rewards: bool) -> torch.Tensor:
+    """reward_level "token": per-token rewards (centred, sampled KL folded in) -> returns -> minus the baseline."""
     shaped = rewards
     if center_rewards:  # minus the mean over every process's tokens: the same shift everywhere
         shaped = (rewards - global_count((rewards * mask).sum()) / n) * mask
@@ -539,17 +570,19 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
         shaped = shaped - kl_weight * (logp.detach() - ref_tok)
     G = returns_to_go(shaped, mask, discount)
     b = loo_baseline(G, k) if baseline == "loo" else baseline(G, mask)
-    adv = (G - b) * mask
-    pg = pg_loss(logp, adv, mask, n)
-    loss = pg_weight * pg
-    if kl_estimator == "exact" and kl_weight > 0:
-        loss = loss + kl_weight * masked_mean(kl_exact, mask, n)
-    stats = {"pg_loss": float(pg.detach()), "reward": float(masked_mean(rewards, mask, n)),
-             "kl": float(masked_mean(kl_exact.detach(), mask, n)),
-             "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask, n)),
-             "sample_logprob": float(masked_mean(logp.detach(), mask, n))}
-    return _with_ce(loss, stats, ce, ce_weight)
+    return (G - b) * mask
 
+
+
+def batch_reward(discs: dict[str, Discriminator], fake: Rows, cfg) -> float:
+    """This process's share of the batch's mean reward, as pg_objective logs it: per token (reward_level
+    token) or per sample, the logit at its last token (sequence)."""
+    r = token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all)
+    if cfg.reward_level == "sequence":
+        seq = sequence_logits(r, fake.attention_mask)
+        return float(seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device)))
+    mask = fake.attention_mask[:, 1:]
+    return float(masked_mean(r, mask, global_count(mask.sum())))
 
 
 def _with_ce(loss: torch.Tensor, stats: dict, ce: Callable[[], torch.Tensor] | None,
@@ -852,7 +885,6 @@ def run(ctx: StageContext) -> dict:
                     rec[f"disc_gp/{m}"] = st["gp"]
 
         # the student
-        mask = fake.attention_mask[:, 1:]
         if moves:
             n_targets = sum(len(e.targets) for e in examples)  # the whole batch's, for the CE's mean
             ce = (lambda: ce_loss(student, local, device, n_targets)) if ce_weight > 0 else None
@@ -862,12 +894,12 @@ def run(ctx: StageContext) -> dict:
                                             discount=cfg.discount, baseline="loo" if cfg.baseline == "loo" else ema,
                                             kl_weight=cfg.kl_weight, kl_estimator=cfg.kl_estimator,
                                             pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all,
-                                            ce=ce, ce_weight=ce_weight, center_rewards=cfg.center_rewards)
+                                            ce=ce, ce_weight=ce_weight, center_rewards=cfg.center_rewards,
+                                            reward_level=cfg.reward_level)
                 else:
                     loss, st = spin_objective(student, previous, reference, real, fake, cfg.spin_beta,
                                               kl_weight=cfg.kl_weight, ce=ce, ce_weight=ce_weight)
-                    st["reward"] = float(masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all),
-                                                     mask, global_count(mask.sum())))
+                    st["reward"] = batch_reward(discs, fake, cfg)
             s_opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.sum_gradients(student.parameters())
@@ -883,9 +915,7 @@ def run(ctx: StageContext) -> dict:
             if student_steps % cfg.val_every == 0:
                 validate_and_keep_best(it + 1)
         else:
-            reward = masked_mean(token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all), mask,
-                                 global_count(mask.sum()))
-            rec["reward"] = distributed.sum_floats({"reward": float(reward)}, device)["reward"]
+            rec["reward"] = distributed.sum_floats({"reward": batch_reward(discs, fake, cfg)}, device)["reward"]
 
         done = it + 1
         if done % cfg.log_every == 0 or done == total:

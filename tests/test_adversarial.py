@@ -72,6 +72,50 @@ def test_exact_kl_and_ema_baseline_by_hand():
     assert ema.value.tolist() == [2.0, 2.0, 0.0]
 
 
+class LastLogitJudge(nn.Module):
+    """A discriminator with fixed logits [N, L-1]; entries past a row's last token are never read."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask, features=None, token_embeds=None):
+        return self.logits[:, : input_ids.shape[1] - 1]
+
+
+class UniformPolicy(nn.Module):
+    """A policy whose every next-token distribution is uniform over 4 tokens (log-prob -log 4), learnable."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, input_ids, attention_mask, modality, features):
+        return self.bias.expand(*input_ids.shape, 4)
+
+
+def test_sequence_level_reward_and_leave_one_out_advantage_by_hand():
+    # 2 inputs x k=2 samples with 2, 1, 2 and 2 tokens; bos 3, pad 0
+    fake = adv.rows_from_tokens([[1, 2], [2], [1, 1], [2, 2]], ["text"] * 4, [None] * 4, [0, 0, 1, 1], bos=3, pad=0,
+                                device="cpu")
+    # the reward is the logit at each row's last token (1, 3, 0, 4); the 100s are earlier tokens, never read
+    judge = LastLogitJudge(torch.tensor([[100.0, 1.0], [3.0, 100.0], [100.0, 0.0], [100.0, 4.0]]))
+    pi, ref = UniformPolicy(), UniformPolicy().requires_grad_(False)
+    loss, st = adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline="loo", kl_weight=0.0,
+                                kl_estimator="exact", reward_level="sequence")
+    # advantages -2, +2, -4, +4 on every token of their row; log pi = -log 4 everywhere:
+    # -(-2*2 + 2*1 - 4*2 + 4*2) * -log 4 / 7 tokens = -2 log 4 / 7
+    assert loss.item() == pytest.approx(-2 * math.log(4) / 7, abs=1e-6)
+    assert st["reward"] == pytest.approx(2.0)  # the mean sequence reward
+    # token level reads the 100s: a different loss
+    tok_loss, _ = adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline="loo", kl_weight=0.0,
+                                   kl_estimator="exact")
+    assert tok_loss.item() != pytest.approx(loss.item(), abs=0.1)
+    with pytest.raises(ValueError, match="leave-one-out"):
+        adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline=adv.EMABaseline(4, 0.9),
+                         kl_weight=0.0, kl_estimator="exact", reward_level="sequence")
+
+
 # --------------------------------------------------------------------------------------------- discriminator
 def test_discriminator_token_logits_are_causal_and_conditioned():
     torch.manual_seed(0)
@@ -240,6 +284,48 @@ def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(pre
     assert st["kl"] > 0  # it moved away from the reference, and the KL says so
 
 
+class CountJudge(nn.Module):
+    """A causal discriminator: its logit at t counts `good` minus `bad` in y_1 .. y_t, so the last token's
+    (the sequence's) judges the whole text."""
+
+    def __init__(self, good: int, bad: int):
+        super().__init__()
+        self.good, self.bad = good, bad
+
+    def forward(self, input_ids, attention_mask, features=None, token_embeds=None):
+        y = input_ids[:, 1:]
+        return ((y == self.good).float() - (y == self.bad).float()).cumsum(1)
+
+
+def test_sequence_rewards_move_the_student_toward_what_the_discriminator_prefers():
+    torch.set_num_threads(1)
+    student = _tiny_student().eval()
+    tok = student.tokenizer
+    A, B, eot = tok.encode("yes")[0], tok.encode("no")[0], tok.eot
+    opt = torch.optim.Adam(student.parameters(), lr=3e-2)
+    data = adv.rows_from_tokens([[A, eot], [B, eot]], ["text"] * 2, [None] * 2, [0, 1], tok.bos, eot, "cpu")
+    for _ in range(60):
+        loss = -student.score(data.input_ids, data.attention_mask, data.modality, data.features).sum() / 4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pa0 = _p_first(student, A)
+    reference = _tiny_student().eval().requires_grad_(False)
+    reference.load_state_dict(student.state_dict())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        gen = generate(student, ["text"] * 8, [None] * 8, temperature=1.0, max_new_tokens=3, generator=g)
+        fake = adv.rows_from_generated(gen, ["text"] * 8, [None] * 8, [i // 4 for i in range(8)], tok.bos)
+        loss, _ = adv.pg_objective(student, reference, {"text": CountJudge(B, A)}, fake, 4, {}, discount=1.0,
+                                   baseline="loo", kl_weight=0.01, kl_estimator="exact", reward_level="sequence")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pb1 = _p_first(student, B)
+    assert pb1 > 0.85 and _p_first(student, A) < pa0 - 0.3, (pa0, pb1)
+
+
 class ConstantJudge(nn.Module):
     """A discriminator that finds every token equally fake: logit -1 everywhere."""
 
@@ -247,10 +333,12 @@ class ConstantJudge(nn.Module):
         return -torch.ones(input_ids[:, 1:].shape)
 
 
-@pytest.mark.parametrize("center,kl", [(False, "exact"), (True, "exact"), (True, "sampled")])
-def test_centred_rewards_do_not_teach_a_student_to_stop_early(center, kl):
+@pytest.mark.parametrize("center,kl,level", [(False, "exact", "token"), (True, "exact", "token"),
+                                             (True, "sampled", "token"), (False, "exact", "sequence")])
+def test_centred_rewards_do_not_teach_a_student_to_stop_early(center, kl, level):
     """With rewards that are negative everywhere, a shorter sample collects fewer of them: raw returns teach
-    the student to stop early whatever it says; centred on the batch's mean reward they carry no such pull."""
+    the student to stop early whatever it says; centred on the batch's mean reward they carry no such pull,
+    and neither does one reward per sample (every sample's is -1, so no advantage)."""
     torch.set_num_threads(1)
     student = _tiny_student().eval()
     tok = student.tokenizer
@@ -278,12 +366,13 @@ def test_centred_rewards_do_not_teach_a_student_to_stop_early(center, kl):
         gen = generate(student, ["text"] * 8, [None] * 8, temperature=1.0, max_new_tokens=3, generator=g)
         fake = adv.rows_from_generated(gen, ["text"] * 8, [None] * 8, [i // 4 for i in range(8)], tok.bos)
         loss, _ = adv.pg_objective(student, reference, {"text": ConstantJudge()}, fake, 4, {}, discount=1.0,
-                                   baseline="loo", kl_weight=0.01, kl_estimator=kl, center_rewards=center)
+                                   baseline="loo", kl_weight=0.01, kl_estimator=kl, center_rewards=center,
+                                   reward_level=level)
         opt.zero_grad()
         loss.backward()
         opt.step()
     p1 = p_stop()
-    if center:
+    if center or level == "sequence":
         assert abs(p1 - p0) < 0.05, (p0, p1)
     else:
         assert p1 > p0 + 0.2, (p0, p1)
@@ -381,6 +470,17 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
     assert "self_bleu_4" in m["counts"]["early_stop_reason"]
     last = json.loads((tmp_path / "guard/adversarial/metrics.jsonl").read_text().splitlines()[-1])
     assert "max_self_bleu_4" in last["early_stop"]
+
+    # one reward per sample: through the stage, and refused where no leave-one-out baseline is possible
+    _run_in_process(cfg, tmp_path / "seq", ["adversarial.reward_level=sequence", "adversarial.disc_from_divergence=true"],
+                    reuse=base)
+    moved = [json.loads(l) for l in (tmp_path / "seq/adversarial/metrics.jsonl").read_text().splitlines()]
+    moved = [r for r in moved if r.get("phase") == "adversarial"]
+    assert len(moved) == 3 and all(math.isfinite(r["pg_loss"]) and math.isfinite(r["reward"]) for r in moved)
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="reward_level: sequence"):
+        _run_in_process(cfg, tmp_path / "seq1", ["adversarial.reward_level=sequence", "adversarial.k_samples=1"],
+                        reuse=base)
 
     _run_in_process(cfg, tmp_path / "off", ["adversarial.enabled=false"], reuse=base)
     for f in ("student.json", "projectors.safetensors", "lm/model.safetensors"):
