@@ -158,6 +158,10 @@ class AdversarialConfig:
     # student / teacher backbones: add the body's own log-prob of each judged token (scaled, learned) to the
     # logit; with the teacher's decoder that is the teacher-likelihood half of the optimal discriminator
     disc_lm_score: bool = False
+    # student / teacher backbones: false keeps the body as built and trains only the head (and the lm_score
+    # scale), so that with disc_backbone: teacher and disc_lm_score the body's term stays the teacher's own
+    # likelihood (a body trained at disc_lr drifts from it)
+    disc_train_body: bool = True
     disc_d_model: int = field(default=128, metadata=_min(8))
     disc_layers: int = field(default=2, metadata=_min(1))
     disc_heads: int = field(default=4, metadata=_min(1))
@@ -180,7 +184,8 @@ class AdversarialConfig:
     # at its last token (which has read the whole text, its end included), and RLOO's advantage (the reward
     # minus the mean of the input's other k-1 samples) on every token of the sample (Ahmadian et al. 2024): no
     # pull toward shorter or longer samples, and a sample compared only with samples about the same input.
-    # The discriminators train token by token either way (the per-token targets teach the last token's logit
+    # With disc_lm_score the sequence's lm term is the body's mean log-prob over the sample's tokens, not the
+    # last token's alone. The discriminators train token by token either way (the per-token targets teach the last token's logit
     # faster than its own alone: demo audio, ranking 0.71 against 0.63 after pre-training). Needs baseline:
     # loo and k_samples >= 2.
     reward_level: str = "token"
@@ -453,6 +458,9 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     if root.adversarial.disc_lm_score and root.adversarial.disc_backbone == "transformer":
         raise UserError("config: 'adversarial.disc_lm_score' adds a language model's score of each token; "
                         "'disc_backbone: transformer' has none (use student or teacher)")
+    if not root.adversarial.disc_train_body and root.adversarial.disc_backbone == "transformer":
+        raise UserError("config: 'adversarial.disc_train_body: false' keeps a body (disc_backbone student or "
+                        "teacher) frozen; 'disc_backbone: transformer' has none")
     if root.adversarial.select_by not in ("last", "val_wer"):
         raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
     if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:

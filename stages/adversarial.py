@@ -339,6 +339,26 @@ def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str
     return out * rows.attention_mask[:, 1:].to(out.dtype)
 
 
+@torch.no_grad()
+def sequence_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str, float],
+                     text_reward_all: bool) -> torch.Tensor:
+    """R = sum over the discriminators judging the row of w_d * its sequence score (eval mode): [N]."""
+    out = torch.zeros(rows.input_ids.shape[0], device=rows.input_ids.device)
+    for m in sorted(set(rows.modality)):
+        idx = [i for i, mm in enumerate(rows.modality) if mm == m]
+        sub = rows.select(idx)
+        for name, w in judges_of(m, discs, weights, text_reward_all):
+            d = discs[name]
+            was = d.training
+            d.eval()
+            score = getattr(d, "sequence_scores", None)
+            sc = (score(sub.input_ids, sub.attention_mask, sub.features) if score is not None else
+                  sequence_logits(d(sub.input_ids, sub.attention_mask, sub.features), sub.attention_mask))
+            d.train(was)
+            out[torch.tensor(idx, device=out.device)] += w * sc.float()
+    return out
+
+
 @dataclass
 class DiscCounts:
     """The sizes of a discriminator's batch that its losses and stats divide by (float tensors)."""
@@ -535,16 +555,16 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
         ref_all = policy_logprobs(reference, fake)
         ref_tok = ref_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     kl_exact = exact_kl(logp_all, ref_all)
-    rewards = token_rewards(discs, fake, weights, text_reward_all)
     if reward_level == "sequence":
         if baseline != "loo" or k < 2:
             raise ValueError("reward_level 'sequence' needs the leave-one-out baseline over k >= 2 samples")
-        seq = sequence_logits(rewards, fake.attention_mask)
+        seq = sequence_rewards(discs, fake, weights, text_reward_all)
         if kl_estimator == "sampled":
             seq = seq - kl_weight * ((logp.detach() - ref_tok) * mask).sum(1)
         adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask
         mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
     else:
+        rewards = token_rewards(discs, fake, weights, text_reward_all)
         adv = _token_advantages(rewards, logp, ref_tok, mask, n, k, discount=discount, baseline=baseline,
                                 kl_weight=kl_weight, kl_estimator=kl_estimator, center_rewards=center_rewards)
         mean_reward = masked_mean(rewards, mask, n)
@@ -577,10 +597,10 @@ def _token_advantages(rewards: torch.Tensor, logp: torch.Tensor, ref_tok: torch.
 def batch_reward(discs: dict[str, Discriminator], fake: Rows, cfg) -> float:
     """This process's share of the batch's mean reward, as pg_objective logs it: per token (reward_level
     token) or per sample, the logit at its last token (sequence)."""
-    r = token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all)
     if cfg.reward_level == "sequence":
-        seq = sequence_logits(r, fake.attention_mask)
+        seq = sequence_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all)
         return float(seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device)))
+    r = token_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all)
     mask = fake.attention_mask[:, 1:]
     return float(masked_mean(r, mask, global_count(mask.sum())))
 
@@ -783,6 +803,8 @@ def run(ctx: StageContext) -> dict:
         body = (load_student(src, device) if cfg.disc_backbone == "student" else
                 teacher_body() if cfg.disc_backbone == "teacher" else None)
         discs[m] = build_discriminator(spec, device, body).train()
+        if body is not None and not cfg.disc_train_body:
+            body.requires_grad_(False)  # only the head (and lm_scale) learn
     # Adam with beta1 0.5 for the discriminators, the GAN habit (Radford et al. 2016): a target that moves.
     d_opts = {m: torch.optim.AdamW(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
               for m, d in discs.items()}

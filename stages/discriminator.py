@@ -134,16 +134,8 @@ class Discriminator(nn.Module):
         if self.body is not None:
             if token_embeds is not None:
                 raise ValueError("a student-backbone discriminator takes no token_embeds (no gradient penalty)")
-            feats = None if self.spec.feature_dim <= 0 or features is None else [
-                f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim) for f in features]
-            h = self.body.hidden(input_ids, attention_mask, self.spec.modality, feats)
-            out = self.head(h).squeeze(-1)[:, 1:]
-            if self.spec.lm_score:
-                # entry t judges token t + 1; the body's prediction of it is read at position t
-                lp = torch.log_softmax(self.body.head(h[:, :-1]).float(), dim=-1)
-                lp = lp.gather(-1, input_ids[:, 1:].clamp(max=lp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-                out = out + self.lm_scale * lp.to(out.dtype)
-            return out
+            out, lp = self._body_parts(input_ids, attention_mask, features)
+            return out if lp is None else out + self.lm_scale * lp.to(out.dtype)
         if L > self.spec.max_text_len:
             raise ValueError(f"{L} text positions; this discriminator holds {self.spec.max_text_len}")
         tok = token_embeds if token_embeds is not None else self.embed(input_ids)
@@ -163,6 +155,32 @@ class Discriminator(nn.Module):
         h = self.encoder(self.drop(x), mask=block, src_key_padding_mask=pad)
         logits = self.head(self.norm(h[:, n_feat:])).squeeze(-1)  # [B, L]
         return logits[:, 1:]
+
+
+    def _body_parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    features: Sequence[torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A body backbone's head logits [B, L-1] and (lm_score) the body's log-prob of each judged token."""
+        feats = None if self.spec.feature_dim <= 0 or features is None else [
+            f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim) for f in features]
+        h = self.body.hidden(input_ids, attention_mask, self.spec.modality, feats)
+        out = self.head(h).squeeze(-1)[:, 1:]
+        if not self.spec.lm_score:
+            return out, None
+        # entry t judges token t + 1; the body's prediction of it is read at position t
+        lp = torch.log_softmax(self.body.head(h[:, :-1]).float(), dim=-1)
+        return out, lp.gather(-1, input_ids[:, 1:].clamp(max=lp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+
+    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """One logit per row [B]: the logit at its last token (which has read the whole text), except that with
+        lm_score the body's term is its mean log-prob over the row's tokens (Whisper's avg_logprob, free of the
+        row's length) rather than the last token's alone: head(last) + lm_scale * mean_t log p_body(y_t)."""
+        if self.body is None or not self.spec.lm_score:
+            return sequence_logits(self(input_ids, attention_mask, features), attention_mask)
+        head, lp = self._body_parts(input_ids, attention_mask, features)
+        m = attention_mask[:, 1:].to(lp.dtype)
+        mean_lp = (lp * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return sequence_logits(head, attention_mask) + self.lm_scale * mean_lp.to(head.dtype)
 
 
 def sequence_logits(token_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,14 @@ def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_tri
         d.lm_scale.fill_(0.5)
         torch.nn.init.normal_(d.head.weight)
     want = d(ids, mask, f)
+    # the sequence score: the head at the last token + the scale times the body's mean log-prob over the row
+    head = d.head(d.body.hidden(ids, mask, "audio", f)).squeeze(-1)[:, 1:]
+    assert torch.allclose(d.sequence_scores(ids, mask, f), head[:, -1] + 0.5 * lp.mean(1), atol=1e-5)
+    two = torch.tensor([[body.spec.bos_id, 5, 6, 7, 8], [body.spec.bos_id, 5, 6, 0, 0]])
+    two_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    got = d.sequence_scores(two, two_mask, f * 2)
+    assert torch.allclose(got[1], head[0, 1] + 0.5 * lp[0, :2].mean(), atol=1e-5)  # its own two tokens, padding out
+    assert torch.allclose(got[0], head[0, -1] + 0.5 * lp[0].mean(), atol=1e-5)
     back = load_discriminators(save_discriminators({"audio": d}, tmp_path / "d"))["audio"]
     assert back.spec.lm_score and back.lm_scale.item() == 0.5 and torch.allclose(back(ids, mask, f), want, atol=1e-6)
     with pytest.raises(Exception, match="disc_lm_score"):
@@ -485,6 +493,25 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
     _run_in_process(cfg, tmp_path / "off", ["adversarial.enabled=false"], reuse=base)
     for f in ("student.json", "projectors.safetensors", "lm/model.safetensors"):
         assert (tmp_path / "off/adversarial/final" / f).read_bytes() == (base / "distill/final" / f).read_bytes()
+
+
+def test_a_frozen_body_keeps_the_distilled_weights_while_the_head_learns(distilled, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, base = distilled
+    _run_in_process(cfg, tmp_path / "frozen", ["adversarial.disc_backbone=student", "adversarial.grad_penalty=0",
+                                               "adversarial.disc_train_body=false",
+                                               "adversarial.disc_lm_score=true", "adversarial.reward_level=sequence"],
+                    reuse=base)
+    discs = tmp_path / "frozen/adversarial/final/discriminators"
+    for m in ("vibration", "text"):
+        body = load_file(discs / f"{m}.student" / "lm" / "model.safetensors")
+        want = load_file(base / "distill/final/lm/model.safetensors")
+        assert body.keys() == want.keys() and all(torch.equal(body[k], want[k]) for k in want), m
+        head = load_file(discs / f"{m}.safetensors")
+        assert any(v.abs().sum() > 0 for k, v in head.items() if k.startswith("head.")), m  # the head moved
+    with pytest.raises(Exception, match="disc_train_body"):
+        _run_in_process(cfg, tmp_path / "bad", ["adversarial.disc_train_body=false"], reuse=base)
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "student"])
