@@ -184,11 +184,17 @@ class AdversarialConfig:
     # at its last token (which has read the whole text, its end included), and RLOO's advantage (the reward
     # minus the mean of the input's other k-1 samples) on every token of the sample (Ahmadian et al. 2024): no
     # pull toward shorter or longer samples, and a sample compared only with samples about the same input.
-    # With disc_lm_score the sequence's lm term is the body's mean log-prob over the sample's tokens, not the
-    # last token's alone. The discriminators train token by token either way (the per-token targets teach the last token's logit
+    # With disc_lm_score the sequence's lm term is the body's log-likelihood of the whole sample, not of the
+    # last token alone. The discriminators train token by token either way (the per-token targets teach the last token's logit
     # faster than its own alone: demo audio, ranking 0.71 against 0.63 after pre-training). Needs baseline:
     # loo and k_samples >= 2.
     reward_level: str = "token"
+    # reward_level sequence: subtract the student's own log-likelihood of each sample from its reward. With the
+    # teacher's likelihood in the discriminators (disc_backbone: teacher, disc_lm_score) the reward is then the
+    # Bayes-optimal discriminator's log p_teacher - log p_student (plus what the head learns), and the policy
+    # gradient descends KL(student || teacher) on the student's own samples (on-policy distillation: MiniLLM,
+    # GKD), with no pull toward short samples.
+    reward_minus_policy_logprob: bool = False
     kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
@@ -458,6 +464,9 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     if root.adversarial.disc_lm_score and root.adversarial.disc_backbone == "transformer":
         raise UserError("config: 'adversarial.disc_lm_score' adds a language model's score of each token; "
                         "'disc_backbone: transformer' has none (use student or teacher)")
+    if root.adversarial.reward_minus_policy_logprob and root.adversarial.reward_level != "sequence":
+        raise UserError("config: 'adversarial.reward_minus_policy_logprob' is a sequence reward's term; it needs "
+                        "'adversarial.reward_level: sequence'")
     if not root.adversarial.disc_train_body and root.adversarial.disc_backbone == "transformer":
         raise UserError("config: 'adversarial.disc_train_body: false' keeps a body (disc_backbone student or "
                         "teacher) frozen; 'disc_backbone: transformer' has none")

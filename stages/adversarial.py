@@ -534,7 +534,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
                  weights: dict[str, float], *, discount: float, baseline: str | EMABaseline, kl_weight: float,
                  kl_estimator: str, pg_weight: float = 1.0, text_reward_all: bool = False,
                  ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
-                 center_rewards: bool = False, reward_level: str = "token") -> tuple[torch.Tensor, dict]:
+                 center_rewards: bool = False, reward_level: str = "token",
+                 minus_policy_logprob: bool = False) -> tuple[torch.Tensor, dict]:
     """The pg loss of the student on its own samples `fake` (k consecutive rows per input), and its stats.
 
     Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
@@ -542,7 +543,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     reward_level "sequence": each row's reward is the discriminators' logit at its last token (minus
     kl_weight times its summed sampled KL with kl_estimator "sampled"), its advantage that reward minus the
     mean of its input's other k-1 rows (loo only), on every one of its tokens; discount and center_rewards
-    do not apply. The logged "reward" is then the mean of those sequence rewards.
+    do not apply. The logged "reward" is then the mean of those sequence rewards. minus_policy_logprob
+    (sequence only): each reward less the student's own log-likelihood of the sample (detached).
     Under torchrun `fake` is this process's slice (whole inputs) and the means are over every process's
     tokens (global_count): the loss and the stats are this slice's shares of the whole batch's.
     """
@@ -559,6 +561,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
         if baseline != "loo" or k < 2:
             raise ValueError("reward_level 'sequence' needs the leave-one-out baseline over k >= 2 samples")
         seq = sequence_rewards(discs, fake, weights, text_reward_all)
+        if minus_policy_logprob:
+            seq = seq - (logp.detach() * mask).sum(1)
         if kl_estimator == "sampled":
             seq = seq - kl_weight * ((logp.detach() - ref_tok) * mask).sum(1)
         adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask
@@ -595,8 +599,8 @@ def _token_advantages(rewards: torch.Tensor, logp: torch.Tensor, ref_tok: torch.
 
 
 def batch_reward(discs: dict[str, Discriminator], fake: Rows, cfg) -> float:
-    """This process's share of the batch's mean reward, as pg_objective logs it: per token (reward_level
-    token) or per sample, the logit at its last token (sequence)."""
+    """This process's share of the batch's mean reward from the discriminators: per token (reward_level
+    token) or per sample, its sequence score (sequence)."""
     if cfg.reward_level == "sequence":
         seq = sequence_rewards(discs, fake, cfg.reward_weights, cfg.text_reward_all)
         return float(seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device)))
@@ -917,7 +921,8 @@ def run(ctx: StageContext) -> dict:
                                             kl_weight=cfg.kl_weight, kl_estimator=cfg.kl_estimator,
                                             pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all,
                                             ce=ce, ce_weight=ce_weight, center_rewards=cfg.center_rewards,
-                                            reward_level=cfg.reward_level)
+                                            reward_level=cfg.reward_level,
+                                            minus_policy_logprob=cfg.reward_minus_policy_logprob)
                 else:
                     loss, st = spin_objective(student, previous, reference, real, fake, cfg.spin_beta,
                                               kl_weight=cfg.kl_weight, ce=ce, ce_weight=ce_weight)

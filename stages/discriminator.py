@@ -173,14 +173,15 @@ class Discriminator(nn.Module):
     def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """One logit per row [B]: the logit at its last token (which has read the whole text), except that with
-        lm_score the body's term is its mean log-prob over the row's tokens (Whisper's avg_logprob, free of the
-        row's length) rather than the last token's alone: head(last) + lm_scale * mean_t log p_body(y_t)."""
+        lm_score the body's term is its log-likelihood of the whole row rather than of the last token alone:
+        head(last) + lm_scale * sum_t log p_body(y_t). (Not the mean per token: a sample that leaves out its
+        least likely words raises its mean, and a student rewarded by the teacher's mean log-prob learned
+        deletions: seed 1's val WER 12.4% -> 32.8% in 10 steps.)"""
         if self.body is None or not self.spec.lm_score:
             return sequence_logits(self(input_ids, attention_mask, features), attention_mask)
         head, lp = self._body_parts(input_ids, attention_mask, features)
-        m = attention_mask[:, 1:].to(lp.dtype)
-        mean_lp = (lp * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return sequence_logits(head, attention_mask) + self.lm_scale * mean_lp.to(head.dtype)
+        total = (lp * attention_mask[:, 1:].to(lp.dtype)).sum(1)
+        return sequence_logits(head, attention_mask) + self.lm_scale * total.to(head.dtype)
 
 
 def sequence_logits(token_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

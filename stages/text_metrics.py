@@ -190,6 +190,27 @@ def paired_wer_change(base_hyps: Sequence[str | None], new_hyps: Sequence[str | 
     return a, b, paired_change(a.pairs, b.pairs, n=n, seed=seed)
 
 
+def pair_order_accuracy(groups: Sequence[tuple[Sequence[float], Sequence[int | None]]]) -> tuple[float | None, int]:
+    """How often a scorer orders samples by their errors: over every pair of samples of one group (one input)
+    whose error counts differ, the fraction where the one with fewer errors scores higher (a tie in score
+    counts half), and the number of such pairs. groups: (scores, errors) per input; an error count of None
+    (no reference) leaves that sample out. Returns (None, 0) when no pair differs.
+    Example: scores [3, 1, 2] with errors [0, 2, 1]: all three pairs in order, 1.0 over 3 pairs."""
+    hits, n = 0.0, 0
+    for scores, errors in groups:
+        if len(scores) != len(errors):
+            raise ValueError(f"{len(scores)} scores but {len(errors)} error counts in one group")
+        for a in range(len(scores)):
+            for b in range(a + 1, len(scores)):
+                ea, eb = errors[a], errors[b]
+                if ea is None or eb is None or ea == eb:
+                    continue
+                good, bad = (a, b) if ea < eb else (b, a)
+                n += 1
+                hits += 1.0 if scores[good] > scores[bad] else 0.5 if scores[good] == scores[bad] else 0.0
+    return (hits / n if n else None), n
+
+
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
 

@@ -111,6 +111,12 @@ def test_sequence_level_reward_and_leave_one_out_advantage_by_hand():
     tok_loss, _ = adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline="loo", kl_weight=0.0,
                                    kl_estimator="exact")
     assert tok_loss.item() != pytest.approx(loss.item(), abs=0.1)
+    # less each sample's own log-likelihood under the policy (2, 1, 2, 2 tokens at -log 4): rewards 1 + 2L, 3 + L,
+    # 2L, 4 + 2L with L = log 4, advantages -2 + L, 2 - L, -4, 4: loss L * (2(-2 + L) + (2 - L) - 8 + 8) / 7
+    L = math.log(4)
+    loss, _ = adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline="loo", kl_weight=0.0,
+                               kl_estimator="exact", reward_level="sequence", minus_policy_logprob=True)
+    assert loss.item() == pytest.approx(L * (L - 2) / 7, abs=1e-6)
     with pytest.raises(ValueError, match="leave-one-out"):
         adv.pg_objective(pi, ref, {"text": judge}, fake, 2, {}, discount=1.0, baseline=adv.EMABaseline(4, 0.9),
                          kl_weight=0.0, kl_estimator="exact", reward_level="sequence")
@@ -181,14 +187,14 @@ def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_tri
         d.lm_scale.fill_(0.5)
         torch.nn.init.normal_(d.head.weight)
     want = d(ids, mask, f)
-    # the sequence score: the head at the last token + the scale times the body's mean log-prob over the row
+    # the sequence score: the head at the last token + the scale times the body's log-likelihood of the row
     head = d.head(d.body.hidden(ids, mask, "audio", f)).squeeze(-1)[:, 1:]
-    assert torch.allclose(d.sequence_scores(ids, mask, f), head[:, -1] + 0.5 * lp.mean(1), atol=1e-5)
+    assert torch.allclose(d.sequence_scores(ids, mask, f), head[:, -1] + 0.5 * lp.sum(1), atol=1e-5)
     two = torch.tensor([[body.spec.bos_id, 5, 6, 7, 8], [body.spec.bos_id, 5, 6, 0, 0]])
     two_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     got = d.sequence_scores(two, two_mask, f * 2)
-    assert torch.allclose(got[1], head[0, 1] + 0.5 * lp[0, :2].mean(), atol=1e-5)  # its own two tokens, padding out
-    assert torch.allclose(got[0], head[0, -1] + 0.5 * lp[0].mean(), atol=1e-5)
+    assert torch.allclose(got[1], head[0, 1] + 0.5 * lp[0, :2].sum(), atol=1e-5)  # its own two tokens, padding out
+    assert torch.allclose(got[0], head[0, -1] + 0.5 * lp[0].sum(), atol=1e-5)
     back = load_discriminators(save_discriminators({"audio": d}, tmp_path / "d"))["audio"]
     assert back.spec.lm_score and back.lm_scale.item() == 0.5 and torch.allclose(back(ids, mask, f), want, atol=1e-6)
     with pytest.raises(Exception, match="disc_lm_score"):
@@ -489,6 +495,8 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
     with pytest.raises(UserError, match="reward_level: sequence"):
         _run_in_process(cfg, tmp_path / "seq1", ["adversarial.reward_level=sequence", "adversarial.k_samples=1"],
                         reuse=base)
+    with pytest.raises(UserError, match="reward_minus_policy_logprob"):
+        _run_in_process(cfg, tmp_path / "seq2", ["adversarial.reward_minus_policy_logprob=true"], reuse=base)
 
     _run_in_process(cfg, tmp_path / "off", ["adversarial.enabled=false"], reuse=base)
     for f in ("student.json", "projectors.safetensors", "lm/model.safetensors"):

@@ -207,3 +207,15 @@ def test_paired_change_refuses_unpaired_inputs_and_has_nothing_without_base_erro
     with pytest.raises(ValueError, match="same samples"):
         tm.paired_change([(1, 5)], [(1, 6)])
     assert tm.paired_change([(0, 5)], [(2, 5)]) is None and tm.paired_change([], []) is None
+
+
+def test_pair_order_accuracy_by_hand():
+    # group 1: errors 0, 2, 1 scored 3, 1, 2: three pairs, all in order
+    assert tm.pair_order_accuracy([([3.0, 1.0, 2.0], [0, 2, 1])]) == (1.0, 3)
+    # group 2: equal errors make no pair; a tie in score counts half; a reversed pair counts 0; None is left out
+    acc, n = tm.pair_order_accuracy([([3.0, 1.0, 2.0], [0, 2, 1]), ([1.0, 1.0, 5.0, 9.0], [1, 2, 1, None])])
+    # group 2's pairs: (0,1) tie in score -> 0.5; (1,2): sample 2 has fewer errors and scores higher -> 1
+    assert n == 5 and acc == pytest.approx((3 + 0.5 + 1) / 5)
+    assert tm.pair_order_accuracy([([1.0, 2.0], [1, 1])]) == (None, 0)
+    with pytest.raises(ValueError):
+        tm.pair_order_accuracy([([1.0], [1, 2])])
