@@ -12,6 +12,8 @@ teacher's label and, where the clip has one, against the reference transcript. S
   `adversarial.reward_level: sequence`; with token-level rewards the same last-token logit is in every return;
 - `student_logprob`: the distilled student's own log-probability of the sample (what likelihood training
   already gives it: a reward that orders samples no better than this has nothing to teach it);
+- `reward`: where the run's `adversarial.reward_minus_policy_logprob` is set, the discriminator's score less the
+  student's log-probability, as the phase rewards a sample;
 - `teacher_mean_logprob` (--teacher, Whisper teachers): the teacher decoder's mean log-prob per token.
 A policy gradient can only move the student toward what its reward prefers: a reward below `student_logprob`
 here is noise to a student that has it already. Nothing here is timed.
@@ -83,6 +85,8 @@ def main() -> None:
                 scores = {f"disc/{e.modality}": discs[e.modality].eval().sequence_scores(
                     rows.input_ids, rows.attention_mask, rows.features).tolist(),
                     "student_logprob": sequence_logprob(student, rows).tolist()}
+                if cfg.root.adversarial.reward_minus_policy_logprob:  # the reward as the phase computes it
+                    scores["reward"] = [d - lp for d, lp in zip(scores[f"disc/{e.modality}"], scores["student_logprob"])]
                 if teacher is not None:
                     scores["teacher_mean_logprob"] = sequence_logprob(teacher, rows, mean=True).tolist()
             for against, ref in (("teacher label", e.text), ("reference", e.reference)):

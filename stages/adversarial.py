@@ -381,8 +381,10 @@ class DiscCounts:
 
 
 def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, grad_penalty: float,
-                       counts: DiscCounts | None = None) -> tuple[torch.Tensor, dict]:
+                       counts: DiscCounts | None = None, reward_level: str = "token") -> tuple[torch.Tensor, dict]:
     """BCE (+ gradient penalty) of one discriminator on one batch, and its sequence accuracy on that batch.
+    The accuracy and ranking read each row's sequence score as the rewards do: the last token's logit, or with
+    reward_level "sequence" Discriminator.sequence_scores (which differs from it with lm_score).
 
     counts: the whole batch's sizes when `batch` is one process's slice of it (DiscCounts.of(batch, True)):
     the loss and the stats are then this slice's shares, and either side of the slice may be empty.
@@ -409,13 +411,16 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
         gp = (g.pow(2).sum(-1) * r.attention_mask).sum() / c.real_rows.clamp_min(1.0)
         loss = loss + grad_penalty * gp
         stats["gp"] = float(gp.detach())
+    scores = getattr(d, "sequence_scores", None) if reward_level == "sequence" else None
     with torch.no_grad():
         # balanced over the two sides, which differ in size (k samples per input)
         if real_logits is not None:
-            real_seq = sequence_logits(real_logits, r.attention_mask)
+            real_seq = (sequence_logits(real_logits, r.attention_mask) if scores is None else
+                        scores(r.input_ids, r.attention_mask, r.features).float())
             stats["acc"] += 0.5 * float((real_seq > 0).float().sum() / c.real_rows.clamp_min(1.0))
         if fake_logits is not None:
-            fake_seq = sequence_logits(fake_logits, f.attention_mask)
+            fake_seq = (sequence_logits(fake_logits, f.attention_mask) if scores is None else
+                        scores(f.input_ids, f.attention_mask, f.features).float())
             stats["acc"] += 0.5 * float((fake_seq <= 0).float().sum() / c.fake_rows.clamp_min(1.0))
         if real_logits is not None and fake_logits is not None:
             # ranking: does the real row of an input score above each of that input's samples? Free of the
@@ -435,7 +440,7 @@ def discriminator_step(d: Discriminator, opt, batch: DiscBatch, cfg, autocast, c
     whole batch's) and the gradients are summed over processes before the step."""
     d.train()
     with autocast():
-        loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty, counts)
+        loss, st = discriminator_loss(d, batch, cfg.label_smoothing, cfg.grad_penalty, counts, cfg.reward_level)
     opt.zero_grad(set_to_none=True)
     if loss.requires_grad:  # else this process holds none of the batch's rows
         loss.backward()

@@ -603,6 +603,16 @@ def test_discriminator_ranking_is_free_of_the_logits_offset():
     # input 0: -1 vs -2 (above), -1 vs -1 (tie, half); input 1: -3 vs -4 (above), -3 vs -1 (below)
     assert st["rank"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
 
+    class Scored(RowJudge):  # a sequence score that is not the last token's logit (as with lm_score)
+        def sequence_scores(self, input_ids, attention_mask, features=None):
+            return -self(input_ids, attention_mask)[:, 0]
+
+    judge = Scored({5: -1.0, 6: -3.0, 7: -2.0, 8: -1.0, 9: -4.0})
+    assert adv.discriminator_loss(judge, b, 0.0, 0.0)[1]["rank"] == pytest.approx(0.625)  # token level: the logits
+    # sequence level reads the rewards' score: input 0: 1 vs 2 (below), 1 vs 1 (half); input 1: 3 vs 4, 3 vs 1
+    _, st = adv.discriminator_loss(judge, b, 0.0, 0.0, reward_level="sequence")
+    assert st["rank"] == pytest.approx((0 + 0.5 + 0 + 1) / 4) and st["acc"] == pytest.approx(0.5)
+
 
 AUDIO = {
     "stages": ["ingest", "pseudo_label", "distill", "adversarial"],
