@@ -68,7 +68,7 @@ def main() -> None:
     mods = [m for m in student.spec.modalities if m in TRANSCRIPT_MODALITIES]
     teacher = None
     if args.teacher:
-        teacher = adv._teacher_body_builder(SimpleNamespace(cfg=cfg), student, mods, "cpu")().eval()
+        teacher = adv._teacher_body_builder(SimpleNamespace(cfg=cfg), student, mods, "cpu")[0]().eval()
     data = load_labelled(run / "pseudo_label", student.tokenizer, cfg.root.distill.max_text_tokens,
                          splits=tuple(args.splits), modalities=mods)
     max_new = cfg.root.adversarial.max_new_tokens

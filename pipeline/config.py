@@ -153,7 +153,8 @@ class AdversarialConfig:
     disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
     disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over a pool (every train input vs a sample of the distilled model) before step 0
     # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
-    # head) | teacher (the Whisper teacher's whole decoder with a linear head); no grad_penalty but with transformer
+    # head) | teacher (the Whisper teacher's whole decoder with a linear head, for the modality it labelled; the
+    # others a copy of the student); no grad_penalty but with transformer
     disc_backbone: str = "transformer"
     # student / teacher backbones: add the body's own log-prob of each judged token (scaled, learned) to the
     # logit; with the teacher's decoder that is the teacher-likelihood half of the optimal discriminator

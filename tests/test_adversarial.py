@@ -655,8 +655,9 @@ def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_include
 
 
 def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_students_projectors(tmp_path):
-    """disc_backbone: teacher: each discriminator reads text with the Whisper teacher's whole decoder (the
-    student keeps one of its three layers here), its modality projectors and markers copied from the student."""
+    """disc_backbone: teacher: the discriminator of the modality the Whisper teacher labelled reads text with the
+    teacher's whole decoder (the student keeps one of its three layers here), its modality projectors and
+    markers copied from the student; the image one (a classifier's labels) is a copy of the student."""
     from safetensors.torch import load_file
 
     from stages.student import load_student
@@ -684,16 +685,19 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
     assert len(student.lm.model.decoder.layers) == 1
     discs = adv.load_discriminators(final)
     assert sorted(discs) == ["audio", "image"]
+    assert len(discs["audio"].body.lm.model.decoder.layers) == 3
+    assert len(discs["image"].body.lm.model.decoder.layers) == 1
     for m, d in discs.items():
-        assert len(d.body.lm.model.decoder.layers) == 3, m
         assert d.body.spec.marker_ids == student.spec.marker_ids
     # Where a body starts: the student's projectors and marker rows, the teacher's three layers.
     import types
 
     from pipeline.config import load_config
 
-    body = adv._teacher_body_builder(types.SimpleNamespace(cfg=load_config([str(p)])), student,
-                                     ["audio", "image"], "cpu")()
+    build, mod = adv._teacher_body_builder(types.SimpleNamespace(cfg=load_config([str(p)])), student,
+                                           ["audio", "image"], "cpu")
+    assert mod == "audio"
+    body = build()
     want, got = student.projectors.state_dict(), body.projectors.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     rows = slice(student.spec.text_vocab, None)
