@@ -709,3 +709,18 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         bad = {**cfg, "distill": {**cfg["distill"], "student": {"style": "prefix"}}}
         p.write_text(yaml.safe_dump(bad))
         _run_in_process(p, tmp_path / "bad")
+
+
+def test_the_teacher_ratio_overlay_loads_onto_the_demo_config():
+    """configs/teacher_ratio.yaml is an overlay: merged onto the demo, it must name fields that exist and pass the
+    checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs)."""
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    c = load_config([str(root / "demo.yaml"), str(root / "teacher_ratio.yaml")]).root
+    a = c.adversarial
+    assert (a.reward_level, a.reward_minus_policy_logprob, a.disc_backbone, a.disc_lm_score, a.disc_train_body) == \
+        ("sequence", True, "teacher", True, False)
+    assert a.inputs == ["augmented"] and c.pseudo_label.augment_copies == 2 and a.k_samples == 4
+    assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
+    assert c.distill.steps == 600 and a.select_by == "val_wer"  # the rest is the demo's
