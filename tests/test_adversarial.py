@@ -711,13 +711,17 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         _run_in_process(p, tmp_path / "bad")
 
 
-def test_the_teacher_ratio_overlay_loads_onto_the_demo_config():
+def test_the_teacher_ratio_overlay_loads_onto_the_demo_config(tmp_path):
     """configs/teacher_ratio.yaml is an overlay: merged onto the demo, it must name fields that exist and pass the
-    checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs)."""
+    checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs).
+    The demo's data folders exist only after `make demo`: synthetic sources stand in for them here."""
     from pipeline.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    c = load_config([str(root / "demo.yaml"), str(root / "teacher_ratio.yaml")]).root
+    demo = yaml.safe_load((root / "demo.yaml").read_text())
+    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
+    c = load_config([str(tmp_path / "demo.yaml"), str(root / "teacher_ratio.yaml")]).root
     a = c.adversarial
     assert (a.reward_level, a.reward_minus_policy_logprob, a.disc_backbone, a.disc_lm_score, a.disc_train_body) == \
         ("sequence", True, "teacher", True, False)
