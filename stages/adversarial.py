@@ -321,11 +321,10 @@ def judges_of(modality: str, discs: dict, weights: dict[str, float], text_reward
     return out
 
 
-@torch.no_grad()
-def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str, float],
-                  text_reward_all: bool) -> torch.Tensor:
-    """r_t = sum over the discriminators judging the row of w_d * logit_d at t: [N, L-1] (eval mode)."""
-    out = torch.zeros(rows.input_ids.shape[0], rows.input_ids.shape[1] - 1, device=rows.input_ids.device)
+def _judgements(discs: dict[str, Discriminator], rows: Rows, weights: dict[str, float], text_reward_all: bool,
+                judge: Callable[[Discriminator, Rows], torch.Tensor]):
+    """(row indices, weight, judge(d, rows of them)) for every discriminator d judging some of `rows`, each
+    called in eval mode (its mode is restored after)."""
     for m in sorted(set(rows.modality)):
         idx = [i for i, mm in enumerate(rows.modality) if mm == m]
         sub = rows.select(idx)
@@ -333,10 +332,30 @@ def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str
             d = discs[name]
             was = d.training
             d.eval()
-            lg = d(sub.input_ids, sub.attention_mask, sub.features).float()
-            d.train(was)
-            out[torch.tensor(idx, device=out.device), : lg.shape[1]] += w * lg
+            try:
+                out = judge(d, sub).float()
+            finally:
+                d.train(was)
+            yield torch.tensor(idx, device=rows.input_ids.device), w, out
+
+
+@torch.no_grad()
+def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str, float],
+                  text_reward_all: bool) -> torch.Tensor:
+    """r_t = sum over the discriminators judging the row of w_d * logit_d at t: [N, L-1] (eval mode)."""
+    out = torch.zeros(rows.input_ids.shape[0], rows.input_ids.shape[1] - 1, device=rows.input_ids.device)
+    for idx, w, lg in _judgements(discs, rows, weights, text_reward_all,
+                                  lambda d, sub: d(sub.input_ids, sub.attention_mask, sub.features)):
+        out[idx, : lg.shape[1]] += w * lg
     return out * rows.attention_mask[:, 1:].to(out.dtype)
+
+
+def _sequence_score(d, rows: Rows) -> torch.Tensor:
+    """A discriminator's score of each row [N]: its sequence_scores, or (a bare module) its last token's logit."""
+    score = getattr(d, "sequence_scores", None)
+    if score is not None:
+        return score(rows.input_ids, rows.attention_mask, rows.features)
+    return sequence_logits(d(rows.input_ids, rows.attention_mask, rows.features), rows.attention_mask)
 
 
 @torch.no_grad()
@@ -344,18 +363,8 @@ def sequence_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[
                      text_reward_all: bool) -> torch.Tensor:
     """R = sum over the discriminators judging the row of w_d * its sequence score (eval mode): [N]."""
     out = torch.zeros(rows.input_ids.shape[0], device=rows.input_ids.device)
-    for m in sorted(set(rows.modality)):
-        idx = [i for i, mm in enumerate(rows.modality) if mm == m]
-        sub = rows.select(idx)
-        for name, w in judges_of(m, discs, weights, text_reward_all):
-            d = discs[name]
-            was = d.training
-            d.eval()
-            score = getattr(d, "sequence_scores", None)
-            sc = (score(sub.input_ids, sub.attention_mask, sub.features) if score is not None else
-                  sequence_logits(d(sub.input_ids, sub.attention_mask, sub.features), sub.attention_mask))
-            d.train(was)
-            out[torch.tensor(idx, device=out.device)] += w * sc.float()
+    for idx, w, sc in _judgements(discs, rows, weights, text_reward_all, _sequence_score):
+        out[idx] += w * sc
     return out
 
 

@@ -259,14 +259,13 @@ def _p_first(student, token: int) -> float:
     return lp[0, 0, token].exp().item()
 
 
-@pytest.mark.parametrize("prefer", ["A", "B"])
-def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(prefer):
+def _a_or_b_student():
+    """A tiny student that says "yes" (A) or "no" (B) about equally, then stops (the "distilled" model), a frozen
+    copy of it (the reference), A, B and its tokenizer."""
     torch.set_num_threads(1)
     student = _tiny_student().eval()
     tok = student.tokenizer
-    A, B = tok.encode("yes")[0], tok.encode("no")[0]
-    eot = tok.eot
-    # First a student that says A or B about equally (the "distilled" model)...
+    A, B, eot = tok.encode("yes")[0], tok.encode("no")[0], tok.eot
     opt = torch.optim.Adam(student.parameters(), lr=3e-2)
     data = adv.rows_from_tokens([[A, eot], [B, eot]], ["text"] * 2, [None] * 2, [0, 1], tok.bos, eot, "cpu")
     for _ in range(60):
@@ -274,10 +273,17 @@ def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(pre
         opt.zero_grad()
         loss.backward()
         opt.step()
-    pa0, pb0 = _p_first(student, A), _p_first(student, B)
-    assert pa0 + pb0 > 0.9 and abs(pa0 - pb0) < 0.2, (pa0, pb0)
     reference = _tiny_student().eval().requires_grad_(False)
     reference.load_state_dict(student.state_dict())
+    return student, reference, A, B, tok
+
+
+@pytest.mark.parametrize("prefer", ["A", "B"])
+def test_fixed_discriminator_rewards_move_the_student_toward_what_it_prefers(prefer):
+    # First a student that says A or B about equally (the "distilled" model)...
+    student, reference, A, B, tok = _a_or_b_student()
+    pa0, pb0 = _p_first(student, A), _p_first(student, B)
+    assert pa0 + pb0 > 0.9 and abs(pa0 - pb0) < 0.2, (pa0, pb0)
     # ...then policy-gradient steps on its own samples, rewarded by a discriminator that prefers one of them.
     judge = FixedJudge(A, B) if prefer == "A" else FixedJudge(B, A)
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
@@ -312,20 +318,8 @@ class CountJudge(nn.Module):
 
 
 def test_sequence_rewards_move_the_student_toward_what_the_discriminator_prefers():
-    torch.set_num_threads(1)
-    student = _tiny_student().eval()
-    tok = student.tokenizer
-    A, B, eot = tok.encode("yes")[0], tok.encode("no")[0], tok.eot
-    opt = torch.optim.Adam(student.parameters(), lr=3e-2)
-    data = adv.rows_from_tokens([[A, eot], [B, eot]], ["text"] * 2, [None] * 2, [0, 1], tok.bos, eot, "cpu")
-    for _ in range(60):
-        loss = -student.score(data.input_ids, data.attention_mask, data.modality, data.features).sum() / 4
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    student, reference, A, B, tok = _a_or_b_student()
     pa0 = _p_first(student, A)
-    reference = _tiny_student().eval().requires_grad_(False)
-    reference.load_state_dict(student.state_dict())
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(15):
