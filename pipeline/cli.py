@@ -170,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.ERROR)
     try:
         rc = args.fn(args)
-        if rc == 0 and args.fn is cmd_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            _exit_finished_worker()
+        if rc == 0 and args.fn is cmd_run and _torchrun_worker():
+            _exit_worker(0)
         return rc
     except UserError as e:
         rank = os.environ.get("RANK")
         prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
         print(prefix + str(e), file=sys.stderr)
+        if args.fn is cmd_run and _torchrun_worker():
+            _exit_worker(e.exit_code)
         return e.exit_code
     except OSError as e:
         # A full disk or a run directory that cannot be written is the user's to fix, not a bug: one line.
@@ -194,16 +196,22 @@ def main(argv: list[str] | None = None) -> int:
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _exit_finished_worker() -> None:
-    """A torchrun worker whose run finished: every rank has met at the last barrier, the process group is
-    destroyed and every output is on disk (atomic renames), so the process leaves now, without the interpreter's
-    teardown. That teardown can still destroy a gloo worker thread that is joinable and abort the process
+def _torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit_worker(code: int) -> None:
+    """A torchrun worker whose run finished (every rank has met at the last barrier, the process group is
+    destroyed) or stopped on a user error (its message printed, the stages' cleanup done as the error passed
+    through them): every output is on disk (atomic renames), so the process leaves now with `code`, without the
+    interpreter's teardown. That teardown can destroy a gloo worker thread that is joinable and abort the process
     ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291 describes the race), and
-    torchrun then reports a finished run as failed (seen in `make test` with two pytest workers beside it)."""
+    torchrun then reports a finished run as failed, or a user error (exit code 2) as a signal; both seen in
+    `make test` with two pytest workers beside it."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
