@@ -554,7 +554,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
 
     Rows are scored by `student` (differentiable) and `reference` (frozen); rewards come from `discs`.
     baseline: "loo" or an EMABaseline. ce: a callable giving the pseudo-label cross-entropy (None: none).
-    reward_level "sequence": each row's reward is the discriminators' logit at its last token (minus
+    reward_level "sequence": each row's reward is the discriminators' sequence score (sequence_rewards: the
+    last token's logit, or with lm_score the head there plus the body's log-likelihood of the row) (minus
     kl_weight times its summed sampled KL with kl_estimator "sampled"), its advantage that reward minus the
     mean of its input's other k-1 rows (loo only), on every one of its tokens; discount and center_rewards
     do not apply. The logged "reward" is then the mean of those sequence rewards. minus_policy_logprob
