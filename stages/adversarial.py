@@ -393,7 +393,8 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
                        counts: DiscCounts | None = None, reward_level: str = "token") -> tuple[torch.Tensor, dict]:
     """BCE (+ gradient penalty) of one discriminator on one batch, and its sequence accuracy on that batch.
     The accuracy and ranking read each row's sequence score as the rewards do: the last token's logit, or with
-    reward_level "sequence" Discriminator.sequence_scores (which differs from it with lm_score).
+    reward_level "sequence" the score of Discriminator.judge, taken from the same pass as the logits the loss
+    trains on (with lm_score it differs from the last token's logit).
 
     counts: the whole batch's sizes when `batch` is one process's slice of it (DiscCounts.of(batch, True)):
     the loss and the stats are then this slice's shares, and either side of the slice may be empty.
@@ -402,12 +403,22 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     c = counts if counts is not None else DiscCounts.of(batch)
     loss = torch.zeros((), device=r.input_ids.device)
     stats = {"bce": 0.0, "acc": 0.0, "rank": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
+    judge = getattr(d, "judge", None) if reward_level == "sequence" else None
+
+    def judged(rows: Rows, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token logits, detached sequence scores) of one side."""
+        if judge is None:
+            logits = d(rows.input_ids, rows.attention_mask, rows.features, token_embeds=emb).float()
+            return logits, sequence_logits(logits.detach(), rows.attention_mask)
+        logits, seq = judge(rows.input_ids, rows.attention_mask, rows.features, token_embeds=emb)
+        return logits.float(), seq.detach().float()
+
     real_logits = fake_logits = None
     if len(r):
         emb = d.embed(r.input_ids) if grad_penalty > 0 else None
-        real_logits = d(r.input_ids, r.attention_mask, r.features, token_embeds=emb).float()
+        real_logits, real_seq = judged(r, emb)
     if len(f):
-        fake_logits = d(f.input_ids, f.attention_mask, f.features).float()
+        fake_logits, fake_seq = judged(f)
     if real_logits is not None:
         rm = r.attention_mask[:, 1:]
         loss = loss + _bce_side(real_logits, rm, 1.0 - smoothing, c.real_tokens)
@@ -420,25 +431,19 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
         gp = (g.pow(2).sum(-1) * r.attention_mask).sum() / c.real_rows.clamp_min(1.0)
         loss = loss + grad_penalty * gp
         stats["gp"] = float(gp.detach())
-    scores = getattr(d, "sequence_scores", None) if reward_level == "sequence" else None
-    with torch.no_grad():
-        # balanced over the two sides, which differ in size (k samples per input)
-        if real_logits is not None:
-            real_seq = (sequence_logits(real_logits, r.attention_mask) if scores is None else
-                        scores(r.input_ids, r.attention_mask, r.features).float())
-            stats["acc"] += 0.5 * float((real_seq > 0).float().sum() / c.real_rows.clamp_min(1.0))
-        if fake_logits is not None:
-            fake_seq = (sequence_logits(fake_logits, f.attention_mask) if scores is None else
-                        scores(f.input_ids, f.attention_mask, f.features).float())
-            stats["acc"] += 0.5 * float((fake_seq <= 0).float().sum() / c.fake_rows.clamp_min(1.0))
-        if real_logits is not None and fake_logits is not None:
-            # ranking: does the real row of an input score above each of that input's samples? Free of the
-            # logits' offset, which the sides' imbalance and the label smoothing shift (accuracy then sits
-            # at 0.5 while the order is right). Real and fake rows of an input are on the same process.
-            by_source = dict(zip(r.source, real_seq.tolist()))
-            hits = sum(1.0 if by_source[src] > x else 0.5 if by_source[src] == x else 0.0
-                       for src, x in zip(f.source, fake_seq.tolist()) if src in by_source)
-            stats["rank"] = hits / float(c.fake_rows.clamp_min(1.0))
+    # balanced over the two sides, which differ in size (k samples per input)
+    if real_logits is not None:
+        stats["acc"] += 0.5 * float((real_seq > 0).float().sum() / c.real_rows.clamp_min(1.0))
+    if fake_logits is not None:
+        stats["acc"] += 0.5 * float((fake_seq <= 0).float().sum() / c.fake_rows.clamp_min(1.0))
+    if real_logits is not None and fake_logits is not None:
+        # ranking: does the real row of an input score above each of that input's samples? Free of the
+        # logits' offset, which the sides' imbalance and the label smoothing shift (accuracy then sits
+        # at 0.5 while the order is right). Real and fake rows of an input are on the same process.
+        by_source = dict(zip(r.source, real_seq.tolist()))
+        hits = sum(1.0 if by_source[src] > x else 0.5 if by_source[src] == x else 0.0
+                   for src, x in zip(f.source, fake_seq.tolist()) if src in by_source)
+        stats["rank"] = hits / float(c.fake_rows.clamp_min(1.0))
     return loss, stats
 
 

@@ -177,11 +177,22 @@ class Discriminator(nn.Module):
         head(last) + lm_scale * sum_t log p_body(y_t). (Not the mean per token: a sample that leaves out its
         least likely words raises its mean, and a student rewarded by the teacher's mean log-prob learned
         deletions: seed 1's val WER 12.4% -> 32.8% in 10 steps.)"""
+        return self.judge(input_ids, attention_mask, features)[1]
+
+    def judge(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              features: Sequence[torch.Tensor | None] | None = None,
+              token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's token logits [B, L-1] and sequence_scores' row scores [B] from one pass of the body (the
+        discriminator's loss trains on the first and logs its accuracy and ranking on the second)."""
         if self.body is None or not self.spec.lm_score:
-            return sequence_logits(self(input_ids, attention_mask, features), attention_mask)
+            logits = self(input_ids, attention_mask, features, token_embeds)
+            return logits, sequence_logits(logits, attention_mask)
+        if token_embeds is not None:
+            raise ValueError("a student-backbone discriminator takes no token_embeds (no gradient penalty)")
         head, lp = self._body_parts(input_ids, attention_mask, features)
         total = (lp * attention_mask[:, 1:].to(lp.dtype)).sum(1)
-        return sequence_logits(head, attention_mask) + self.lm_scale * total.to(head.dtype)
+        return (head + self.lm_scale * lp.to(head.dtype),
+                sequence_logits(head, attention_mask) + self.lm_scale * total.to(head.dtype))
 
 
 def sequence_logits(token_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

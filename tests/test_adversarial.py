@@ -195,6 +195,12 @@ def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_tri
     got = d.sequence_scores(two, two_mask, f * 2)
     assert torch.allclose(got[1], head[0, 1] + 0.5 * lp[0, :2].sum(), atol=1e-5)  # its own two tokens, padding out
     assert torch.allclose(got[0], head[0, -1] + 0.5 * lp[0].sum(), atol=1e-5)
+    # judge: forward's logits and these scores from one pass of the body
+    calls = []
+    d.head.register_forward_hook(lambda *a: calls.append(1))
+    logits, scores = d.judge(two, two_mask, f * 2)
+    assert len(calls) == 1
+    assert torch.allclose(logits, d(two, two_mask, f * 2)) and torch.allclose(scores, got)
     back = load_discriminators(save_discriminators({"audio": d}, tmp_path / "d"))["audio"]
     assert back.spec.lm_score and back.lm_scale.item() == 0.5 and torch.allclose(back(ids, mask, f), want, atol=1e-6)
     with pytest.raises(Exception, match="disc_lm_score"):
@@ -598,8 +604,9 @@ def test_discriminator_ranking_is_free_of_the_logits_offset():
     assert st["rank"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
 
     class Scored(RowJudge):  # a sequence score that is not the last token's logit (as with lm_score)
-        def sequence_scores(self, input_ids, attention_mask, features=None):
-            return -self(input_ids, attention_mask)[:, 0]
+        def judge(self, input_ids, attention_mask, features=None, token_embeds=None):
+            logits = self(input_ids, attention_mask)
+            return logits, -logits[:, 0]
 
     judge = Scored({5: -1.0, 6: -3.0, 7: -2.0, 8: -1.0, 9: -4.0})
     assert adv.discriminator_loss(judge, b, 0.0, 0.0)[1]["rank"] == pytest.approx(0.625)  # token level: the logits
