@@ -405,6 +405,25 @@ def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootst
     return m, extras
 
 
+def vs_distill(modality: str, base: list[str | None], hyps: list[str | None], refs: list[str | None],
+               bootstrap: int, seed: int) -> dict:
+    """A checkpoint's outputs against the distilled student's for the same inputs, each as a paired bootstrap:
+    the relative change in word errors (transcript modalities: the question the adversarial phase has to
+    answer) and the change in distinct-2 (every modality: the issue's "distinct-2 no lower")."""
+    out: dict = {}
+    if modality in TRANSCRIPT_MODALITIES:
+        _, _, ch = tm.paired_wer_change(base, hyps, refs, n=bootstrap, seed=seed)
+        if ch is not None:
+            out["wer_change_vs_distill"] = ch["change"]
+            out["wer_change_vs_distill_ci"] = ch["ci"]
+            out["p_fewer_errors_than_distill"] = ch["p_lower"]
+    dc = tm.paired_distinct_change(base, hyps, 2, n=bootstrap, seed=seed)
+    if dc is not None:
+        out["distinct_2_change_vs_distill"] = dc["change"]
+        out["distinct_2_change_vs_distill_ci"] = dc["ci"]
+    return out
+
+
 def _clip_text_embedder(ctx: StageContext, modality: str, adapters: dict, teachers: dict):
     """texts -> [N, D] CLIP text embeddings, when the modality's teacher is CLIP; else None."""
     mcfg = ctx.cfg.root.modalities.get(modality)
@@ -534,14 +553,9 @@ def run(ctx: StageContext) -> dict:
                                         clip_model=clip)
                 metrics["teacher_nll"] = nlls[(cp, s, m)].get(1.0)
                 base = texts.get((BASELINE, s, m, 0.0))
-                if m in TRANSCRIPT_MODALITIES and cp != BASELINE and base is not None:
-                    # the question the adversarial phase has to answer, on the same clips: paired bootstrap
-                    _, _, ch = tm.paired_wer_change(base, texts[(cp, s, m, 0.0)], [it.reference for it in items],
-                                                    n=cfg.bootstrap, seed=row_seed)
-                    if ch is not None:
-                        metrics["wer_change_vs_distill"] = ch["change"]
-                        metrics["wer_change_vs_distill_ci"] = ch["ci"]
-                        metrics["p_fewer_errors_than_distill"] = ch["p_lower"]
+                if cp != BASELINE and base is not None:
+                    metrics.update(vs_distill(m, base, texts[(cp, s, m, 0.0)], [it.reference for it in items],
+                                              cfg.bootstrap, row_seed))
                 if cp == "adversarial":
                     metrics["disc_accuracy"], metrics["disc_ranking"] = disc.get((cp, s, m), (None, None))
                 rows[cp] = metrics

@@ -30,10 +30,11 @@ TRAINING_STAGES = ("distill", "adversarial")  # stages whose metrics.jsonl the t
 CHECKPOINT_ORDER = ("teacher", "distill", "adversarial")
 # Headline columns first, in this order; any other metric follows, sorted.
 METRIC_ORDER = ("n_samples", "wer_vs_reference", "wer_change_vs_distill", "p_fewer_errors_than_distill",
-                "wer_vs_teacher", "ier", "rep_5gram", "label_agreement", "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "self_bleu_4",
+                "wer_vs_teacher", "ier", "rep_5gram", "label_agreement", "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "distinct_2_change_vs_distill", "self_bleu_4",
                 "mean_length", "disc_accuracy", "disc_ranking")
 LOWER_IS_BETTER = {"wer_vs_reference": True, "wer_change_vs_distill": True, "wer_vs_teacher": True,
-                   "teacher_nll": True, "label_agreement": False, "category_agreement": False}
+                   "teacher_nll": True, "label_agreement": False, "category_agreement": False,
+                   "distinct_2_change_vs_distill": False}
 SAMPLES_PER_TABLE = 8
 CELL_CHARS = 100  # longer sample texts are cut in the markdown table (predictions.jsonl keeps them whole)
 _STEP_KEYS = ("step", "global_step", "iter")
@@ -330,7 +331,8 @@ def render_markdown(title: str, report: dict, predictions: list[dict], plots: li
               "duplicates are on Whisper-normalised text; distinct-n, self-BLEU-4 and length on lower-cased words. "
               "`wer_change_vs_distill` is a checkpoint's relative change in errors against the distilled student on the "
               "same samples (-0.10: 10% fewer), its interval from a paired bootstrap, and `p_fewer_errors_than_distill` "
-              "the fraction of resamples where it has fewer errors.", ""]
+              "the fraction of resamples where it has fewer errors; `distinct_2_change_vs_distill` the change in "
+              "distinct-2 against the distilled student's outputs (absolute; negative: less diverse), paired the same way.", ""]
     sets = sets_of(report)
     if not sets:
         lines += ["No set was evaluated.", ""]

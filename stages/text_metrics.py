@@ -246,6 +246,39 @@ def distinct_n(texts: Sequence[str | None], n: int) -> float | None:
     return len(seen) / total if total else None
 
 
+def paired_distinct_change(base: Sequence[str | None], new: Sequence[str | None], n_gram: int = 2, n: int = 1000,
+                           seed: int = 0, level: float = 0.95) -> dict | None:
+    """Paired bootstrap of the change in pooled distinct-n between two systems' outputs for the same inputs:
+    is a drop in diversity more than which inputs happened to be held out?
+
+    Returns {change: distinct_n(new) - distinct_n(base) (absolute; negative is less diverse), ci [lo, hi]},
+    None when either side holds no n-gram. Each of `n` resamples draws the inputs with replacement (numpy
+    default_rng(seed)), the same draw for both systems, and pools each system's n-grams over the draw; an input
+    drawn twice counts its n-grams twice (they then repeat), which lowers both sides' resampled distinct-n
+    alike, so the interval is of the difference, not of either value. ValueError for different lengths."""
+    if len(base) != len(new):
+        raise ValueError(f"paired_distinct_change: {len(base)} base outputs but {len(new)} new ones")
+    d_base, d_new = distinct_n(base, n_gram), distinct_n(new, n_gram)
+    if d_base is None or d_new is None:
+        return None
+    grams = [[ngrams(words(t), n_gram) for t in side] for side in (base, new)]
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(n, len(base)))
+    diffs = []
+    for draw in idx:
+        vals = []
+        for g in grams:
+            seen: set = set()
+            total = 0
+            for i in draw:
+                seen.update(g[i])
+                total += len(g[i])
+            vals.append(len(seen) / total if total else None)
+        if None not in vals:
+            diffs.append(vals[1] - vals[0])
+    lo, hi = np.percentile(diffs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return {"change": d_new - d_base, "ci": [float(lo), float(hi)]}
+
+
 def _bleu(hyp_counts: list[Counter], hyp_len: int, max_ref_counts: list[dict], ref_len: int) -> float:
     """Sentence BLEU-4 with uniform weights and Chen & Cherry method-1 smoothing, as nltk's
     sentence_bleu(..., smoothing_function=SmoothingFunction().method1)."""

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import cli
 from stages import report as rp
+from stages import text_metrics as tm
 
 
 def _fake_run(root: Path, wer_distill: float = 0.25, with_adversarial: bool = True) -> tuple[dict, list[dict]]:
@@ -211,6 +212,9 @@ def test_evaluate_end_to_end(tiny_run):
     assert {"wer_vs_teacher", "wer_vs_teacher_ci", "wer_vs_reference", "ier", "rep_5gram", "distinct_2",
             "self_bleu_4", "mean_length"} <= set(audio)
     assert "label_agreement" in report["test"]["image"]["distill"]
+    # the tiny students write nothing (no bigram): no distinct-2 change; the WER change is there for audio
+    for m in report["test"]:
+        assert "distinct_2_change_vs_distill" not in report["test"][m]["adversarial"], m
     for m, q in (("audio", "wer_vs_teacher"), ("image", "label_agreement"), ("text", "teacher_nll")):
         pts = report["sweep"]["test"][m]["distill"]
         assert [p["temperature"] for p in pts] == [0.0, 1.0]
@@ -231,6 +235,23 @@ def test_evaluate_end_to_end(tiny_run):
         assert (ev / f).is_file(), f
     md = (ev / "report.md").read_text()
     assert "## extra_tones / audio" in md and "## Sample outputs (greedy)" in md
+
+
+def test_vs_distill_pairs_the_two_students_outputs():
+    from stages.evaluate import vs_distill
+
+    refs = ["please enter your pin", "the line is busy", "goodbye now"]
+    base = ["please enter your pin", "the line is busy the line is busy", "goodbye"]  # a loop: 4 + 1 errors
+    hyps = ["please enter your pin", "the line is busy", "goodbye"]  # 1 error
+    got = vs_distill("audio", base, hyps, refs, bootstrap=500, seed=0)
+    assert got["wer_change_vs_distill"] == pytest.approx(-0.8)
+    assert got["wer_change_vs_distill_ci"][1] <= 0 and 0 < got["p_fewer_errors_than_distill"] <= 1
+    want = tm.distinct_n(hyps, 2) - tm.distinct_n(base, 2)
+    assert want > 0 and got["distinct_2_change_vs_distill"] == pytest.approx(want)
+    assert got["distinct_2_change_vs_distill_ci"] == tm.paired_distinct_change(base, hyps, 2, n=500, seed=0)["ci"]
+    # a captioning modality: no word errors against references, the distinct-2 change all the same
+    img = vs_distill("image", base, hyps, [None] * 3, bootstrap=500, seed=0)
+    assert set(img) == {"distinct_2_change_vs_distill", "distinct_2_change_vs_distill_ci"}
 
 
 def test_evaluate_without_adversarial_stage(tiny_run):

@@ -209,6 +209,18 @@ def test_paired_change_refuses_unpaired_inputs_and_has_nothing_without_base_erro
     assert tm.paired_change([(0, 5)], [(2, 5)]) is None and tm.paired_change([], []) is None
 
 
+def test_paired_distinct_change_by_hand():
+    base, new = ["a b c", "d e"], ["a b a b", "d e"]
+    dc = tm.paired_distinct_change(base, new, 2, n=2000, seed=0)
+    assert dc["change"] == pytest.approx(0.75 - 1.0)  # new: ab ba ab de, 3 of 4 distinct; base: 3 of 3
+    # a resample of the second input alone changes nothing (a quarter of them); every other one is lower
+    assert dc["ci"][1] == 0.0 and dc["ci"][0] < -0.2
+    assert tm.paired_distinct_change(base, base, 2) == {"change": 0.0, "ci": [0.0, 0.0]}
+    assert tm.paired_distinct_change(["a"], ["b"], 2) is None  # no bigram on either side
+    with pytest.raises(ValueError, match="2 base outputs but 1"):
+        tm.paired_distinct_change(base, new[:1], 2)
+
+
 def test_pair_order_accuracy_by_hand():
     # group 1: errors 0, 2, 1 scored 3, 1, 2: three pairs, all in order
     assert tm.pair_order_accuracy([([3.0, 1.0, 2.0], [0, 2, 1])]) == (1.0, 3)
