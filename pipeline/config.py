@@ -129,6 +129,9 @@ class GuardConfig:
     min_distinct_2: Optional[float] = None  # stop when samples' distinct-2 falls below this
     max_self_bleu_4: Optional[float] = None  # stop when samples' self-BLEU-4 rises above this
     max_kl: Optional[float] = None  # stop when KL(student || reference) per token rises above this
+    # stop when the samples' mean length over the real side's (the teacher's labels of the same inputs) falls below
+    # this: a reward that pays for leaving words out ("nobody is available ..." -> "no") shortens the samples first
+    min_length_ratio: Optional[float] = None
 
 
 @dataclass

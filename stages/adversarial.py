@@ -725,12 +725,28 @@ def _copy_through(ctx: StageContext, src: Path) -> dict:
     return {"enabled": 0, "steps": 0}
 
 
+def length_sums(real: Rows, fake: Rows) -> dict[str, float]:
+    """Token and row counts of both sides of a batch (this process's slice; summed over processes before
+    length_ratio): tokens after bos, the end token included on both sides alike."""
+    return {"real_tokens": float(real.attention_mask[:, 1:].sum()), "real_rows": float(len(real)),
+            "fake_tokens": float(fake.attention_mask[:, 1:].sum()), "fake_rows": float(len(fake))}
+
+
+def length_ratio(sums: dict[str, float]) -> float | None:
+    """The samples' mean length over the real side's (the same inputs): 1 writes as long as the labels, below 1
+    shorter. None when either side is empty."""
+    if not sums["real_rows"] or not sums["fake_rows"] or not sums["real_tokens"]:
+        return None
+    return (sums["fake_tokens"] / sums["fake_rows"]) / (sums["real_tokens"] / sums["real_rows"])
+
+
 def guard_trip(guards, record: dict) -> str | None:
     """The reason the first tripped guard gives for `record` (None: all clear). A guard whose figure is
     missing from the record (None) does not trip."""
     checks = [("distinct_2", guards.min_distinct_2, lambda v, g: v < g, "<", "min_distinct_2"),
               ("self_bleu_4", guards.max_self_bleu_4, lambda v, g: v > g, ">", "max_self_bleu_4"),
-              ("kl", guards.max_kl, lambda v, g: v > g, ">", "max_kl")]
+              ("kl", guards.max_kl, lambda v, g: v > g, ">", "max_kl"),
+              ("length_ratio", guards.min_length_ratio, lambda v, g: v < g, "<", "min_length_ratio")]
     for key, limit, trips, op, name in checks:
         v = record.get(key)
         if limit is not None and v is not None and trips(v, limit):
@@ -976,6 +992,7 @@ def run(ctx: StageContext) -> dict:
             texts = [t for part in distributed.all_gather_objects(fake_texts) for t in part]  # in batch order
             rec["distinct_2"] = distinct_n(texts, 2)
             rec["self_bleu_4"] = self_bleu_4(texts)
+            rec["length_ratio"] = length_ratio(distributed.sum_floats(length_sums(real, fake), device))
             rec["sample"] = texts[0]
             rec["label"] = examples[0].text if cfg.anchored else None
             stop_reason = guard_trip(cfg.guards, rec) if moves else None

@@ -469,6 +469,22 @@ def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path
         assert any(r.get("kl", 0) > 0 for r in recs)  # the KL penalty stays
 
 
+def test_length_ratio_and_its_guard_by_hand():
+    from pipeline.config import GuardConfig
+
+    real = adv.rows_from_tokens([[5, 6, 7, 0], [5, 0]], ["audio"] * 2, [None] * 2, [0, 1], bos=1, pad=0, device="cpu")
+    fake = adv.rows_from_tokens([[5, 0], [5, 6, 0], [9, 0], [8, 0]], ["audio"] * 4, [None] * 4, [0, 0, 1, 1], bos=1,
+                                pad=0, device="cpu")
+    sums = adv.length_sums(real, fake)
+    # real: 4 + 2 tokens after bos over 2 rows (3 each); fake: 2 + 3 + 2 + 2 over 4 (2.25): 0.75
+    assert sums == {"real_tokens": 6.0, "real_rows": 2.0, "fake_tokens": 9.0, "fake_rows": 4.0}
+    assert adv.length_ratio(sums) == pytest.approx(0.75)
+    assert adv.length_ratio({**sums, "fake_rows": 0.0}) is None
+    g = GuardConfig(min_length_ratio=0.8)
+    assert "length_ratio 0.7500 < guards.min_length_ratio 0.8 at step 3" == adv.guard_trip(g, {"step": 3, "length_ratio": 0.75})
+    assert adv.guard_trip(g, {"step": 3, "length_ratio": 0.85}) is None and adv.guard_trip(g, {"step": 3}) is None
+
+
 def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
     cfg, base = distilled
     _run_in_process(cfg, tmp_path / "spin", ["adversarial.objective=spin", "adversarial.spin_iterate_steps=1"], reuse=base)
@@ -484,6 +500,10 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
     assert "self_bleu_4" in m["counts"]["early_stop_reason"]
     last = json.loads((tmp_path / "guard/adversarial/metrics.jsonl").read_text().splitlines()[-1])
     assert "max_self_bleu_4" in last["early_stop"]
+    # the length guard: every logged record carries the samples' length over the labels'; a bar above it trips
+    _run_in_process(cfg, tmp_path / "short", ["adversarial.guards.min_length_ratio=100"], reuse=base)
+    last = json.loads((tmp_path / "short/adversarial/metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["length_ratio"] < 100 and "length_ratio" in last["early_stop"] and "min_length_ratio" in last["early_stop"]
 
     # one reward per sample: through the stage, and refused where no leave-one-out baseline is possible
     _run_in_process(cfg, tmp_path / "seq", ["adversarial.reward_level=sequence", "adversarial.disc_from_divergence=true"],
