@@ -237,10 +237,14 @@ def distinct_n(texts: Sequence[str | None], n: int) -> float | None:
     n-grams never cross texts; words are `words(text)`. None when the texts hold no n-gram at all.
     Example: ["a b a b"] has bigrams ab, ba, ab: distinct-2 = 2/3.
     """
+    return _pooled_distinct([ngrams(words(t), n) for t in texts])
+
+
+def _pooled_distinct(gram_lists: Iterable[Sequence[tuple[str, ...]]]) -> float | None:
+    """Distinct n-grams over all n-grams, pooled over the lists; None when they hold none."""
     seen: set = set()
     total = 0
-    for t in texts:
-        grams = ngrams(words(t), n)
+    for grams in gram_lists:
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else None
@@ -265,14 +269,7 @@ def paired_distinct_change(base: Sequence[str | None], new: Sequence[str | None]
     idx = np.random.default_rng(seed).integers(0, len(base), size=(n, len(base)))
     diffs = []
     for draw in idx:
-        vals = []
-        for g in grams:
-            seen: set = set()
-            total = 0
-            for i in draw:
-                seen.update(g[i])
-                total += len(g[i])
-            vals.append(len(seen) / total if total else None)
+        vals = [_pooled_distinct(g[i] for i in draw) for g in grams]
         if None not in vals:
             diffs.append(vals[1] - vals[0])
     lo, hi = np.percentile(diffs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
