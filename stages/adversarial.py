@@ -350,12 +350,16 @@ def token_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[str
     return out * rows.attention_mask[:, 1:].to(out.dtype)
 
 
-def _sequence_score(d, rows: Rows) -> torch.Tensor:
-    """A discriminator's score of each row [N]: its sequence_scores, or (a bare module) its last token's logit."""
-    score = getattr(d, "sequence_scores", None)
-    if score is not None:
-        return score(rows.input_ids, rows.attention_mask, rows.features)
-    return sequence_logits(d(rows.input_ids, rows.attention_mask, rows.features), rows.attention_mask)
+def _judge(d, rows: Rows, token_embeds: torch.Tensor | None = None,
+           sequence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A discriminator's token logits [N, L-1] and score of each row [N] from one pass: Discriminator.judge, or
+    (a bare module, or sequence=False) its forward and the last token's logit as the row's score."""
+    judge = getattr(d, "judge", None) if sequence else None
+    if judge is not None:
+        return judge(rows.input_ids, rows.attention_mask, rows.features, token_embeds=token_embeds)
+    extra = {} if token_embeds is None else {"token_embeds": token_embeds}
+    logits = d(rows.input_ids, rows.attention_mask, rows.features, **extra)
+    return logits, sequence_logits(logits, rows.attention_mask)
 
 
 @torch.no_grad()
@@ -363,7 +367,7 @@ def sequence_rewards(discs: dict[str, Discriminator], rows: Rows, weights: dict[
                      text_reward_all: bool) -> torch.Tensor:
     """R = sum over the discriminators judging the row of w_d * its sequence score (eval mode): [N]."""
     out = torch.zeros(rows.input_ids.shape[0], device=rows.input_ids.device)
-    for idx, w, sc in _judgements(discs, rows, weights, text_reward_all, _sequence_score):
+    for idx, w, sc in _judgements(discs, rows, weights, text_reward_all, lambda d, sub: _judge(d, sub)[1]):
         out[idx] += w * sc
     return out
 
@@ -403,22 +407,15 @@ def discriminator_loss(d: Discriminator, batch: DiscBatch, smoothing: float, gra
     c = counts if counts is not None else DiscCounts.of(batch)
     loss = torch.zeros((), device=r.input_ids.device)
     stats = {"bce": 0.0, "acc": 0.0, "rank": 0.0, **({"gp": 0.0} if grad_penalty > 0 else {})}
-    judge = getattr(d, "judge", None) if reward_level == "sequence" else None
-
-    def judged(rows: Rows, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token logits, detached sequence scores) of one side."""
-        if judge is None:
-            logits = d(rows.input_ids, rows.attention_mask, rows.features, token_embeds=emb).float()
-            return logits, sequence_logits(logits.detach(), rows.attention_mask)
-        logits, seq = judge(rows.input_ids, rows.attention_mask, rows.features, token_embeds=emb)
-        return logits.float(), seq.detach().float()
-
+    sequence = reward_level == "sequence"
     real_logits = fake_logits = None
     if len(r):
         emb = d.embed(r.input_ids) if grad_penalty > 0 else None
-        real_logits, real_seq = judged(r, emb)
+        real_logits, real_seq = _judge(d, r, emb, sequence)
+        real_logits, real_seq = real_logits.float(), real_seq.detach().float()
     if len(f):
-        fake_logits, fake_seq = judged(f)
+        fake_logits, fake_seq = _judge(d, f, sequence=sequence)
+        fake_logits, fake_seq = fake_logits.float(), fake_seq.detach().float()
     if real_logits is not None:
         rm = r.attention_mask[:, 1:]
         loss = loss + _bce_side(real_logits, rm, 1.0 - smoothing, c.real_tokens)
