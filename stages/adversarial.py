@@ -32,6 +32,8 @@ RUN/adversarial/
     final/                     the student (save_student layout), discriminators/<m>.{safetensors,json},
                                adversarial.json (steps, stop reason, settings)
     metrics.jsonl              one record every log_every steps
+    best/, val_predictions/    with select_by: val_wer, the student of the lowest val WER so far, and each
+                               check's val texts and errors (step_<student step>.jsonl)
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from pipeline.graph import StageContext, register_stage
 from stages.discriminator import (Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators,
                                   sequence_logits)
 from stages.discriminator import load_discriminators as _load_discriminators_dir
-from stages.distill import _truncate_metrics, validate_wer
+from stages.distill import _truncate_metrics, validate_wer, write_val_predictions
 from stages.generation import generate
 from stages.labelled_data import Example, MixtureSampler, collate, load_labelled, within_context
 from stages.student import Student, load_student, save_student
@@ -901,9 +903,11 @@ def run(ctx: StageContext) -> dict:
         if not select or checked["student_steps"] == student_steps:
             return
         checked["student_steps"] = student_steps
-        v = validate_wer(student, val, cfg.batch_size, max_text_tokens, dist)
+        rows: list[dict] = []
+        v = validate_wer(student, val, cfg.batch_size, max_text_tokens, dist, rows)
         if dist.is_main:
             ctx.metric({"step": step, "student_steps": student_steps, **v})
+            write_val_predictions(ctx.dir, student_steps, rows)
             if v["val_wer"] is not None and (best["val_wer"] is None or v["val_wer"] < best["val_wer"]):
                 save_student(student, ctx.dir / "best")
                 best.update(step=student_steps, val_wer=v["val_wer"])

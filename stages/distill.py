@@ -12,6 +12,7 @@ RUN/distill/
                                 val loss, or with select_by: val_wer the lowest greedy WER on the val clips
     final/                      the student to use: best/ (or the last step without a val split) + README.md
     metrics.jsonl, tensorboard/ train loss / lr / tokens per second; val loss, token accuracy, val WER, a sample
+    val_predictions/step_XXXXXX.jsonl   with select_by: val_wer, each val clip's label, greedy text and errors
 """
 
 from __future__ import annotations
@@ -183,12 +184,13 @@ def validate(student: Student, examples: list[Example], batch_size: int, device:
 
 @torch.no_grad()
 def validate_wer(student: Student, examples: list[Example], batch_size: int, max_new_tokens: int,
-                 dist: distributed.DistInfo) -> dict[str, float | None]:
+                 dist: distributed.DistInfo, predictions: list[dict] | None = None) -> dict[str, float | None]:
     """Greedy decoding of the val examples of transcript modalities (each rank takes every world-th) and
     the corpus WER against their labels (text_metrics.wer: Whisper's normaliser, labels that normalise to ""
     left out): {"val_wer": pooled, "val_wer_<modality>": each}. Free-running, unlike val_loss: it sees the
     repetition loops and early stops that teacher forcing hides. A long clip's chunks are examples of their
-    own here (load_labelled), so this is short-form WER."""
+    own here (load_labelled), so this is short-form WER. `predictions`, when given, gets one row per decoded
+    example ({key, modality, label, prediction, errors, words}), on every rank: which clips a WER comes from."""
     from stages import text_metrics as tm
     from stages.generation import generate_texts
 
@@ -211,11 +213,25 @@ def validate_wer(student: Student, examples: list[Example], batch_size: int, max
     merged: dict[int, str] = {}
     for d in distributed.all_gather_objects(mine):
         merged.update(d)
-    out: dict[str, float | None] = {"val_wer": tm.wer([merged[i] for i in rows], [examples[i].text for i in rows])[0]}
+    a = tm.align([merged[i] for i in rows], [examples[i].text for i in rows])
+    out: dict[str, float | None] = {"val_wer": a.wer}
+    if predictions is not None:
+        scored = dict(zip(a.kept, zip(a.errors, a.ref_words)))  # a label that normalises to "" is not scored
+        for j, i in enumerate(rows):
+            errors, words = scored.get(j, (None, 0))
+            predictions.append({"key": examples[i].key, "modality": examples[i].modality, "label": examples[i].text,
+                                "prediction": merged[i], "errors": errors, "words": words})
     for m in sorted({examples[i].modality for i in rows}):
         sel = [i for i in rows if examples[i].modality == m]
         out[f"val_wer_{m}"] = tm.wer([merged[i] for i in sel], [examples[i].text for i in sel])[0]
     return out
+
+
+def write_val_predictions(stage_dir: Path, step: int, rows: list[dict]) -> None:
+    """validate_wer's rows at one validation, as <stage>/val_predictions/step_<step>.jsonl (written whole, then
+    renamed): which val clips a swing of val WER comes from (a loop, a dropped clause)."""
+    atomic_write_text(stage_dir / "val_predictions" / f"step_{step:06d}.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def better(new: dict, best: dict, select_by: str) -> bool:
@@ -302,11 +318,14 @@ def run(ctx: StageContext) -> dict:
         if not val:
             return
         v = validate(scored, val, cfg.batch_size, device, dist, autocast)
+        rows: list[dict] = []
         if cfg.select_by == "val_wer":
-            v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist))
+            v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist, rows))
         sample = _val_sample(scored, val[0])
         if dist.is_main:
             ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})
+            if rows:
+                write_val_predictions(ctx.dir, step, rows)
             for k, x in v.items():
                 if k != "val_tokens" and x is not None:
                     writer.add_scalar(f"val/{k[4:]}", x, step)

@@ -663,6 +663,12 @@ def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_include
     adv_dir = tmp_path / "run" / "adversarial"
     vals = [r for r in map(json.loads, (adv_dir / "metrics.jsonl").read_text().splitlines()) if "val_wer" in r]
     assert [r["student_steps"] for r in vals] == [0, 2, 4]  # before the first step, then every val_every
+    for r in vals:  # each check's texts, per clip: their errors sum to the val WER it logged
+        rows = [json.loads(x) for x in (adv_dir / f"val_predictions/step_{r['student_steps']:06d}.jsonl")
+                .read_text().splitlines()]
+        scored = [x for x in rows if x["errors"] is not None]
+        assert rows and {x["modality"] for x in rows} == {"audio"}
+        assert sum(x["errors"] for x in scored) / sum(x["words"] for x in scored) == pytest.approx(r["val_wer"])
     want = min(vals, key=lambda r: (r["val_wer"], r["student_steps"]))  # a tie keeps the earlier student
     summary = json.loads((adv_dir / "final" / "adversarial.json").read_text())
     assert summary["selected_student_step"] == want["student_steps"] and summary["selected_val_wer"] == want["val_wer"]

@@ -287,6 +287,7 @@ def test_select_by_val_wer_keeps_the_step_with_the_lowest_greedy_wer(tmp_path, l
     vals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     assert [r["step"] for r in vals] == [2, 4, 6]
     assert all(r["val_wer"] is not None and r["val_wer"] == r["val_wer_audio"] for r in vals)
+    assert sorted(p.name for p in (out / "val_predictions").iterdir()) == [f"step_00000{i}.jsonl" for i in (2, 4, 6)]
     want = min(vals, key=lambda r: (r["val_wer"], r["val_loss"], r["step"]))
     counts = json.loads((tmp_path / "wer/distill/manifest.json").read_text())["counts"]
     assert counts["best_step"] == want["step"] and counts["best_val_wer"] == want["val_wer"]
@@ -309,8 +310,12 @@ def test_validate_wer_scores_greedy_text_against_the_labels():
     assert validate_wer(s, ex, 2, 8, dist) == {"val_wer": 0.0, "val_wer_audio": 0.0}
     n_words = len(" ".join(said[1:]).split())
     ex[0].text = "alpha beta gamma delta"  # every word of label 0 is now wrong: 4 errors at least
-    got = validate_wer(s, ex, 2, 8, dist)["val_wer"]
+    rows: list[dict] = []
+    got = validate_wer(s, ex, 2, 8, dist, rows)["val_wer"]
     assert got >= 4 / (4 + n_words) and got > 0
+    assert [r["key"] for r in rows] == ["k0", "k1", "k2"]  # the text row is not decoded
+    assert [r["prediction"] for r in rows] == said and rows[0]["label"] == "alpha beta gamma delta"
+    assert rows[0]["errors"] >= 4 and rows[0]["words"] == 4 and all(r["errors"] == 0 for r in rows[1:] if r["words"])
 
 
 def test_better_breaks_wer_ties_by_val_loss():
