@@ -115,7 +115,8 @@ class DistillConfig:
     inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented
     val_every: int = field(default=50, metadata=_min(1))
     # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
-    # val_wer (greedy decoding of the val clips, WER against their labels; ties go to the lower val_loss)
+    # val_wer (the val clips decoded as the evaluate stage decodes: greedy, its fallback and loop checks; WER
+    # against their labels; ties go to the lower val_loss)
     select_by: str = "val_loss"
     # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
     # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
@@ -199,6 +200,11 @@ class AdversarialConfig:
     # gradient descends KL(student || teacher) on the student's own samples (on-policy distillation: MiniLLM,
     # GKD), with no pull toward short samples.
     reward_minus_policy_logprob: bool = False
+    # one of each input's k samples is the policy's greedy decode (temperature 0), the text the val check and
+    # the evaluate stage read: where greedy decoding loops (the distilled student's main failure), that loop
+    # is judged and its reward's advantage lands on it, where samples at temperature 1 rarely loop. Needs
+    # k_samples >= 2 (the others are sampled).
+    greedy_sample: bool = False
     kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
@@ -211,9 +217,10 @@ class AdversarialConfig:
     log_every: int = field(default=10, metadata=_min(1))
     checkpoint_every: int = field(default=25, metadata=_min(1))
     grad_clip: float = field(default=1.0, metadata=_min(0.0))
-    # which student final/ holds: last (the last step) or val_wer (the lowest greedy WER against the teacher's
-    # labels of the val clips, checked before the first student step and every val_every student steps; the
-    # distilled student itself when no step beats it). val_wer reads teacher labels: anchored runs only.
+    # which student final/ holds: last (the last step) or val_wer (the lowest WER against the teacher's labels
+    # of the val clips, decoded as the evaluate stage decodes (greedy, its fallback and loop checks), checked
+    # before the first student step and every val_every student steps; the distilled student itself when no
+    # step beats it). val_wer reads teacher labels: anchored runs only.
     select_by: str = "last"
     val_every: int = field(default=10, metadata=_min(1))
 
@@ -494,6 +501,9 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError("config: 'adversarial.reward_level: sequence' compares a sample with the other samples of "
                         "its input: it needs 'adversarial.baseline: loo' and 'adversarial.k_samples' >= 2, got "
                         f"{root.adversarial.baseline!r} and {root.adversarial.k_samples}")
+    if root.adversarial.greedy_sample and root.adversarial.k_samples < 2:
+        raise UserError("config: 'adversarial.greedy_sample' makes one of each input's k samples the greedy decode; "
+                        f"it needs 'adversarial.k_samples' >= 2 (the others sampled), got {root.adversarial.k_samples}")
     if root.adversarial.baseline not in ("loo", "ema"):
         raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
     for s in root.stages:

@@ -59,8 +59,8 @@ from pipeline.graph import StageContext, register_stage
 from stages.discriminator import (Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators,
                                   sequence_logits)
 from stages.discriminator import load_discriminators as _load_discriminators_dir
-from stages.distill import _truncate_metrics, validate_wer, write_val_predictions
-from stages.generation import generate
+from stages.distill import _truncate_metrics, val_decoding, validate_wer, write_val_predictions
+from stages.generation import generate, ngram_repeats
 from stages.labelled_data import Example, MixtureSampler, collate, load_labelled, within_context
 from stages.student import Student, load_student, save_student
 from stages.text_metrics import TRANSCRIPT_MODALITIES, distinct_n, self_bleu_4
@@ -223,17 +223,22 @@ def input_generator(seed: int, iteration: int, index: int, device) -> torch.Gene
 
 
 def sample_rows(model: Student, examples: list[Example], per_input: int, generators: Sequence[torch.Generator | None],
-                temperature: float, max_new_tokens: int, device) -> tuple[Rows, list[str]]:
+                temperature: float, max_new_tokens: int, device, greedy: bool = False) -> tuple[Rows, list[str]]:
     """`per_input` samples of `model` about each example, and their texts. Each example is decoded in a call
     of its own from its own generator, so its rows never depend on which other inputs share the process.
-    Rows come in consecutive groups of per_input; a row's source is its example's index in `examples`."""
+    Rows come in consecutive groups of per_input; a row's source is its example's index in `examples`.
+    greedy: each group's first row is the greedy decode (temperature 0), the others sampled."""
     seqs, texts, mods, feats, src = [], [], [], [], []
     for i, (e, g) in enumerate(zip(examples, generators)):
         f = _features(e, device)
-        gen = generate(model, [e.modality] * per_input, [f] * per_input, temperature=temperature,
-                       max_new_tokens=max_new_tokens, generator=g)
-        seqs += [row[:n] for row, n in zip(gen.tokens.tolist(), gen.mask.sum(1).tolist())]
-        texts += gen.texts
+        gens = [generate(model, [e.modality], [f], temperature=0.0, max_new_tokens=max_new_tokens)] if greedy else []
+        n_sampled = per_input - len(gens)
+        if n_sampled > 0:
+            gens.append(generate(model, [e.modality] * n_sampled, [f] * n_sampled, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, generator=g))
+        for gen in gens:
+            seqs += [row[:n] for row, n in zip(gen.tokens.tolist(), gen.mask.sum(1).tolist())]
+            texts += gen.texts
         mods += [e.modality] * per_input
         feats += [f] * per_input
         src += [i] * per_input
@@ -904,7 +909,7 @@ def run(ctx: StageContext) -> dict:
             return
         checked["student_steps"] = student_steps
         rows: list[dict] = []
-        v = validate_wer(student, val, cfg.batch_size, max_text_tokens, dist, rows)
+        v = validate_wer(student, val, cfg.batch_size, max_text_tokens, dist, rows, val_decoding(ctx.cfg.root))
         if dist.is_main:
             ctx.metric({"step": step, "student_steps": student_steps, **v})
             write_val_predictions(ctx.dir, student_steps, rows)
@@ -933,7 +938,8 @@ def run(ctx: StageContext) -> dict:
         gens = [input_generator(ctx.cfg.root.seed, it, i, device) for i in mine]
         moves = it >= cfg.disc_warmup_steps
         with autocast():
-            fake, fake_texts = sample_rows(policy, local, k, gens, cfg.temperature, cfg.max_new_tokens, device)
+            fake, fake_texts = sample_rows(policy, local, k, gens, cfg.temperature, cfg.max_new_tokens, device,
+                                           greedy=cfg.greedy_sample)
             real = real_rows(local, cfg.anchored, cfg.use_references, reference, tok, max_text_tokens,
                              cfg.temperature, cfg.max_new_tokens, device, generators=gens)
         rec: dict = {"step": it + 1, "phase": "adversarial" if moves else "disc_warmup"}
@@ -994,6 +1000,8 @@ def run(ctx: StageContext) -> dict:
             rec["distinct_2"] = distinct_n(texts, 2)
             rec["self_bleu_4"] = self_bleu_4(texts)
             rec["length_ratio"] = length_ratio(distributed.sum_floats(length_sums(real, fake), device))
+            if cfg.greedy_sample:  # each input's first row: how many greedy decodes repeat a word 4-gram 3+ times
+                rec["greedy_loop_rate"] = float(np.mean([ngram_repeats(t) > 2 for t in texts[::k]]))
             rec["sample"] = texts[0]
             rec["label"] = examples[0].text if cfg.anchored else None
             stop_reason = guard_trip(cfg.guards, rec) if moves else None

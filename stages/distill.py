@@ -18,6 +18,7 @@ RUN/distill/
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -182,22 +183,43 @@ def validate(student: Student, examples: list[Example], batch_size: int, device:
     return {"val_loss": float(tot[0]) / n, "val_token_acc": float(tot[1]) / n, "val_tokens": int(tot[2])}
 
 
+def val_decoding(root) -> dict:
+    """How validate_wer decodes: as the evaluate stage does (its Whisper temperature fallback and loop checks),
+    so that the step a stage keeps by val WER is the best under the decoding its held-out WER is scored with.
+    Plain greedy counted a loop on one long val chunk that the fallback re-decodes: val WER swung 10-30 points
+    between adversarial checks 10 student steps apart (heldout20, seeds 0-2)."""
+    e = root.evaluate
+    return {"fallback": list(e.fallback_temperatures), "max_compression_ratio": e.max_compression_ratio,
+            "min_avg_logprob": e.min_avg_logprob, "best_of": e.best_of, "max_ngram_repeats": e.max_ngram_repeats,
+            "seed": root.seed}
+
+
 @torch.no_grad()
 def validate_wer(student: Student, examples: list[Example], batch_size: int, max_new_tokens: int,
-                 dist: distributed.DistInfo, predictions: list[dict] | None = None) -> dict[str, float | None]:
-    """Greedy decoding of the val examples of transcript modalities (each rank takes every world-th) and
-    the corpus WER against their labels (text_metrics.wer: Whisper's normaliser, labels that normalise to ""
-    left out): {"val_wer": pooled, "val_wer_<modality>": each}. Free-running, unlike val_loss: it sees the
+                 dist: distributed.DistInfo, predictions: list[dict] | None = None,
+                 decoding: dict | None = None) -> dict[str, float | None]:
+    """Greedy decoding of the val examples of transcript modalities (each rank takes every world-th batch) and
+    the corpus WER against their labels (text_metrics: Whisper's normaliser, labels that normalise to "" left
+    out): {"val_wer": pooled, "val_wer_<modality>": each}. Free-running, unlike val_loss: it sees the
     repetition loops and early stops that teacher forcing hides. A long clip's chunks are examples of their
-    own here (load_labelled), so this is short-form WER. `predictions`, when given, gets one row per decoded
-    example ({key, modality, label, prediction, errors, words}), on every rank: which clips a WER comes from."""
+    own here (load_labelled), so this is short-form WER.
+
+    decoding (val_decoding: fallback temperatures, loop checks, best_of, seed): a piece whose greedy text
+    fails the checks is decoded again by sampling (generation.generate_texts), batch j from a generator seeded
+    by (seed, j): the same stream at every check, so two checks of equal weights write equal texts. With a
+    fallback, "val_wer_greedy" is plain greedy's figure beside it. `predictions`, when given, gets one row per
+    decoded example ({key, modality, label, prediction, errors, words}, and with a fallback the greedy text):
+    which clips a WER comes from."""
     from stages import text_metrics as tm
     from stages.generation import generate_texts
 
+    decoding = dict(decoding or {})
+    seed = decoding.pop("seed", 0)
     was = student.training
     student.eval()
     rows = [i for i, e in enumerate(examples) if e.modality in tm.TRANSCRIPT_MODALITIES and e.features is not None]
     mine: dict[int, str] = {}
+    greedy: dict[int, str] = {}
     for j in range(0, len(rows), batch_size):
         if (j // batch_size) % dist.world != dist.rank:
             continue
@@ -206,21 +228,31 @@ def validate_wer(student: Student, examples: list[Example], batch_size: int, max
         for i in part:
             by_mod.setdefault(examples[i].modality, []).append(i)
         for m, idx in by_mod.items():
-            texts = generate_texts(student, m, [examples[i].features.float() for i in idx],
-                                   temperature=0.0, max_new_tokens=max_new_tokens)
-            mine.update(zip(idx, texts))
+            feats = [examples[i].features.float() for i in idx]
+            gen = torch.Generator(device=student.device).manual_seed(
+                int(hashlib.sha256(f"val/{seed}/{j}/{m}".encode()).hexdigest()[:15], 16))
+            first: list[str] = []
+            mine.update(zip(idx, generate_texts(student, m, feats, temperature=0.0, max_new_tokens=max_new_tokens,
+                                                generator=gen, first_pass=first, **decoding)))
+            greedy.update(zip(idx, first))
     student.train(was)
     merged: dict[int, str] = {}
     for d in distributed.all_gather_objects(mine):
         merged.update(d)
     a = tm.align([merged[i] for i in rows], [examples[i].text for i in rows])
     out: dict[str, float | None] = {"val_wer": a.wer}
+    plain: dict[int, str] = {}
+    if decoding.get("fallback"):
+        for d in distributed.all_gather_objects(greedy):
+            plain.update(d)
+        out["val_wer_greedy"] = tm.wer([plain[i] for i in rows], [examples[i].text for i in rows])[0]
     if predictions is not None:
         scored = dict(zip(a.kept, zip(a.errors, a.ref_words)))  # a label that normalises to "" is not scored
         for j, i in enumerate(rows):
             errors, words = scored.get(j, (None, 0))
             predictions.append({"key": examples[i].key, "modality": examples[i].modality, "label": examples[i].text,
-                                "prediction": merged[i], "errors": errors, "words": words})
+                                "prediction": merged[i], "errors": errors, "words": words,
+                                **({"greedy": plain[i]} if plain else {})})
     for m in sorted({examples[i].modality for i in rows}):
         sel = [i for i in rows if examples[i].modality == m]
         out[f"val_wer_{m}"] = tm.wer([merged[i] for i in sel], [examples[i].text for i in sel])[0]
@@ -320,7 +352,8 @@ def run(ctx: StageContext) -> dict:
         v = validate(scored, val, cfg.batch_size, device, dist, autocast)
         rows: list[dict] = []
         if cfg.select_by == "val_wer":
-            v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist, rows))
+            v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist, rows,
+                                  val_decoding(ctx.cfg.root)))
         sample = _val_sample(scored, val[0])
         if dist.is_main:
             ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})

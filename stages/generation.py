@@ -170,7 +170,7 @@ def ngram_repeats(text: str, n: int = 4) -> int:
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
                    min_avg_logprob: float | None = None, best_of: int = 1, max_ngram_repeats: int | None = None,
-                   **kw) -> list[str]:
+                   first_pass: list[str] | None = None, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
@@ -182,18 +182,22 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     (sampling from kw's generator) until an attempt passes every check; where none does, the least repetitive
     attempt is kept. best_of: samples drawn per piece at each fallback temperature (Whisper's `best_of`, 5 in
     its transcribe command); of those that pass, the one with the highest mean token log-prob is kept (one
-    sample is one draw of the model's noise; the most likely of five is less so). kw: as `generate`."""
+    sample is one draw of the model's noise; the most likely of five is less so). first_pass, when given, gets
+    every input's text before any fallback (what plain decoding at kw's temperature writes). kw: as `generate`."""
     if best_of < 1:
         raise ValueError(f"best_of must be >= 1, got {best_of}")
     if features is None:
-        return generate(student, modality, None, n=n, **kw).texts
+        texts = generate(student, modality, None, n=n, **kw).texts
+        if first_pass is not None:
+            first_pass.extend(texts)
+        return texts
     pieces, owner = [], []
     for i, f in enumerate(features):
         for w in feature_windows(student, f, chunks[i] if chunks is not None else None):
             pieces.append(w)
             owner.append(i)
     first = generate(student, modality, pieces, **kw)
-    out = first.texts
+    out = list(first.texts)
     if fallback and kw.get("temperature", 0.0) <= 0:
         from whisper.utils import compression_ratio
 
@@ -225,8 +229,15 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
                         else min(cand, key=lambda c: checked[c][1]))
                 if checked[pick][0] or checked[pick][1] < state[j][1]:
                     out[j], state[j] = again.texts[pick], checked[pick]
-    texts: list[list[str]] = [[] for _ in features]
-    for i, t in zip(owner, out):
+    if first_pass is not None:
+        first_pass.extend(_join(first.texts, owner, len(features)))
+    return _join(out, owner, len(features))
+
+
+def _join(piece_texts: Sequence[str], owner: Sequence[int], n: int) -> list[str]:
+    """Each of n inputs' text: its pieces' non-empty texts joined by a space."""
+    texts: list[list[str]] = [[] for _ in range(n)]
+    for i, t in zip(owner, piece_texts):
         if t:
             texts[i].append(t)
     return [" ".join(t) for t in texts]

@@ -517,6 +517,14 @@ def test_spin_and_guards_and_disabled_copy(distilled, tmp_path):
                         reuse=base)
     with pytest.raises(UserError, match="reward_minus_policy_logprob"):
         _run_in_process(cfg, tmp_path / "seq2", ["adversarial.reward_minus_policy_logprob=true"], reuse=base)
+    # one of each input's samples the greedy decode: through the stage, its loop rate logged; refused for k = 1
+    _run_in_process(cfg, tmp_path / "greedy", ["adversarial.greedy_sample=true"], reuse=base)
+    logged = [json.loads(l) for l in (tmp_path / "greedy/adversarial/metrics.jsonl").read_text().splitlines()]
+    rates = [r["greedy_loop_rate"] for r in logged if "greedy_loop_rate" in r]
+    assert rates and all(0.0 <= x <= 1.0 for x in rates)
+    with pytest.raises(UserError, match="greedy_sample"):
+        _run_in_process(cfg, tmp_path / "greedy1", ["adversarial.greedy_sample=true", "adversarial.k_samples=1",
+                                                    "adversarial.baseline=ema"], reuse=base)
 
     _run_in_process(cfg, tmp_path / "off", ["adversarial.enabled=false"], reuse=base)
     for f in ("student.json", "projectors.safetensors", "lm/model.safetensors"):
@@ -651,6 +659,8 @@ AUDIO = {
     "adversarial": {"steps": 4, "disc_warmup_steps": 0, "batch_size": 4, "k_samples": 2, "max_new_tokens": 12,
                     "disc_d_model": 16, "disc_layers": 1, "disc_heads": 2, "lr": 0.05, "select_by": "val_wer",
                     "val_every": 2, "log_every": 1},
+    # val WER decodes as evaluate does: a fallback every greedy text fails (mean log-prob below 0)
+    "evaluate": {"fallback_temperatures": [1.0], "min_avg_logprob": 0.0},
 }
 
 
@@ -668,6 +678,7 @@ def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_include
                 .read_text().splitlines()]
         scored = [x for x in rows if x["errors"] is not None]
         assert rows and {x["modality"] for x in rows} == {"audio"}
+        assert r["val_wer_greedy"] is not None and all("greedy" in x for x in rows)
         assert sum(x["errors"] for x in scored) / sum(x["words"] for x in scored) == pytest.approx(r["val_wer"])
     want = min(vals, key=lambda r: (r["val_wer"], r["student_steps"]))  # a tie keeps the earlier student
     summary = json.loads((adv_dir / "final" / "adversarial.json").read_text())

@@ -318,6 +318,36 @@ def test_validate_wer_scores_greedy_text_against_the_labels():
     assert rows[0]["errors"] >= 4 and rows[0]["words"] == 4 and all(r["errors"] == 0 for r in rows[1:] if r["words"])
 
 
+def test_validate_wer_decodes_as_evaluate_does_with_one_random_stream_per_check():
+    """With the evaluate stage's fallback (here every greedy text fails min_avg_logprob 0, so each is sampled
+    again at T = 1): val_wer scores the fallback's texts, val_wer_greedy plain greedy's (the figure without a
+    decoding), each row carries both, and two checks of the same weights write the same texts."""
+    from pipeline.distributed import DistInfo
+    from stages.distill import validate_wer
+    from stages.generation import generate_texts
+
+    torch.manual_seed(0)
+    s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
+                      {"audio": 12, "text": 0}, max_text_tokens=8).eval()
+    feats = [torch.randn(5, 12) for _ in range(5)]
+    said = generate_texts(s, "audio", feats, temperature=0.0, max_new_tokens=8)
+    ex = [Example(f"k{i}", "audio", "val", t, [1], "t", f.half()) for i, (t, f) in enumerate(zip(said, feats))]
+    dist = DistInfo(rank=0, world=1, local_rank=0)
+    decoding = {"fallback": [1.0], "max_compression_ratio": 2.4, "min_avg_logprob": 0.0, "best_of": 1,
+                "max_ngram_repeats": None, "seed": 3}
+    a, b = [], []
+    got = validate_wer(s, ex, 2, 8, dist, a, decoding)
+    assert validate_wer(s, ex, 2, 8, dist, b, decoding) == got and a == b  # the same stream at every check
+    assert got["val_wer_greedy"] == 0.0 and [r["greedy"] for r in a] == said  # the labels are greedy's texts
+    assert any(r["prediction"] != r["greedy"] for r in a) and got["val_wer"] > 0  # sampled again, scored
+    scored = [r for r in a if r["errors"] is not None]
+    assert got["val_wer"] == pytest.approx(sum(r["errors"] for r in scored) / sum(r["words"] for r in scored))
+    other: list[dict] = []
+    validate_wer(s, ex, 2, 8, dist, other, {**decoding, "seed": 4})  # another run's seed: another stream
+    assert [r["prediction"] for r in other] != [r["prediction"] for r in a]
+    assert "val_wer_greedy" not in validate_wer(s, ex, 2, 8, dist)  # plain greedy: one figure
+
+
 def test_better_breaks_wer_ties_by_val_loss():
     from stages.distill import better
 

@@ -280,3 +280,11 @@ def test_samples_do_not_depend_on_which_inputs_share_a_process():
     assert len(set(together)) > 1  # they are samples, not all the same text
     _, next_iteration = adv.sample_rows(student, [ex[1]], 3, [adv.input_generator(0, 6, 1, "cpu")], 1.0, 6, "cpu")
     assert next_iteration != together[3:6]  # another iteration, another draw
+
+    # greedy: each input's first row is its greedy decode, whatever the generator; the other rows are sampled
+    from stages.generation import generate
+    greedy = [adv.sample_rows(student, [e], 3, [adv.input_generator(0, it, 0, "cpu")], 1.0, 6, "cpu", greedy=True)[1]
+              for e, it in ((ex[0], 5), (ex[0], 6), (ex[1], 5))]
+    want = generate(student, ["text"], n=1, temperature=0.0, max_new_tokens=6).texts[0]
+    assert [g[0] for g in greedy] == [want] * 3 and all(len(g) == 3 for g in greedy)
+    assert greedy[0][1:] != greedy[1][1:]  # the others are draws of their iteration's stream
