@@ -294,19 +294,25 @@ def test_select_by_val_wer_keeps_the_step_with_the_lowest_greedy_wer(tmp_path, l
     assert f"step {want['step']}, the lowest greedy WER on the val clips" in (out / "final/README.md").read_text()
 
 
-def test_validate_wer_scores_greedy_text_against_the_labels():
+def _val_set(n: int):
+    """A random tiny student, n audio val examples labelled with its own greedy text, and a one-process DistInfo."""
     from pipeline.distributed import DistInfo
-    from stages.distill import validate_wer
     from stages.generation import generate_texts
 
     torch.manual_seed(0)
     s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
                       {"audio": 12, "text": 0}, max_text_tokens=8).eval()
-    feats = [torch.randn(5, 12) for _ in range(3)]
+    feats = [torch.randn(5, 12) for _ in range(n)]
     said = generate_texts(s, "audio", feats, temperature=0.0, max_new_tokens=8)
     ex = [Example(f"k{i}", "audio", "val", t, [1], "t", f.half()) for i, (t, f) in enumerate(zip(said, feats))]
+    return s, said, ex, DistInfo(rank=0, world=1, local_rank=0)
+
+
+def test_validate_wer_scores_greedy_text_against_the_labels():
+    from stages.distill import validate_wer
+
+    s, said, ex, dist = _val_set(3)
     ex.append(Example("plain", "text", "val", "never decoded", [1], "t"))  # text rows are not transcripts
-    dist = DistInfo(rank=0, world=1, local_rank=0)
     assert validate_wer(s, ex, 2, 8, dist) == {"val_wer": 0.0, "val_wer_audio": 0.0}
     n_words = len(" ".join(said[1:]).split())
     ex[0].text = "alpha beta gamma delta"  # every word of label 0 is now wrong: 4 errors at least
@@ -322,17 +328,9 @@ def test_validate_wer_decodes_as_evaluate_does_with_one_random_stream_per_check(
     """With the evaluate stage's fallback (here every greedy text fails min_avg_logprob 0, so each is sampled
     again at T = 1): val_wer scores the fallback's texts, val_wer_greedy plain greedy's (the figure without a
     decoding), each row carries both, and two checks of the same weights write the same texts."""
-    from pipeline.distributed import DistInfo
     from stages.distill import validate_wer
-    from stages.generation import generate_texts
 
-    torch.manual_seed(0)
-    s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
-                      {"audio": 12, "text": 0}, max_text_tokens=8).eval()
-    feats = [torch.randn(5, 12) for _ in range(5)]
-    said = generate_texts(s, "audio", feats, temperature=0.0, max_new_tokens=8)
-    ex = [Example(f"k{i}", "audio", "val", t, [1], "t", f.half()) for i, (t, f) in enumerate(zip(said, feats))]
-    dist = DistInfo(rank=0, world=1, local_rank=0)
+    s, said, ex, dist = _val_set(5)
     decoding = {"fallback": [1.0], "max_compression_ratio": 2.4, "min_avg_logprob": 0.0, "best_of": 1,
                 "max_ngram_repeats": None, "seed": 3}
     a, b = [], []
