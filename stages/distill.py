@@ -9,10 +9,11 @@ RUN/distill/
     checkpoints/step-XXXXXX/    student weights (and their moving average, ema_decay > 0), AdamW, scheduler,
                                 RNGs, sampler state, best-so-far
     best/                       the best student by validation so far (save_student layout): the lowest
-                                val loss, or with select_by: val_wer the lowest greedy WER on the val clips
+                                val loss, or with select_by: val_wer the lowest WER on the val clips (decoded
+                                as the evaluate stage decodes)
     final/                      the student to use: best/ (or the last step without a val split) + README.md
     metrics.jsonl, tensorboard/ train loss / lr / tokens per second; val loss, token accuracy, val WER, a sample
-    val_predictions/step_XXXXXX.jsonl   with select_by: val_wer, each val clip's label, greedy text and errors
+    val_predictions/step_XXXXXX.jsonl   with select_by: val_wer, each val clip's label, text and errors
 """
 
 from __future__ import annotations
@@ -254,9 +255,10 @@ def validate_wer(student: Student, examples: list[Example], batch_size: int, max
             predictions.append({"key": examples[i].key, "modality": examples[i].modality, "label": examples[i].text,
                                 "prediction": merged[i], "errors": errors, "words": words,
                                 **({"greedy": plain[i]} if plain else {})})
-    for m in sorted({examples[i].modality for i in rows}):
-        sel = [i for i in rows if examples[i].modality == m]
-        out[f"val_wer_{m}"] = tm.wer([merged[i] for i in sel], [examples[i].text for i in sel])[0]
+    for m in sorted({examples[i].modality for i in rows}):  # from the same alignment, modality by modality
+        sel = [n for n, j in enumerate(a.kept) if examples[rows[j]].modality == m]
+        words = sum(a.ref_words[n] for n in sel)
+        out[f"val_wer_{m}"] = sum(a.errors[n] for n in sel) / words if words else None
     return out
 
 
