@@ -44,6 +44,10 @@ class SourceConfig:
 @dataclass
 class SplitConfig:
     train: float = field(default=0.8, metadata=_min(0.0))  # fraction of keys, by a hash of the key
+    # real inputs held back from distill: the teacher labels them (filtered as train), distill trains on them
+    # only if distill.inputs names pool, and adversarial.inputs can: inputs the distilled student has never
+    # seen, where its free-running failures (repetition loops) happen. Taken from the top of train's range.
+    pool: float = field(default=0.0, metadata=_min(0.0))
     val: float = field(default=0.1, metadata=_min(0.0))
     test: float = field(default=0.1, metadata=_min(0.0))
 
@@ -112,7 +116,7 @@ class DistillConfig:
     kd_temperature: float = field(default=2.0, metadata=_min(0.01))
     max_text_tokens: int = field(default=96, metadata=_min(4))
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
-    inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented
+    inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented, pool
     val_every: int = field(default=50, metadata=_min(1))
     # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
     # val_wer (the val clips decoded as the evaluate stage decodes: greedy, its fallback and loop checks; WER
@@ -209,7 +213,8 @@ class AdversarialConfig:
     spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
     # the pseudo_label splits the phase's inputs come from: train, augmented (perturbed copies of train inputs,
-    # pseudo_label.augment_copies). A student that has memorised its train inputs samples their labels back,
+    # pseudo_label.augment_copies), pool (ingest.split.pool: real inputs distill did not train on, unless
+    # distill.inputs names pool). A student that has memorised its train inputs samples their labels back,
     # which leaves the discriminators nothing to tell apart; copies it has not seen do not.
     inputs: List[str] = field(default_factory=lambda: ["train"])
     disc_feature_frames: int = field(default=32, metadata=_min(1))  # features average-pooled to at most this many frames for the discriminators
@@ -446,7 +451,8 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     root.modalities = mod_cfgs
     root.extra = extra_cfgs
     _check_mins(root)
-    if abs(root.ingest.split.train + root.ingest.split.val + root.ingest.split.test - 1.0) > 1e-6:
+    sp = root.ingest.split
+    if abs(sp.train + sp.pool + sp.val + sp.test - 1.0) > 1e-6:
         raise UserError("config: 'ingest.split' fractions must add up to 1")
     _check_sources(root.ingest.sources, "ingest.sources", need_name=False)
     _check_sources(root.evaluate.sources, "evaluate.sources", need_name=True)
@@ -488,8 +494,10 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
                         "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
     for sec in ("distill", "adversarial"):
         names = getattr(root, sec).inputs
-        if not names or any(n not in ("train", "augmented") for n in names) or len(set(names)) != len(names):
-            raise UserError(f"config: '{sec}.inputs' must list train and/or augmented, each once, got {names!r}")
+        if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):
+            raise UserError(f"config: '{sec}.inputs' must list train, augmented and/or pool, each once, got {names!r}")
+        if "pool" in names and sp.pool == 0:
+            raise UserError(f"config: '{sec}.inputs' names pool, but ingest.split.pool is 0: no input is held back")
         if "augmented" in names and root.pseudo_label.augment_copies == 0:
             raise UserError(f"config: '{sec}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
                             "the pseudo_label stage makes no augmented copies")

@@ -1,5 +1,5 @@
 """ingest: real media (folders with optional JSONL manifests, webdataset shards, text, synthetic) ->
-webdataset shards with stable keys and a deterministic train/val/test split.
+webdataset shards with stable keys and a deterministic train/val/test split (and pool, ingest.split.pool).
 
 RUN/ingest/shards/<modality>/<source>-<nnnnnn>.tar, each sample: `<key>.<ext>` (the media bytes as found)
 and `<key>.json` ({key, modality, split, reference, source, file, meta}).
@@ -40,11 +40,15 @@ class Item:
 
 
 def split_of(key: str, fractions) -> str:
-    """train / val / test from a hash of the key: stable across runs, machines and process counts."""
+    """train / pool / val / test from a hash of the key: stable across runs, machines and process counts. The
+    pool's keys are the top of train's range, so moving a fraction from train to pool leaves val and test as
+    they were."""
     u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
     if u < fractions.train:
         return "train"
-    if u < fractions.train + fractions.val:
+    if u < fractions.train + fractions.pool:
+        return "pool"
+    if u < fractions.train + fractions.pool + fractions.val:
         return "val"
     return "test"
 
@@ -259,4 +263,4 @@ def run(ctx: StageContext) -> dict:
     counts = run_units(ctx, units, process, kept_keys=("out",), max_reject_fraction=cfg.max_reject_fraction,
                        pre_rejects=pre_rejects)
     return {"in": counts.get("out", 0) + counts["rejected"], "out": counts.get("out", 0), "rejected": counts["rejected"],
-            **{s: counts.get(s, 0) for s in ("train", "val", "test")}}
+            **{s: counts.get(s, 0) for s in ("train", "val", "test")}, **({"pool": counts["pool"]} if counts.get("pool") else {})}

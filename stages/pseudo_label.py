@@ -111,8 +111,8 @@ def run(ctx: StageContext) -> dict:
                     continue
                 reference = meta.get("reference")
                 reason = None
-                # a perturbed copy of a train input is filtered as train
-                if ("train" if meta["split"] == AUGMENTED else meta["split"]) in cfg.filters.splits:
+                # a perturbed copy of a train input, and an input held back in the pool, is filtered as train
+                if ("train" if meta["split"] in (AUGMENTED, "pool") else meta["split"]) in cfg.filters.splits:
                     reason = teacher.filter_reason(label, reference, cfg.filters)
                     if reason:
                         res.logs["filtered"].append({"key": key, "split": meta["split"], "reason": reason, "text": label.text})
@@ -138,7 +138,8 @@ def run(ctx: StageContext) -> dict:
 
     counts = run_units(ctx, units, process, kept_keys=("out", "filtered"), max_reject_fraction=cfg.max_reject_fraction)
     return {"out": counts.get("out", 0), "filtered": counts.get("filtered", 0), "rejected": counts["rejected"],
-            **{s: counts.get(s, 0) for s in ("train", "val", "test", AUGMENTED)}}
+            **{s: counts.get(s, 0) for s in ("train", "val", "test", AUGMENTED)},
+            **({"pool": counts["pool"]} if counts.get("pool") else {})}
 
 
 def _copy_seed(seed: int, key: str, copy: int) -> int:

@@ -429,6 +429,53 @@ def test_augmented_copies_are_labelled_train_audio_and_the_stages_take_them_when
         load_config([str(tmp_path / "bad.yaml")])
 
 
+def test_pool_split_holds_inputs_back_from_distill_for_the_phase(tmp_path, labelled):
+    """ingest.split.pool: part of train's range is held back; pseudo_label labels it, distill trains without
+    it unless distill.inputs names it, and the adversarial phase takes it. Val and test stay as they were."""
+    from stages.ingest import split_of
+    from stages.pseudo_label import read_labelled
+    from pipeline.config import SplitConfig
+
+    keys = [f"k{i}" for i in range(4000)]
+    plain = {k: split_of(k, SplitConfig(train=0.7, val=0.1, test=0.2)) for k in keys}
+    held = {k: split_of(k, SplitConfig(train=0.5, pool=0.2, val=0.1, test=0.2)) for k in keys}
+    assert all(held[k] == plain[k] for k in keys if plain[k] in ("val", "test"))
+    assert all(plain[k] == "train" for k in keys if held[k] == "pool")
+    assert 0.17 < sum(v == "pool" for v in held.values()) / len(keys) < 0.23
+
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["ingest"]["split"] = {"train": 0.4, "pool": 0.3, "val": 0.3, "test": 0.0}
+    cfg["distill"].update(steps=1)
+    cfg["stages"] = [*cfg["stages"], "adversarial"]
+    cfg["adversarial"] = {"inputs": ["pool"], "steps": 1, "disc_warmup_steps": 0, "batch_size": 2,
+                          "max_new_tokens": 4, "disc_d_model": 16, "disc_layers": 1}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(cfg))
+    Runner(load_config([str(tmp_path / "pool.yaml")]), tmp_path / "pool", echo=lambda s: None).run_graph()
+    before = {rec["key"]: rec for _, rec, _, _, _ in read_labelled(labelled / "pseudo_label")}
+    after = {rec["key"]: rec for _, rec, _, _, _ in read_labelled(tmp_path / "pool/pseudo_label")}
+    assert after.keys() == before.keys()
+    pool = [k for k, rec in after.items() if rec["split"] == "pool"]
+    assert pool and all(before[k]["split"] == "train" for k in pool)
+    assert all(after[k]["split"] == before[k]["split"] for k in after if k not in pool)
+    n = {s: sum(rec["split"] == s for rec in after.values()) for s in ("train", "pool")}
+    start = json.loads((tmp_path / "pool/distill/metrics.jsonl").read_text().splitlines()[0])
+    assert start["train"] == n["train"]  # the pool is not trained on
+    adv = json.loads((tmp_path / "pool/adversarial/metrics.jsonl").read_text().splitlines()[0])
+    assert adv["train"] == n["pool"]  # the phase's inputs are the pool
+    assert json.loads((tmp_path / "pool/ingest/manifest.json").read_text())["counts"]["pool"] == len(pool)
+    # distill takes the pool when told to; naming it with no pool is a config error
+    cfg["distill"]["inputs"] = ["train", "pool"]
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(cfg))
+    Runner(load_config([str(tmp_path / "both.yaml")]), tmp_path / "both", echo=lambda s: None).run_graph(
+        reuse=str(tmp_path / "pool"), until="distill")
+    start = json.loads((tmp_path / "both/distill/metrics.jsonl").read_text().splitlines()[0])
+    assert start["train"] == n["train"] + n["pool"]
+    cfg["ingest"]["split"] = {"train": 0.7, "val": 0.3, "test": 0.0}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="distill.inputs.*ingest.split.pool is 0"):
+        load_config([str(tmp_path / "bad.yaml")])
+
+
 def test_run_deterministic_makes_two_thread_gradients_repeat_to_the_bit(tmp_path):
     """run.deterministic (default): the Runner turns on torch's deterministic algorithms. The cross-attention
     student's positional-embedding gradient (an indexed lookup, summed in thread order on CPU otherwise) then
