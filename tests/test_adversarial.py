@@ -749,7 +749,7 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         _run_in_process(p, tmp_path / "bad")
 
 
-def test_the_teacher_ratio_overlay_loads_onto_the_demo_config(tmp_path):
+def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path):
     """configs/teacher_ratio.yaml is an overlay: merged onto the demo, it must name fields that exist and pass the
     checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs).
     The demo's data folders exist only after `make demo`: synthetic sources stand in for them here."""
@@ -766,3 +766,9 @@ def test_the_teacher_ratio_overlay_loads_onto_the_demo_config(tmp_path):
     assert a.inputs == ["augmented"] and c.pseudo_label.augment_copies == 2 and a.k_samples == 4
     assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
     assert c.distill.steps == 600 and a.select_by == "val_wer"  # the rest is the demo's
+    # configs/pool.yaml on heldout20: the phase takes the held-back pool alone; val and test are heldout20's
+    c = load_config([str(tmp_path / "demo.yaml"), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml",
+                                                                            "pool.yaml"))]).root
+    sp = c.ingest.split
+    assert c.adversarial.inputs == ["pool"] and c.distill.inputs == ["train"]
+    assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2)
