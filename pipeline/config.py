@@ -44,12 +44,12 @@ class SourceConfig:
 @dataclass
 class SplitConfig:
     train: float = field(default=0.8, metadata=_min(0.0))  # fraction of keys, by a hash of the key
+    val: float = field(default=0.1, metadata=_min(0.0))
+    test: float = field(default=0.1, metadata=_min(0.0))
     # real inputs held back from distill: the teacher labels them (filtered as train), distill trains on them
     # only if distill.inputs names pool, and adversarial.inputs can: inputs the distilled student has never
     # seen, where its free-running failures (repetition loops) happen. Taken from the top of train's range.
     pool: float = field(default=0.0, metadata=_min(0.0))
-    val: float = field(default=0.1, metadata=_min(0.0))
-    test: float = field(default=0.1, metadata=_min(0.0))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from stages.student import TextTokenizer, pool_frames
 class Example:
     key: str
     modality: str
-    split: str  # train | val | test
+    split: str  # train | val | test | augmented | pool
     text: str  # the pseudo-label
     targets: list[int]  # y_1 .. y_n (+ eot unless truncated)
     teacher: str  # the teacher's name, from the record
