@@ -162,7 +162,8 @@ class AdversarialConfig:
     disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over a pool (every train input vs a sample of the distilled model) before step 0
     # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
     # head) | teacher (the Whisper teacher's whole decoder with a linear head, for the modality it labelled; the
-    # others a copy of the student); no grad_penalty but with transformer
+    # others a copy of the student; anchored runs only: the teacher's judgement is a label by another name); no
+    # grad_penalty but with transformer
     disc_backbone: str = "transformer"
     # student / teacher backbones: add the body's own log-prob of each judged token (scaled, learned) to the
     # logit; with the teacher's decoder that is the teacher-likelihood half of the optimal discriminator
@@ -489,9 +490,18 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
                         "teacher) frozen; 'disc_backbone: transformer' has none")
     if root.adversarial.select_by not in ("last", "val_wer"):
         raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
-    if root.adversarial.select_by == "val_wer" and not root.adversarial.anchored:
-        raise UserError("config: 'adversarial.select_by: val_wer' scores the student against the teacher's labels "
-                        "of the val clips, and 'anchored: false' lets no teacher label into the stage; use select_by: last")
+    if not root.adversarial.anchored:
+        # the ablation of anchoring: nothing the teacher says about an input enters the stage, so each setting that
+        # would let it in is named at once (an ablation command should need one round, not one per conflict)
+        need = [why for bad, why in (
+            (root.adversarial.select_by == "val_wer",
+             "select_by: last ('val_wer' scores the student against the teacher's labels of the val clips)"),
+            (root.adversarial.disc_backbone == "teacher",
+             "disc_backbone: student ('teacher' makes the teacher's decoder the judge, and its likelihood of a text "
+             "is its label by another name)")) if bad]
+        if need:
+            raise UserError("config: 'adversarial.anchored: false' lets nothing of the teacher into the stage; set "
+                            + " and ".join(need))
     for sec in ("distill", "adversarial"):
         names = getattr(root, sec).inputs
         if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):

@@ -772,3 +772,29 @@ def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path)
     sp = c.ingest.split
     assert c.adversarial.inputs == ["pool"] and c.distill.inputs == ["train"]
     assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2)
+
+
+def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
+    """`anchored: false` on the teacher-ratio overlays: its val_wer selection reads the teacher's labels and its
+    teacher-backbone discriminator scores text by the teacher's likelihood; the load names both settings in one
+    message, and with them set the ablation loads, keeping every other setting of the anchored run."""
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo = yaml.safe_load((root / "demo.yaml").read_text())
+    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
+    files = [str(tmp_path / "demo.yaml"), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]
+    with pytest.raises(UserError) as e:
+        load_config(files, ["adversarial.anchored=false"])
+    assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)
+    with pytest.raises(UserError, match="disc_backbone: student") as e:
+        load_config(files, ["adversarial.anchored=false", "adversarial.select_by=last"])
+    assert "select_by" not in str(e.value)
+    anchored = load_config(files).root.adversarial
+    a = load_config(files, ["adversarial.anchored=false", "adversarial.select_by=last",
+                            "adversarial.disc_backbone=student"]).root.adversarial
+    assert (a.anchored, a.select_by, a.disc_backbone) == (False, "last", "student")
+    assert {k: v for k, v in vars(a).items() if k not in ("anchored", "select_by", "disc_backbone")} == \
+        {k: v for k, v in vars(anchored).items() if k not in ("anchored", "select_by", "disc_backbone")}
