@@ -27,6 +27,18 @@ def cli(*args, env=None, cwd=None, check=False, timeout=600):
     return r
 
 
+def offline_demo_config(folder: Path) -> Path:
+    """configs/demo.yaml with synthetic sources in place of its data folders (they exist only after `make demo`),
+    written into folder: what a test loads the demo's config and its overlays onto."""
+    import yaml
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
+    path = folder / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    return path
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.exists():

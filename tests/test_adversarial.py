@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import cli
+from conftest import cli, offline_demo_config
 from stages import adversarial as adv
 from stages.discriminator import Discriminator, DiscriminatorSpec, sequence_logits
 from stages.generation import generate
@@ -756,10 +756,8 @@ def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path)
     from pipeline.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    demo = yaml.safe_load((root / "demo.yaml").read_text())
-    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
-    c = load_config([str(tmp_path / "demo.yaml"), str(root / "teacher_ratio.yaml")]).root
+    demo = offline_demo_config(tmp_path)
+    c = load_config([str(demo), str(root / "teacher_ratio.yaml")]).root
     a = c.adversarial
     assert (a.reward_level, a.reward_minus_policy_logprob, a.disc_backbone, a.disc_lm_score, a.disc_train_body) == \
         ("sequence", True, "teacher", True, False)
@@ -767,7 +765,7 @@ def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path)
     assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
     assert c.distill.steps == 600 and a.select_by == "val_wer"  # the rest is the demo's
     # configs/pool.yaml on heldout20: the phase takes the held-back pool alone; val and test are heldout20's
-    c = load_config([str(tmp_path / "demo.yaml"), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml",
+    c = load_config([str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml",
                                                                             "pool.yaml"))]).root
     sp = c.ingest.split
     assert c.adversarial.inputs == ["pool"] and c.distill.inputs == ["train"]
@@ -782,10 +780,8 @@ def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
     from pipeline.errors import UserError
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    demo = yaml.safe_load((root / "demo.yaml").read_text())
-    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
-    files = [str(tmp_path / "demo.yaml"), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]
+    demo = offline_demo_config(tmp_path)
+    files = [str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]
     with pytest.raises(UserError) as e:
         load_config(files, ["adversarial.anchored=false"])
     assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli, offline_demo_config
 
 CFG = ROOT / "tests" / "runner.yaml"
 
@@ -177,8 +177,6 @@ def test_the_readmes_run_commands_load(tmp_path):
     import re
     import shlex
 
-    import yaml
-
     from pipeline.config import load_config
 
     text = (ROOT / "README.md").read_text()
@@ -186,9 +184,7 @@ def test_the_readmes_run_commands_load(tmp_path):
     cmds |= {line.strip() for line in text.splitlines() if line.startswith("groundgan run ")}
     cmds = sorted(c for c in cmds if "configs/" in c)
     assert len(cmds) >= 3, cmds
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
+    demo = offline_demo_config(tmp_path)
     for cmd in cmds:
         words = shlex.split(cmd)[2:]
         files, overrides, skip = [], [], False
@@ -198,7 +194,7 @@ def test_the_readmes_run_commands_load(tmp_path):
             elif w in ("--run-dir", "--reuse", "--from", "--until", "--force"):
                 skip = True
             elif w.endswith(".yaml"):
-                files.append(str(tmp_path / "demo.yaml") if w == "configs/demo.yaml" else str(ROOT / w))
+                files.append(str(demo) if w == "configs/demo.yaml" else str(ROOT / w))
             else:
                 assert "=" in w, (cmd, w)
                 overrides.append(w)
