@@ -765,8 +765,7 @@ def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path)
     assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
     assert c.distill.steps == 600 and a.select_by == "val_wer"  # the rest is the demo's
     # configs/pool.yaml on heldout20: the phase takes the held-back pool alone; val and test are heldout20's
-    c = load_config([str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml",
-                                                                            "pool.yaml"))]).root
+    c = load_config([str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]).root
     sp = c.ingest.split
     assert c.adversarial.inputs == ["pool"] and c.distill.inputs == ["train"]
     assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2)
