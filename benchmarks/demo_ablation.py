@@ -6,7 +6,8 @@ For each seed S this runs the whole demo graph with `seed=S` (ingest and pseudo_
 their config matches; the demo keeps the adversarial step with the lowest val WER, the distilled student
 included), then three runs that reuse everything up to distill, so that every adversarial student starts from
 the same distilled one, each keeping its last step (`adversarial.select_by=last`): the anchored phase as it
-ends (`last`), `adversarial.anchored=false` (the ablation of anchoring) and `adversarial.pg_weight=0` (the same
+ends (`last`), `adversarial.anchored=false` (the ablation of anchoring: no label, and a copy of the distilled
+student in place of the teacher's decoder as the audio judge) and `adversarial.pg_weight=0` (the same
 phase without the discriminators' rewards: its cross-entropy and KL terms alone, i.e. more likelihood training
 at the adversarial learning rate - what the GAN part must beat). Then it prints, per seed, the held-out
 figures of the distilled and adversarial students side by side (WER with its 95% bootstrap interval,
@@ -30,7 +31,7 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 # (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
 ARMS = [("", []),
         ("last", ["adversarial.select_by=last"]),
-        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last"]),
+        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last", "adversarial.disc_backbone=student"]),
         ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"])]
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step"}

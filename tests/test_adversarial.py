@@ -749,38 +749,38 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         _run_in_process(p, tmp_path / "bad")
 
 
-def test_the_teacher_ratio_and_pool_overlays_load_onto_the_demo_config(tmp_path):
-    """configs/teacher_ratio.yaml is an overlay: merged onto the demo, it must name fields that exist and pass the
-    checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs).
+def test_the_demo_phase_and_its_overlays_load(tmp_path):
+    """The demo's phase is the teacher-judged one on the held-back pool; configs/augmented.yaml and
+    configs/student_judge.yaml are overlays on it: merged onto the demo, they must name fields that exist and pass
+    the checks made at load (sequence rewards with k >= 2, a frozen body with a backbone, copies for its inputs).
     The demo's data folders exist only after `make demo`: synthetic sources stand in for them here."""
     from pipeline.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     demo = offline_demo_config(tmp_path)
-    c = load_config([str(demo), str(root / "teacher_ratio.yaml")]).root
-    a = c.adversarial
+    c = load_config([str(demo)]).root
+    a, sp = c.adversarial, c.ingest.split
     assert (a.reward_level, a.reward_minus_policy_logprob, a.disc_backbone, a.disc_lm_score, a.disc_train_body) == \
         ("sequence", True, "teacher", True, False)
-    assert a.inputs == ["augmented"] and c.pseudo_label.augment_copies == 2 and a.k_samples == 4
+    assert a.inputs == ["pool"] and c.distill.inputs == ["train"] and a.k_samples == 4 and a.select_by == "val_wer"
+    assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2) and c.pseudo_label.augment_copies == 0
+    c = load_config([str(demo), str(root / "augmented.yaml")]).root
+    assert c.adversarial.inputs == ["augmented"] and c.pseudo_label.augment_copies == 2
     assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
-    assert c.distill.steps == 600 and a.select_by == "val_wer"  # the rest is the demo's
-    # configs/pool.yaml on heldout20: the phase takes the held-back pool alone; val and test are heldout20's
-    c = load_config([str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]).root
-    sp = c.ingest.split
-    assert c.adversarial.inputs == ["pool"] and c.distill.inputs == ["train"]
-    assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2)
+    assert c.distill.steps == 600 and c.adversarial.disc_backbone == "teacher"  # the rest is the demo's
+    a = load_config([str(demo), str(root / "student_judge.yaml")]).root.adversarial
+    assert (a.inputs, a.disc_backbone, a.reward_level, a.k_samples, a.steps) == (["train"], "student", "token", 2, 40)
+    assert not a.disc_lm_score and not a.reward_minus_policy_logprob and a.disc_train_body
 
 
 def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
-    """`anchored: false` on the teacher-ratio overlays: its val_wer selection reads the teacher's labels and its
+    """`anchored: false` on the demo's phase: its val_wer selection reads the teacher's labels and its
     teacher-backbone discriminator scores text by the teacher's likelihood; the load names both settings in one
     message, and with them set the ablation loads, keeping every other setting of the anchored run."""
     from pipeline.config import load_config
     from pipeline.errors import UserError
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    demo = offline_demo_config(tmp_path)
-    files = [str(demo), *(str(root / f) for f in ("heldout20.yaml", "teacher_ratio.yaml", "pool.yaml"))]
+    files = [str(offline_demo_config(tmp_path))]
     with pytest.raises(UserError) as e:
         load_config(files, ["adversarial.anchored=false"])
     assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)
