@@ -159,7 +159,7 @@ class AdversarialConfig:
     disc_lr: float = field(default=1e-4, metadata=_min(0.0))
     disc_steps: int = field(default=1, metadata=_min(1))  # discriminator steps per student step
     disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
-    disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over a pool (every train input vs a sample of the distilled model) before step 0
+    disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over every phase input (its real rows vs a sample of the distilled model) before step 0
     # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
     # head) | teacher (the Whisper teacher's whole decoder with a linear head, for the modality it labelled; the
     # others a copy of the student; anchored runs only: the teacher's judgement is a label by another name); no
