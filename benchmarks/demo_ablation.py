@@ -31,7 +31,8 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 # (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
 ARMS = [("", []),
         ("last", ["adversarial.select_by=last"]),
-        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last", "adversarial.disc_backbone=student"]),
+        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last",
+                        "adversarial.disc_backbone=student"]),
         ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"])]
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step"}

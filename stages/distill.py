@@ -189,7 +189,8 @@ def val_decoding(root) -> dict:
     so that the step a stage keeps by val WER is the best under the decoding its held-out WER is scored with.
     Plain greedy counts loops that the fallback re-decodes: with a 20% held-out split (the teacher-judged phase
     over perturbed train copies, seed 0) step 10 looped on two val chunks, 25.9% greedy against 6.6% decoded as
-    evaluate does; for seed 2, plain greedy kept the distilled student (held-out 17.1%) where evaluate's decoding keeps step 50 (14.6%)."""
+    evaluate does; for seed 2, plain greedy kept the distilled student (held-out 17.1%) where evaluate's decoding
+    keeps step 50 (14.6%)."""
     e = root.evaluate
     return {"fallback": list(e.fallback_temperatures), "max_compression_ratio": e.max_compression_ratio,
             "min_avg_logprob": e.min_avg_logprob, "best_of": e.best_of, "max_ngram_repeats": e.max_ngram_repeats,

@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import cli, offline_demo_config
+from conftest import ROOT, cli, offline_demo_config
 from stages import adversarial as adv
 from stages.discriminator import Discriminator, DiscriminatorSpec, sequence_logits
 from stages.generation import generate
@@ -756,7 +756,7 @@ def test_the_demo_phase_and_its_overlays_load(tmp_path):
     The demo's data folders exist only after `make demo`: synthetic sources stand in for them here."""
     from pipeline.config import load_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = ROOT / "configs"
     demo = offline_demo_config(tmp_path)
     c = load_config([str(demo)]).root
     a, sp = c.adversarial, c.ingest.split
