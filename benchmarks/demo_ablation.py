@@ -31,8 +31,7 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 # (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
 ARMS = [("", []),
         ("last", ["adversarial.select_by=last"]),
-        ("unanchored", ["adversarial.anchored=false", "adversarial.select_by=last",
-                        "adversarial.disc_backbone=student"]),
+        ("unanchored", ["adversarial.anchored=false"]),
         ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"])]
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step"}
@@ -68,7 +67,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--reuse", default="runs/demo", help="a finished demo run whose ingest/pseudo_label to reuse")
     ap.add_argument("--greedy-too", action="store_true",
-                    help="also score every run with plain greedy decoding (evaluate.fallback_temperatures=[]): "
+                    help="also score every run with plain greedy decoding (decoding.fallback_temperatures=[]): "
                          "a run OUT/seedS[-name]-greedy that reuses everything but evaluate")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     a = ap.parse_args()
@@ -87,7 +86,7 @@ def main() -> int:
             for name, overrides in ARMS:
                 src = out / (f"seed{seed}" + (f"-{name}" if name else ""))
                 run(["run", str(CONFIG), f"seed={seed}", *overrides, *a.overrides,
-                     "evaluate.fallback_temperatures=[]", "evaluate.temperatures=[0.0]",
+                     "decoding.fallback_temperatures=[]", "evaluate.temperatures=[0.0]",
                      "--run-dir", str(src.with_name(src.name + "-greedy")), "--reuse", str(src)])
 
     header = ("| student | {} [95% CI] | vs distilled | WER vs teacher (all clips) | distinct-2 | self-BLEU-4 | 5-gram repeats | "

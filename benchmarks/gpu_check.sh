@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths on one GPU, as one prepared call of the device tool (never CI):
-#   configs/tiny.yaml end to end on cpu and on cuda (prefix student with transformer discriminators;
-#   cross_attention student with student-backbone discriminators), under torchrun with 1 process (no process
+#   configs/tiny.yaml end to end on cpu and on cuda (prefix student with student-copy discriminators;
+#   cross_attention student with teacher-decoder discriminators), under torchrun with 1 process (no process
 #   group is made for one process, so this is the launcher's path, not NCCL's),
 #   and on cuda killed inside distill (GROUNDGAN_FAULT=step:6) then resumed; benchmarks/gpu_compare.py
 #   compares them. Packages the GPU image lacks travel as wheels in .whl/ (see the device tool's README).
@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" | tee "$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
-CA="distill.student.style=cross_attention adversarial.disc_backbone=student adversarial.grad_penalty=0"
+CA="distill.student.style=cross_attention"
 run() {  # name, then overrides
   local name=$1; shift
   local t0=$SECONDS

@@ -8,12 +8,11 @@ the teacher labelled), the distilled student (RUN/distill/final) draws K samples
 the figure is the fraction of sample pairs of one clip, among those whose word errors differ, that the scorer
 puts in the right order (text_metrics.pair_order_accuracy; 0.5 is a coin). Errors are counted against the
 teacher's label and, where the clip has one, against the reference transcript. Scorers:
-- `disc/<modality>`: the discriminator's sequence score (Discriminator.sequence_scores), the reward of
-  `adversarial.reward_level: sequence`; with token-level rewards the same last-token logit is in every return;
+- `disc/<modality>`: the discriminator's sequence score (Discriminator.sequence_scores), the judge's part of the
+  phase's reward;
 - `student_logprob`: the distilled student's own log-probability of the sample (what likelihood training
   already gives it: a reward that orders samples no better than this has nothing to teach it);
-- `reward`: where the run's `adversarial.reward_minus_policy_logprob` is set, the discriminator's score less the
-  student's log-probability, as the phase rewards a sample;
+- `reward`: the discriminator's score less the student's log-probability, as the phase rewards a sample;
 - `teacher_mean_logprob` (--teacher, Whisper teachers): the teacher decoder's mean log-prob per token.
 A policy gradient can only move the student toward what its reward prefers: a reward below `student_logprob`
 here is noise to a student that has it already. Nothing here is timed.
@@ -85,8 +84,8 @@ def main() -> None:
                 scores = {f"disc/{e.modality}": discs[e.modality].eval().sequence_scores(
                     rows.input_ids, rows.attention_mask, rows.features).tolist(),
                     "student_logprob": sequence_logprob(student, rows).tolist()}
-                if cfg.root.adversarial.reward_minus_policy_logprob:  # the reward as the phase computes it
-                    scores["reward"] = [d - lp for d, lp in zip(scores[f"disc/{e.modality}"], scores["student_logprob"])]
+                # the reward as the phase computes it
+                scores["reward"] = [d - lp for d, lp in zip(scores[f"disc/{e.modality}"], scores["student_logprob"])]
                 if teacher is not None:
                     scores["teacher_mean_logprob"] = sequence_logprob(teacher, rows, mean=True).tolist()
             for against, ref in (("teacher label", e.text), ("reference", e.reference)):

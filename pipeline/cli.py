@@ -34,6 +34,8 @@ def cmd_run(a) -> int:
 
     files, overrides = _split_configs(a.configs)
     cfg = load_config(files, overrides)
+    for note in cfg.notes:
+        print(f"recipe: {note}")
     runner = Runner(cfg, a.run_dir or _default_run_dir(files))
     runner.run_graph(start=a.from_stage, until=a.until, force=a.force, reuse=a.reuse)
     return 0
@@ -81,7 +83,9 @@ def cmd_config(a) -> int:
     from pipeline.config import load_config
 
     files, overrides = _split_configs(a.configs)
-    print(load_config(files, overrides).to_yaml(), end="")
+    cfg = load_config(files, overrides)
+    # where the recipe's own choice could not apply, the fallback taken, as comments the YAML still loads with
+    print("".join(f"# recipe: {note}\n" for note in cfg.notes) + cfg.to_yaml(), end="")
     return 0
 
 

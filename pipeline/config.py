@@ -76,7 +76,7 @@ class PseudoLabelConfig:
     batch_size: int = field(default=16, metadata=_min(1))  # samples per teacher call; batches never cross a shard
     filters: FilterConfig = field(default_factory=FilterConfig)
     max_reject_fraction: float = field(default=0.2, metadata=_min(0.0))  # fail past this fraction of bad inputs
-    top_k: int = field(default=0, metadata=_min(0))  # store the teacher's top-k log-probs per token (0: off)
+    top_k: int = field(default=8, metadata=_min(0))  # store the teacher's top-k log-probs per token, for distill's KD (0: off)
     store_features: bool = True  # store the teacher's features (fp16) for the student and discriminators
     # Perturbed copies of each train input (modalities whose adapter can perturb: audio and image, see their augment_*),
     # labelled by the teacher like any input and filtered like train, kept as split `augmented`: inputs the
@@ -85,9 +85,13 @@ class PseudoLabelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- distill
+# A default of None is the recipe's choice for this run, made when the config loads (resolve_recipe): the
+# measured setting wherever it applies, else the nearest valid one; `groundgan config` says which it took.
 @dataclass
 class StudentConfig:
-    style: str = "prefix"  # prefix (projector + causal LM) | cross_attention (Whisper decoder)
+    # cross_attention (Whisper decoder layers of the teacher, reading its encoder states) | prefix (projector +
+    # causal LM). None: cross_attention where a modality is labelled by a Whisper teacher, else prefix
+    style: Optional[str] = None
     init_from: Optional[str] = None  # a local model folder or .gguf file to start from (None: random init)
     tokenizer: str = "whisper"  # whisper (the teacher's BPE) | init_from (the tokenizer of init_from)
     d_model: int = field(default=256, metadata=_min(8))  # width of a randomly initialised student
@@ -98,30 +102,32 @@ class StudentConfig:
     projector: str = "mlp"  # mlp | transformer: maps features [B,T,D_m] to the prefix [B,P,d_model]
     feature_frames: int = field(default=150, metadata=_min(1))  # prefix style: features average-pooled to at most this many frames
     keep_decoder_layers: List[int] = field(default_factory=lambda: [0, -1])  # cross_attention: teacher layers copied
-    freeze_embeddings: bool = False
-    dropout: float = field(default=0.0, metadata=_min(0.0))
+    # the token embeddings stay as initialised (the marker rows still learn). None: true for cross_attention
+    # (the teacher's embeddings, most of its weights), false for prefix (a random or foreign init must learn)
+    freeze_embeddings: Optional[bool] = None
+    dropout: float = field(default=0.1, metadata=_min(0.0))
 
 
 @dataclass
 class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
-    steps: int = field(default=200, metadata=_min(0))  # optimiser steps
+    steps: int = field(default=600, metadata=_min(0))  # optimiser steps
     batch_size: int = field(default=16, metadata=_min(1))  # global batch, whatever the world size
     grad_accum: int = field(default=1, metadata=_min(1))
-    lr: float = field(default=1e-3, metadata=_min(0.0))
+    lr: float = field(default=1e-4, metadata=_min(0.0))  # peak; linear warm-up, then cosine down to 10%
     weight_decay: float = field(default=0.01, metadata=_min(0.0))
     warmup_steps: int = field(default=20, metadata=_min(0))
     grad_clip: float = field(default=1.0, metadata=_min(0.0))
-    kd_weight: float = field(default=0.0, metadata=_min(0.0))  # weight of KL to the teacher's top-k log-probs
+    kd_weight: float = field(default=0.8, metadata=_min(0.0))  # weight of KL to the teacher's top-k log-probs (pseudo_label.top_k)
     kd_temperature: float = field(default=2.0, metadata=_min(0.01))
     max_text_tokens: int = field(default=96, metadata=_min(4))
     modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
     inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented, pool
     val_every: int = field(default=50, metadata=_min(1))
-    # which validation figure picks final/: val_loss (teacher-forced cross-entropy on the val labels) or
-    # val_wer (the val clips decoded as the evaluate stage decodes: greedy, its fallback and loop checks; WER
-    # against their labels; ties go to the lower val_loss)
-    select_by: str = "val_loss"
+    # which validation figure picks final/: val_wer (the val clips decoded as `decoding:` says, WER against
+    # their labels; ties go to the lower val_loss) or val_loss (teacher-forced cross-entropy on the val labels).
+    # None: val_wer where a modality transcribes (audio), else val_loss
+    select_by: Optional[str] = None
     # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
     # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
     ema_decay: float = field(default=0.0, metadata=_min(0.0))
@@ -141,94 +147,66 @@ class GuardConfig:
 
 @dataclass
 class AdversarialConfig:
+    """The phase (stages/adversarial.py's docstring has the objective): k samples per real input, judged by a
+    discriminator per modality against the teacher's labels of the same inputs; one reward per sample, its
+    judge's score less the student's own log-likelihood, with a leave-one-out baseline over the input's k."""
+
     enabled: bool = True  # false: the stage copies the distilled student through
-    objective: str = "pg"  # pg (policy gradient on discriminator rewards) | spin (self-play, DPO loss)
-    anchored: bool = True  # false: the discriminators' real side is the student's own earlier samples
-    ce_weight: float = field(default=0.5, metadata=_min(0.0))  # cross-entropy on pseudo-labels (0 when unanchored)
-    kl_weight: float = field(default=0.1, metadata=_min(0.0))  # KL to the frozen distilled reference
-    pg_weight: float = field(default=1.0, metadata=_min(0.0))
-    use_references: bool = False  # let references join the real side where the manifest gives them
-    steps: int = field(default=100, metadata=_min(0))
-    batch_size: int = field(default=8, metadata=_min(1))
-    k_samples: int = field(default=2, metadata=_min(1))  # samples per input (leave-one-out baseline needs 2+)
-    baseline: str = "loo"  # loo | ema
-    ema_decay: float = field(default=0.9, metadata=_min(0.0))
-    temperature: float = field(default=1.0, metadata=_min(0.01))  # sampling temperature for the student
-    max_new_tokens: int = field(default=48, metadata=_min(1))
-    lr: float = field(default=1e-5, metadata=_min(0.0))
-    disc_lr: float = field(default=1e-4, metadata=_min(0.0))
-    disc_steps: int = field(default=1, metadata=_min(1))  # discriminator steps per student step
-    disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
-    disc_pretrain_epochs: int = field(default=0, metadata=_min(0))  # passes over every phase input (its real rows vs a sample of the distilled model) before step 0
-    # transformer (small, from scratch: disc_d_model ...) | student (a copy of the distilled student with a linear
-    # head) | teacher (the Whisper teacher's whole decoder with a linear head, for the modality it labelled; the
-    # others a copy of the student; anchored runs only: the teacher's judgement is a label by another name); no
-    # grad_penalty but with transformer
-    disc_backbone: str = "transformer"
-    # student / teacher backbones: add the body's own log-prob of each judged token (scaled, learned) to the
-    # logit; with the teacher's decoder that is the teacher-likelihood half of the optimal discriminator
-    disc_lm_score: bool = False
-    # student / teacher backbones: false keeps the body as built and trains only the head (and the lm_score
-    # scale), so that with disc_backbone: teacher and disc_lm_score the body's term stays the teacher's own
-    # likelihood (a body trained at disc_lr drifts from it)
-    disc_train_body: bool = True
-    disc_d_model: int = field(default=128, metadata=_min(8))
-    disc_layers: int = field(default=2, metadata=_min(1))
-    disc_heads: int = field(default=4, metadata=_min(1))
-    disc_dropout: float = field(default=0.1, metadata=_min(0.0))
-    label_smoothing: float = field(default=0.1, metadata=_min(0.0))
-    # judge a sample's tokens as fake only from where it leaves every real row of its input (the shared start
-    # is the real row's own text; calling it fake contradicts the real side's targets token for token)
-    disc_from_divergence: bool = False
-    grad_penalty: float = field(default=0.0, metadata=_min(0.0))  # R1-style penalty on input embeddings
-    weight_decay: float = field(default=0.01, metadata=_min(0.0))
-    spin_beta: float = field(default=0.1, metadata=_min(0.0))
-    reward_weights: Dict[str, float] = field(default_factory=dict)  # per modality discriminator weight (default 1)
-    guards: GuardConfig = field(default_factory=GuardConfig)
-    discount: float = field(default=1.0, metadata=_min(0.0))  # gamma of the per-token returns G_t = sum_s>=t gamma^(s-t) r_s
-    # subtract the batch's mean token reward before the returns: raw logits are mostly negative on samples,
-    # and then a sample that stops early earns more (fewer negative terms); centred, stopping gains nothing on average
-    center_rewards: bool = False
-    # token: each token's reward is its own logit (dense, ScratchGAN), returns summed over the tokens after it
-    # (discount), baselined position by position. sequence: one reward per sample, the discriminators' logit
-    # at its last token (which has read the whole text, its end included), and RLOO's advantage (the reward
-    # minus the mean of the input's other k-1 samples) on every token of the sample (Ahmadian et al. 2024): no
-    # pull toward shorter or longer samples, and a sample compared only with samples about the same input.
-    # With disc_lm_score the sequence's lm term is the body's log-likelihood of the whole sample, not of the
-    # last token alone. The discriminators train token by token either way (the per-token targets teach the last token's logit
-    # faster than its own alone: demo audio, ranking 0.71 against 0.63 after pre-training). Needs baseline:
-    # loo and k_samples >= 2.
-    reward_level: str = "token"
-    # reward_level sequence: subtract the student's own log-likelihood of each sample from its reward. With the
-    # teacher's likelihood in the discriminators (disc_backbone: teacher, disc_lm_score) the reward is then the
-    # Bayes-optimal discriminator's log p_teacher - log p_student (plus what the head learns), and the policy
-    # gradient descends KL(student || teacher) on the student's own samples (on-policy distillation: MiniLLM,
-    # GKD), with no pull toward short samples.
-    reward_minus_policy_logprob: bool = False
-    # one of each input's k samples is the policy's greedy decode (temperature 0), the text the val check and
-    # the evaluate stage read: where greedy decoding loops (the distilled student's main failure), that loop
-    # is judged and its reward's advantage lands on it, where samples at temperature 1 rarely loop. Needs
-    # k_samples >= 2 (the others are sampled).
-    greedy_sample: bool = False
-    kl_estimator: str = "exact"  # exact (KL over the vocabulary at each sampled position, a loss term) | sampled (log pi - log ref at the sampled token, folded into the reward)
-    spin_iterate_steps: int = field(default=25, metadata=_min(1))  # spin: student steps per iterate; the previous iterate (sampler and reference) is then refreshed
-    modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    anchored: bool = True  # false (the ablation): the real side is the frozen distilled model's samples, no label enters
     # the pseudo_label splits the phase's inputs come from: train, augmented (perturbed copies of train inputs,
-    # pseudo_label.augment_copies), pool (ingest.split.pool: real inputs distill did not train on, unless
-    # distill.inputs names pool). A student that has memorised its train inputs samples their labels back,
-    # which leaves the discriminators nothing to tell apart; copies it has not seen do not.
-    inputs: List[str] = field(default_factory=lambda: ["train"])
-    disc_feature_frames: int = field(default=32, metadata=_min(1))  # features average-pooled to at most this many frames for the discriminators
-    text_reward_all: bool = False  # the plain-text discriminator (modality text) also rewards every other modality's samples (weight reward_weights.text)
-    log_every: int = field(default=10, metadata=_min(1))
-    checkpoint_every: int = field(default=25, metadata=_min(1))
+    # pseudo_label.augment_copies), pool (ingest.split.pool: real inputs distill did not train on). None: pool
+    # where ingest.split.pool > 0, else train
+    inputs: Optional[List[str]] = None
+    steps: int = field(default=60, metadata=_min(0))  # student steps (after disc_warmup_steps)
+    batch_size: int = field(default=8, metadata=_min(1))  # inputs per step
+    k_samples: int = field(default=4, metadata=_min(2))  # samples per input (the leave-one-out baseline needs 2+)
+    temperature: float = field(default=1.0, metadata=_min(0.01))  # the student's sampling temperature
+    max_new_tokens: int = field(default=96, metadata=_min(1))  # per sample
+    lr: float = field(default=3e-5, metadata=_min(0.0))  # the student's
+    pg_weight: float = field(default=1.0, metadata=_min(0.0))  # the reward's term (0: the no-reward arm, CE + KL alone)
+    ce_weight: float = field(default=0.5, metadata=_min(0.0))  # cross-entropy on the pseudo-labels (0 when unanchored)
+    kl_weight: float = field(default=0.1, metadata=_min(0.0))  # exact KL to the frozen distilled reference
     grad_clip: float = field(default=1.0, metadata=_min(0.0))
-    # which student final/ holds: last (the last step) or val_wer (the lowest WER against the teacher's labels
-    # of the val clips, decoded as the evaluate stage decodes (greedy, its fallback and loop checks), checked
-    # before the first student step and every val_every student steps; the distilled student itself when no
-    # step beats it). val_wer reads teacher labels: anchored runs only.
-    select_by: str = "last"
+    # the audio judge: teacher (the Whisper teacher's whole decoder, frozen, its log-likelihood in the logit and a
+    # learned head) | student (a frozen copy of the distilled student with a learned head). A modality the
+    # Whisper teacher did not label is judged by a copy of the student either way. None: teacher where it can
+    # (an anchored run, a cross_attention student, a Whisper teacher), else student
+    disc_backbone: Optional[str] = None
+    disc_lr: float = field(default=3e-4, metadata=_min(0.0))
+    disc_warmup_steps: int = field(default=20, metadata=_min(0))  # discriminator-only steps before the student moves
+    disc_pretrain_epochs: int = field(default=2, metadata=_min(0))  # passes over every phase input (its real rows vs a sample of the distilled model) before step 0
+    modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    text_reward_all: bool = False  # the plain-text discriminator (modality text) also rewards every other modality's samples
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    # which student final/ holds: val_wer (the lowest WER against the teacher's labels of the val clips, decoded
+    # as `decoding:` says, checked before the first student step and every val_every student steps; the
+    # distilled student itself when no step beats it) | last. None: val_wer in an anchored run where a
+    # modality transcribes, else last
+    select_by: Optional[str] = None
     val_every: int = field(default=10, metadata=_min(1))
+    log_every: int = field(default=5, metadata=_min(1))
+    checkpoint_every: int = field(default=20, metadata=_min(1))
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+@dataclass
+class DecodingConfig:
+    """How a student's greedy text is decoded wherever it is scored: the evaluate stage, and the val checks by
+    which distill and adversarial pick final/ (they decode at most distill.max_text_tokens). Part of the hash of
+    every stage that reads it."""
+
+    max_new_tokens: int = field(default=128, metadata=_min(1))  # per piece (the evaluate stage)
+    # Whisper's temperature fallback: a piece whose greedy text fails a check below is decoded again at these
+    # temperatures in turn; [] = off
+    fallback_temperatures: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
+    # a text whose gzip compression ratio is above this is a repetition loop (Whisper: 2.4, for 30 s windows;
+    # a chunk's text is shorter and compresses less)
+    max_compression_ratio: float = field(default=1.6, metadata=_min(1.0))
+    min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
+    # samples per piece at each fallback temperature; the passing one with the highest mean log-prob is kept (Whisper: 5)
+    best_of: int = field(default=1, metadata=_min(1))
+    # and where a word 4-gram occurs more than this many times in one piece (a loop too short for zlib; None: off)
+    max_ngram_repeats: Optional[int] = field(default=2, metadata=_min(1))
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -236,17 +214,7 @@ class AdversarialConfig:
 class EvaluateConfig:
     splits: List[str] = field(default_factory=lambda: ["test"])  # the run's splits to evaluate (test; train and val too if asked)
     sources: List[SourceConfig] = field(default_factory=list)  # extra held-out sets, each with a `name`
-    temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
-    max_new_tokens: int = field(default=64, metadata=_min(1))
-    # Whisper's temperature fallback for greedy decoding (T = 0): a piece whose text's compression ratio is
-    # above max_compression_ratio (a repetition loop) is decoded again at these temperatures in turn; [] = off
-    fallback_temperatures: List[float] = field(default_factory=list)
-    max_compression_ratio: float = field(default=2.4, metadata=_min(1.0))
-    min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
-    # samples per piece at each fallback temperature; the passing one with the highest mean log-prob is kept (Whisper: 5)
-    best_of: int = field(default=1, metadata=_min(1))
-    # and where a word 4-gram occurs more than this many times in one piece (a loop too short for zlib; None: off)
-    max_ngram_repeats: Optional[int] = field(default=None, metadata=_min(1))
+    temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # the sweep; 0 is greedy (decoded as `decoding:` says)
     max_samples: Optional[int] = field(default=None, metadata=_min(1))  # per set and modality
     bootstrap: int = field(default=1000, metadata=_min(10))  # resamples for confidence intervals
     batch_size: int = field(default=16, metadata=_min(1))
@@ -281,6 +249,7 @@ class RootConfig:
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     extra: Dict[str, Any] = field(default_factory=dict)  # sections of plugin stages (validated by their dataclass)
 
@@ -405,6 +374,9 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     from pipeline.registry import import_plugins
 
     raw_layers = [(_load_yaml(f), f) for f in files]
+    for layer, name in raw_layers:
+        _refuse_retired(_dotted_keys(layer), name)
+    _refuse_retired([o.split("=", 1)[0].strip() for o in overrides or []], "override")
     over = _parse_overrides(overrides or [])
     # Plugins register stages and modalities, so they are imported before anything is validated.
     plugins: list[str] = []
@@ -462,76 +434,17 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
             root.modalities[s.modality] = modality_registry.get(s.modality).Config()
     for name, mcfg in root.modalities.items():
         modality_registry.get(name).validate_config(mcfg, f"modalities.{name}")
-    if root.distill.student.style not in ("prefix", "cross_attention"):
-        raise UserError(f"config: 'distill.student.style' must be prefix or cross_attention, got {root.distill.student.style!r}")
-    if root.distill.select_by not in ("val_loss", "val_wer"):
-        raise UserError(f"config: 'distill.select_by' must be val_loss or val_wer, got {root.distill.select_by!r}")
-    if root.adversarial.objective not in ("pg", "spin"):
-        raise UserError(f"config: 'adversarial.objective' must be pg or spin, got {root.adversarial.objective!r}")
-    if not root.distill.ema_decay < 1.0:
-        raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {root.distill.ema_decay!r}")
-    if root.adversarial.disc_backbone not in ("transformer", "student", "teacher"):
-        raise UserError("config: 'adversarial.disc_backbone' must be transformer, student or teacher, "
-                        f"got {root.adversarial.disc_backbone!r}")
-    if root.adversarial.disc_backbone != "transformer" and root.adversarial.grad_penalty > 0:
-        raise UserError("config: 'adversarial.grad_penalty' needs disc_backbone: transformer (its penalty is on the "
-                        "discriminator's own token embeddings)")
-    if root.adversarial.disc_backbone == "teacher" and root.distill.student.style != "cross_attention":
-        raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "
-                        f"decoder); 'distill.student.style' is {root.distill.student.style!r}")
-    if root.adversarial.disc_lm_score and root.adversarial.disc_backbone == "transformer":
-        raise UserError("config: 'adversarial.disc_lm_score' adds a language model's score of each token; "
-                        "'disc_backbone: transformer' has none (use student or teacher)")
-    if root.adversarial.reward_minus_policy_logprob and root.adversarial.reward_level != "sequence":
-        raise UserError("config: 'adversarial.reward_minus_policy_logprob' is a sequence reward's term; it needs "
-                        "'adversarial.reward_level: sequence'")
-    if not root.adversarial.disc_train_body and root.adversarial.disc_backbone == "transformer":
-        raise UserError("config: 'adversarial.disc_train_body: false' keeps a body (disc_backbone student or "
-                        "teacher) frozen; 'disc_backbone: transformer' has none")
-    if root.adversarial.select_by not in ("last", "val_wer"):
-        raise UserError(f"config: 'adversarial.select_by' must be last or val_wer, got {root.adversarial.select_by!r}")
-    if not root.adversarial.anchored:
-        # the ablation of anchoring: nothing the teacher says about an input enters the stage, so each setting that
-        # would let it in is named at once (an ablation command should need one round, not one per conflict)
-        need = [why for bad, why in (
-            (root.adversarial.select_by == "val_wer",
-             "select_by: last ('val_wer' scores the student against the teacher's labels of the val clips)"),
-            (root.adversarial.disc_backbone == "teacher",
-             "disc_backbone: student ('teacher' makes the teacher's decoder the judge, and its likelihood of a text "
-             "is its label by another name)")) if bad]
-        if need:
-            raise UserError("config: 'adversarial.anchored: false' lets nothing of the teacher into the stage; set "
-                            + " and ".join(need))
-    for sec in ("distill", "adversarial"):
-        names = getattr(root, sec).inputs
-        if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):
-            raise UserError(f"config: '{sec}.inputs' must list train, augmented and/or pool, each once, got {names!r}")
-        if "pool" in names and sp.pool == 0:
-            raise UserError(f"config: '{sec}.inputs' names pool, but ingest.split.pool is 0: no input is held back")
-        if "augmented" in names and root.pseudo_label.augment_copies == 0:
-            raise UserError(f"config: '{sec}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
-                            "the pseudo_label stage makes no augmented copies")
-    if root.adversarial.reward_level not in ("token", "sequence"):
-        raise UserError("config: 'adversarial.reward_level' must be token or sequence, "
-                        f"got {root.adversarial.reward_level!r}")
-    if root.adversarial.reward_level == "sequence" and (root.adversarial.baseline != "loo"
-                                                         or root.adversarial.k_samples < 2):
-        raise UserError("config: 'adversarial.reward_level: sequence' compares a sample with the other samples of "
-                        "its input: it needs 'adversarial.baseline: loo' and 'adversarial.k_samples' >= 2, got "
-                        f"{root.adversarial.baseline!r} and {root.adversarial.k_samples}")
-    if root.adversarial.greedy_sample and root.adversarial.k_samples < 2:
-        raise UserError("config: 'adversarial.greedy_sample' makes one of each input's k samples the greedy decode; "
-                        f"it needs 'adversarial.k_samples' >= 2 (the others sampled), got {root.adversarial.k_samples}")
-    if root.adversarial.baseline not in ("loo", "ema"):
-        raise UserError(f"config: 'adversarial.baseline' must be loo or ema, got {root.adversarial.baseline!r}")
+    notes = resolve_recipe(root)
+    _check_training(root)
     for s in root.stages:
         stage_registry.get(s)
-    return Config(root)
+    return Config(root, notes)
 
 
 @dataclass
 class Config:
     root: RootConfig
+    notes: List[str] = field(default_factory=list)  # the recipe's choices for settings left at None (resolve_recipe)
 
     def section(self, name: str) -> Any:
         if name in self.root.extra:
@@ -558,3 +471,141 @@ def to_plain(obj: Any) -> Any:
 def stable_hash(obj: Any) -> str:
     """sha256 of a canonical JSON form; the hash of a config section."""
     return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- retired and moved keys
+RETIRED_TAG = "arms-2026-12"  # the git tag whose code still runs every retired arm (docs/history.md)
+# Settings the recipe fixed ([Recipe]): each value is what the code now does in its place.
+RETIRED = {
+    "adversarial.objective": "the phase is policy gradient (SPIN is retired)",
+    "adversarial.use_references": "the real side is the teacher's labels",
+    "adversarial.baseline": "the leave-one-out baseline over k_samples",
+    "adversarial.ema_decay": "the leave-one-out baseline (no EMA baseline)",
+    "adversarial.disc_steps": "one discriminator step per batch",
+    "adversarial.reward_weights": "every judge has weight 1",
+    "adversarial.discount": "sequence rewards (no per-token returns)",
+    "adversarial.center_rewards": "sequence rewards (no per-token returns)",
+    "adversarial.reward_level": "sequence rewards",
+    "adversarial.reward_minus_policy_logprob": "the reward always subtracts the student's log-likelihood",
+    "adversarial.greedy_sample": "every sample is drawn at adversarial.temperature",
+    "adversarial.kl_estimator": "the exact KL, a loss term",
+    "adversarial.spin_beta": "SPIN is retired",
+    "adversarial.spin_iterate_steps": "SPIN is retired",
+    "adversarial.disc_lm_score": "a judge's score always adds its body's log-likelihood",
+    "adversarial.disc_train_body": "a judge's body stays frozen; its head learns",
+    "adversarial.disc_from_divergence": "a sample is judged from where it leaves the real rows of its input",
+    "adversarial.label_smoothing": "one-sided label smoothing of 0.1",
+    "adversarial.weight_decay": "the discriminators' weight decay is 0.01",
+    "adversarial.grad_penalty": "the small transformer judge is retired",
+    "adversarial.disc_d_model": "the small transformer judge is retired",
+    "adversarial.disc_layers": "the small transformer judge is retired",
+    "adversarial.disc_heads": "the small transformer judge is retired",
+    "adversarial.disc_dropout": "the small transformer judge is retired",
+    "adversarial.disc_feature_frames": "the small transformer judge is retired",
+}
+MOVED = {f"evaluate.{k}": f"decoding.{k}" for k in ("max_new_tokens", "fallback_temperatures", "max_compression_ratio",
+                                                     "min_avg_logprob", "best_of", "max_ngram_repeats")}
+
+
+def _dotted_keys(layer: dict, prefix: str = "", depth: int = 2) -> list[str]:
+    """The dotted keys of a YAML layer, two levels down (section.key)."""
+    out = []
+    for k, v in layer.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict) and depth > 1:
+            out += _dotted_keys(v, key + ".", depth - 1)
+    return out
+
+
+def _refuse_retired(keys: list[str], where: str) -> None:
+    for k in keys:
+        if k in MOVED:
+            raise UserError(f"{where}: '{k}' moved to '{MOVED[k]}' (docs/history.md)")
+        if k in RETIRED:
+            raise UserError(f"{where}: '{k}' is retired ({RETIRED[k]}); git tag {RETIRED_TAG} has it "
+                            "(docs/history.md)")
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def _teacher_kind(root: RootConfig, modality: str) -> str | None:
+    return getattr(getattr(root.modalities.get(modality), "teacher", None), "kind", None)
+
+
+def resolve_recipe(root: RootConfig) -> list[str]:
+    """Fill every training setting left at None with the recipe's choice for this run, in place; returns one
+    note per setting where the recipe's own choice cannot apply and a fallback was taken."""
+    from stages.text_metrics import TRANSCRIPT_MODALITIES
+
+    mods = sorted(set(root.modalities) | {s.modality for s in root.ingest.sources if s.modality})
+    whisper = [m for m in mods if _teacher_kind(root, m) == "whisper"]
+    transcribes = [m for m in mods if m in TRANSCRIPT_MODALITIES]
+    d, a, st = root.distill, root.adversarial, root.distill.student
+    notes: list[str] = []
+
+    def take(section, name: str, value, why: str | None = None):
+        if getattr(section, name) is None:
+            setattr(section, name, value)
+            if why:
+                notes.append(f"{why}: {value}")
+
+    take(st, "style", "cross_attention" if whisper else "prefix",
+         None if whisper else "distill.student.style (no modality has a Whisper teacher whose decoder it could be)")
+    take(st, "freeze_embeddings", st.style == "cross_attention")
+    take(d, "select_by", "val_wer" if transcribes else "val_loss",
+         None if transcribes else f"distill.select_by (no modality transcribes: {', '.join(TRANSCRIPT_MODALITIES)})")
+    take(a, "inputs", ["pool"] if root.ingest.split.pool > 0 else ["train"],
+         None if root.ingest.split.pool > 0 else "adversarial.inputs (ingest.split.pool is 0: no input is held back)")
+    if a.disc_backbone is None:
+        why = ("the run is unanchored" if not a.anchored else
+               "the student is not cross_attention" if st.style != "cross_attention" else
+               "no modality has a Whisper teacher" if not whisper else None)
+        take(a, "disc_backbone", "student" if why else "teacher", f"adversarial.disc_backbone ({why})" if why else None)
+    if a.select_by is None:
+        why = ("the run is unanchored" if not a.anchored else
+               "no modality transcribes" if not transcribes else None)
+        take(a, "select_by", "last" if why else "val_wer", f"adversarial.select_by ({why})" if why else None)
+    return notes
+
+
+def _one_of(value, options: tuple, key: str) -> None:
+    if value not in options:
+        raise UserError(f"config: '{key}' must be {', '.join(options[:-1])} or {options[-1]}, got {value!r}")
+
+
+def _check_training(root: RootConfig) -> None:
+    """The training sections' choices and the conflicts between them, after resolve_recipe."""
+    d, a = root.distill, root.adversarial
+    _one_of(d.student.style, ("prefix", "cross_attention"), "distill.student.style")
+    _one_of(d.select_by, ("val_loss", "val_wer"), "distill.select_by")
+    _one_of(a.disc_backbone, ("student", "teacher"), "adversarial.disc_backbone")
+    _one_of(a.select_by, ("last", "val_wer"), "adversarial.select_by")
+    if not d.ema_decay < 1.0:
+        raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {d.ema_decay!r}")
+    if a.disc_backbone == "teacher" and d.student.style != "cross_attention":
+        raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "
+                        f"decoder); 'distill.student.style' is {d.student.style!r}")
+    if not a.anchored:
+        # the ablation of anchoring: nothing the teacher says about an input enters the stage, so each setting that
+        # would let it in is named at once (an ablation command should need one round, not one per conflict)
+        need = [why for bad, why in (
+            (a.select_by == "val_wer",
+             "select_by: last ('val_wer' scores the student against the teacher's labels of the val clips)"),
+            (a.disc_backbone == "teacher",
+             "disc_backbone: student ('teacher' makes the teacher's decoder the judge, and its likelihood of a text "
+             "is its label by another name)")) if bad]
+        if need:
+            raise UserError("config: 'adversarial.anchored: false' lets nothing of the teacher into the stage; set "
+                            + " and ".join(need))
+    sp = root.ingest.split
+    for sec in ("distill", "adversarial"):
+        names = getattr(root, sec).inputs
+        if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):
+            raise UserError(f"config: '{sec}.inputs' must list train, augmented and/or pool, each once, got {names!r}")
+        if "pool" in names and sp.pool == 0:
+            raise UserError(f"config: '{sec}.inputs' names pool, but ingest.split.pool is 0: no input is held back")
+        if "augmented" in names and root.pseudo_label.augment_copies == 0:
+            raise UserError(f"config: '{sec}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
+                            "the pseudo_label stage makes no augmented copies")
+    if any(float(t) <= 0 for t in root.decoding.fallback_temperatures):
+        raise UserError(f"config: 'decoding.fallback_temperatures' must be > 0, got {list(root.decoding.fallback_temperatures)}")

@@ -41,9 +41,14 @@ class StageSpec:
     config_class: Any = None  # for plugin stages: the dataclass of their `extra.<name>` section
     progress: Callable[[Path, "Config"], str | None] | None = None  # "step k of n" for `groundgan status`
     description: str = ""
+    # dotted paths of the config outside its own section that the stage reads (e.g. "decoding",
+    # "distill.max_text_tokens"): part of its hash, so changing one re-runs it
+    reads: tuple[str, ...] = ()
 
     def hash_sections(self, cfg: Config) -> dict:
         sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
+        if self.reads:
+            sec["reads"] = {path: to_plain(_at(cfg.root, path)) for path in self.reads}
         if self.uses_modalities != "none":
             mods = {}
             for name, mcfg in sorted(cfg.root.modalities.items()):
@@ -56,14 +61,42 @@ class StageSpec:
         return stable_hash(self.hash_sections(cfg))
 
 
+def _at(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
+    """'a.b 1 -> 2, c.d x -> y' between two hash_sections dicts (flattened to dotted keys); '' when `old` is
+    unknown (a manifest written before the sections were stored)."""
+    if not old:
+        return ""
+
+    def flat(d: Any, prefix: str = "") -> dict:
+        if isinstance(d, dict) and d:
+            out: dict = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        key = prefix[:-1]
+        return {key[len("reads."):] if key.startswith("reads.") else key: d}
+
+    a, b = flat(old), flat(new)
+    diffs = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
-                   progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = ()):
+                   progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = (),
+                   reads: tuple[str, ...] = ()):
     """Decorator: register `fn(ctx) -> counts` as a stage of the graph."""
 
     def deco(fn):
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
-                                           config_class, progress, doc))
+                                           config_class, progress, doc, tuple(reads)))
         return fn
 
     return deco
@@ -153,7 +186,8 @@ class Runner:
         inputs = self._inputs(spec)
         if m is not None:
             if m.get("config_hash") != chash:
-                return StageState(spec.name, "stale", "config changed")
+                what = changed_keys(m.get("config"), spec.hash_sections(self.cfg))
+                return StageState(spec.name, "stale", "config changed" + (f": {what}" if what else ""))
             if inputs is None:
                 return StageState(spec.name, "stale", "an input stage is not done")
             for up, fp in inputs.items():
@@ -163,7 +197,8 @@ class Runner:
         started = self.run.read_started(spec.name)
         if started is not None:
             if started.get("config_hash") != chash:
-                return StageState(spec.name, "stale", "partial work with another config")
+                what = changed_keys(started.get("config"), spec.hash_sections(self.cfg))
+                return StageState(spec.name, "stale", "partial work with another config" + (f": {what}" if what else ""))
             detail = spec.progress(self.run.stage_dir(spec.name), self.cfg) if spec.progress else None
             return StageState(spec.name, "partial", detail or "started")
         return StageState(spec.name, "pending", "")
@@ -269,7 +304,7 @@ class Runner:
                     if tmp.is_file():
                         tmp.unlink()
             d.mkdir(parents=True, exist_ok=True)
-            self.run.write_started(spec.name, chash, inputs)
+            self.run.write_started(spec.name, chash, inputs, spec.hash_sections(self.cfg))
         distributed.barrier()
         say(f"{spec.name}: running ({reason})")
         ctx = StageContext(spec.name, self.cfg, self.run, d, {up: self.run.read_manifest(up) for up in self.upstream[spec.name]},
@@ -280,7 +315,8 @@ class Runner:
         counts = {**ctx.counts, **counts}
         distributed.barrier()
         if info.is_main:
-            m = self.run.write_manifest(spec.name, chash, inputs, counts, time.time() - t0)
+            m = self.run.write_manifest(spec.name, chash, inputs, counts, time.time() - t0,
+                                        {"config": spec.hash_sections(self.cfg)})
             summary = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no counts"
             say(f"{spec.name}: finished in {m['wall_s']:.1f}s ({summary}); output in {d}")
         distributed.barrier()

@@ -166,8 +166,10 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
-    def write_started(self, stage: str, config_hash: str, inputs: dict) -> None:
-        atomic_write_json(self.stage_dir(stage) / STARTED, {"config_hash": config_hash, "inputs": inputs})
+    def write_started(self, stage: str, config_hash: str, inputs: dict, config: dict | None = None) -> None:
+        """config: the settings the hash covers (StageSpec.hash_sections), so a later run can name what changed."""
+        atomic_write_json(self.stage_dir(stage) / STARTED, {"config_hash": config_hash, "inputs": inputs,
+                                                            **({"config": config} if config is not None else {})})
 
     def write_manifest(self, stage: str, config_hash: str, inputs: dict, counts: dict, wall_s: float, extra: dict | None = None) -> dict:
         d = self.stage_dir(stage)

@@ -185,15 +185,12 @@ def validate(student: Student, examples: list[Example], batch_size: int, device:
 
 
 def val_decoding(root) -> dict:
-    """How validate_wer decodes: as the evaluate stage does (its Whisper temperature fallback and loop checks),
-    so that the step a stage keeps by val WER is the best under the decoding its held-out WER is scored with.
-    Plain greedy counts loops that the fallback re-decodes: with a 20% held-out split (the teacher-judged phase
-    over perturbed train copies, seed 0) step 10 looped on two val chunks, 25.9% greedy against 6.6% decoded as
-    evaluate does; for seed 2, plain greedy kept the distilled student (held-out 17.1%) where evaluate's decoding
-    keeps step 50 (14.6%)."""
-    e = root.evaluate
-    return {"fallback": list(e.fallback_temperatures), "max_compression_ratio": e.max_compression_ratio,
-            "min_avg_logprob": e.min_avg_logprob, "best_of": e.best_of, "max_ngram_repeats": e.max_ngram_repeats,
+    """How validate_wer decodes: as the evaluate stage does (`decoding:`: its Whisper temperature fallback and
+    loop checks), so that the step a stage keeps by val WER is the best under the decoding its held-out WER is
+    scored with (plain greedy counts loops that the fallback re-decodes; docs/results.md)."""
+    d = root.decoding
+    return {"fallback": list(d.fallback_temperatures), "max_compression_ratio": d.max_compression_ratio,
+            "min_avg_logprob": d.min_avg_logprob, "best_of": d.best_of, "max_ngram_repeats": d.max_ngram_repeats,
             "seed": root.seed}
 
 
@@ -284,7 +281,7 @@ def better(new: dict, best: dict, select_by: str) -> bool:
     return new["val_loss"] < best["val_loss"]
 
 
-@register_stage("distill", after=("pseudo_label",), progress=progress,
+@register_stage("distill", after=("pseudo_label",), progress=progress, reads=("decoding",),
                 description="train the student LM on pseudo-labels: cross-entropy + top-k KD, exact resume")
 def run(ctx: StageContext) -> dict:
     cfg, scfg, dist, device = ctx.section, ctx.section.student, ctx.dist, ctx.device

@@ -253,7 +253,7 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
     round-robin to ranks; block j samples from a generator seeded by (seed, j)."""
     from stages.generation import generate_texts as generate_rows
 
-    cfg = ctx.section
+    cfg, dec = ctx.section, ctx.cfg.root.decoding
     mine: dict[int, str] = {}
     for j, rows in enumerate(_blocks(len(items), cfg.batch_size)):
         if j % ctx.dist.world != ctx.dist.rank:
@@ -261,10 +261,10 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
         gen = torch.Generator(device=student.device).manual_seed(_seed(seed, j) % (2**63))
         feats = _features(items, rows)
         texts = generate_rows(student, modality, feats, n=None if feats is not None else len(rows),
-                              chunks=[items[i].chunks for i in rows], fallback=cfg.fallback_temperatures,
-                              max_compression_ratio=cfg.max_compression_ratio, min_avg_logprob=cfg.min_avg_logprob,
-                              best_of=cfg.best_of, max_ngram_repeats=cfg.max_ngram_repeats,
-                              temperature=temperature, max_new_tokens=cfg.max_new_tokens, generator=gen)
+                              chunks=[items[i].chunks for i in rows], fallback=dec.fallback_temperatures,
+                              max_compression_ratio=dec.max_compression_ratio, min_avg_logprob=dec.min_avg_logprob,
+                              best_of=dec.best_of, max_ngram_repeats=dec.max_ngram_repeats,
+                              temperature=temperature, max_new_tokens=dec.max_new_tokens, generator=gen)
         mine.update(zip(rows, texts))
     return _gather_rows(mine, len(items))
 
@@ -464,12 +464,10 @@ def _temperatures(cfg) -> list[float]:
     temps = [float(t) for t in cfg.temperatures]
     if any(t < 0 for t in temps):
         raise UserError(f"evaluate.temperatures must be >= 0 (0 is greedy), got {temps}")
-    if any(float(t) <= 0 for t in cfg.fallback_temperatures):
-        raise UserError(f"evaluate.fallback_temperatures must be > 0, got {list(cfg.fallback_temperatures)}")
     return sorted(set(temps) | {0.0})
 
 
-@register_stage("evaluate", after=("pseudo_label", "distill"), optional_after=("adversarial",),
+@register_stage("evaluate", after=("pseudo_label", "distill"), optional_after=("adversarial",), reads=("decoding",),
                 description="teacher vs distilled vs adversarial students on held-out sets: metrics, sweep, report")
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section

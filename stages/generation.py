@@ -293,7 +293,7 @@ def generate_cli(a) -> int:
     if feats is None or student.spec.feature_dims.get(modality, 0) <= 0:
         raise UserError(f"the {modality} teacher gave no features for {path}")
     f = torch.from_numpy(feats.astype("float32")).reshape(-1, feats.shape[-1])
-    ev = cfg.root.evaluate
+    ev = cfg.root.decoding
     print(generate_texts(student, modality, [f], chunks=[label.arrays.get("chunk_frames")],
                          fallback=ev.fallback_temperatures, max_compression_ratio=ev.max_compression_ratio,
                          min_avg_logprob=ev.min_avg_logprob, best_of=ev.best_of,

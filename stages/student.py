@@ -551,6 +551,8 @@ def build_student(cfg: Any, feature_dims: dict[str, int], device: str | torch.de
     feeds the decoder directly when its D matches. max_text_tokens: the longest label it must hold.
     """
     _quiet_transformers()
+    if cfg.style is None:  # a StudentConfig built by hand, not resolved by load_config: the recipe's rule
+        cfg = dataclasses.replace(cfg, style="cross_attention" if teacher_decoder is not None else "prefix")
     tok = build_tokenizer(cfg)
     modalities = sorted(feature_dims)
     if cfg.style == "prefix":

@@ -32,8 +32,8 @@ CONFIG = {
     "pseudo_label": {"top_k": 4, "filters": {"min_avg_logprob": None, "max_compression_ratio": None,
                                              "max_no_speech_prob": None, "max_wer": None}},
     "distill": {"student": {"style": "prefix", "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64,
-                            "prefix_len": 4, "feature_frames": 16},
-                "steps": 3, "batch_size": 6, "lr": 3.0e-3, "warmup_steps": 2, "kd_weight": 0.5,
+                            "prefix_len": 4, "feature_frames": 16, "dropout": 0.0},
+                "select_by": "val_loss", "steps": 3, "batch_size": 6, "lr": 3.0e-3, "warmup_steps": 2, "kd_weight": 0.5,
                 "max_text_tokens": 16, "val_every": 2, "checkpoint_every": 2},
 }
 
@@ -399,14 +399,16 @@ def test_augmented_copies_are_labelled_train_audio_and_the_stages_take_them_when
     cfg["distill"].update(steps=1, inputs=["train", "augmented"])
     cfg["stages"] = [*cfg["stages"], "adversarial"]
     cfg["adversarial"] = {"inputs": ["augmented"], "steps": 1, "disc_warmup_steps": 0, "batch_size": 2,
-                          "max_new_tokens": 4, "disc_d_model": 16, "disc_layers": 1}
+                          "max_new_tokens": 4}
     (tmp_path / "aug.yaml").write_text(yaml.safe_dump(cfg))
     Runner(load_config([str(tmp_path / "aug.yaml")]), tmp_path / "aug", echo=lambda s: None).run_graph(reuse=str(labelled))
     before = {rec["key"]: (rec, arrs) for _, rec, _, _, arrs in read_labelled(labelled / "pseudo_label")}
     after = {rec["key"]: (rec, arrs) for _, rec, _, _, arrs in read_labelled(tmp_path / "aug/pseudo_label")}
-    # the inputs themselves are labelled as before
+    # the inputs themselves are labelled as before: the same texts; the same arrays up to the float noise of being
+    # encoded in batches of another composition (their copies join them: 0.03 in a stored fp16 top-k log-prob)
     for key, (rec, arrs) in before.items():
-        assert after[key][0] == rec and all(np.array_equal(arrs[n], after[key][1][n]) for n in arrs)
+        assert after[key][0] == rec
+        assert all(np.allclose(arrs[n].astype(np.float32), after[key][1][n].astype(np.float32), atol=0.05) for n in arrs)
     copies = {k: v for k, v in after.items() if k not in before}
     train_audio = sorted(k for k, (rec, _) in before.items() if rec["modality"] == "audio" and rec["split"] == "train")
     assert train_audio and sorted(copies) == sorted(f"{k}__aug{j}" for k in train_audio for j in (1, 2))
@@ -448,7 +450,7 @@ def test_pool_split_holds_inputs_back_from_distill_for_the_phase(tmp_path, label
     cfg["distill"].update(steps=1)
     cfg["stages"] = [*cfg["stages"], "adversarial"]
     cfg["adversarial"] = {"inputs": ["pool"], "steps": 1, "disc_warmup_steps": 0, "batch_size": 2,
-                          "max_new_tokens": 4, "disc_d_model": 16, "disc_layers": 1}
+                          "max_new_tokens": 4}
     (tmp_path / "pool.yaml").write_text(yaml.safe_dump(cfg))
     Runner(load_config([str(tmp_path / "pool.yaml")]), tmp_path / "pool", echo=lambda s: None).run_graph()
     before = {rec["key"]: rec for _, rec, _, _, _ in read_labelled(labelled / "pseudo_label")}

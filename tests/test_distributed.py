@@ -2,9 +2,9 @@
 byte for byte, training losses within 1e-5 relative; a 2-process run killed inside distill and resumed by
 one process; a UserError on rank 1 that stops every rank with rank 1's message.
 
-adversarial runs with disc_dropout=0 here: dropout masks are drawn per process over its own slice, so
-with dropout the two runs agree in distribution only. Everything else (the student's samples included)
-does not depend on the number of processes."""
+configs/tiny.yaml's student has no dropout, nor then its copies that judge: dropout masks are drawn per process
+over its own slice, so with dropout the two runs would agree in distribution only. Everything else (the student's
+samples included) does not depend on the number of processes."""
 
 import json
 import os
@@ -23,7 +23,7 @@ from conftest import ROOT, cli
 from stages import adversarial as adv
 
 TINY = ROOT / "configs" / "tiny.yaml"
-OVERRIDES = ["adversarial.disc_dropout=0"]
+OVERRIDES: list[str] = []
 TIMING = ("wall_s", "finished_at")
 REL = 1e-5
 

@@ -160,22 +160,26 @@ modalities:
   audio: {teacher: {kind: whisper, checkpoint: random}}
   image: {teacher: {kind: classifier, checkpoint: random}}
 pseudo_label:
+  top_k: 0
   filters: {min_avg_logprob: null, max_compression_ratio: null, max_no_speech_prob: null, max_wer: null}
 distill:
-  student: {style: prefix, d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, prefix_len: 2, feature_frames: 8}
+  student: {style: prefix, d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, prefix_len: 2, feature_frames: 8,
+            dropout: 0.0}
+  select_by: val_loss
+  kd_weight: 0.0
+  lr: 1.0e-3
   steps: 6
   batch_size: 8
   warmup_steps: 2
   max_text_tokens: 16
   val_every: 3
   checkpoint_every: 3
-adversarial: {steps: 2, disc_warmup_steps: 1, batch_size: 4, max_new_tokens: 8, log_every: 1, checkpoint_every: 2,
-              disc_d_model: 32, disc_layers: 1}
+adversarial: {steps: 2, disc_warmup_steps: 1, batch_size: 4, max_new_tokens: 8, log_every: 1, checkpoint_every: 2}
+decoding: {max_new_tokens: 8, fallback_temperatures: [], max_compression_ratio: 2.4, max_ngram_repeats: null}
 evaluate:
   sources:
     - {type: synthetic, modality: audio, count: 3, name: extra_tones}
   temperatures: [0.0, 1.0]
-  max_new_tokens: 8
   bootstrap: 50
   batch_size: 4
 """

@@ -52,7 +52,7 @@ def test_changed_config_reruns_stage_and_downstream(tmp_path):
     cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
     r = cli("run", CFG, "--run-dir", tmp_path / "r", "extra.train.lr=0.05", check=True)
     assert "make: done" in r.stdout
-    assert "train: running (config changed)" in r.stdout
+    assert "train: running (config changed: train.lr 0.1 -> 0.05)" in r.stdout  # the key that changed, both values
     # concat's config did not change but its input (train) did: re-run with the reason.
     assert "concat: running (input train changed)" in r.stdout
 
@@ -62,7 +62,7 @@ def test_status_reports_stale_without_running(tmp_path):
     cfg = (tmp_path / "r/config.yaml").read_text().replace("value: 1", "value: 5")
     (tmp_path / "r/config.yaml").write_text(cfg)
     st = json.loads(cli("status", tmp_path / "r", "--json", check=True).stdout)
-    assert st["make"]["state"] == "stale" and st["make"]["detail"] == "config changed"
+    assert st["make"]["state"] == "stale" and st["make"]["detail"] == "config changed: make.value 1 -> 5"
     assert st["train"]["state"] == "stale"
 
 
@@ -155,6 +155,43 @@ def test_config_user_errors_exit_2_without_traceback(override, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("adversarial.center_rewards=true", "'adversarial.center_rewards' is retired (sequence rewards (no per-token "
+                                        "returns)); git tag arms-2026-12 has it (docs/history.md)"),
+    ("adversarial.disc_d_model=64", "'adversarial.disc_d_model' is retired"),
+    ("evaluate.max_new_tokens=64", "'evaluate.max_new_tokens' moved to 'decoding.max_new_tokens' (docs/history.md)"),
+])
+def test_a_retired_or_moved_key_is_one_line_naming_where_it_went(tmp_path, override, needle):
+    r = cli("config", ROOT / "configs" / "tiny.yaml", override)
+    assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    key, value = override.split("=")
+    section, name = key.split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {name}: {value}\n")  # the same key in a file
+    r = cli("config", ROOT / "configs" / "tiny.yaml", tmp_path / "old.yaml")
+    assert r.returncode == 2 and f"old.yaml: '{key}'" in r.stderr, r.stderr
+
+
+def test_what_a_stage_reads_from_other_sections_is_in_its_hash(tmp_path):
+    """The decoding that picks final/ by val WER and scores the held-out sets is a section of its own, in the hash
+    of distill, adversarial and evaluate (adversarial also reads distill.max_text_tokens and distill.student):
+    changing it makes those three stale, naming the key, and leaves the data stages done."""
+    from pipeline.config import load_config
+    from pipeline.graph import Runner
+
+    tiny = [str(ROOT / "configs" / "tiny.yaml")]
+    Runner(load_config(tiny), tmp_path / "r", echo=lambda s: None).run_graph()
+    states = {s.name: s for s in Runner(load_config(tiny, ["decoding.max_ngram_repeats=3"]), tmp_path / "r").status()}
+    assert states["ingest"].state == states["pseudo_label"].state == "done"
+    for name in ("distill", "adversarial", "evaluate"):
+        assert states[name].state == "stale"
+        assert states[name].detail == "config changed: decoding.max_ngram_repeats 2 -> 3", (name, states[name].detail)
+    # a cross-section read: the adversarial stage's own hash covers distill.max_text_tokens
+    spec = {s.name: s for s in Runner(load_config(tiny), tmp_path / "r").specs}["adversarial"]
+    a = spec.config_hash(load_config(tiny))
+    assert spec.config_hash(load_config(tiny, ["distill.max_text_tokens=20"])) != a
+    assert spec.config_hash(load_config(tiny, ["distill.lr=0.5"])) == a  # what it does not read stays out
+
+
 def test_missing_config_file_and_unknown_stage(tmp_path):
     r = cli("run", tmp_path / "nope.yaml")
     assert r.returncode == 2 and "config file not found" in r.stderr
@@ -199,3 +236,21 @@ def test_the_readmes_run_commands_load(tmp_path):
                 assert "=" in w, (cmd, w)
                 overrides.append(w)
         load_config(files, overrides)  # raises UserError on a failed check
+
+
+def test_the_config_reference_names_every_training_setting():
+    """docs/config.md's tables list every field of distill (and its student), adversarial (and its guards) and
+    decoding, and no key that is not one."""
+    import dataclasses
+    import re
+
+    from pipeline import config as c
+
+    text = (ROOT / "docs" / "config.md").read_text()
+    sections = {"distill": c.DistillConfig, "distill.student": c.StudentConfig, "adversarial": c.AdversarialConfig,
+                "adversarial.guards": c.GuardConfig, "decoding": c.DecodingConfig}
+    parts = re.split(r"^#+ ", text, flags=re.M)
+    for title, cls in sections.items():
+        body = next(p for p in parts if p.split("\n", 1)[0].strip() == title)
+        documented = re.findall(r"^\| `(\w+)` \|", body, flags=re.M)
+        assert documented == [f.name for f in dataclasses.fields(cls)], title
