@@ -535,7 +535,7 @@ def _teacher_kind(root: RootConfig, modality: str) -> str | None:
 def resolve_recipe(root: RootConfig) -> list[str]:
     """Fill every training setting left at None with the recipe's choice for this run, in place; returns one
     note per setting where the recipe's own choice cannot apply and a fallback was taken."""
-    from stages.text_metrics import TRANSCRIPT_MODALITIES
+    from stages.evaluation.text_metrics import TRANSCRIPT_MODALITIES
 
     mods = sorted(set(root.modalities) | {s.modality for s in root.ingest.sources if s.modality})
     whisper = [m for m in mods if _teacher_kind(root, m) == "whisper"]
@@ -546,7 +546,7 @@ def resolve_recipe(root: RootConfig) -> list[str]:
     def take(section, name: str, value, why: str | None = None):
         if getattr(section, name) is None:
             setattr(section, name, value)
-            if why:
+            if why and why.split(".")[0] in root.stages:  # said only where the stage runs
                 notes.append(f"{why}: {value}")
 
     take(st, "style", "cross_attention" if whisper else "prefix",

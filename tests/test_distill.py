@@ -15,8 +15,8 @@ from conftest import cli
 from pipeline.config import StudentConfig, load_config
 from pipeline.errors import UserError
 from pipeline.graph import Runner
-from stages.labelled_data import Example, MixtureSampler
-from stages.student import build_student, load_student, save_student
+from stages.models.labelled_data import Example, MixtureSampler
+from stages.models.student import build_student, load_student, save_student
 
 torch.set_num_threads(1)
 
@@ -266,7 +266,7 @@ def test_sampler_state_restores_exactly():
 def test_a_clip_labelled_in_chunks_trains_as_its_chunks():
     import numpy as np
 
-    from stages.labelled_data import _chunks
+    from stages.models.labelled_data import _chunks
 
     rec = {"info": {"chunk_texts": ["Hello there.", "", "Goodbye."]}}
     arrays = {"chunk_tokens": np.array([3, 0, 2]), "chunk_frames": np.array([10, 4, 6])}
@@ -297,7 +297,7 @@ def test_select_by_val_wer_keeps_the_step_with_the_lowest_greedy_wer(tmp_path, l
 def _val_set(n: int):
     """A random tiny student, n audio val examples labelled with its own greedy text, and a one-process DistInfo."""
     from pipeline.distributed import DistInfo
-    from stages.generation import generate_texts
+    from stages.models.generation import generate_texts
 
     torch.manual_seed(0)
     s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),
@@ -483,7 +483,8 @@ def test_run_deterministic_makes_two_thread_gradients_repeat_to_the_bit(tmp_path
     student's positional-embedding gradient (an indexed lookup, summed in thread order on CPU otherwise) then
     repeats to the bit at 2 threads, pass after pass."""
     _, ck = _random_whisper(2)
-    s = build_student(StudentConfig(style="cross_attention"), {"audio": 32}, teacher_decoder=ck, teacher_modality="audio")
+    s = build_student(StudentConfig(style="cross_attention", dropout=0.0), {"audio": 32}, teacher_decoder=ck,
+                      teacher_modality="audio")
     toks = torch.randint(0, 50000, (16, 90))
     x = torch.randn(16, 1500, 32)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "stages": ["ingest"]}))
