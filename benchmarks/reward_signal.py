@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from stages import adversarial as adv  # noqa: E402
-from stages import text_metrics as tm  # noqa: E402
-from stages.text_metrics import TRANSCRIPT_MODALITIES  # noqa: E402
-from stages.labelled_data import load_labelled  # noqa: E402
-from stages.student import load_student  # noqa: E402
+from stages.evaluation import text_metrics as tm  # noqa: E402
+from stages.evaluation.text_metrics import transcribes  # noqa: E402
+from stages.models.labelled_data import load_labelled  # noqa: E402
+from stages.models.student import load_student  # noqa: E402
 
 
 def sequence_logprob(model, rows: adv.Rows, mean: bool = False) -> torch.Tensor:
@@ -64,7 +64,7 @@ def main() -> None:
     cfg = load_config([str(run / "config.yaml")], [])
     student = load_student(run / "distill" / "final").eval()
     discs = adv.load_discriminators(run / "adversarial" / "final")
-    mods = [m for m in student.spec.modalities if m in TRANSCRIPT_MODALITIES]
+    mods = [m for m in student.spec.modalities if transcribes(m)]
     teacher = None
     if args.teacher:
         teacher = adv._teacher_body_builder(SimpleNamespace(cfg=cfg), student, mods, "cpu")[0]().eval()

@@ -1,3 +1,1 @@
-"""Modality adapters. Importing this package registers the built-in ones."""
-
-from modalities import audio, base, image, text  # noqa: F401
+"""Modality adapters: one file per modality, each registered through its entry point (pyproject.toml)."""

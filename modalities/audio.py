@@ -51,6 +51,7 @@ def _wav_truncation(data: bytes) -> str | None:
 class Audio(Modality):
     description = "speech audio (wav, flac, ogg, mp3) at 16 kHz mono; teacher: Whisper (greedy, English); features: encoder states"
     extensions = ("wav", "flac", "ogg", "mp3")
+    transcribes = True
     manifest_field = "audio"
     reference_field = "text"
     Config = AudioConfig

@@ -66,6 +66,9 @@ class Modality(ABC):
     manifest_field: ClassVar[str] = ""  # key naming the file in a folder source's JSONL ("audio", "image")
     reference_field: ClassVar[str] = "text"  # key holding the reference in that JSONL
     Config: ClassVar[type] = ModalityConfig
+    # its labels are transcripts: the report scores them by WER (and its insertion rate and 5-gram repeats), and
+    # distill and adversarial can keep final/ by val WER
+    transcribes: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

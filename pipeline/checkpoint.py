@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from pipeline import faults
 from pipeline.errors import UserError
-from pipeline.files import fsync_dir, sha256_file
+from pipeline.files import fsync_dir, replace_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +169,10 @@ class CheckpointManager:
     def save_final(self, models: dict[str, torch.nn.Module]) -> Path:
         """Weights only, for use: RUN/<stage>/final/model.<name>.safetensors (same atomic protocol)."""
         final = self.dir.parent / "final"
-        tmp = self.dir.parent / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, model in models.items():
-            save_model(_unwrap(model), str(tmp / f"model.{name}.safetensors"))
-            _fsync_file(tmp / f"model.{name}.safetensors")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with replace_dir(final) as tmp:
+            for name, model in models.items():
+                save_model(_unwrap(model), str(tmp / f"model.{name}.safetensors"))
+                _fsync_file(tmp / f"model.{name}.safetensors")
         return final
 
     def _prune(self) -> None:

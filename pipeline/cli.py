@@ -60,18 +60,16 @@ def cmd_status(a) -> int:
 
 
 def cmd_stages(a) -> int:
-    import modalities  # noqa: F401
-    import stages  # noqa: F401
-    from pipeline.registry import stage_registry
+    from pipeline.registry import sections, stage_registry
 
-    for name, spec in stage_registry.items():
+    order = {s.name: i for i, s in enumerate(sections())}
+    for name, spec in sorted(stage_registry.items(), key=lambda kv: order.get(kv[0], len(order))):
         after = f" (after {', '.join(spec.after)})" if spec.after else ""
         print(f"{name:14s} {spec.description}{after}")
     return 0
 
 
 def cmd_modalities(a) -> int:
-    import modalities  # noqa: F401
     from pipeline.registry import modality_registry
 
     for name, adapter in modality_registry.items():
@@ -99,7 +97,7 @@ def cmd_data(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from stages.generation import generate_cli
+    from stages.models.generation import generate_cli
 
     return generate_cli(a)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipeline import faults
 
@@ -48,6 +50,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def replace_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder that replaces `final` whole (a stage's final/, a student folder): yields an empty temporary
+    sibling `.tmp-<name>` to fill; when the block ends it takes final's place (an old final/ is moved aside to
+    `.old-<name>` first and removed after), so a reader sees the old folder or the new one, never a mix. On an
+    exception the temporary folder is removed and `final` stays as it was."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

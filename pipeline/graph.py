@@ -22,10 +22,11 @@ import torch
 
 from pipeline import distributed
 from pipeline.checkpoint import CheckpointManager
-from pipeline.config import Config, stable_hash, to_plain
+from pipeline.config import Config
+from pipeline.plain import stable_hash, to_plain
 from pipeline.errors import UserError
 from pipeline.files import append_jsonl, atomic_write_text
-from pipeline.registry import modality_registry, stage_registry
+from pipeline.registry import modality_registry, register_section, stage_registry
 from pipeline.rundir import RunDir, fingerprint
 
 log = logging.getLogger("groundgan")
@@ -38,7 +39,7 @@ class StageSpec:
     after: tuple[str, ...] = ()  # upstream stages whose manifests are this stage's inputs
     optional_after: tuple[str, ...] = ()  # inputs too when they are in the run's graph (evaluate: adversarial)
     uses_modalities: str = "all"  # which part of modalities.<name> the hash covers: all | decode | none
-    config_class: Any = None  # for plugin stages: the dataclass of their `extra.<name>` section
+    config_class: Any = None  # the dataclass of its section (the top-level key of its name)
     progress: Callable[[Path, "Config"], str | None] | None = None  # "step k of n" for `groundgan status`
     description: str = ""
     # dotted paths of the config outside its own section that the stage reads (e.g. "decoding",
@@ -90,13 +91,18 @@ def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
 
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
                    progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = (),
-                   reads: tuple[str, ...] = ()):
-    """Decorator: register `fn(ctx) -> counts` as a stage of the graph."""
+                   reads: tuple[str, ...] = (), validate: Callable | None = None, order: int = 100,
+                   retired: dict[str, str] | None = None):
+    """Decorator: register `fn(ctx) -> counts` as a stage of the graph, and its config section (`config_class`,
+    checked by `validate(root) -> notes` in `order`; `retired`: keys it no longer takes -> where they went), the
+    way built-in and plugin stages alike register."""
 
     def deco(fn):
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
                                            config_class, progress, doc, tuple(reads)))
+        if config_class is not None:
+            register_section(name, config_class, validate, order, retired)
         return fn
 
     return deco

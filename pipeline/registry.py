@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from pipeline.errors import UserError
 
@@ -76,3 +77,38 @@ def import_plugins(modules: list[str]) -> None:
 # The project's registries. Modules register into them on import; plugins and entry points add more.
 stage_registry: Registry = Registry("stage", "groundgan.stages")
 modality_registry: Registry = Registry("modality", "groundgan.modalities")
+
+
+@dataclass
+class Section:
+    """A top-level config section: its dataclass, the function that checks it (and fills the recipe's choices for
+    settings left at None) once the whole config is merged, and the keys it retired or moved (key -> the one-line
+    message naming where it went). Sections validate in `order`, registration order within one order."""
+
+    name: str
+    config_class: type
+    validate: Callable[[Any], list[str] | None] | None = None  # root -> notes (the recipe's fallbacks, said aloud)
+    order: int = 100
+    retired: dict[str, str] = field(default_factory=dict)
+
+
+section_registry: Registry = Registry("config section")
+
+
+def register_section(name: str, config_class: type, validate: Callable | None = None, order: int = 100,
+                     retired: dict[str, str] | None = None) -> None:
+    """A section of the config that no stage owns alone (stages register theirs through register_stage)."""
+    section_registry.add(name, Section(name, config_class, validate, order, dict(retired or {})))
+
+
+def load_builtins() -> None:
+    """Every stage and modality, built-in or installed, registered through its entry point (pyproject.toml)."""
+    stage_registry.names()
+    modality_registry.names()
+
+
+def sections() -> list[Section]:
+    """Every registered section, in validation order."""
+    load_builtins()
+    items = [s for _, s in section_registry.items()]
+    return sorted(items, key=lambda s: s.order)  # stable: registration order within one order

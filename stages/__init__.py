@@ -1,3 +1,2 @@
-"""The stages of the graph. Importing this package registers the built-in ones."""
-
-from stages import ingest, pseudo_label, distill, adversarial, evaluate  # noqa: F401
+"""The stages of the graph: one module (or package) per stage, each registered through its entry point
+(pyproject.toml), and the models and evaluation they share (stages/models, stages/evaluation)."""

@@ -22,10 +22,11 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -33,12 +34,94 @@ import torch.nn.functional as F
 
 from pipeline import distributed, faults
 from pipeline.checkpoint import CheckpointManager
+from pipeline.config import check_choice, minimum
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, replace_dir
 from pipeline.graph import StageContext, register_stage
-from stages.generation import generate
-from stages.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
-from stages.student import Student, build_student, build_tokenizer, count_parameters, save_student
+from pipeline.registry import modality_registry
+from stages.models.generation import generate
+from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
+from stages.models.student import (Student, StudentConfig, build_student, build_tokenizer, count_parameters,
+                                   save_student, write_student)
+
+# ------------------------------------------------------------------------------------------------------ config
+# A default of None is the recipe's choice for this run, made when the config loads (validate): the measured
+# setting wherever it applies, else the nearest valid one; `groundgan config` says which it took.
+@dataclass
+class DistillConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    steps: int = field(default=600, metadata=minimum(0))  # optimiser steps
+    batch_size: int = field(default=16, metadata=minimum(1))  # global batch, whatever the world size
+    grad_accum: int = field(default=1, metadata=minimum(1))
+    lr: float = field(default=1e-4, metadata=minimum(0.0))  # peak; linear warm-up, then cosine down to 10%
+    weight_decay: float = field(default=0.01, metadata=minimum(0.0))
+    warmup_steps: int = field(default=20, metadata=minimum(0))
+    grad_clip: float = field(default=1.0, metadata=minimum(0.0))
+    kd_weight: float = field(default=0.8, metadata=minimum(0.0))  # weight of KL to the teacher's top-k log-probs (pseudo_label.top_k)
+    kd_temperature: float = field(default=2.0, metadata=minimum(0.01))
+    max_text_tokens: int = field(default=96, metadata=minimum(4))
+    modality_weights: Dict[str, float] = field(default_factory=dict)  # sampling weight per modality (default 1)
+    inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented, pool
+    val_every: int = field(default=50, metadata=minimum(1))
+    # which validation figure picks final/: val_wer (the val clips decoded as `decoding:` says, WER against
+    # their labels; ties go to the lower val_loss) or val_loss (teacher-forced cross-entropy on the val labels).
+    # None: val_wer where a modality transcribes (audio), else val_loss
+    select_by: Optional[str] = None
+    # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
+    # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
+    ema_decay: float = field(default=0.0, metadata=minimum(0.0))
+    checkpoint_every: int = field(default=50, metadata=minimum(1))
+
+
+def whisper_modalities(root) -> list[str]:
+    """The run's modalities labelled by a Whisper teacher (whose decoder a cross_attention student starts from)."""
+    return [m for m, c in sorted(root.modalities.items())
+            if getattr(getattr(c, "teacher", None), "kind", None) == "whisper"]
+
+
+def transcribing_modalities(root) -> list[str]:
+    """The run's modalities whose labels are transcripts (scored by WER)."""
+    return [m for m in sorted(root.modalities) if modality_registry.get(m).transcribes]
+
+
+def take(section, name: str, value, why: str | None, notes: list[str], graph: list[str]) -> None:
+    """Fill a setting left at None with the recipe's choice `value`; where `why` (a fallback), say so in `notes`,
+    if the stage that owns the setting is in the graph."""
+    if getattr(section, name) is None:
+        setattr(section, name, value)
+        if why and why.split(".")[0] in graph:
+            notes.append(f"{why}: {value}")
+
+
+def check_inputs(root, section: str) -> None:
+    """`<section>.inputs`: pseudo_label splits that exist in this run."""
+    names, sp = getattr(root, section).inputs, root.ingest.split
+    if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):
+        raise UserError(f"config: '{section}.inputs' must list train, augmented and/or pool, each once, got {names!r}")
+    if "pool" in names and sp.pool == 0:
+        raise UserError(f"config: '{section}.inputs' names pool, but ingest.split.pool is 0: no input is held back")
+    if "augmented" in names and root.pseudo_label.augment_copies == 0:
+        raise UserError(f"config: '{section}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
+                        "the pseudo_label stage makes no augmented copies")
+
+
+def validate_config(root) -> list[str]:
+    """The recipe's choices for the student's style, its frozen embeddings and the selection; the checks."""
+    d, st, notes = root.distill, root.distill.student, []
+    whisper, transcribes = whisper_modalities(root), transcribing_modalities(root)
+    take(st, "style", "cross_attention" if whisper else "prefix",
+         None if whisper else "distill.student.style (no modality has a Whisper teacher whose decoder it could be)",
+         notes, root.stages)
+    take(st, "freeze_embeddings", st.style == "cross_attention", None, notes, root.stages)
+    take(d, "select_by", "val_wer" if transcribes else "val_loss",
+         None if transcribes else "distill.select_by (no modality transcribes)", notes, root.stages)
+    check_choice(st.style, ("prefix", "cross_attention"), "distill.student.style")
+    check_choice(d.select_by, ("val_loss", "val_wer"), "distill.select_by")
+    if not d.ema_decay < 1.0:
+        raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {d.ema_decay!r}")
+    check_inputs(root, "distill")
+    return notes
+
 
 MODEL = "student"  # the name of the student's weights and optimiser in checkpoints
 EMA_MODEL = "student_ema"  # the moving average of its weights (distill.ema_decay > 0)
@@ -210,14 +293,14 @@ def validate_wer(student: Student, examples: list[Example], batch_size: int, max
     fallback, "val_wer_greedy" is plain greedy's figure beside it. `predictions`, when given, gets one row per
     decoded example ({key, modality, label, prediction, errors, words}, and with a fallback the greedy text):
     which clips a WER comes from."""
-    from stages import text_metrics as tm
-    from stages.generation import generate_texts
+    from stages.evaluation import text_metrics as tm
+    from stages.models.generation import generate_texts
 
     decoding = dict(decoding or {})
     seed = decoding.pop("seed", 0)
     was = student.training
     student.eval()
-    rows = [i for i, e in enumerate(examples) if e.modality in tm.TRANSCRIPT_MODALITIES and e.features is not None]
+    rows = [i for i, e in enumerate(examples) if tm.transcribes(e.modality) and e.features is not None]
     mine: dict[int, str] = {}
     greedy: dict[int, str] = {}
     for j in range(0, len(rows), batch_size):
@@ -282,6 +365,7 @@ def better(new: dict, best: dict, select_by: str) -> bool:
 
 
 @register_stage("distill", after=("pseudo_label",), progress=progress, reads=("decoding",),
+                config_class=DistillConfig, validate=validate_config, order=30,
                 description="train the student LM on pseudo-labels: cross-entropy + top-k KD, exact resume")
 def run(ctx: StageContext) -> dict:
     cfg, scfg, dist, device = ctx.section, ctx.section.student, ctx.dist, ctx.device
@@ -434,20 +518,15 @@ def run(ctx: StageContext) -> dict:
     # ---- final/: the best student by validation loss (the last one without a val split), with a card
     if dist.is_main:
         writer.close()
-        tmp = ctx.dir / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
         chosen = best["step"]
         best_dir = ctx.dir / "best"
-        if chosen is not None and best_dir.is_dir():
-            shutil.copytree(best_dir, tmp)
-        else:
-            chosen = cfg.steps
-            save_student(scored, tmp)
-        atomic_write_text(tmp / "README.md", _model_card(ctx, scored, data, chosen, best))
-        final = ctx.dir / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with replace_dir(ctx.dir / "final") as tmp:
+            if chosen is not None and best_dir.is_dir():
+                shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+            else:
+                chosen = cfg.steps
+                write_student(scored, tmp)
+            atomic_write_text(tmp / "README.md", _model_card(ctx, scored, data, chosen, best))
     distributed.barrier()
     return {"steps": cfg.steps, "train": len(train), "val": len(val), "best_step": int(best["step"] or cfg.steps),
             "best_val_wer": best.get("val_wer"),
@@ -508,7 +587,7 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, best: dict
             f", the lowest greedy WER on the val clips ({best['val_wer']:.2%}; validation loss "
             f"{best['val_loss']:.4f} nats/token)" if cfg.select_by == "val_wer" and best.get("val_wer") is not None else
             f", the lowest validation loss ({best['val_loss']:.4f} nats/token)"),
-        "", "Load: `stages.student.load_student(this_dir)`; the LM alone: "
+        "", "Load: `stages.models.student.load_student(this_dir)`; the LM alone: "
         "`AutoModelForCausalLM.from_pretrained(this_dir + '/lm')` (rows start with a modality marker id).", "",
     ]
     return "\n".join(lines)

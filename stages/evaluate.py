@@ -7,7 +7,7 @@ student decodes every sample greedily (the headline metrics) and at each of `eva
 quality-diversity sweep). Generation is split over ranks in fixed blocks, each block seeded by its index,
 so the samples do not depend on the number of processes.
 
-Products (see stages.report for their schema): report.json, report.md, predictions.jsonl, the PNG plots,
+Products (see stages.evaluation.report for their schema): report.json, report.md, predictions.jsonl, the PNG plots,
 details.json (non-numeric extras of modality metrics, e.g. the image label -> category map) and
 generations/<set>/<modality>/<checkpoint>/T<temperature>.json (every decoded text, reused on resume).
 
@@ -23,22 +23,44 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.config import minimum
 from pipeline.errors import BadInput, UserError
 from pipeline.files import atomic_write_json
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.shards import expand_urls, write_shard
-from stages import report as report_mod
-from stages import text_metrics as tm
-from stages.text_metrics import TRANSCRIPT_MODALITIES
-from stages.ingest import list_folder, list_synthetic, read_shard_items, source_name
+from stages.evaluation import report as report_mod
+from stages.evaluation import text_metrics as tm
+from stages.ingest import SourceConfig, check_sources, list_folder, list_synthetic, read_shard_items, source_name
 from stages.pseudo_label import npy_bytes, read_labelled
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class EvaluateConfig:
+    splits: List[str] = field(default_factory=lambda: ["test"])  # the run's splits to evaluate (test; train and val too if asked)
+    sources: List[SourceConfig] = field(default_factory=list)  # extra held-out sets, each with a `name`
+    temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # the sweep; 0 is greedy (decoded as `decoding:` says)
+    max_samples: Optional[int] = field(default=None, metadata=minimum(1))  # per set and modality
+    bootstrap: int = field(default=1000, metadata=minimum(10))  # resamples for confidence intervals
+    batch_size: int = field(default=16, metadata=minimum(1))
+
+
+# evaluate's decoding settings became the `decoding:` section, which distill and adversarial read too
+MOVED = {k: f"moved to 'decoding.{k}' (docs/history.md)" for k in ("max_new_tokens", "fallback_temperatures",
+                                                                      "max_compression_ratio", "min_avg_logprob",
+                                                                      "best_of", "max_ngram_repeats")}
+
+
+def validate_config(root) -> list[str]:
+    check_sources(root.evaluate.sources, "evaluate.sources", need_name=True)
+    return []
+
 
 log = logging.getLogger("groundgan")
 
@@ -251,7 +273,7 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
                    seed: int) -> list[str]:
     """The student's text for every item, at `temperature` (0: greedy). Blocks of batch_size rows are dealt
     round-robin to ranks; block j samples from a generator seeded by (seed, j)."""
-    from stages.generation import generate_texts as generate_rows
+    from stages.models.generation import generate_texts as generate_rows
 
     cfg, dec = ctx.section, ctx.cfg.root.decoding
     mine: dict[int, str] = {}
@@ -347,7 +369,7 @@ def disc_ranking(discs: dict, student_tok, modality: str, items: list[EvalItem],
     """Over the items whose greedy output differs from the teacher's label: the fraction where the modality's
     discriminator scores the label above the output (ties count half). Free of the offset of its logits,
     unlike disc_accuracy. None without a discriminator or without such items."""
-    from stages.adversarial import discriminator_probs
+    from stages.adversarial import discriminator_probs, ranking
 
     diff = [i for i, (it, h) in enumerate(zip(items, hyps)) if (h or "") != (it.teacher_text or "")]
     if discs is None or modality not in discs or not diff:
@@ -356,7 +378,7 @@ def disc_ranking(discs: dict, student_tok, modality: str, items: list[EvalItem],
              for i in diff]
     p_real = discriminator_probs(discs, modality, [items[i].teacher_text for i in diff], feats, student_tok)
     p_fake = discriminator_probs(discs, modality, [hyps[i] for i in diff], feats, student_tok)
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(p_real, p_fake)) / len(diff)
+    return ranking(dict(enumerate(p_real)), list(enumerate(p_fake))) / len(diff)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -367,7 +389,7 @@ def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootst
     teacher = [it.teacher_text for it in items]
     m: dict[str, Any] = {"n_samples": len(hyps)}
     extras: dict[str, Any] = {}
-    if modality in TRANSCRIPT_MODALITIES:
+    if tm.transcribes(modality):
         a = tm.align(hyps, refs)
         m["wer_vs_reference"] = a.wer
         m["wer_vs_reference_ci"] = tm.bootstrap_ci(a.pairs, n=bootstrap, seed=seed)
@@ -411,7 +433,7 @@ def vs_distill(modality: str, base: list[str | None], hyps: list[str | None], re
     the relative change in word errors (transcript modalities: the question the adversarial phase has to
     answer) and the change in distinct-2 (every modality: the issue's "distinct-2 no lower")."""
     out: dict = {}
-    if modality in TRANSCRIPT_MODALITIES:
+    if tm.transcribes(modality):
         _, _, ch = tm.paired_wer_change(base, hyps, refs, n=bootstrap, seed=seed)
         if ch is not None:
             out["wer_change_vs_distill"] = ch["change"]
@@ -468,6 +490,7 @@ def _temperatures(cfg) -> list[float]:
 
 
 @register_stage("evaluate", after=("pseudo_label", "distill"), optional_after=("adversarial",), reads=("decoding",),
+                config_class=EvaluateConfig, validate=validate_config, order=50, retired=MOVED,
                 description="teacher vs distilled vs adversarial students on held-out sets: metrics, sweep, report")
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section
@@ -484,7 +507,7 @@ def run(ctx: StageContext) -> dict:
     texts: dict[tuple, list[str]] = {}  # (checkpoint, set, modality, T) -> texts
     nlls: dict[tuple, dict] = {}  # (checkpoint, set, modality) -> {T: nll}
     disc: dict[tuple, float | None] = {}
-    from stages.student import load_student
+    from stages.models.student import load_student
 
     n_generated = 0
     for cp, final in checkpoints.items():
@@ -506,8 +529,8 @@ def run(ctx: StageContext) -> dict:
                         continue
                     # One random stream per (set, modality, temperature), the same for every checkpoint (common
                     # random numbers): equal weights write equal texts, and the checkpoints' differences are
-                    # theirs, not the sampler's (the fallback samples; seeded by checkpoint, one student scored
-                    # as two checkpoints moved held-out WER by 1.3 points).
+                    # theirs, not the sampler's (the fallback samples: seeded by checkpoint, one student scored
+                    # as two checkpoints would get two WERs).
                     out = generate_texts(ctx, student, m, items, t, _seed(seed, "evaluate", s, m, t))
                     n_generated += len(out)
                     texts[(cp, s, m, t)] = out
@@ -573,5 +596,5 @@ def run(ctx: StageContext) -> dict:
 
 
 def compare_runs(runs: list[Path], out: Path | None = None) -> int:
-    """`groundgan compare`: see stages.report.compare_runs."""
+    """`groundgan compare`: see stages.evaluation.report.compare_runs."""
     return report_mod.compare_runs(runs, out)

@@ -12,14 +12,91 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
+from pipeline.config import minimum
 from pipeline.errors import BadInput, UserError
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
 from pipeline.shards import expand_urls, iter_shard
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class SourceConfig:
+    type: Optional[str] = None  # folder | shards | text | synthetic; folder when `dir` is given
+    modality: Optional[str] = None  # a registered modality (audio, image, text, ...); shards may mix them
+    name: Optional[str] = None  # a name for the source (required for evaluate.sources)
+    dir: Optional[str] = None  # folder source: the media folder (relative paths resolve from the config file's cwd)
+    manifest: Optional[str] = None  # folder source: JSONL in `dir` naming each file and its reference
+    urls: Optional[str] = None  # shards source: path or URL with brace expansion, e.g. data-{000..099}.tar
+    allow_pipe: bool = False  # shards source: allow webdataset `pipe:` URLs (they run a shell command)
+    limit: Optional[int] = field(default=None, metadata=minimum(1))  # take at most this many items (sorted order)
+    count: int = field(default=32, metadata=minimum(1))  # synthetic source: number of samples
+    references_are_labels: bool = False  # use the manifest's text as the training label instead of the teacher's
+
+
+@dataclass
+class SplitConfig:
+    train: float = field(default=0.8, metadata=minimum(0.0))  # fraction of keys, by a hash of the key
+    val: float = field(default=0.1, metadata=minimum(0.0))
+    test: float = field(default=0.1, metadata=minimum(0.0))
+    # real inputs held back from distill: the teacher labels them (filtered as train), distill trains on them
+    # only if distill.inputs names pool, and adversarial.inputs can: inputs the distilled student has never
+    # seen, where its free-running failures (repetition loops) happen. Taken from the top of train's range.
+    pool: float = field(default=0.0, metadata=minimum(0.0))
+
+
+@dataclass
+class IngestConfig:
+    sources: List[SourceConfig] = field(default_factory=list)  # where the real data comes from
+    split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by key hash
+    samples_per_shard: int = field(default=64, metadata=minimum(1))  # samples per output webdataset shard
+    max_reject_fraction: float = field(default=0.2, metadata=minimum(0.0))  # fail (exit 2) past this fraction of bad inputs
+
+
+def check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> None:
+    """Each source's type, folder, manifest, URLs and modality; `need_name`: each must have a name (evaluate's)."""
+    for i, s in enumerate(sources):
+        p = f"{where}[{i}]"
+        if s.type is None:
+            s.type = "folder" if s.dir else ("shards" if s.urls else None)
+        if s.type not in ("folder", "shards", "text", "synthetic"):
+            raise UserError(f"config: '{p}.type' must be folder, shards, text or synthetic (got {s.type!r})")
+        if s.type in ("folder", "text") and not s.dir:
+            raise UserError(f"config: '{p}' is a {s.type} source without 'dir'")
+        if s.type in ("folder", "text") and not Path(s.dir).exists():
+            raise UserError(f"config: '{p}.dir': data folder not found: {s.dir}")
+        if s.manifest and s.dir and not (Path(s.dir) / s.manifest).is_file():
+            raise UserError(f"config: '{p}.manifest': file not found: {Path(s.dir) / s.manifest}")
+        if s.type == "shards" and not s.urls:
+            raise UserError(f"config: '{p}' is a shards source without 'urls'")
+        if s.type == "shards" and s.urls.startswith("pipe:") and not s.allow_pipe:
+            raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+        if s.type == "text" and s.modality is None:
+            s.modality = "text"
+        if s.type != "shards" and not s.modality:
+            raise UserError(f"config: '{p}' needs 'modality' (one of {', '.join(modality_registry.names())})")
+        if s.modality:
+            modality_registry.get(s.modality)
+        if need_name and not s.name:
+            raise UserError(f"config: '{p}' needs a 'name' (it names the set in the report)")
+
+
+def validate_config(root) -> list[str]:
+    """The split, every source; each source's modality gets its adapter's default section if the config has none."""
+    sp = root.ingest.split
+    if abs(sp.train + sp.pool + sp.val + sp.test - 1.0) > 1e-6:
+        raise UserError("config: 'ingest.split' fractions must add up to 1")
+    check_sources(root.ingest.sources, "ingest.sources", need_name=False)
+    for s in root.ingest.sources:
+        if s.modality and s.modality not in root.modalities:
+            root.modalities[s.modality] = modality_registry.get(s.modality).Config()
+    return []
+
+
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -191,6 +268,7 @@ def read_shard_items(url: str, src, name: str, rejects: list[dict]) -> list[Item
 
 
 @register_stage("ingest", uses_modalities="decode", progress=lambda d, cfg: units_progress(d),
+                config_class=IngestConfig, validate=validate_config, order=10,
                 description="real media (folders + manifests, webdataset shards, text, synthetic) -> split shards")
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section

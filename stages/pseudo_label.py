@@ -19,15 +19,42 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
+from pipeline.config import minimum
 from pipeline.errors import BadInput
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
 from pipeline.shards import iter_shard, list_shards
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class FilterConfig:
+    min_avg_logprob: Optional[float] = -1.0  # drop labels the teacher was unsure of (None: off)
+    max_compression_ratio: Optional[float] = 2.4  # drop repetition loops (gzip ratio of the text)
+    max_no_speech_prob: Optional[float] = 0.6  # drop windows the teacher thinks hold no speech
+    max_wer: Optional[float] = 0.5  # drop labels too far from a reference, train and val splits only
+    min_confidence: Optional[float] = None  # image teachers: drop labels below this top-1 probability
+    splits: List[str] = field(default_factory=lambda: ["train", "val"])  # splits the filters apply to
+
+
+@dataclass
+class PseudoLabelConfig:
+    batch_size: int = field(default=16, metadata=minimum(1))  # samples per teacher call; batches never cross a shard
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    max_reject_fraction: float = field(default=0.2, metadata=minimum(0.0))  # fail past this fraction of bad inputs
+    top_k: int = field(default=8, metadata=minimum(0))  # store the teacher's top-k log-probs per token, for distill's KD (0: off)
+    store_features: bool = True  # store the teacher's features (fp16) for the student and discriminators
+    # Perturbed copies of each train input (modalities whose adapter can perturb: audio and image, see their augment_*),
+    # labelled by the teacher like any input and filtered like train, kept as split `augmented`: inputs the
+    # student has not memorised, for `distill.inputs` / `adversarial.inputs` to take. 0: none.
+    augment_copies: int = field(default=0, metadata=minimum(0))
+
 
 
 AUGMENTED = "augmented"  # the split of perturbed copies of train inputs
@@ -44,6 +71,7 @@ def npy_load(b: bytes) -> np.ndarray:
 
 
 @register_stage("pseudo_label", after=("ingest",), progress=lambda d, cfg: units_progress(d),
+                config_class=PseudoLabelConfig, order=20,
                 description="label real inputs with frozen teachers (Whisper, CLIP-style, identity), filter, shard")
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section

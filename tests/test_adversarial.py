@@ -15,8 +15,8 @@ from torch import nn
 
 from conftest import ROOT, cli, offline_demo_config
 from stages import adversarial as adv
-from stages.discriminator import Discriminator, DiscriminatorSpec, sequence_logits
-from stages.generation import generate
+from stages.models.discriminator import Discriminator, DiscriminatorSpec, sequence_logits
+from stages.models.generation import generate
 
 
 # ------------------------------------------------------------------------------------------- pinned losses
@@ -111,8 +111,8 @@ def test_sequence_level_reward_and_leave_one_out_advantage_by_hand():
 
 # --------------------------------------------------------------------------------------------- discriminator
 def test_student_backbone_discriminator_starts_undecided_and_is_causal_and_conditioned():
-    from pipeline.config import StudentConfig
-    from stages.student import build_student
+    from stages.models.student import StudentConfig
+    from stages.models.student import build_student
 
     torch.manual_seed(0)
     body = build_student(StudentConfig(style="cross_attention", d_model=16, n_layers=1, n_heads=2, d_ff=32),
@@ -134,9 +134,9 @@ def test_student_backbone_discriminator_starts_undecided_and_is_causal_and_condi
 
 
 def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_trips(tmp_path):
-    from pipeline.config import StudentConfig
-    from stages.discriminator import load_discriminators, save_discriminators
-    from stages.student import build_student
+    from stages.models.student import StudentConfig
+    from stages.models.discriminator import load_discriminators, save_discriminators
+    from stages.models.student import build_student
 
     torch.manual_seed(0)
     body = build_student(StudentConfig(style="cross_attention", d_model=16, n_layers=1, n_heads=2, d_ff=32),
@@ -207,8 +207,8 @@ def test_a_sample_is_judged_fake_from_where_it_leaves_the_real_rows():
 
 # ------------------------------------------------------------------------------------------------- the toy
 def _tiny_student():
-    from pipeline.config import StudentConfig
-    from stages.student import build_student
+    from stages.models.student import StudentConfig
+    from stages.models.student import build_student
 
     torch.manual_seed(0)
     return build_student(StudentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, prefix_len=1), {"text": 0})
@@ -356,8 +356,8 @@ def distilled(tmp_path_factory):
 
 
 def _label_sequences(run: Path) -> set[tuple[int, ...]]:
-    from stages.labelled_data import load_labelled
-    from stages.student import load_student
+    from stages.models.labelled_data import load_labelled
+    from stages.models.student import load_student
 
     tok = load_student(run / "distill" / "final").tokenizer
     data = load_labelled(run / "pseudo_label", tok, 96, splits=("train",))
@@ -399,7 +399,7 @@ def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path
 
 
 def test_length_ratio_and_its_guard_by_hand():
-    from pipeline.config import GuardConfig
+    from stages.adversarial.config import GuardConfig
 
     real = adv.rows_from_tokens([[5, 6, 7, 0], [5, 0]], ["audio"] * 2, [None] * 2, [0, 1], bos=1, pad=0, device="cpu")
     fake = adv.rows_from_tokens([[5, 0], [5, 6, 0], [9, 0], [8, 0]], ["audio"] * 4, [None] * 4, [0, 0, 1, 1], bos=1,
@@ -489,7 +489,7 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
     assert [r["epoch"] for r in pre] == [1, 2]
     # rebuilt from final/ alone, as evaluate does
     discs = adv.load_discriminators(final)
-    from stages.student import load_student
+    from stages.models.student import load_student
 
     tok = load_student(final).tokenizer
     probs = adv.discriminator_probs(discs, "image", ["a picture of a dog", "x"], [torch.randn(3, discs["image"].spec.feature_dim)] * 2, tok)
@@ -599,7 +599,7 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
     markers copied from the student; the image one (a classifier's labels) is a copy of the student."""
     from safetensors.torch import load_file
 
-    from stages.student import load_student
+    from stages.models.student import load_student
 
     cfg = {
         **TINY,

@@ -16,7 +16,7 @@ import torch
 from modalities.audio import Audio, AudioConfig
 from modalities.whisper_teacher import WhisperTeacher, WhisperTeacherConfig, normalize_text
 from modalities.base import Label
-from pipeline.config import FilterConfig
+from stages.pseudo_label import FilterConfig
 from pipeline.errors import BadInput, UserError
 from pipeline.registry import modality_registry
 

@@ -12,7 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import cli
-from pipeline.config import StudentConfig, load_config
+from pipeline.config import load_config
+from stages.models.student import StudentConfig
 from pipeline.errors import UserError
 from pipeline.graph import Runner
 from stages.models.labelled_data import Example, MixtureSampler
@@ -436,7 +437,7 @@ def test_pool_split_holds_inputs_back_from_distill_for_the_phase(tmp_path, label
     it unless distill.inputs names it, and the adversarial phase takes it. Val and test stay as they were."""
     from stages.ingest import split_of
     from stages.pseudo_label import read_labelled
-    from pipeline.config import SplitConfig
+    from stages.ingest import SplitConfig
 
     keys = [f"k{i}" for i in range(4000)]
     plain = {k: split_of(k, SplitConfig(train=0.7, val=0.1, test=0.2)) for k in keys}

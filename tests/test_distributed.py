@@ -263,9 +263,9 @@ def test_user_error_on_rank_1_stops_every_rank_with_its_message(tmp_path):
 def test_samples_do_not_depend_on_which_inputs_share_a_process():
     """The adversarial stage's sampling: input i of iteration t draws from its own generator, so a process
     holding inputs [a, b] samples for b what a process holding [b] alone does."""
-    from pipeline.config import StudentConfig
-    from stages.labelled_data import Example
-    from stages.student import build_student
+    from stages.models.student import StudentConfig
+    from stages.models.labelled_data import Example
+    from stages.models.student import build_student
 
     torch.manual_seed(0)
     student = build_student(StudentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, prefix_len=1), {"text": 0}).eval()
@@ -282,7 +282,7 @@ def test_samples_do_not_depend_on_which_inputs_share_a_process():
     assert next_iteration != together[3:6]  # another iteration, another draw
 
     # greedy: each input's first row is its greedy decode, whatever the generator; the other rows are sampled
-    from stages.generation import generate
+    from stages.models.generation import generate
     greedy = [adv.sample_rows(student, [e], 3, [adv.input_generator(0, it, 0, "cpu")], 1.0, 6, "cpu", greedy=True)[1]
               for e, it in ((ex[0], 5), (ex[0], 6), (ex[1], 5))]
     want = generate(student, ["text"], n=1, temperature=0.0, max_new_tokens=6).texts[0]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import cli
-from stages import report as rp
-from stages import text_metrics as tm
+from stages.evaluation import report as rp
+from stages.evaluation import text_metrics as tm
 
 
 def _fake_run(root: Path, wer_distill: float = 0.25, with_adversarial: bool = True) -> tuple[dict, list[dict]]:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.config import StudentConfig
-from stages.generation import generate
-from stages.student import build_student
+from stages.models.student import StudentConfig
+from stages.models.generation import generate
+from stages.models.student import build_student
 
 torch.set_num_threads(1)
 
@@ -120,7 +120,7 @@ def test_logprobs_are_the_models_temperature_one_scores(style):
 def test_long_inputs_are_read_window_by_window_by_a_cross_attention_student(style):
     import dataclasses
 
-    from stages.generation import feature_windows, generate_texts
+    from stages.models.generation import feature_windows, generate_texts
 
     s = _student(style)
     s.spec = dataclasses.replace(s.spec, source_frames=4)  # a decoder context of 4 frames
@@ -140,7 +140,7 @@ def test_long_inputs_are_read_window_by_window_by_a_cross_attention_student(styl
 def test_a_clip_labelled_in_chunks_is_read_chunk_by_chunk(style):
     import dataclasses
 
-    from stages.generation import feature_windows, generate_texts
+    from stages.models.generation import feature_windows, generate_texts
 
     s = _student(style)
     s.spec = dataclasses.replace(s.spec, source_frames=4)
@@ -157,7 +157,7 @@ def test_a_clip_labelled_in_chunks_is_read_chunk_by_chunk(style):
 def test_temperature_fallback_redecodes_only_looping_pieces():
     from whisper.utils import compression_ratio
 
-    from stages.generation import generate_texts
+    from stages.models.generation import generate_texts
 
     s = _student("prefix")
     feats = _features(6)
@@ -179,7 +179,7 @@ def test_temperature_fallback_redecodes_only_looping_pieces():
 def test_fallback_best_of_keeps_the_most_likely_passing_sample():
     from whisper.utils import compression_ratio
 
-    from stages.generation import generate, generate_texts
+    from stages.models.generation import generate, generate_texts
 
     s = _student("prefix")
     feats = _features(4)
@@ -212,7 +212,7 @@ def test_fallback_best_of_keeps_the_most_likely_passing_sample():
 
 
 def test_ngram_repeats_counts_the_most_repeated_word_4gram():
-    from stages.generation import ngram_repeats
+    from stages.models.generation import ngram_repeats
 
     loop = "the voice over IP capabilities of the voice over IP capabilities of the voice over ip capabilities"
     assert ngram_repeats(loop) == 3
@@ -222,7 +222,7 @@ def test_ngram_repeats_counts_the_most_repeated_word_4gram():
 
 
 def test_ngram_check_sends_a_looping_piece_to_the_fallback():
-    from stages.generation import generate, generate_texts, ngram_repeats
+    from stages.models.generation import generate, generate_texts, ngram_repeats
 
     s = _student("prefix")
     feats = _features(6)

@@ -50,7 +50,7 @@ def test_manifest_contents(tmp_path):
 
 def test_changed_config_reruns_stage_and_downstream(tmp_path):
     cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
-    r = cli("run", CFG, "--run-dir", tmp_path / "r", "extra.train.lr=0.05", check=True)
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.lr=0.05", check=True)
     assert "make: done" in r.stdout
     assert "train: running (config changed: train.lr 0.1 -> 0.05)" in r.stdout  # the key that changed, both values
     # concat's config did not change but its input (train) did: re-run with the reason.
@@ -136,7 +136,7 @@ def test_from_until_force(tmp_path):
 
 def test_reuse_copies_matching_stages(tmp_path):
     cli("run", CFG, "--run-dir", tmp_path / "a", check=True)
-    r = cli("run", CFG, "--run-dir", tmp_path / "b", "extra.train.lr=0.05", "--reuse", tmp_path / "a", check=True)
+    r = cli("run", CFG, "--run-dir", tmp_path / "b", "train.lr=0.05", "--reuse", tmp_path / "a", check=True)
     assert "make: reused from" in r.stdout
     assert "train: running" in r.stdout
     assert (tmp_path / "b/make/out0.json").read_bytes() == (tmp_path / "a/make/out0.json").read_bytes()
@@ -206,8 +206,8 @@ def test_stages_and_modalities_listing():
     assert "text" in r.stdout
 
 
-def test_the_readmes_run_commands_load(tmp_path):
-    """Every `groundgan run configs/...` command in the README (code blocks and inline) names configs and
+def test_the_docs_run_commands_load(tmp_path):
+    """Every `groundgan run configs/...` command in the README and docs/ (code blocks and inline) names configs and
     overrides that pass the checks made at load: the unanchored ablation's command once failed them (it kept the
     demo's select_by: val_wer). The demo's data folders exist only after `make demo`: its sources are swapped for
     synthetic ones."""
@@ -216,11 +216,11 @@ def test_the_readmes_run_commands_load(tmp_path):
 
     from pipeline.config import load_config
 
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     cmds = {" ".join(m.split()) for m in re.findall(r"`(groundgan run [^`]+)`", text)}
     cmds |= {line.strip() for line in text.splitlines() if line.startswith("groundgan run ")}
     cmds = sorted(c for c in cmds if "configs/" in c)
-    assert len(cmds) >= 3, cmds
+    assert len(cmds) >= 4, cmds
     demo = offline_demo_config(tmp_path)
     for cmd in cmds:
         words = shlex.split(cmd)[2:]
@@ -244,11 +244,14 @@ def test_the_config_reference_names_every_training_setting():
     import dataclasses
     import re
 
-    from pipeline import config as c
+    from stages.adversarial.config import AdversarialConfig, GuardConfig
+    from stages.distill import DistillConfig
+    from stages.models.generation import DecodingConfig
+    from stages.models.student import StudentConfig
 
     text = (ROOT / "docs" / "config.md").read_text()
-    sections = {"distill": c.DistillConfig, "distill.student": c.StudentConfig, "adversarial": c.AdversarialConfig,
-                "adversarial.guards": c.GuardConfig, "decoding": c.DecodingConfig}
+    sections = {"distill": DistillConfig, "distill.student": StudentConfig, "adversarial": AdversarialConfig,
+                "adversarial.guards": GuardConfig, "decoding": DecodingConfig}
     parts = re.split(r"^#+ ", text, flags=re.M)
     for title, cls in sections.items():
         body = next(p for p in parts if p.split("\n", 1)[0].strip() == title)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from stages import text_metrics as tm
+from stages.evaluation import text_metrics as tm
 
 
 # ------------------------------------------------------------------------------------------------ WER / IER

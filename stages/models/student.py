@@ -24,18 +24,42 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.config import minimum
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, replace_dir
+
+
+@dataclass
+class StudentConfig:
+    """The student's shape (distill.student). A None is chosen when the config loads (stages/distill.py)."""
+
+    # cross_attention (Whisper decoder layers of the teacher, reading its encoder states) | prefix (projector +
+    # causal LM). None: cross_attention where a modality is labelled by a Whisper teacher, else prefix
+    style: Optional[str] = None
+    init_from: Optional[str] = None  # a local model folder or .gguf file to start from (None: random init)
+    tokenizer: str = "whisper"  # whisper (the teacher's BPE) | init_from (the tokenizer of init_from)
+    d_model: int = field(default=256, metadata=minimum(8))  # width of a randomly initialised student
+    n_layers: int = field(default=4, metadata=minimum(1))
+    n_heads: int = field(default=4, metadata=minimum(1))
+    d_ff: int = field(default=1024, metadata=minimum(8))
+    prefix_len: int = field(default=8, metadata=minimum(1))  # prefix embeddings per input (prefix style)
+    projector: str = "mlp"  # mlp | transformer: maps features [B,T,D_m] to the prefix [B,P,d_model]
+    feature_frames: int = field(default=150, metadata=minimum(1))  # prefix style: features average-pooled to at most this many frames
+    keep_decoder_layers: List[int] = field(default_factory=lambda: [0, -1])  # cross_attention: teacher layers copied
+    # the token embeddings stay as initialised (the marker rows still learn). None: true for cross_attention
+    # (the teacher's embeddings, most of its weights), false for prefix (a random or foreign init must learn)
+    freeze_embeddings: Optional[bool] = None
+    dropout: float = field(default=0.1, metadata=minimum(0.0))
+
 
 SPEC_FILE = "student.json"
 PROJECTORS_FILE = "projectors.safetensors"
@@ -675,27 +699,21 @@ def _whisper_silence(teacher: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- save / load
 def save_student(student: Student, directory: str | os.PathLike) -> Path:
     """Write lm/ (save_pretrained, safetensors), projectors.safetensors and student.json into `directory`
-    (created; replaced if it exists: written into a temporary sibling, then os.replace)."""
+    (created; replaced whole if it exists: pipeline.files.replace_dir)."""
+    with replace_dir(directory) as tmp:
+        write_student(student, tmp)
+    return Path(directory)
+
+
+def write_student(student: Student, folder: Path) -> None:
+    """The files of save_student, into `folder` (which exists)."""
     _quiet_transformers()
     student = getattr(student, "module", student)
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    student.lm.save_pretrained(str(tmp / "lm"))
-    spec = dataclasses.replace(student.spec, tokenizer=student.tokenizer.save_to(tmp / "lm"))
+    student.lm.save_pretrained(str(folder / "lm"))
+    spec = dataclasses.replace(student.spec, tokenizer=student.tokenizer.save_to(folder / "lm"))
     save_file({k: v.detach().contiguous().cpu() for k, v in student.conditioning_state().items()},
-              str(tmp / PROJECTORS_FILE))
-    atomic_write_text(tmp / SPEC_FILE, spec.to_json() + "\n")
-    if directory.exists():
-        old = directory.with_name(f".old-{directory.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-    return directory
+              str(folder / PROJECTORS_FILE))
+    atomic_write_text(folder / SPEC_FILE, spec.to_json() + "\n")
 
 
 def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Student:

@@ -21,7 +21,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-TRANSCRIPT_MODALITIES = ("audio",)  # modalities whose labels are transcripts: WER, IER and 5-gram duplicates
+
+
+def transcribes(modality: str) -> bool:
+    """Whether the modality's labels are transcripts (its adapter's `transcribes`): scored by WER, IER and 5-gram
+    duplicates. False for a modality no adapter here registers."""
+    from pipeline.registry import modality_registry
+
+    return modality in modality_registry and bool(modality_registry.get(modality).transcribes)
+
 SMOOTHING_EPSILON = 0.1  # Chen & Cherry (2014) method 1, as nltk's SmoothingFunction().method1
 
 

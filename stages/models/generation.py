@@ -8,14 +8,47 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
+from pipeline.config import minimum
 from pipeline.errors import BadInput, UserError
-from stages.student import Student, _group_rows
+from pipeline.registry import register_section
+from stages.models.student import Student, _group_rows
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class DecodingConfig:
+    """How a student's greedy text is decoded wherever it is scored: the evaluate stage, and the val checks by
+    which distill and adversarial pick final/ (they decode at most distill.max_text_tokens). Part of the hash of
+    every stage that reads it."""
+
+    max_new_tokens: int = field(default=128, metadata=minimum(1))  # per piece (the evaluate stage)
+    # Whisper's temperature fallback: a piece whose greedy text fails a check below is decoded again at these
+    # temperatures in turn; [] = off
+    fallback_temperatures: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
+    # a text whose gzip compression ratio is above this is a repetition loop (Whisper: 2.4, for 30 s windows;
+    # a chunk's text is shorter and compresses less)
+    max_compression_ratio: float = field(default=1.6, metadata=minimum(1.0))
+    min_avg_logprob: Optional[float] = None  # and where its mean token log-prob is below this (Whisper: -1.0)
+    # samples per piece at each fallback temperature; the passing one with the highest mean log-prob is kept (Whisper: 5)
+    best_of: int = field(default=1, metadata=minimum(1))
+    # and where a word 4-gram occurs more than this many times in one piece (a loop too short for zlib; None: off)
+    max_ngram_repeats: Optional[int] = field(default=2, metadata=minimum(1))
+
+
+def _validate_decoding(root) -> list[str]:
+    if any(float(t) <= 0 for t in root.decoding.fallback_temperatures):
+        raise UserError("config: 'decoding.fallback_temperatures' must be > 0, got "
+                        f"{list(root.decoding.fallback_temperatures)}")
+    return []
+
+
+register_section("decoding", DecodingConfig, _validate_decoding, order=45)
+
 
 
 @dataclass
@@ -95,7 +128,7 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
 
 
 def _group_features(features, feature_mask, rows, idx, dev):
-    from stages.student import _pad_rows
+    from stages.models.student import _pad_rows
 
     if features is None:
         return None, None
@@ -250,7 +283,7 @@ def generate_cli(a) -> int:
     from pipeline.distributed import DistInfo, pick_device
     from pipeline.registry import modality_registry
     from pipeline.rundir import RunDir
-    from stages.student import load_student
+    from stages.models.student import load_student
 
     run = Path(a.run_dir)
     if not (run / "config.yaml").is_file():

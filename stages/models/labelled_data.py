@@ -2,7 +2,7 @@
 modalities by weight with a saveable state (lingua style: a resumed run draws exactly the batches the
 uninterrupted run would have drawn, without replaying any).
 
-Row layout (see stages.student): input_ids = bos y_1 .. y_n eot; the targets are y_1 .. y_n eot. A label
+Row layout (see stages.models.student): input_ids = bos y_1 .. y_n eot; the targets are y_1 .. y_n eot. A label
 longer than max_text_tokens is cut to max_text_tokens and gets no eot (the student must not learn to stop
 mid-sentence); `truncated` counts them.
 """
@@ -17,7 +17,7 @@ import torch
 
 from modalities.base import features_of
 from stages.pseudo_label import read_labelled
-from stages.student import TextTokenizer, pool_frames
+from stages.models.student import TextTokenizer, pool_frames
 
 
 @dataclass
@@ -141,7 +141,7 @@ def within_context(examples: list[Example], spec) -> tuple[list[Example], int]:
     cross_attention decoder reads at most spec.source_frames frames, and a clip longer than that that was not
     split into the teacher's chunks (see _chunks) has a label that does not belong to its first window alone
     (Distil-Whisper also trains on <= 30 s segments). Generation windows such clips instead
-    (stages.generation.feature_windows)."""
+    (stages.models.generation.feature_windows)."""
     if spec.style != "cross_attention":
         return list(examples), 0
     kept = [e for e in examples if e.features is None or e.features.shape[0] <= spec.source_frames]

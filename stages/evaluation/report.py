@@ -418,14 +418,14 @@ def paired_changes(run_paths: dict[str, Path], n: int = 1000, seed: int = 0) -> 
     evaluate/predictions.jsonl), with a paired bootstrap interval (text_metrics.paired_change). The way to read
     an ablation (anchored vs unanchored, MLE vs adversarial): both runs err on the same hard clips, so the
     paired interval is far tighter than the two runs' own intervals. No lines when no run has predictions."""
-    from stages import text_metrics as tm
+    from stages.evaluation import text_metrics as tm
 
     names = list(run_paths)
     preds = {}
     for name, path in run_paths.items():
         rows = read_jsonl(Path(path) / "evaluate" / "predictions.jsonl")
         preds[name] = {(r.get("set"), r.get("modality"), r.get("key")): r for r in rows
-                       if r.get("modality") in tm.TRANSCRIPT_MODALITIES and r.get("reference")}
+                       if tm.transcribes(r.get("modality")) and r.get("reference")}
     base = names[0]
     if len(names) < 2 or not preds[base]:
         return []

@@ -131,7 +131,7 @@ def save_discriminators(discs: dict[str, Discriminator], directory: str | os.Pat
     for name, d in discs.items():
         d = getattr(d, "module", d)
         tmp = directory / f".tmp-{name}.safetensors"
-        from stages.student import save_student
+        from stages.models.student import save_student
 
         save_student(d.body, directory / f"{name}.student")
         state = {k: v for k, v in d.state_dict().items() if not k.startswith("body.")}
@@ -148,7 +148,7 @@ def load_discriminators(directory: str | os.PathLike, device: str | torch.device
     if not specs:
         raise FileNotFoundError(f"no discriminator in {directory}")
     out = {}
-    from stages.student import load_student
+    from stages.models.student import load_student
 
     for js in specs:
         spec = DiscriminatorSpec.from_json(js)

@@ -1,0 +1,25 @@
+"""Plain data from config objects, and their hash: what a stage's config hash is computed on. No imports of the
+project's own, so that pipeline/, stages/ and modalities/ can all use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, dicts, lists and tuples -> dicts and lists of plain values (dict keys as str)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON form; the hash of a config section."""
+    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()
