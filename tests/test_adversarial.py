@@ -380,7 +380,10 @@ def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path
             real_rows.append(ids[1: sum(m)])  # without bos and padding
         return b
 
-    monkeypatch.setattr(adv, "discriminator_batch", spy)
+    from stages.adversarial import judges, stage
+
+    monkeypatch.setattr(stage, "discriminator_batch", spy)  # the steps
+    monkeypatch.setattr(judges, "discriminator_batch", spy)  # the pre-training
     run = tmp_path / "run"
     _run_in_process(cfg, run, [f"adversarial.anchored={str(anchored).lower()}"], reuse=base)
     labels = _label_sequences(base)
@@ -396,6 +399,29 @@ def test_unanchored_discriminators_never_see_a_teacher_label(distilled, tmp_path
         assert not any("ce" in r for r in recs) and all(r.get("label") is None for r in recs if "step" in r)
         assert summary["anchored"] is False and "no teacher label" in summary["real_side"]
         assert any(r.get("kl", 0) > 0 for r in recs)  # the KL penalty stays
+
+
+# The first figures of the phase on TINY (text and the toy vibration modality, frozen copies of the student as judges):
+# the judges' pre-training BCE per pass, the warm-up step's BCE and mean judge score, then the student's total loss
+# and cross-entropy per step. They change only when the numerics of the stack or of the phase change.
+PINNED_PHASE = {"pretrain_disc_bce/text": [9.061250, 9.027554],
+                "warmup": {"disc_loss/text": 8.806154, "disc_loss/vibration": 8.370666, "reward": -108.291389},
+                "loss": [4.703154, 4.761302, 4.888697], "ce": [9.406455, 9.522102, 9.777093]}
+
+
+def test_pinned_first_phase_losses(distilled, tmp_path):
+    cfg, base = distilled
+    _run_in_process(cfg, tmp_path / "run", reuse=base)
+    recs = [json.loads(l) for l in (tmp_path / "run/adversarial/metrics.jsonl").read_text().splitlines()]
+    pre = [r["pretrain_disc_bce/text"] for r in recs if r.get("phase") == "disc_pretrain"]
+    warm = next(r for r in recs if r.get("phase") == "disc_warmup")
+    moved = [r for r in recs if r.get("phase") == "adversarial"]
+    got = {"pretrain_disc_bce/text": pre, "warmup": {k: warm[k] for k in PINNED_PHASE["warmup"]},
+           "loss": [r["loss"] for r in moved], "ce": [r["ce"] for r in moved]}
+    assert got["pretrain_disc_bce/text"] == pytest.approx(PINNED_PHASE["pretrain_disc_bce/text"], abs=1e-4), got
+    assert got["warmup"] == pytest.approx(PINNED_PHASE["warmup"], abs=1e-3), got
+    assert got["loss"] == pytest.approx(PINNED_PHASE["loss"], abs=1e-4), got
+    assert got["ce"] == pytest.approx(PINNED_PHASE["ce"], abs=1e-4), got
 
 
 def test_length_ratio_and_its_guard_by_hand():
