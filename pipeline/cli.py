@@ -34,8 +34,6 @@ def cmd_run(a) -> int:
 
     files, overrides = _split_configs(a.configs)
     cfg = load_config(files, overrides)
-    for note in cfg.notes:
-        print(f"recipe: {note}")
     runner = Runner(cfg, a.run_dir or _default_run_dir(files))
     runner.run_graph(start=a.from_stage, until=a.until, force=a.force, reuse=a.reuse)
     return 0
@@ -52,7 +50,8 @@ def cmd_status(a) -> int:
     cfg = load_config([str(cfg_file)])
     states = Runner(cfg, run).status()
     if a.json:
-        print(json.dumps({s.name: {"state": s.state, "detail": s.detail} for s in states}, indent=2))
+        print(json.dumps({s.name: {"state": s.state, "detail": s.detail,
+                                   **({"counts": s.counts} if s.counts is not None else {})} for s in states}, indent=2))
     else:
         for s in states:
             print(f"{s.name:14s} {s.state:8s} {s.detail}")

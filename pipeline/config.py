@@ -45,10 +45,13 @@ class RunConfig:
     num_threads: int = field(default=0, metadata=minimum(0))  # torch threads (0: torch's default)
     # torch.use_deterministic_algorithms (warn_only): the same run repeats to the bit at any thread count. Without
     # it, the backward of an indexed lookup (Whisper's positional embedding) sums in thread order on CPU, and two
-    # 2-thread runs of the demo's adversarial phase parted after 10 student steps. false: torch's faster defaults.
+    # runs of one config part after a few steps (docs/results.md). false: torch's faster defaults.
     deterministic: bool = True
     progress: bool = True  # tqdm bars
     distributed_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # where training stages' scalars go besides metrics.jsonl: tensorboard (RUN/<stage>/tensorboard/), or a
+    # logger a plugin registers (pipeline.scalar_log); [] for none
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 
@@ -205,6 +208,7 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
         raise UserError(f"config: {str(e).splitlines()[0]}") from None
     root.modalities = mod_cfgs
     _check_mins(root)
+    _check_run(root.run)
     notes: list[str] = []
     for s in sections():  # in order: a section may read what an earlier one settled (distill's student style)
         if s.validate is not None:
@@ -230,6 +234,19 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_plain(), sort_keys=False)
 
+
+
+def _check_run(run: RunConfig) -> None:
+    """The run-time knobs with a closed set of values."""
+    import re
+
+    from pipeline.scalar_log import logger_registry
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", run.device):
+        raise UserError(f"config: 'run.device' must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    check_choice(run.distributed_backend, ("auto", "nccl", "gloo"), "run.distributed_backend")
+    for name in run.loggers:
+        logger_registry.get(name)  # an unknown one lists the registered loggers
 
 
 # ------------------------------------------------------------------------------------- retired and moved keys

@@ -7,6 +7,7 @@ manifest, skip / resume / invalidation decisions and the summary line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import torch
 from pipeline import distributed
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config
+from pipeline.console import console_log
 from pipeline.plain import stable_hash, to_plain
 from pipeline.errors import UserError
 from pipeline.files import append_jsonl, atomic_write_text
@@ -45,6 +47,7 @@ class StageSpec:
     # dotted paths of the config outside its own section that the stage reads (e.g. "decoding",
     # "distill.max_text_tokens"): part of its hash, so changing one re-runs it
     reads: tuple[str, ...] = ()
+    product: str | None = None  # the file of its directory a user reads (evaluate: report.md), named when a run ends
 
     def hash_sections(self, cfg: Config) -> dict:
         sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
@@ -92,7 +95,7 @@ def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
                    progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = (),
                    reads: tuple[str, ...] = (), validate: Callable | None = None, order: int = 100,
-                   retired: dict[str, str] | None = None):
+                   retired: dict[str, str] | None = None, product: str | None = None):
     """Decorator: register `fn(ctx) -> counts` as a stage of the graph, and its config section (`config_class`,
     checked by `validate(root) -> notes` in `order`; `retired`: keys it no longer takes -> where they went), the
     way built-in and plugin stages alike register."""
@@ -100,7 +103,7 @@ def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str 
     def deco(fn):
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
-                                           config_class, progress, doc, tuple(reads)))
+                                           config_class, progress, doc, tuple(reads), product))
         if config_class is not None:
             register_section(name, config_class, validate, order, retired)
         return fn
@@ -121,6 +124,7 @@ class StageContext:
     device: str
     resumed: bool  # partial work from an earlier attempt with the same config is present
     counts: dict[str, int] = field(default_factory=dict)
+    _loggers: list | None = None
 
     @property
     def section(self) -> Any:
@@ -142,6 +146,28 @@ class StageContext:
         if self.dist.is_main:
             append_jsonl(self.dir / "metrics.jsonl", record)
 
+    def scalars(self, values: dict, step: int) -> None:
+        """Figures of one step to every logger of `run.loggers` (TensorBoard by default), main process only; each
+        value a number (None and non-numbers are left out)."""
+        if not self.dist.is_main:
+            return
+        values = {k: float(v) for k, v in values.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        if not values:
+            return
+        if self._loggers is None:
+            from pipeline.scalar_log import logger_registry
+
+            self._loggers = [logger_registry.get(n)(self.dir, self.name, step) for n in self.cfg.root.run.loggers]
+        for lg in self._loggers:
+            lg.log(values, step)
+
+    def close(self) -> None:
+        """The stage is over: its loggers flush and close."""
+        for lg in self._loggers or []:
+            lg.close()
+        self._loggers = None
+
     def progress_bar(self, iterable=None, **kw):
         from tqdm import tqdm
 
@@ -159,7 +185,8 @@ def seed_everything(seed: int) -> None:
 class StageState:
     name: str
     state: str  # done | partial | pending | stale
-    detail: str = ""
+    detail: str = ""  # why, or a done stage's counts as text
+    counts: dict | None = None  # a done stage's counts
 
 
 class Runner:
@@ -199,7 +226,8 @@ class Runner:
             for up, fp in inputs.items():
                 if m.get("inputs", {}).get(up) != fp:
                     return StageState(spec.name, "stale", f"input {up} changed")
-            return StageState(spec.name, "done", f"{m.get('counts', {})}")
+            counts = m.get("counts", {})
+            return StageState(spec.name, "done", ", ".join(f"{k} {v}" for k, v in counts.items()), counts)
         started = self.run.read_started(spec.name)
         if started is not None:
             if started.get("config_hash") != chash:
@@ -229,28 +257,41 @@ class Runner:
         device = distributed.pick_device(self.cfg.root.run.device, info)
         if self.cfg.root.run.num_threads:
             torch.set_num_threads(self.cfg.root.run.num_threads)
+        # what can be refused before anything is written: no run directory is left by a run that never started
+        for spec in self.specs[:lo]:
+            st = self.check(spec)
+            if st.state != "done":
+                raise UserError(f"--from {start}: upstream stage {spec.name} is {st.state}"
+                                f"{' (' + st.detail + ')' if st.detail else ''}; run it first")
         if info.is_main:
             self.run.lock.acquire()
         try:
-            if info.is_main:
-                self.run.path.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.run.path / "config.yaml", self.cfg.to_yaml())
-            distributed.barrier()
-            for spec in self.specs[:lo]:
-                st = self.check(spec)
-                if st.state != "done":
-                    raise UserError(f"--from {start}: upstream stage {spec.name} is {st.state}"
-                                    f"{' (' + st.detail + ')' if st.detail and st.state != 'done' else ''}; run it first")
-            for spec in self.specs[lo: hi + 1]:
-                self._run_stage(spec, spec.name in force, reuse, info, device)
-            # Every rank is done with the process group; it is torn down here rather than left to interpreter
-            # exit, where gloo's threads could still be joinable when their destructors ran (a rank aborted with
-            # "terminate called without an active exception" after a finished run, under load). A rank that
-            # fails leaves it as it is: the others learn of the failure when that process's connections close.
-            distributed.barrier()
-            distributed.shutdown()
+            with console_log(self.run.path / "run.log") if info.is_main else contextlib.nullcontext():
+                if info.is_main:
+                    atomic_write_text(self.run.path / "config.yaml", self.cfg.to_yaml())
+                    for note in self.cfg.notes:
+                        self.echo(f"recipe: {note}")
+                distributed.barrier()
+                for spec in self.specs[lo: hi + 1]:
+                    self._run_stage(spec, spec.name in force, reuse, info, device)
+                # Every rank is done with the process group; it is torn down here rather than left to interpreter
+                # exit, where gloo's threads could still be joinable when their destructors ran (a rank aborted
+                # with "terminate called without an active exception" after a finished run, under load). A rank
+                # that fails leaves it as it is: the others learn of the failure when that process's connections
+                # close.
+                distributed.barrier()
+                distributed.shutdown()
+                if info.is_main:
+                    self._point_at_products(self.specs[lo: hi + 1])
         finally:
             self.run.lock.release()
+
+    def _point_at_products(self, specs: list[StageSpec]) -> None:
+        """The last stage run that has a product to read (evaluate: its report) says where it is."""
+        for spec in reversed(specs):
+            if spec.product and (self.run.stage_dir(spec.name) / spec.product).is_file():
+                self.echo(f"{spec.name}: {self.run.stage_dir(spec.name) / spec.product}")
+                return
 
     def _try_reuse(self, spec: StageSpec, other: Path, chash: str, inputs: dict) -> bool:
         src = RunDir(other)
@@ -317,7 +358,10 @@ class Runner:
                            info, device, resumed)
         seed_everything(self.cfg.root.seed)
         t0 = time.time()
-        counts = spec.run(ctx) or {}
+        try:
+            counts = spec.run(ctx) or {}
+        finally:
+            ctx.close()
         counts = {**ctx.counts, **counts}
         distributed.barrier()
         if info.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -15,10 +16,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str | None = None):
+    def __init__(self, kind: str, entry_point_group: str | None = None, hint: str = ""):
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.hint = hint  # how to add one, said when a name is unknown
         self._items: dict[str, T] = {}
+        self._broken: dict[str, str] = {}  # entry-point name -> why its module failed to import
         self._loaded_entry_points = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -37,19 +40,31 @@ class Registry(Generic[T]):
         self._items[name] = obj
 
     def _load_entry_points(self) -> None:
+        """Import every module of the entry-point group (each registers itself on import). One that fails is
+        set aside with its reason and said once: the commands that do not need it go on."""
         if self._loaded_entry_points or not self.entry_point_group:
             return
         self._loaded_entry_points = True
         for ep in entry_points(group=self.entry_point_group):
-            if ep.name not in self._items:
-                ep.load()  # the module registers itself on import
+            if ep.name in self._items:
+                continue
+            try:
+                ep.load()
+            except Exception as e:  # a plugin's own bug, or a dependency it lacks: that plugin alone is out
+                why = f"entry point {self.entry_point_group}:{ep.name} = {ep.value} failed to import " \
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                self._broken[ep.name] = why
+                print(f"warning: {why}; {self.kind} {ep.name!r} is unavailable", file=sys.stderr)
 
     def get(self, name: str) -> T:
         self._load_entry_points()
         if name not in self._items:
+            if name in self._broken:
+                raise UserError(f"{self.kind} {name!r} is unavailable: {self._broken[name]}")
             close = difflib.get_close_matches(name, list(self._items), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(sorted(self._items)) or 'none'}")
+            raise UserError(f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(sorted(self._items)) or 'none'}"
+                            + (f". {self.hint}" if self.hint else ""))
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:
@@ -75,8 +90,12 @@ def import_plugins(modules: list[str]) -> None:
 
 
 # The project's registries. Modules register into them on import; plugins and entry points add more.
-stage_registry: Registry = Registry("stage", "groundgan.stages")
-modality_registry: Registry = Registry("modality", "groundgan.modalities")
+_PLUGIN_HINT = ("A {kind} from a plugin: name its module under `plugins:` in the config, or install the package that "
+                "registers it (entry-point group {group}); docs/adding-a-modality.md")
+stage_registry: Registry = Registry("stage", "groundgan.stages",
+                                    _PLUGIN_HINT.format(kind="stage", group="groundgan.stages"))
+modality_registry: Registry = Registry("modality", "groundgan.modalities",
+                                       _PLUGIN_HINT.format(kind="modality", group="groundgan.modalities"))
 
 
 @dataclass

@@ -422,11 +422,6 @@ def run(ctx: StageContext) -> dict:
         best = dict(loaded.state["extra"].get("best", best))
     if dist.is_main:
         _truncate_metrics(ctx.dir / "metrics.jsonl", start)
-    writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(ctx.dir / "tensorboard"), purge_step=start if start else None)
     if start == 0 and dist.is_main:
         ctx.metric({"event": "start", "params": count_parameters(student), "train": len(train), "val": len(val),
                     "modalities": data.feature_dims, "kd": with_kd, "init": student.spec.init, **data.counts})
@@ -444,9 +439,7 @@ def run(ctx: StageContext) -> dict:
             ctx.metric({"step": step, **v, "sample": sample, "label": val[0].text})
             if rows:
                 write_val_predictions(ctx.dir, step, rows)
-            for k, x in v.items():
-                if k != "val_tokens" and x is not None:
-                    writer.add_scalar(f"val/{k[4:]}", x, step)
+            ctx.scalars({f"val/{k[4:]}": x for k, x in v.items() if k != "val_tokens"}, step)
             if better(v, best, cfg.select_by):
                 save_student(scored, ctx.dir / "best")
                 best.update(step=step, val_loss=v["val_loss"], val_wer=v.get("val_wer"))
@@ -490,19 +483,18 @@ def run(ctx: StageContext) -> dict:
         ce, kd = float(sums[0]) / n_targets, float(sums[1]) / max(1, n_kd)
         rec = {"step": done, "loss": ce + (cfg.kd_weight * kd if with_kd else 0.0), "ce": ce, "lr": lr,
                "grad_norm": float(grad_norm), "token_acc": float(sums[2]) / n_targets, "epoch": round(sampler.epoch, 4)}
-        if with_kd:
+        if with_kd and n_kd:  # a batch without KD targets (drawings only) has no KD term, not a KD of 0
             rec["kd"] = kd
         tok_since += n_targets
         if dist.is_main:
             ctx.metric(rec)
-            for k in ("loss", "ce", "kd", "lr", "grad_norm"):
-                if k in rec:
-                    writer.add_scalar(f"train/{k}", rec[k], done)
+            figures = {f"train/{k}": rec[k] for k in ("loss", "ce", "kd", "lr", "grad_norm") if k in rec}
             now = time.time()
             if now - t_last > 1.0 or done == cfg.steps:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_since / (now - t_last):.0f}")
-                writer.add_scalar("train/tokens_per_s", tok_since / (now - t_last), done)
+                figures["train/tokens_per_s"] = tok_since / (now - t_last)
                 t_last, tok_since = now, 0
+            ctx.scalars(figures, done)
             bar.update(1)
         if done % cfg.val_every == 0 or done == cfg.steps:
             validate_and_keep_best(done)
@@ -517,7 +509,6 @@ def run(ctx: StageContext) -> dict:
 
     # ---- final/: the best student by validation loss (the last one without a val split), with a card
     if dist.is_main:
-        writer.close()
         chosen = best["step"]
         best_dir = ctx.dir / "best"
         with replace_dir(ctx.dir / "final") as tmp:

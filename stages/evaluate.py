@@ -490,7 +490,7 @@ def _temperatures(cfg) -> list[float]:
 
 
 @register_stage("evaluate", after=("pseudo_label", "distill"), optional_after=("adversarial",), reads=("decoding",),
-                config_class=EvaluateConfig, validate=validate_config, order=50, retired=MOVED,
+                config_class=EvaluateConfig, validate=validate_config, order=50, retired=MOVED, product="report.md",
                 description="teacher vs distilled vs adversarial students on held-out sets: metrics, sweep, report")
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section
@@ -510,6 +510,9 @@ def run(ctx: StageContext) -> dict:
     from stages.models.student import load_student
 
     n_generated = 0
+    # one step per (checkpoint, set, modality, temperature) decoded, in samples
+    bar = ctx.progress_bar(total=len(checkpoints) * len(temps) * sum(len(i) for mods in sets.values()
+                                                                     for i in mods.values()), unit="sample")
     for cp, final in checkpoints.items():
         student = load_student(final, ctx.device)
         discs = load_discriminators(final, ctx.device) if cp == "adversarial" else None
@@ -521,11 +524,13 @@ def run(ctx: StageContext) -> dict:
                     log.warning("evaluate: the %s student does not read %s; %s/%s left out", cp, m, s, m)
                     continue
                 for t in temps:
+                    bar.set_postfix_str(f"{cp} {s}/{m} T={t:g}")
                     cache = ctx.dir / "generations" / _SAFE.sub("_", s) / m / cp / f"T{t:g}.json"
                     if distributed.broadcast_object(cache.is_file() if ctx.dist.is_main else None):
                         # Reused from an interrupted attempt: still part of what this stage generated.
                         texts[(cp, s, m, t)] = json.loads(cache.read_text())["texts"] if ctx.dist.is_main else []
                         n_generated += len(items)
+                        bar.update(len(items))
                         continue
                     # One random stream per (set, modality, temperature), the same for every checkpoint (common
                     # random numbers): equal weights write equal texts, and the checkpoints' differences are
@@ -536,6 +541,7 @@ def run(ctx: StageContext) -> dict:
                     texts[(cp, s, m, t)] = out
                     if ctx.dist.is_main:
                         atomic_write_json(cache, {"keys": [it.key for it in items], "texts": out})
+                    bar.update(len(items))
                 nlls[(cp, s, m)] = teacher_nll(ctx, student, m, items, sorted(set(temps) | {1.0}))
                 if ctx.dist.is_main and cp == "adversarial":
                     # judged where a discriminator was trained: inputs the teacher labelled in one piece
@@ -547,6 +553,7 @@ def run(ctx: StageContext) -> dict:
         del student, discs
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    bar.close()
     if not ctx.dist.is_main:
         return {}
 

@@ -513,6 +513,14 @@ def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
     assert any("disc_acc/audio" in r for r in recs) and any("distinct_2" in r for r in recs)
     pre = [r for r in recs if r.get("phase") == "disc_pretrain"]
     assert [r["epoch"] for r in pre] == [1, 2]
+    # both training stages' figures in TensorBoard: the student's terms and the judges', by name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {s: set(EventAccumulator(str(a / s / "tensorboard")).Reload().Tags()["scalars"])
+            for s in ("distill", "adversarial")}
+    assert {"train/loss", "train/ce", "train/kd", "val/loss"} <= tags["distill"], tags
+    assert {"train/pg_loss", "train/ce", "train/kl", "train/reward", "disc_acc/audio", "disc_rank/image",
+            "train/distinct_2"} <= tags["adversarial"], tags
     # rebuilt from final/ alone, as evaluate does
     discs = adv.load_discriminators(final)
     from stages.models.student import load_student
@@ -685,12 +693,11 @@ def test_the_demo_is_the_recipe_and_its_overlay_loads(tmp_path):
     demo = offline_demo_config(tmp_path)
     loaded = load_config([str(demo)])
     c = loaded.root
-    a, sp = c.adversarial, c.ingest.split
+    a = c.adversarial
     assert loaded.notes == []  # every recipe choice applies to the demo
     assert (a.disc_backbone, a.inputs, a.k_samples, a.select_by) == ("teacher", ["pool"], 4, "val_wer")
     assert (c.distill.student.style, c.distill.student.freeze_embeddings, c.distill.select_by) == \
         ("cross_attention", True, "val_wer")
-    assert (sp.train, sp.pool, sp.val, sp.test) == (0.6, 0.1, 0.1, 0.2) and c.pseudo_label.augment_copies == 0
     # only data and teachers: the same training sections, but for the demo's batch mix
     raw = yaml.safe_load(demo.read_text())
     bare = tmp_path / "bare.yaml"
@@ -698,10 +705,9 @@ def test_the_demo_is_the_recipe_and_its_overlay_loads(tmp_path):
     b = load_config([str(bare)]).root
     assert b.distill == c.distill and b.decoding == c.decoding and b.pseudo_label == c.pseudo_label
     assert dataclasses.replace(b.adversarial, modality_weights=a.modality_weights) == a
-    c = load_config([str(demo), str(ROOT / "configs" / "augmented.yaml")]).root
-    assert c.adversarial.inputs == ["augmented"] and c.pseudo_label.augment_copies == 2
-    assert c.modalities["audio"].augment_snr_db == [15.0, 30.0]
-    assert c.distill.steps == 600 and c.adversarial.disc_backbone == "teacher"  # the rest is the demo's
+    aug = load_config([str(demo), str(ROOT / "configs" / "augmented.yaml")]).root
+    assert aug.adversarial.inputs == ["augmented"] and aug.pseudo_label.augment_copies == 2
+    assert aug.distill == c.distill and dataclasses.replace(aug.adversarial, inputs=a.inputs) == a  # the rest is the demo's
 
 
 def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):

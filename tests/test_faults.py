@@ -98,12 +98,12 @@ def _manifest(path: Path) -> bytes:
 def products(run: Path) -> dict[str, bytes]:
     """Every file a run leaves, for comparison with another run of the same command: bytes, except that
     manifests lose their timing fields, checkpoint .pt files are compared by value and checkpoint.json
-    without their sha256; tensorboard event files (wall-clock stamped) are left out. Temporary files left
-    by a kill and a lock left behind show up as extra files."""
+    without their sha256; tensorboard event files (wall-clock stamped) and run.log (the console, attempt by
+    attempt) are left out. Temporary files left by a kill and a lock left behind show up as extra files."""
     out = {}
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run).as_posix()
-        if not p.is_file() or "/tensorboard/" in rel:
+        if not p.is_file() or "/tensorboard/" in rel or rel == "run.log":
             continue
         if p.name == "manifest.json":
             out[rel] = _manifest(p)
@@ -385,7 +385,9 @@ def test_disk_full_injected_through_a_plugin(baseline, tmp_path):
     ("ingest.sources=[{type: shards, modality: audio}]", "is a shards source without 'urls'"),
     ("ingest.sources=[{dir: /no/such/audio, modality: audio}]", "data folder not found: /no/such/audio"),
     ("adversarial.disc_backbone=teacher", "'adversarial.disc_backbone: teacher' needs a cross_attention student"),
-    ("adversarial.disc_backbone=linear", "'adversarial.disc_backbone' must be transformer, student or teacher"),
+    ("adversarial.disc_backbone=linear", "'adversarial.disc_backbone' must be student or teacher, got 'linear'"),
+    ("run.device=tpu", "'run.device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("run.loggers=[wandb]", "unknown scalar logger 'wandb'"),
 ])
 def test_bad_config_is_one_message_and_exit_2(override, needle):
     r = cli("config", TINY, override)

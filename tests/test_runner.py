@@ -35,6 +35,21 @@ def test_run_then_skip_on_match(tmp_path):
     assert {k: v["state"] for k, v in st.items()} == {"make": "done", "train": "done", "concat": "done"}
 
 
+def test_the_run_log_status_json_and_a_run_that_never_started(tmp_path):
+    """RUN/run.log holds what the console showed, attempt after attempt; `status --json` gives a done stage's
+    counts as numbers; a run refused before it starts leaves no run directory behind."""
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    log = (tmp_path / "r/run.log").read_text()
+    assert log.count("=== ") == 2 and "make: finished" in log and "concat: done, config and inputs unchanged" in log
+    assert all(line in log for line in r.stdout.splitlines())
+    st = json.loads(cli("status", tmp_path / "r", "--json", check=True).stdout)
+    assert st["train"]["counts"] == {"steps": 6} and st["train"]["detail"] == "steps 6"
+    r = cli("run", CFG, "--run-dir", tmp_path / "never", "--from", "concat")
+    assert r.returncode == 2 and "upstream stage make is pending" in r.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_manifest_contents(tmp_path):
     cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
     m = json.loads((tmp_path / "r/train/manifest.json").read_text())

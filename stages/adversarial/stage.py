@@ -174,6 +174,7 @@ def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
                      val_decoding(ctx.cfg.root))
     if ctx.dist.is_main:
         ctx.metric({"step": step, "student_steps": ph.student_steps, **v})
+        ctx.scalars({f"val/{k[4:]}": x for k, x in v.items() if k.startswith("val_")}, step)
         write_val_predictions(ctx.dir, ph.student_steps, rows)
         if v["val_wer"] is not None and (ph.best["val_wer"] is None or v["val_wer"] < ph.best["val_wer"]):
             save_student(ph.student, ctx.dir / "best")
@@ -247,6 +248,9 @@ def _log(ctx: StageContext, ph: Phase, rec: dict, moves: bool) -> None:
     if ph.stop_reason:
         rec["early_stop"] = ph.stop_reason
     ctx.metric({k: v for k, v in rec.items() if not k.startswith("_")})
+    # the same figures to TensorBoard: the student's under train/, the judges' by name (disc_acc/audio, ...)
+    ctx.scalars({k if "/" in k else f"train/{k}": v for k, v in rec.items()
+                 if not k.startswith("_") and k not in ("step", "student_steps")}, rec["step"])
 
 
 def _finish(ctx: StageContext, ph: Phase, done: int) -> dict:

@@ -73,7 +73,16 @@ def read_curves(run: Path, stage: str) -> dict[str, list[tuple[float, float]]]:
 
 
 def _is_loss(key: str) -> bool:
-    return "loss" in key.lower() or key.lower() in ("nll", "val_nll", "ppl", "val_ppl")
+    return "loss" in key.lower() or key.lower() in ("ce", "kd", "kl", "nll", "val_nll", "ppl", "val_ppl")
+
+
+def _loss_terms(keys) -> list[str]:
+    """The loss curves worth a line: each term (cross-entropy, KD, KL, the policy-gradient and judges' losses,
+    validation's), not their weighted total `loss`, whose terms come and go by batch (a batch without KD targets
+    has no KD term) and would make it jump; the total only where a stage logs no term."""
+    keys = [k for k in keys if _is_loss(k)]
+    terms = [k for k in keys if k != "loss"]
+    return terms or keys
 
 
 def _is_disc_acc(key: str) -> bool:
@@ -186,12 +195,13 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def plot_training_curves(runs: dict[str, Path], path: Path) -> bool:
-    """One panel per stage in TRAINING_STAGES that logged a loss: every `*loss*` key of its
-    metrics.jsonl against the step; runs overlaid by colour, keys by line style. False: nothing to plot."""
+    """One panel per stage in TRAINING_STAGES that logged a loss: one line per loss term of its metrics.jsonl
+    (_loss_terms) against the step; runs overlaid by colour, terms by line style. False: nothing to plot."""
     plt = _pyplot()
     panels = []
     for stage in TRAINING_STAGES:
-        series = {name: {k: v for k, v in read_curves(run, stage).items() if _is_loss(k)} for name, run in runs.items()}
+        curves = {name: read_curves(run, stage) for name, run in runs.items()}
+        series = {name: {k: c[k] for k in _loss_terms(c)} for name, c in curves.items()}
         if any(series.values()):
             panels.append((stage, series))
     if not panels:
@@ -199,7 +209,7 @@ def plot_training_curves(runs: dict[str, Path], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (stage, series) in zip(axes[0], panels):
-        keys = _order([k for s in series.values() for k in s], ("loss", "train_loss", "val_loss"))
+        keys = _order([k for s in series.values() for k in s], ("ce", "kd", "val_loss", "loss"))
         for ri, (name, s) in enumerate(series.items()):
             for ki, k in enumerate(keys):
                 if k not in s:

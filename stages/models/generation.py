@@ -290,6 +290,8 @@ def generate_cli(a) -> int:
         raise UserError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config([str(run / "config.yaml")])
     rd = RunDir(run)
+    if a.stage not in (None, "distill", "adversarial"):
+        raise UserError(f"--stage {a.stage}: a student comes from the distill or the adversarial stage")
     stages = [a.stage] if a.stage else ["adversarial", "distill"]
     stage = next((s for s in stages if (rd.stage_dir(s) / "final" / "student.json").is_file()), None)
     if stage is None:
