@@ -116,6 +116,8 @@ def validate_config(root) -> list[str]:
     take(d, "select_by", "val_wer" if transcribes else "val_loss",
          None if transcribes else "distill.select_by (no modality transcribes)", notes, root.stages)
     check_choice(st.style, ("prefix", "cross_attention"), "distill.student.style")
+    check_choice(st.tokenizer, ("whisper", "init_from"), "distill.student.tokenizer")
+    check_choice(st.projector, ("mlp", "transformer"), "distill.student.projector")
     check_choice(d.select_by, ("val_loss", "val_wer"), "distill.select_by")
     if not d.ema_decay < 1.0:
         raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {d.ema_decay!r}")

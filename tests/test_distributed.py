@@ -136,7 +136,9 @@ def test_two_processes_match_one(runs):
 
     # adversarial: the same samples (per-input generators), the student's and discriminators' losses
     aa, ab = _records(one, "adversarial"), _records(two, "adversarial")
-    assert len(aa) == len(ab) == 7 and [sorted(r) for r in aa] == [sorted(r) for r in ab]
+    # the start, two pre-training passes, the val checks before the first student step and after the last, and
+    # the six iterations (two of judge warm-up) of configs/tiny.yaml
+    assert len(aa) == len(ab) == 1 + 2 + 2 + 6 and [sorted(r) for r in aa] == [sorted(r) for r in ab]
     assert [r.get("sample") for r in aa] == [r.get("sample") for r in ab]
     worst, where = _worst(aa, ab, ("loss", "ce", "reward", "grad_norm", "disc_loss/", "disc_acc/"))
     print(f"adversarial: max relative loss difference {worst:.2e} ({where})")
@@ -281,10 +283,3 @@ def test_samples_do_not_depend_on_which_inputs_share_a_process():
     _, next_iteration = adv.sample_rows(student, [ex[1]], 3, [adv.input_generator(0, 6, 1, "cpu")], 1.0, 6, "cpu")
     assert next_iteration != together[3:6]  # another iteration, another draw
 
-    # greedy: each input's first row is its greedy decode, whatever the generator; the other rows are sampled
-    from stages.models.generation import generate
-    greedy = [adv.sample_rows(student, [e], 3, [adv.input_generator(0, it, 0, "cpu")], 1.0, 6, "cpu", greedy=True)[1]
-              for e, it in ((ex[0], 5), (ex[0], 6), (ex[1], 5))]
-    want = generate(student, ["text"], n=1, temperature=0.0, max_new_tokens=6).texts[0]
-    assert [g[0] for g in greedy] == [want] * 3 and all(len(g) == 3 for g in greedy)
-    assert greedy[0][1:] != greedy[1][1:]  # the others are draws of their iteration's stream

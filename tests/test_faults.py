@@ -387,6 +387,7 @@ def test_disk_full_injected_through_a_plugin(baseline, tmp_path):
     ("adversarial.disc_backbone=teacher", "'adversarial.disc_backbone: teacher' needs a cross_attention student"),
     ("adversarial.disc_backbone=linear", "'adversarial.disc_backbone' must be student or teacher, got 'linear'"),
     ("run.device=tpu", "'run.device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("distill.student.projector=linear", "'distill.student.projector' must be mlp or transformer, got 'linear'"),
     ("run.loggers=[wandb]", "unknown scalar logger 'wandb'"),
 ])
 def test_bad_config_is_one_message_and_exit_2(override, needle):
