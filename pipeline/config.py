@@ -58,6 +58,10 @@ class IngestConfig:
     split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by key hash
     samples_per_shard: int = field(default=64, metadata=_min(1))  # samples per output webdataset shard
     max_reject_fraction: float = field(default=0.2, metadata=_min(0.0))  # fail (exit 2) past this fraction of bad inputs
+    # memory per input, whatever it claims: a file or shard member over max_member_mb is refused from its size
+    # (a tar header's, before a byte is read), and a shard stops reading past max_shard_mb of members
+    max_member_mb: float = field(default=512.0, metadata=_min(0.001))
+    max_shard_mb: float = field(default=2048.0, metadata=_min(0.001))
 
 
 # ----------------------------------------------------------------------------------------------- pseudo_label
@@ -383,8 +387,15 @@ def _check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> 
             raise UserError(f"config: '{p}.manifest': file not found: {Path(s.dir) / s.manifest}")
         if s.type == "shards" and not s.urls:
             raise UserError(f"config: '{p}' is a shards source without 'urls'")
-        if s.type == "shards" and s.urls.startswith("pipe:") and not s.allow_pipe:
-            raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+        if s.type == "shards" and not s.allow_pipe:
+            from pipeline.shards import command_scheme
+
+            scheme = command_scheme(s.urls)
+            if scheme == "pipe":
+                raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+            if scheme:
+                raise UserError(f"config: '{p}.urls' is a {scheme}: URL, which webdataset reads by starting a program "
+                                "(curl, gsutil, ...); set allow_pipe: true to allow it")
         if s.type == "text" and s.modality is None:
             s.modality = "text"
         if s.type != "shards" and not s.modality:
