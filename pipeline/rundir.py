@@ -1,13 +1,14 @@
 """The run directory: its lock, the stage directories and their manifests.
 
 RUN/config.yaml                the resolved config
-RUN/.lock                      held while a run is active (pid, host, start time)
+RUN/.lock                      flock-ed while a run is active (pid, host, start time inside, for messages)
 RUN/<stage>/started.json       the config hash and input fingerprints the partial work was made with
 RUN/<stage>/manifest.json      written last and atomically: the stage is done exactly when it exists and matches
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -31,66 +32,69 @@ _LOG_FILES = {"metrics.jsonl", "rejects.jsonl", "stage.log"}
 
 
 class RunLock:
-    """An exclusive lock on a run directory. A lock left by a dead process on this host is taken over."""
+    """An exclusive lock on a run directory, held by the kernel (fcntl.flock on RUN/.lock): it is released when
+    its process exits however it exits, so a kill never leaves a lock to take over by hand, a torn lock file
+    jams nothing, and two processes can never both hold it. The file records who holds it, for the message a
+    second run prints."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
-        self.held = False
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 owner = self._read()
-                if owner and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid", -1)):
-                    print(f"taking over a stale lock on {self.path.parent} left by dead process {owner.get('pid')}", file=sys.stderr)
-                    try:
-                        os.unlink(self.path)
-                    except FileNotFoundError:
-                        pass
-                    continue
                 who = f"process {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
                 raise UserError(f"run directory {self.path.parent} is in use by {who} (lock file {self.path}); "
-                                "wait for it to finish, or delete the lock if that process is gone")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise UserError(f"could not take the lock {self.path}")
+                                "wait for it to finish") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # A holder that released between our open and our flock has unlinked the file: we would hold a lock
+            # on a name nobody else opens. Take the file that is there now instead.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        before = self._read()
+        if before is not None or os.fstat(fd).st_size:
+            pid = before.get("pid") if before else "unknown (a torn lock file)"
+            print(f"taking over a stale lock on {self.path.parent} left by process {pid}, which is gone", file=sys.stderr)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        self.fd = fd
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            rec = json.loads(self.path.read_text())
+            return rec if isinstance(rec, dict) else None
         except (OSError, ValueError):
             return None
 
     def release(self) -> None:
-        if self.held:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped) is dead for our purpose.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: a process that opened the old file sees it and retries
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 def list_outputs(stage_dir: Path) -> list[dict]:
@@ -142,6 +146,8 @@ def versions() -> dict:
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run directory {self.path} is a file, not a directory; name another --run-dir")
         self.lock = RunLock(self.path)
 
     def stage_dir(self, stage: str) -> Path:

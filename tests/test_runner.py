@@ -109,17 +109,22 @@ def test_kill_inside_atomic_write_keeps_old_file(tmp_path):
 def test_lock_refuses_second_run(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a process that holds the run's lock as a run does (RunLock: flock on RUN/.lock), then sleeps
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from pipeline.rundir import RunLock; "
+            "RunLock(Path(%r)).acquire(); print('held', flush=True); time.sleep(60)") % (str(ROOT), str(run))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": time.time()}))
+        assert holder.stdout.readline().strip() == "held"
         r = cli("run", CFG, "--run-dir", run)
         assert r.returncode == 2
-        assert "in use by process" in r.stderr and "Traceback" not in r.stderr
+        assert f"in use by process {holder.pid}" in r.stderr and "Traceback" not in r.stderr
     finally:
         holder.kill()
         holder.wait()
+    # the holder was killed: the kernel dropped its lock; its record is left, and named as it is taken over
     r = cli("run", CFG, "--run-dir", run, check=True)
-    assert "taking over a stale lock" in r.stderr
+    assert f"taking over a stale lock on {run} left by process {holder.pid}" in r.stderr
+    assert not (run / ".lock").exists()
 
 
 def test_from_until_force(tmp_path):
