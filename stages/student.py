@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.checkpoint import storage_error
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
 
@@ -679,12 +680,20 @@ def save_student(student: Student, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    student.lm.save_pretrained(str(tmp / "lm"))
-    spec = dataclasses.replace(student.spec, tokenizer=student.tokenizer.save_to(tmp / "lm"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.conditioning_state().items()},
-              str(tmp / PROJECTORS_FILE))
-    atomic_write_text(tmp / SPEC_FILE, spec.to_json() + "\n")
+    try:
+        tmp.mkdir(parents=True)
+        student.lm.save_pretrained(str(tmp / "lm"))
+        spec = dataclasses.replace(student.spec, tokenizer=student.tokenizer.save_to(tmp / "lm"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in student.conditioning_state().items()},
+                  str(tmp / PROJECTORS_FILE))
+        atomic_write_text(tmp / SPEC_FILE, spec.to_json() + "\n")
+    except Exception as e:  # a full disk, a read-only folder: one line, and the previous student stays as it was
+        err = storage_error(e, tmp)
+        if err is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the previous {directory} is intact" if directory.exists() else ""
+        raise UserError(f"could not write the student to {directory}: {err.strerror or err}{kept}") from None
     if directory.exists():
         old = directory.with_name(f".old-{directory.name}")
         shutil.rmtree(old, ignore_errors=True)
