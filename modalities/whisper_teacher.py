@@ -41,6 +41,14 @@ HOP = 160  # samples per mel frame
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field: 30 s, 3000 mel frames, 1500 encoder positions
 FRAMES_PER_SECOND = SAMPLE_RATE / HOP / 2  # encoder positions per second of audio (50)
 OFFLINE_PREFIX = "offline:"
+# A teacher batch of at most this many windows is encoded and decoded at once, as it always was (a batch of
+# clips up to chunk_seconds long has one window per clip; the demo's batches hold under 40); a batch with more
+# (long audio) goes through in parts of WINDOWS_PER_PART windows, so that its memory is a few windows' (the
+# decoder's cross-attention cache alone is ~18 MB per window for tiny.en). A window's text and tokens do not
+# depend on the part it is in; its scores and features may move in the last bits (float sums over another
+# batch shape), which is why batches that fit stay whole.
+MAX_WINDOWS_AT_ONCE = 64
+WINDOWS_PER_PART = 8
 
 
 @dataclass
@@ -313,7 +321,21 @@ class WhisperTeacher(Teacher):
 
     def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
         """Encode windows grouped by context length, then decode together every window whose cross-attention
-        keys have the same length (with the silence tail: all of them, 1500)."""
+        keys have the same length (with the silence tail: all of them, 1500). A batch of more than
+        MAX_WINDOWS_AT_ONCE windows (long audio cut into many) goes through in parts of at most
+        WINDOWS_PER_PART, each encoded and decoded before the next: memory stays that of a few windows, however
+        long the clip."""
+        if len(windows) > MAX_WINDOWS_AT_ONCE:
+            results: list[Optional[_Decoded]] = [None] * len(windows)
+            order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)  # like contexts together
+            for i in range(0, len(order), WINDOWS_PER_PART):
+                part = order[i: i + WINDOWS_PER_PART]
+                for j, dec in zip(part, self._decode_windows_at_once([windows[j] for j in part])):
+                    results[j] = dec
+            return results
+        return self._decode_windows_at_once(windows)
+
+    def _decode_windows_at_once(self, windows: list[_Window]) -> list[_Decoded]:
         model = self.model
         n_ctx = model.dims.n_audio_ctx
         features: list[Optional[np.ndarray]] = [None] * len(windows)
@@ -447,11 +469,17 @@ class WhisperTeacher(Teacher):
 def frame_db(audio: np.ndarray, step: int = 2 * HOP) -> np.ndarray:
     """Mean power in dB (floor -100) of each `step` samples of `audio` (default: one encoder frame, 20 ms),
     the last frame padded with zeros: [ceil(len / step)]."""
-    a = np.asarray(audio, dtype=np.float64)
+    a = np.asarray(audio)
     n = max(1, math.ceil(a.size / step))
-    x = np.zeros(n * step)
-    x[: a.size] = a
-    return 10.0 * np.log10(np.maximum((x.reshape(n, step) ** 2).mean(axis=1), 1e-10))
+    power = np.empty(n)
+    per_block = 4096  # frames converted to float64 at a time: a 2-hour clip is not copied whole
+    for f0 in range(0, n, per_block):
+        f1 = min(n, f0 + per_block)
+        x = np.zeros((f1 - f0) * step)
+        seg = a[f0 * step: f1 * step]
+        x[: seg.size] = seg
+        power[f0:f1] = (x.reshape(f1 - f0, step) ** 2).mean(axis=1)
+    return 10.0 * np.log10(np.maximum(power, 1e-10))
 
 
 def pause_cuts(db: np.ndarray, max_frames: int, min_frames: int | None = None, smooth: int = 15) -> list[tuple[int, int]]:
