@@ -72,12 +72,44 @@ def resample_rate(sr: int, new: int = SAMPLE_RATE) -> int:
     return new
 
 
+RESAMPLE_WHOLE = 1 << 22  # clips of up to this many samples are resampled in one convolution, as they always were
+RESAMPLE_BLOCK = 1 << 18  # kernel positions per convolution of a longer clip (every block this size: the last padded)
+
+
 def resample_to_16k(mono: np.ndarray, sr: int) -> np.ndarray:
-    """float32 mono at `sr` Hz -> 16 kHz (torchaudio's sinc interpolation, from resample_rate(sr))."""
+    """float32 mono at `sr` Hz -> 16 kHz: torchaudio's sinc interpolation (its default window and width), from
+    resample_rate(sr). A clip of more than RESAMPLE_WHOLE samples is convolved RESAMPLE_BLOCK kernel positions at
+    a time, each block reading the input it needs: torchaudio's single convolution unfolds the whole clip (a
+    2-hour 8 kHz clip took ~4 GB). Blocks are all of one large size, the size at which torch convolves as it
+    does the whole clip: the same samples, bit for bit (tests/test_bounded_memory.py); a small block would take
+    another path and move the last bits."""
     import torch
     import torchaudio.functional as AF
 
-    return AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), resample_rate(sr), SAMPLE_RATE).numpy()
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    rate = resample_rate(sr)
+    if mono.size <= RESAMPLE_WHOLE:
+        return AF.resample(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy()
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    g = math.gcd(rate, SAMPLE_RATE)
+    o, n = rate // g, SAMPLE_RATE // g
+    kernel, width = _get_sinc_resample_kernel(rate, SAMPLE_RATE, g, 6, 0.99, "sinc_interp_hann", None,
+                                              torch.device("cpu"), torch.float32)
+    k, length = kernel.shape[-1], mono.size
+    positions = (length + 2 * width + o - k) // o + 1  # torchaudio pads `width` before, `width + o` after
+    out = np.empty(positions * n, np.float32)
+    x = torch.from_numpy(mono)
+    for j0 in range(0, positions, RESAMPLE_BLOCK):
+        j1 = min(positions, j0 + RESAMPLE_BLOCK)
+        p0, p1 = j0 * o, (j0 + RESAMPLE_BLOCK - 1) * o + k  # this block's span of the padded input
+        seg = torch.zeros(p1 - p0)
+        a, b = max(p0 - width, 0), min(p1 - width, length)
+        if b > a:
+            seg[a + width - p0: b + width - p0] = x[a:b]
+        y = torch.nn.functional.conv1d(seg[None, None], kernel, stride=o)  # [1, n, RESAMPLE_BLOCK]
+        out[j0 * n: j1 * n] = y[0, :, : j1 - j0].transpose(0, 1).reshape(-1).numpy()
+    return out[: math.ceil(n * length / o)]
 
 
 @register_modality("audio")

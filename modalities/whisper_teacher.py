@@ -48,7 +48,7 @@ OFFLINE_PREFIX = "offline:"
 # depend on the part it is in; its scores and features may move in the last bits (float sums over another
 # batch shape), which is why batches that fit stay whole.
 MAX_WINDOWS_AT_ONCE = 64
-WINDOWS_PER_PART = 8
+WINDOWS_PER_PART = 4
 
 
 @dataclass

@@ -110,6 +110,68 @@ def list_outputs(stage_dir: Path) -> list[dict]:
     return out
 
 
+def verify_outputs(stage_dir: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(path, why) for every product file the manifest lists that is not on disk as it was written: missing,
+    a link, another size, another sha256; and for every product file on disk that the manifest does not list.
+    Sizes first (cheap), then hashes. [] when the stage's products are exactly its manifest's."""
+    bad = []
+    listed = set()
+    root = stage_dir.resolve()
+    for o in manifest.get("outputs", []):
+        rel = str(o.get("path", ""))
+        listed.add(rel)
+        p = stage_dir / rel
+        try:
+            p.resolve().relative_to(root)
+        except ValueError:
+            bad.append((rel, "is outside the stage directory"))
+            continue
+        if p.is_symlink():
+            bad.append((rel, "is a link"))
+        elif not p.is_file():
+            bad.append((rel, "is missing"))
+        elif p.stat().st_size != o.get("size"):
+            bad.append((rel, f"is {p.stat().st_size} bytes, the manifest says {o.get('size')}"))
+    for o in manifest.get("outputs", []):
+        rel = str(o.get("path", ""))
+        if any(b[0] == rel for b in bad):
+            continue
+        if sha256_file(stage_dir / rel) != o.get("sha256"):
+            bad.append((rel, "does not match its sha256"))
+    for o in list_files(stage_dir):
+        if o not in listed:
+            bad.append((o, "is not in the manifest"))
+    return bad
+
+
+def list_files(stage_dir: Path) -> list[str]:
+    """The product files list_outputs would list, without hashing them."""
+    out = []
+    for p in sorted(stage_dir.rglob("*")):
+        rel = p.relative_to(stage_dir)
+        if not (p.is_file() or p.is_symlink()) or rel.parts[0] in _NOT_OUTPUT_DIRS or rel.name in _NOT_OUTPUTS \
+                or any(part.startswith(".") for part in rel.parts):
+            continue
+        out.append(rel.as_posix())
+    return out
+
+
+def move_aside(run_dir: Path, stage_dir: Path, rels: list[str] | None = None) -> Path:
+    """Move a stage's mismatching files (rels), or its whole directory (None), to RUN/.aside/<stage>-<time>/:
+    outputs that do not match their manifest are kept for a look, never deleted."""
+    dest = run_dir / ".aside" / f"{stage_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if rels is None:
+        os.replace(stage_dir, dest)
+        return dest
+    for rel in rels:
+        src = stage_dir / rel
+        if src.is_file() or src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest / rel)
+    return dest
+
+
 def fingerprint(manifest: dict) -> str:
     """What downstream stages depend on: the stage, its config hash, its inputs and its product files.
     Timing fields and logs are left out, so an identical re-run or a reused stage has the same fingerprint."""

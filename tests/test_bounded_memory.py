@@ -53,6 +53,22 @@ def test_common_rates_decode_bit_for_bit_as_before(sr, channels, fmt):
     assert np.array_equal(got, _decode_as_before(data))
 
 
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000, 24001])
+@pytest.mark.parametrize("seconds", [13.7, 31.0])
+def test_long_clips_resample_in_blocks_bit_for_bit(monkeypatch, sr, seconds):
+    import torchaudio.functional as AF
+
+    import modalities.audio as audio_mod
+
+    x = _speechy(seconds, sr, seed=3)
+    whole = AF.resample(torch.from_numpy(x), resample_rate(sr), 16000).numpy()
+    monkeypatch.setattr(audio_mod, "RESAMPLE_WHOLE", 1000)
+    monkeypatch.setattr(audio_mod, "RESAMPLE_BLOCK", 1 << 16)  # a few blocks, the last one short of kernel positions
+    assert x.size > (1 << 16)  # two blocks at least
+    got = audio_mod.resample_to_16k(x, sr)
+    assert got.shape == whole.shape and np.array_equal(got, whole)
+
+
 def test_decode_reads_in_blocks_bit_for_bit(monkeypatch):
     import modalities.audio as audio_mod
 

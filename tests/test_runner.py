@@ -204,3 +204,65 @@ def test_the_readmes_run_commands_load(tmp_path):
                 assert "=" in w, (cmd, w)
                 overrides.append(w)
         load_config(files, overrides)  # raises UserError on a failed check
+
+
+# ---------------------------------------------------------------- products checked against their manifest
+def test_an_edited_output_makes_its_stage_stale_and_it_reruns(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    good = (run / "make/out1.json").read_bytes()
+    (run / "make/out1.json").write_bytes(good.replace(b'"value": 1', b'"value": 6'))  # same size, another hash
+    r = cli("status", run, check=True)
+    assert "make           stale    output out1.json does not match its sha256" in r.stdout, r.stdout
+    assert "concat         stale    upstream make is stale" in r.stdout
+    r = cli("run", CFG, "--run-dir", run, check=True)
+    assert "make: running (output out1.json does not match its sha256; moved aside to " in r.stdout, r.stdout
+    assert (run / "make/out1.json").read_bytes() == good
+    aside = list((run / ".aside").glob("make-*/out1.json"))
+    assert len(aside) == 1 and b'"value": 6' in aside[0].read_bytes()  # kept for a look, never deleted
+    assert "train: done" in r.stdout and "concat: done" in r.stdout  # the same products: downstream still valid
+
+
+def test_a_planted_or_size_changed_output_is_caught(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    (run / "make/out9.json").write_text("{}")
+    assert "make           stale    output out9.json is not in the manifest" in cli("status", run).stdout
+    (run / "make/out9.json").unlink()
+    (run / "make/out0.json").write_text("{}")
+    assert "output out0.json is 2 bytes, the manifest says" in cli("status", run).stdout
+
+
+def test_a_deleted_final_of_a_training_stage_resumes_from_its_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    final = run / "train/final/model.model.safetensors"
+    good, metrics = final.read_bytes(), (run / "train/metrics.jsonl").read_text()
+    final.unlink()
+    assert "train          stale    output final/model.model.safetensors is missing" in cli("status", run).stdout
+    r = cli("run", CFG, "--run-dir", run, check=True)
+    assert "train: running (output final/model.model.safetensors is missing; moved aside to " in r.stdout, r.stdout
+    assert "resuming from the newest checkpoint)" in r.stdout
+    assert final.read_bytes() == good
+    assert (run / "train/metrics.jsonl").read_text() == metrics  # no step was trained again
+    assert "concat: done" in r.stdout
+
+
+def test_reuse_checks_the_other_run_and_never_follows_its_links(tmp_path):
+    cli("run", CFG, "--run-dir", tmp_path / "a", check=True)
+    p = tmp_path / "a/make/out0.json"
+    p.write_bytes(p.read_bytes().replace(b'"value": 1', b'"value": 7'))
+    r = cli("run", CFG, "--run-dir", tmp_path / "b", "--reuse", tmp_path / "a", check=True)
+    assert "make: not reused from" in r.stdout and "out0.json does not match its sha256" in r.stdout, r.stdout
+    assert "make: running (not run yet)" in r.stdout
+    assert json.loads((tmp_path / "b/make/out0.json").read_text())["value"] == 1
+    # a link in the other run's stage directory (a stage writes none): not reused, and nothing read through it
+    cli("run", CFG, "--run-dir", tmp_path / "c", check=True)
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "secret.json").write_text("secret")
+    os.symlink(outside / "d", tmp_path / "c/make/linked")
+    r = cli("run", CFG, "--run-dir", tmp_path / "e", "--reuse", tmp_path / "c", check=True)
+    assert f"make: not reused from {tmp_path / 'c'}: {tmp_path / 'c/make/linked'} is a link" in r.stdout, r.stdout
+    assert not list((tmp_path / "e").rglob("secret.json"))
+    assert "train: reused from" not in r.stdout or (tmp_path / "e/train").exists()
