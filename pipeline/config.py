@@ -412,6 +412,9 @@ def _check_mins(obj: Any, path: str = "") -> None:
         elif isinstance(v, list):
             for i, item in enumerate(v):
                 _check_mins(item, f"{p}[{i}]")
+        elif isinstance(v, dict):  # extra.<plugin stage>: its dataclass
+            for k, item in v.items():
+                _check_mins(item, f"{p}.{k}")
 
 
 def _check_finite(v: Any, path: str) -> None:

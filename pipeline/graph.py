@@ -8,6 +8,7 @@ manifest, skip / resume / invalidation decisions and the summary line.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -100,14 +101,36 @@ class StageContext:
                      {"key": key, "reason": reason, **info})
 
     def metric(self, record: dict) -> None:
+        """Log one record to metrics.jsonl. A training step's loss (or gradient norm) that is NaN or infinite
+        stops the stage here, before the step's checkpoint is written: the newest checkpoint is the last good
+        one, and the stage resumes from it once the cause is fixed."""
+        bad = _diverged(record)
         if self.dist.is_main:
             append_jsonl(self.dir / "metrics.jsonl", record)
+        if bad:
+            newest = self.checkpoints().step_dirs()
+            kept = f"the last good checkpoint, {newest[-1]}, is kept" if newest else "no checkpoint was written yet"
+            raise UserError(f"{self.name}: {bad[0]} is {bad[1]} at step {record.get('step')}: training diverged; "
+                            f"{kept}; lower the learning rate or check the inputs, then run again")
 
     def progress_bar(self, iterable=None, **kw):
         from tqdm import tqdm
 
         disable = not (self.cfg.root.run.progress and self.dist.is_main)
         return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, file=sys.stderr, desc=self.name, **kw)
+
+
+def _diverged(record: dict) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite loss or gradient norm of a training step's record, else None.
+    Validation figures are left alone (a stage may log NaN where a set is empty)."""
+    if "step" not in record or "event" in record:
+        return None
+    for k, v in record.items():
+        name = k.split("/")[0]
+        watched = name in ("loss", "ce", "kd", "grad_norm") or (name.endswith("loss") and not name.startswith("val"))
+        if watched and isinstance(v, float) and not math.isfinite(v):
+            return k, v
+    return None
 
 
 def seed_everything(seed: int) -> None:

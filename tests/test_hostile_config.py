@@ -133,3 +133,30 @@ def test_only_one_of_many_racing_processes_holds_a_stale_lock(tmp_path):
         p.join(60)
     got = sorted(q.get(timeout=5) for _ in range(n))
     assert got == ["held"] + ["refused"] * (n - 1), got
+
+
+def test_plugin_stage_sections_are_checked_too():
+    _one_line_error(cli("config", RUNNER, "extra.train.lr=nan"), "'extra.train.lr' must be a finite number, got nan")
+
+
+@pytest.mark.parametrize("record,what", [({"step": 7, "loss": float("nan"), "lr": 0.1}, "loss is nan"),
+                                         ({"step": 7, "loss": 1.0, "grad_norm": float("inf")}, "grad_norm is inf"),
+                                         ({"step": 7, "disc_loss/audio": float("-inf")}, "disc_loss/audio is -inf")])
+def test_a_non_finite_loss_stops_the_stage_before_its_checkpoint(tmp_path, record, what):
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.checkpoint import CheckpointManager
+    from pipeline.errors import UserError
+    from pipeline.graph import StageContext
+
+    cfg = SimpleNamespace(root=SimpleNamespace(run=SimpleNamespace(keep_checkpoints=3)))
+    ctx = StageContext("distill", cfg, None, tmp_path, {}, SimpleNamespace(is_main=True, rank=0, world=1), "cpu", False)
+    ctx.metric({"step": 3, "loss": 2.5, "val_loss": float("nan")})  # a finite step, and a validation NaN: no stop
+    m = torch.nn.Linear(2, 2)
+    good = CheckpointManager(tmp_path / "checkpoints").save(4, {"m": m}, {})
+    with pytest.raises(UserError) as e:
+        ctx.metric(record)
+    assert str(e.value).startswith(f"distill: {what} at step 7: training diverged; the last good checkpoint, {good}, is kept")
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7  # logged, for a look
