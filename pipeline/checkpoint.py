@@ -204,7 +204,7 @@ class CheckpointManager:
         idx = path / INDEX_FILE
         try:
             index = json.loads(idx.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             return f"unreadable {INDEX_FILE} ({e.__class__.__name__})"
         for name, digest in index.get("files", {}).items():
             fn = path / name

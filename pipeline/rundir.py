@@ -82,7 +82,7 @@ class RunLock:
         try:
             rec = json.loads(self.path.read_text())
             return rec if isinstance(rec, dict) else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def release(self) -> None:
@@ -224,14 +224,14 @@ class RunDir:
             return None
         try:
             return json.loads(p.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def read_started(self, stage: str) -> dict | None:
         p = self.stage_dir(stage) / STARTED
         try:
             return json.loads(p.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def write_started(self, stage: str, config_hash: str, inputs: dict) -> None:

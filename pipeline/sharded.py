@@ -42,7 +42,7 @@ def units_progress(stage_dir: Path) -> str | None:
     parts = stage_dir / PARTS
     try:
         names = json.loads((parts / "units.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     done = sum((parts / f"{n}.json").exists() for n in names)
     return f"shards {done} of {len(names)}"
