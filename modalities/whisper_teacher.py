@@ -459,7 +459,7 @@ class WhisperTeacher(Teacher):
             arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in parts]).reshape(-1, self.top_k).astype(np.int32)
             arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in parts]).reshape(-1, self.top_k).astype(np.float16)
         if self.store_features:
-            arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16)
+            arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16, copy=False)
             if len(parts) > 1:
                 arrays["chunk_frames"] = np.asarray([len(d.features) for _, d in parts], dtype=np.int32)
         return Label(text=text, info=info, arrays=arrays)
