@@ -41,13 +41,14 @@ HOP = 160  # samples per mel frame
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field: 30 s, 3000 mel frames, 1500 encoder positions
 FRAMES_PER_SECOND = SAMPLE_RATE / HOP / 2  # encoder positions per second of audio (50)
 OFFLINE_PREFIX = "offline:"
-# A teacher batch of at most this many windows is encoded and decoded at once, as it always was (a batch of
-# clips up to chunk_seconds long has one window per clip; the demo's batches hold under 40); a batch with more
-# (long audio) goes through in parts of WINDOWS_PER_PART windows, so that its memory is a few windows' (the
+# A teacher batch of at most this many windows and encoder positions is encoded and decoded at once, as it
+# always was (a batch of clips up to chunk_seconds long has one window per clip; the demo's batches hold under
+# 40 windows of <= 6 s); a batch with more (long audio) goes through in parts of WINDOWS_PER_PART windows, so that its memory is a few windows' (the
 # decoder's cross-attention cache alone is ~18 MB per window for tiny.en). A window's text and tokens do not
 # depend on the part it is in; its scores and features may move in the last bits (float sums over another
 # batch shape), which is why batches that fit stay whole.
 MAX_WINDOWS_AT_ONCE = 64
+MAX_POSITIONS_AT_ONCE = 16 * 1500  # encoder positions: sixteen full 30 s windows, a default batch of 30 s clips
 WINDOWS_PER_PART = 4
 
 
@@ -322,10 +323,11 @@ class WhisperTeacher(Teacher):
     def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
         """Encode windows grouped by context length, then decode together every window whose cross-attention
         keys have the same length (with the silence tail: all of them, 1500). A batch of more than
-        MAX_WINDOWS_AT_ONCE windows (long audio cut into many) goes through in parts of at most
+        MAX_WINDOWS_AT_ONCE windows or MAX_POSITIONS_AT_ONCE encoder positions (long audio cut into many
+        windows) goes through in parts of at most
         WINDOWS_PER_PART, each encoded and decoded before the next: memory stays that of a few windows, however
         long the clip."""
-        if len(windows) > MAX_WINDOWS_AT_ONCE:
+        if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
             results: list[Optional[_Decoded]] = [None] * len(windows)
             order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)  # like contexts together
             for i in range(0, len(order), WINDOWS_PER_PART):

@@ -117,6 +117,20 @@ def test_frame_db_in_blocks_is_the_whole_computation():
     assert np.array_equal(frame_db(a), whole)
 
 
+def test_parts_start_past_a_count_of_windows_or_of_encoder_positions(monkeypatch):
+    """Which batches go through in parts: more windows than MAX_WINDOWS_AT_ONCE, or more encoder positions than
+    MAX_POSITIONS_AT_ONCE (a 600 s clip's twenty 30 s windows); a batch of sixteen 30 s clips stays whole."""
+    teacher = WhisperTeacher(WhisperTeacherConfig(checkpoint="random", max_new_tokens=2))
+    calls = []
+    real = teacher._decode_windows_at_once
+    monkeypatch.setattr(teacher, "_decode_windows_at_once", lambda ws: calls.append(len(ws)) or real(ws))
+    teacher.label([np.zeros(30 * 16000, np.float32)] * 16)
+    assert calls == [16]
+    calls.clear()
+    teacher.label([_speechy(600.0, 16000)])
+    assert sum(calls) >= 20 and max(calls) == 4  # windows cut at pauses, at most 30 s each
+
+
 def test_long_audio_in_parts_gives_the_labels_of_one_batch(monkeypatch):
     """A batch of more windows than MAX_WINDOWS_AT_ONCE goes through in parts: each window's text and tokens
     are the ones it gets in one batch; its scores and features differ at most in the last bits (float sums
@@ -130,6 +144,7 @@ def test_long_audio_in_parts_gives_the_labels_of_one_batch(monkeypatch):
     parts = teacher.label(clips)
     assert sum(len(p.arrays.get("chunk_tokens", [0])) for p in parts) == 25  # windows: more than 4
     monkeypatch.setattr(whisper_teacher, "MAX_WINDOWS_AT_ONCE", 10_000)
+    monkeypatch.setattr(whisper_teacher, "MAX_POSITIONS_AT_ONCE", 10**9)
     whole = teacher.label(clips)
     for a, b in zip(parts, whole):
         assert a.text == b.text and a.info.keys() == b.info.keys()
