@@ -99,6 +99,7 @@ def run(ctx: StageContext) -> dict:
                     if got is not None:
                         decoded.append((copy, {**meta, "key": copy, "split": AUGMENTED, "augmented_from": key,
                                                "augment": got[1]}, None, None, got[0]))
+        x = members = None  # the loop's last input: its references go with decoded's below
         samples = []
         for i in range(0, len(decoded), cfg.batch_size):
             batch = decoded[i: i + cfg.batch_size]
@@ -116,7 +117,11 @@ def run(ctx: StageContext) -> dict:
                         labels.append(e)
                     except Exception as e:
                         labels.append(BadInput(f"labelling failed: {e.__class__.__name__}: {e}"))
-            for (key, meta, ext, media, _), label in zip(batch, labels):
+            # the decoded inputs are not needed past their labels: a long clip's float32 samples go now
+            for j in range(i, i + len(batch)):
+                decoded[j] = decoded[j][:4] + (None,)
+            batch = None
+            for (key, meta, ext, media, _), label in zip(decoded[i: i + len(labels)], labels):
                 if isinstance(label, Exception):
                     res.rejects.append({"key": key, "reason": label.reason})
                     continue
