@@ -177,12 +177,19 @@ class Audio(Modality):
                 # Read in blocks, each mixed down at once: memory is the mono clip's, whatever the channel count;
                 # and at most max_seconds of it, whatever the header declares (a stream's may declare nothing).
                 limit = int(max_seconds * sr) + 1
-                parts, n = [], 0
+                # where the header says how long the clip is, its samples go straight into one array
+                mono = np.empty(min(declared, limit), np.float32) if declared > 0 else None
+                parts, n, filled = [], 0, 0  # blocks past what the header said; samples read; and in mono
                 for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True, frames=limit):
                     if not np.isfinite(block).all():
                         raise BadInput("audio holds NaN or infinite samples")
-                    parts.append(block.mean(axis=1) if channels > 1 else block[:, 0].copy())
-                    n += block.shape[0]
+                    m = block.mean(axis=1) if channels > 1 else block[:, 0]
+                    if mono is not None and not parts and filled + m.size <= mono.size:
+                        mono[filled: filled + m.size] = m
+                        filled += m.size
+                    else:
+                        parts.append(m.copy())
+                    n += m.size
         except BadInput:
             raise
         except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError for garbage
@@ -194,7 +201,10 @@ class Audio(Modality):
             raise BadInput(f"truncated audio: the header promises {declared} frames, {n} could be read")
         if n == 0:
             raise BadInput("audio has no samples")
-        mono = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if parts:  # no length in the header, or more samples than it said
+            mono = np.concatenate(([mono[:filled]] if mono is not None else []) + parts)
+        else:
+            mono = mono[:filled]
         del parts
         if sr != SAMPLE_RATE:
             mono = resample_to_16k(mono, sr)
