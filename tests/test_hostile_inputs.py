@@ -280,3 +280,23 @@ def test_oversized_file_in_a_folder_is_refused_unread(tmp_path):
     rejects = [json.loads(x) for x in (tmp_path / "r/ingest/rejects.jsonl").read_text().splitlines()]
     assert [x["reason"] for x in rejects] == [
         f"file is {(d / 'big.wav').stat().st_size} bytes, more than ingest.max_member_mb=1 MB (unread)"]
+
+
+def test_labels_edited_inside_a_pseudo_label_shard_make_it_stale(hostile_run, tmp_path):
+    """The manifest holds every product's sha256: a label edited in place (same size) is caught by `status`,
+    and `--from distill` refuses to start on it."""
+    import shutil
+
+    tmp, _, _ = hostile_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    shard = sorted((run / "pseudo_label/shards").rglob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    at = raw.find(b'"teacher_text": "') + len(b'"teacher_text": "')
+    raw[at] = ord("X") if raw[at] != ord("X") else ord("Y")
+    shard.write_bytes(bytes(raw))
+    r = cli("status", run)
+    rel = shard.relative_to(run / "pseudo_label").as_posix()
+    assert f"pseudo_label   stale    output {rel} does not match its sha256" in r.stdout, r.stdout
+    r = cli("run", tmp / "cfg.yaml", "--run-dir", run, "--from", "distill", "stages=[ingest,pseudo_label,distill]")
+    assert r.returncode == 2 and "upstream stage pseudo_label is stale" in r.stderr and "Traceback" not in r.stderr, r.stderr
