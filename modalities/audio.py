@@ -47,6 +47,71 @@ def _wav_truncation(data: bytes) -> str | None:
     return "truncated WAV: no sample data after the header"
 
 
+MIN_RATE, MAX_RATE = 1000, 768000  # sample rates decoded (Hz); others are refused as bad input
+BLOCK_FRAMES = 1 << 20  # frames read at a time by decode
+# Largest reduced ratio (orig / gcd, new / gcd) resampled at the clip's own rate. torchaudio's kernel grows with
+# it: 24001 Hz (24001:16000) builds ~1.5 GB. Every common rate is far below (44.1 kHz: 441:160; 11.025 kHz:
+# 441:640), so theirs is resampled as it always was, bit for bit.
+MAX_RATIO_TERM = 1000
+
+
+def resample_rate(sr: int, new: int = SAMPLE_RATE) -> int:
+    """The rate a clip recorded at `sr` Hz is resampled from: `sr` itself when its reduced ratio to `new` is at
+    most MAX_RATIO_TERM, else the nearest rate whose ratio is (24001 -> 24000, 22051 -> 22050): a change of
+    speed and pitch below 0.1% at any rate over 8 kHz, with a kernel that stays small whatever the rate."""
+    def ok(r: int) -> bool:
+        g = math.gcd(r, new)
+        return max(r // g, new // g) <= MAX_RATIO_TERM
+
+    if ok(sr):
+        return sr
+    for d in range(1, sr):
+        for r in (sr - d, sr + d):
+            if r > 0 and ok(r):
+                return r
+    return new
+
+
+RESAMPLE_WHOLE = 1 << 22  # clips of up to this many samples are resampled in one convolution, as they always were
+RESAMPLE_BLOCK = 1 << 18  # kernel positions per convolution of a longer clip (every block this size: the last padded)
+
+
+def resample_to_16k(mono: np.ndarray, sr: int) -> np.ndarray:
+    """float32 mono at `sr` Hz -> 16 kHz: torchaudio's sinc interpolation (its default window and width), from
+    resample_rate(sr). A clip of more than RESAMPLE_WHOLE samples is convolved RESAMPLE_BLOCK kernel positions at
+    a time, each block reading the input it needs: torchaudio's single convolution unfolds the whole clip (a
+    2-hour 8 kHz clip took ~4 GB). Blocks are all of one large size, the size at which torch convolves as it
+    does the whole clip: the same samples, bit for bit (tests/test_bounded_memory.py); a small block would take
+    another path and move the last bits."""
+    import torch
+    import torchaudio.functional as AF
+
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    rate = resample_rate(sr)
+    if mono.size <= RESAMPLE_WHOLE:
+        return AF.resample(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy()
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    g = math.gcd(rate, SAMPLE_RATE)
+    o, n = rate // g, SAMPLE_RATE // g
+    kernel, width = _get_sinc_resample_kernel(rate, SAMPLE_RATE, g, 6, 0.99, "sinc_interp_hann", None,
+                                              torch.device("cpu"), torch.float32)
+    k, length = kernel.shape[-1], mono.size
+    positions = (length + 2 * width + o - k) // o + 1  # torchaudio pads `width` before, `width + o` after
+    out = np.empty(positions * n, np.float32)
+    x = torch.from_numpy(mono)
+    for j0 in range(0, positions, RESAMPLE_BLOCK):
+        j1 = min(positions, j0 + RESAMPLE_BLOCK)
+        p0, p1 = j0 * o, (j0 + RESAMPLE_BLOCK - 1) * o + k  # this block's span of the padded input
+        seg = torch.zeros(p1 - p0)
+        a, b = max(p0 - width, 0), min(p1 - width, length)
+        if b > a:
+            seg[a + width - p0: b + width - p0] = x[a:b]
+        y = torch.nn.functional.conv1d(seg[None, None], kernel, stride=o)  # [1, n, RESAMPLE_BLOCK]
+        out[j0 * n: j1 * n] = y[0, :, : j1 - j0].transpose(0, 1).reshape(-1).numpy()
+    return out[: math.ceil(n * length / o)]
+
+
 @register_modality("audio")
 class Audio(Modality):
     description = "speech audio (wav, flac, ogg, mp3) at 16 kHz mono; teacher: Whisper (greedy, English); features: encoder states"
@@ -103,29 +168,47 @@ class Audio(Modality):
             raise BadInput(truncated)
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
-                sr, declared = f.samplerate, f.frames
+                sr, declared, channels = f.samplerate, f.frames, f.channels
                 if sr <= 0:
                     raise BadInput("audio has no sample rate")
+                if not MIN_RATE <= sr <= MAX_RATE:
+                    raise BadInput(f"audio sample rate {sr} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
                 if declared > max_seconds * sr:
                     raise BadInput(f"audio is {declared / sr:.1f} s, longer than max_seconds={max_seconds:g}")
-                audio = f.read(dtype="float32", always_2d=True)
+                # Read in blocks, each mixed down at once: memory is the mono clip's, whatever the channel count;
+                # and at most max_seconds of it, whatever the header declares (a stream's may declare nothing).
+                limit = int(max_seconds * sr) + 1
+                # where the header says how long the clip is, its samples go straight into one array
+                mono = np.empty(min(declared, limit), np.float32) if declared > 0 else None
+                parts, n, filled = [], 0, 0  # blocks past what the header said; samples read; and in mono
+                for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True, frames=limit):
+                    if not np.isfinite(block).all():
+                        raise BadInput("audio holds NaN or infinite samples")
+                    m = block.mean(axis=1) if channels > 1 else block[:, 0]
+                    if mono is not None and not parts and filled + m.size <= mono.size:
+                        mono[filled: filled + m.size] = m
+                        filled += m.size
+                    else:
+                        parts.append(m.copy())
+                    n += m.size
         except BadInput:
             raise
         except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError for garbage
             first = str(e).split(":")[-1].strip() or type(e).__name__
             raise BadInput(f"not a readable audio file ({first})") from None
-        if declared > 0 and audio.shape[0] < declared:
-            raise BadInput(f"truncated audio: the header promises {declared} frames, {audio.shape[0]} could be read")
-        if audio.shape[0] == 0:
+        if n > max_seconds * sr:
+            raise BadInput(f"audio is longer than max_seconds={max_seconds:g} (its header did not say: read up to the limit)")
+        if declared > 0 and n < declared:
+            raise BadInput(f"truncated audio: the header promises {declared} frames, {n} could be read")
+        if n == 0:
             raise BadInput("audio has no samples")
-        if not np.isfinite(audio).all():
-            raise BadInput("audio holds NaN or infinite samples")
-        mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+        if parts:  # no length in the header, or more samples than it said
+            mono = np.concatenate(([mono[:filled]] if mono is not None else []) + parts)
+        else:
+            mono = mono[:filled]
+        del parts
         if sr != SAMPLE_RATE:
-            import torch
-            import torchaudio.functional as AF
-
-            mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, SAMPLE_RATE).numpy()
+            mono = resample_to_16k(mono, sr)
         return np.ascontiguousarray(mono, dtype=np.float32)
 
     def perturb(self, x: np.ndarray, rng: np.random.Generator, copy: int) -> tuple[np.ndarray, dict] | None:

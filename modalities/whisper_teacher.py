@@ -41,6 +41,15 @@ HOP = 160  # samples per mel frame
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field: 30 s, 3000 mel frames, 1500 encoder positions
 FRAMES_PER_SECOND = SAMPLE_RATE / HOP / 2  # encoder positions per second of audio (50)
 OFFLINE_PREFIX = "offline:"
+# A teacher batch of at most this many windows and encoder positions is encoded and decoded at once, as it
+# always was (a batch of clips up to chunk_seconds long has one window per clip; the demo's batches hold under
+# 40 windows of <= 6 s); a batch with more (long audio) goes through in parts of WINDOWS_PER_PART windows, so that its memory is a few windows' (the
+# decoder's cross-attention cache alone is ~18 MB per window for tiny.en). A window's text and tokens do not
+# depend on the part it is in; its scores and features may move in the last bits (float sums over another
+# batch shape), which is why batches that fit stay whole.
+MAX_WINDOWS_AT_ONCE = 64
+MAX_POSITIONS_AT_ONCE = 16 * 1500  # encoder positions: sixteen full 30 s windows, a default batch of 30 s clips
+WINDOWS_PER_PART = 4
 
 
 @dataclass
@@ -313,7 +322,22 @@ class WhisperTeacher(Teacher):
 
     def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
         """Encode windows grouped by context length, then decode together every window whose cross-attention
-        keys have the same length (with the silence tail: all of them, 1500)."""
+        keys have the same length (with the silence tail: all of them, 1500). A batch of more than
+        MAX_WINDOWS_AT_ONCE windows or MAX_POSITIONS_AT_ONCE encoder positions (long audio cut into many
+        windows) goes through in parts of at most
+        WINDOWS_PER_PART, each encoded and decoded before the next: memory stays that of a few windows, however
+        long the clip."""
+        if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
+            results: list[Optional[_Decoded]] = [None] * len(windows)
+            order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)  # like contexts together
+            for i in range(0, len(order), WINDOWS_PER_PART):
+                part = order[i: i + WINDOWS_PER_PART]
+                for j, dec in zip(part, self._decode_windows_at_once([windows[j] for j in part])):
+                    results[j] = dec
+            return results
+        return self._decode_windows_at_once(windows)
+
+    def _decode_windows_at_once(self, windows: list[_Window]) -> list[_Decoded]:
         model = self.model
         n_ctx = model.dims.n_audio_ctx
         features: list[Optional[np.ndarray]] = [None] * len(windows)
@@ -437,7 +461,7 @@ class WhisperTeacher(Teacher):
             arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in parts]).reshape(-1, self.top_k).astype(np.int32)
             arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in parts]).reshape(-1, self.top_k).astype(np.float16)
         if self.store_features:
-            arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16)
+            arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16, copy=False)
             if len(parts) > 1:
                 arrays["chunk_frames"] = np.asarray([len(d.features) for _, d in parts], dtype=np.int32)
         return Label(text=text, info=info, arrays=arrays)
@@ -447,11 +471,17 @@ class WhisperTeacher(Teacher):
 def frame_db(audio: np.ndarray, step: int = 2 * HOP) -> np.ndarray:
     """Mean power in dB (floor -100) of each `step` samples of `audio` (default: one encoder frame, 20 ms),
     the last frame padded with zeros: [ceil(len / step)]."""
-    a = np.asarray(audio, dtype=np.float64)
+    a = np.asarray(audio)
     n = max(1, math.ceil(a.size / step))
-    x = np.zeros(n * step)
-    x[: a.size] = a
-    return 10.0 * np.log10(np.maximum((x.reshape(n, step) ** 2).mean(axis=1), 1e-10))
+    power = np.empty(n)
+    per_block = 4096  # frames converted to float64 at a time: a 2-hour clip is not copied whole
+    for f0 in range(0, n, per_block):
+        f1 = min(n, f0 + per_block)
+        x = np.zeros((f1 - f0) * step)
+        seg = a[f0 * step: f1 * step]
+        x[: seg.size] = seg
+        power[f0:f1] = (x.reshape(f1 - f0, step) ** 2).mean(axis=1)
+    return 10.0 * np.log10(np.maximum(power, 1e-10))
 
 
 def pause_cuts(db: np.ndarray, max_frames: int, min_frames: int | None = None, smooth: int = 15) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from pipeline import faults
@@ -69,29 +70,40 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def storage_error(e: BaseException, path: Path) -> OSError | None:
+    """`e` as the OSError it stands for when it is a failed write (disk full, I/O error), else None. torch.save
+    and safetensors report one as RuntimeError / SafetensorError without an errno."""
+    if isinstance(e, OSError):
+        return e
+    msg = str(e)
+    found = re.search(r"os error (\d+)", msg)  # safetensors: "I/O error: No space left on device (os error 28)"
+    if found:
+        code = int(found.group(1))
+    elif isinstance(e, RuntimeError) and ("unexpected pos" in msg or "PytorchStreamWriter" in msg):
+        # torch's zip writer: the write came up short; a full file system is the usual cause.
+        try:
+            st = os.statvfs(path.parent)
+            code = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
+        except OSError:
+            code = errno.EIO
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _serialise(write, path: Path) -> None:
-    """Run `write()`, which writes `path` through torch.save or safetensors. Both report a failed write (disk
-    full, I/O error) as RuntimeError / SafetensorError without an errno; those become OSError here, so the
-    caller keeps the previous checkpoint and says why. Any other error (a bug) goes through unchanged."""
+    """Run `write()`, which writes `path` through torch.save or safetensors. A failed write becomes OSError
+    (storage_error), so the caller keeps the previous checkpoint and says why. Any other error (a bug) goes
+    through unchanged."""
     try:
         write()
     except OSError:
         raise
     except Exception as e:
-        msg = str(e)
-        found = re.search(r"os error (\d+)", msg)  # safetensors: "I/O error: No space left on device (os error 28)"
-        if found:
-            code = int(found.group(1))
-        elif isinstance(e, RuntimeError) and ("unexpected pos" in msg or "PytorchStreamWriter" in msg):
-            # torch's zip writer: the write came up short; a full file system is the usual cause.
-            try:
-                st = os.statvfs(path.parent)
-                code = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
-            except OSError:
-                code = errno.EIO
-        else:
+        err = storage_error(e, path)
+        if err is None:
             raise
-        raise OSError(code, os.strerror(code), str(path)) from e
+        raise err from e
 
 
 def _fsync_file(path: Path) -> None:
@@ -187,7 +199,7 @@ class CheckpointManager:
         idx = path / INDEX_FILE
         try:
             index = json.loads(idx.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             return f"unreadable {INDEX_FILE} ({e.__class__.__name__})"
         for name, digest in index.get("files", {}).items():
             fn = path / name
@@ -195,18 +207,36 @@ class CheckpointManager:
                 return f"{name} is missing"
             if sha256_file(fn) != digest:
                 return f"{name} does not match its sha256"
+            if name.endswith(".safetensors"):
+                # a file written whole with a bad header (a bug, a tool that rewrote it and its index) hashes
+                # fine: its header is read here, before any model is touched
+                try:
+                    with safe_open(str(fn), framework="pt") as f:
+                        f.keys()
+                except Exception as e:
+                    return f"{name} is not a readable safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         return None
 
     def load_latest(self, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     scheduler: Any = None, map_location: str = "cpu") -> Loaded | None:
         """Restore the newest verified checkpoint into the given objects (and the RNGs); None if there is none."""
+        touched = None  # a checkpoint that failed while loading, after some of it may have been restored
         for path in reversed(self.step_dirs()):
             bad = self.verify(path)
-            if bad:
-                log.warning("checkpoint %s is corrupt (%s); falling back to the previous one", path, bad)
-                print(f"warning: checkpoint {path} is corrupt ({bad}); falling back to the previous one")
-                continue
-            return self._load(path, models, optimizers, scheduler, map_location)
+            if not bad:
+                try:
+                    return self._load(path, models, optimizers, scheduler, map_location)
+                except UserError:
+                    raise
+                except Exception as e:  # a state.pt or optimizer file that verifies but does not load
+                    bad, touched = f"it does not load: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", path
+            log.warning("checkpoint %s is corrupt (%s); falling back to the previous one", path, bad)
+            print(f"warning: checkpoint {path} is corrupt ({bad}); falling back to the previous one")
+        if touched is not None:
+            # some weights may already hold the bad checkpoint's values: starting over from them would not be
+            # the run that was asked for
+            raise UserError(f"checkpoint {touched} could not be loaded and no earlier checkpoint loads; move "
+                            f"{self.dir} aside to start the stage over")
         return None
 
     def _load(self, path, models, optimizers, scheduler, map_location) -> Loaded:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
@@ -118,27 +119,72 @@ def _merge(schema: DictConfig, other: Any, where: str) -> DictConfig:
         raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without anchors and aliases: a few hundred bytes of nested aliases ("billion laughs")
+    expand to billions of nodes when the config is merged. A config never needs them (YAML files merge)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a config; "
+                                              "write the value out, or put it in an overlay file", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loader = _NoAliasLoader(p.read_text(encoding="utf-8"))
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        what = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML: {what}{at}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    _refuse_env(data, path)
     return data
+
+
+def _check_top_keys(layer: dict, where: str, known: list[str]) -> None:
+    """A layer's top-level keys, checked before it is merged (the registered sections and the base keys)."""
+    for k in layer:
+        if k not in known and k != "extra":  # extra: refused with its replacement by _refuse_retired
+            raise UserError(f"{where}: unknown key '{k}'{_close(str(k), known)}")
+
+
+def _refuse_env(node: Any, where: str, at: str = "") -> None:
+    """Environment interpolations (${oc.env:...}) are refused: the resolved config is written in clear to
+    RUN/config.yaml and hashed into manifests, so a secret read from the environment would land on disk."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_env(v, where, f"{at}.{k}" if at else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_env(v, where, f"{at}[{i}]")
+    elif isinstance(node, str) and "${" in node and "oc.env" in node.replace(" ", ""):
+        raise UserError(f"{where}: '{at}' reads the environment ({node}); environment interpolation is refused, "
+                        "since the resolved config is written in clear to RUN/config.yaml: give the value itself")
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise UserError(f"override {o!r} is not key=value")
+    for o in overrides:
+        _refuse_env(o.split("=", 1)[1], "override", o.split("=", 1)[0])
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as e:
@@ -151,6 +197,7 @@ def _check_mins(obj: Any, path: str = "") -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         p = f"{path}.{f.name}" if path else f.name
+        _check_finite(v, p)
         lo = f.metadata.get("min")
         if lo is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
             raise UserError(f"config: '{p}' must be >= {lo}, got {v}")
@@ -159,6 +206,21 @@ def _check_mins(obj: Any, path: str = "") -> None:
         elif isinstance(v, list):
             for i, item in enumerate(v):
                 _check_mins(item, f"{p}[{i}]")
+
+
+def _check_finite(v: Any, path: str) -> None:
+    """NaN and infinities are refused everywhere: `lr=nan` would fail inside torch after the data stages, and
+    `split.train=nan` compares false with everything (every key would land in test)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"config: '{path}' must be a finite number, got {v}")
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            if not dataclasses.is_dataclass(x):
+                _check_finite(x, f"{path}[{i}]")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            if not dataclasses.is_dataclass(x):
+                _check_finite(x, f"{path}.{k}")
 
 
 def load_config(files: list[str], overrides: list[str] | None = None) -> "Config":
@@ -172,15 +234,22 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     raw_layers = [(_load_yaml(f), f) for f in files]
     over = _parse_overrides(overrides or [])
     # Plugins register stages and modalities, so they are imported before anything is validated.
-    plugins: list[str] = []
-    for layer, _ in raw_layers:
-        plugins = list(layer.get("plugins", plugins) or [])
+    plugins: list = []
+    where = "config"
+    for layer, name in raw_layers:
+        if "plugins" in layer:
+            plugins, where = layer["plugins"] or [], name
     if "plugins" in over:
-        plugins = list(over.plugins)
+        plugins, where = over.plugins, "override"
+        plugins = list(plugins) if isinstance(plugins, ListConfig) else plugins
+    if not isinstance(plugins, list) or not all(isinstance(m, str) and m for m in plugins):
+        raise UserError(f"{where}: 'plugins' must be a list of module names (strings), got {plugins!r}")
     import_plugins(plugins)
     load_builtins()
+    known = [*BASE_FIELDS, *(s.name for s in sections())]
     for layer, name in raw_layers:
         _refuse_retired(_dotted_keys(layer), name)
+        _check_top_keys(layer, name, known)
     _refuse_retired([o.split("=", 1)[0].strip() for o in overrides or []], "override")
 
     RootConfig = root_config_class()

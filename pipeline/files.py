@@ -127,6 +127,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -29,7 +30,7 @@ from pipeline.plain import stable_hash, to_plain
 from pipeline.errors import UserError
 from pipeline.files import append_jsonl, atomic_write_text
 from pipeline.registry import modality_registry, register_section, stage_registry
-from pipeline.rundir import RunDir, fingerprint
+from pipeline.rundir import RunDir, fingerprint, move_aside, verify_outputs
 
 log = logging.getLogger("groundgan")
 
@@ -143,8 +144,17 @@ class StageContext:
                      {"key": key, "reason": reason, **info})
 
     def metric(self, record: dict) -> None:
+        """Log one record to metrics.jsonl. A training step's loss (or gradient norm) that is NaN or infinite
+        stops the stage here, before the step's checkpoint is written: the newest checkpoint is the last good
+        one, and the stage resumes from it once the cause is fixed."""
+        bad = _diverged(record)
         if self.dist.is_main:
             append_jsonl(self.dir / "metrics.jsonl", record)
+        if bad:
+            newest = self.checkpoints().step_dirs()
+            kept = f"the last good checkpoint, {newest[-1]}, is kept" if newest else "no checkpoint was written yet"
+            raise UserError(f"{self.name}: {bad[0]} is {bad[1]} at step {record.get('step')}: training diverged; "
+                            f"{kept}; lower the learning rate or check the inputs, then run again")
 
     def scalars(self, values: dict, step: int) -> None:
         """Figures of one step to every logger of `run.loggers` (TensorBoard by default), main process only; each
@@ -175,6 +185,19 @@ class StageContext:
         return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, file=sys.stderr, desc=self.name, **kw)
 
 
+def _diverged(record: dict) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite loss or gradient norm of a training step's record, else None.
+    Validation figures are left alone (a stage may log NaN where a set is empty)."""
+    if "step" not in record or "event" in record:
+        return None
+    for k, v in record.items():
+        name = k.split("/")[0]
+        watched = name in ("loss", "ce", "kd", "grad_norm") or (name.endswith("loss") and not name.startswith("val"))
+        if watched and isinstance(v, float) and not math.isfinite(v):
+            return k, v
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -186,6 +209,7 @@ class StageState:
     name: str
     state: str  # done | partial | pending | stale
     detail: str = ""  # why, or a done stage's counts as text
+    mismatched: tuple = ()  # stale because these product files do not match the manifest
     counts: dict | None = None  # a done stage's counts
 
 
@@ -226,8 +250,13 @@ class Runner:
             for up, fp in inputs.items():
                 if m.get("inputs", {}).get(up) != fp:
                     return StageState(spec.name, "stale", f"input {up} changed")
+            bad = verify_outputs(self.run.stage_dir(spec.name), m)
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                return StageState(spec.name, "stale", f"output {bad[0][0]} {bad[0][1]}{more}",
+                                  tuple(rel for rel, _ in bad))
             counts = m.get("counts", {})
-            return StageState(spec.name, "done", ", ".join(f"{k} {v}" for k, v in counts.items()), counts)
+            return StageState(spec.name, "done", ", ".join(f"{k} {v}" for k, v in counts.items()), counts=counts)
         started = self.run.read_started(spec.name)
         if started is not None:
             if started.get("config_hash") != chash:
@@ -293,16 +322,41 @@ class Runner:
                 self.echo(f"{spec.name}: {self.run.stage_dir(spec.name) / spec.product}")
                 return
 
-    def _try_reuse(self, spec: StageSpec, other: Path, chash: str, inputs: dict) -> bool:
+    def _try_reuse(self, spec: StageSpec, other: Path, chash: str, inputs: dict, mismatched: tuple = ()) -> bool:
+        """Copy (hard-link) the stage from another run whose manifest has this config and inputs, after checking
+        every product there against that manifest. Links in the other run's stage directory are never
+        followed: a stage writes none, so one there makes the stage not reusable."""
         src = RunDir(other)
         m = src.read_manifest(spec.name)
         if m is None or m.get("config_hash") != chash or m.get("inputs", {}) != inputs:
             return False
+        sdir = src.stage_dir(spec.name)
+        if sdir.is_symlink():
+            self.echo(f"{spec.name}: not reused from {other}: {sdir} is a link")
+            return False
+        files = []
+        for root, dirs, names in os.walk(sdir, followlinks=False):
+            for n in dirs + names:
+                p = Path(root) / n
+                if p.is_symlink():
+                    self.echo(f"{spec.name}: not reused from {other}: {p} is a link (a stage writes none)")
+                    return False
+            files.extend(Path(root) / n for n in names)
+        bad = verify_outputs(sdir, m)
+        if bad:
+            self.echo(f"{spec.name}: not reused from {other}: its output {bad[0][0]} {bad[0][1]}")
+            return False
         dst = self.run.stage_dir(spec.name)
+        if mismatched and dst.exists():
+            move_aside(self.run.path, dst)
         shutil.rmtree(dst, ignore_errors=True)
         tmp = dst.with_name(f".{spec.name}.reuse")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src.stage_dir(spec.name), tmp, copy_function=_link_or_copy)
+        for f in files:
+            target = tmp / f.relative_to(sdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(f, target)
+        tmp.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dst)
         return True
 
@@ -321,16 +375,28 @@ class Runner:
             return
         if reuse and not forced:
             # Rank 0 decides and copies; every rank learns the answer, so all take the same branch.
-            reused = self._try_reuse(spec, Path(reuse), chash, inputs) if info.is_main else False
+            reused = self._try_reuse(spec, Path(reuse), chash, inputs, st.mismatched) if info.is_main else False
             if distributed.broadcast_object(reused):
                 say(f"{spec.name}: reused from {reuse} (same config and inputs)")
                 return
         d = self.run.stage_dir(spec.name)
         resumed = False
+        aside = None  # products that do not match the manifest: moved aside, never deleted
+        if st.mismatched and info.is_main:
+            ckpts = d / "checkpoints"
+            training = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+            if training and not forced and not any(rel.split("/")[0] == "best" for rel in st.mismatched):
+                # a training stage resumes from its newest verified checkpoint and writes its products again
+                # (best/ cannot be rebuilt from a checkpoint: a mismatch there re-runs the stage)
+                aside, resumed = move_aside(self.run.path, d, list(st.mismatched)), True
+            else:
+                aside = move_aside(self.run.path, d)
         if forced:
-            reason = "forced"
+            reason = "forced" + (f"; outputs that did not match the manifest moved aside to {aside}" if aside else "")
         elif st.state == "stale":
             reason = st.detail
+            if aside is not None:
+                reason += f"; moved aside to {aside}" + ("; resuming from the newest checkpoint" if resumed else "")
         elif st.state == "partial":
             started = self.run.read_started(spec.name)
             resumed = started is not None and started.get("inputs") == inputs

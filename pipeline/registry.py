@@ -81,12 +81,26 @@ class Registry(Generic[T]):
 
 
 def import_plugins(modules: list[str]) -> None:
-    """Import user modules named in the config's `plugins:` so that they can register things."""
+    """Import user modules named in the config's `plugins:` so that they can register things.
+
+    A module is found as Python finds it (sys.path, PYTHONPATH); the working directory is searched last, and
+    only for the modules named here, so that no file there can stand in for pipeline, stages, modalities or a
+    dependency (`python -m pipeline` would otherwise put it first; see pipeline/__main__.py)."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
     for mod in modules or []:
+        added = cwd not in sys.path
+        if added:
+            sys.path.append(cwd)
         try:
             importlib.import_module(mod)
         except ImportError as e:
             raise UserError(f"plugin {mod!r} could not be imported: {e}") from None
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
 
 
 # The project's registries. Modules register into them on import; plugins and entry points add more.

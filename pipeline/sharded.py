@@ -42,7 +42,7 @@ def units_progress(stage_dir: Path) -> str | None:
     parts = stage_dir / PARTS
     try:
         names = json.loads((parts / "units.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     done = sum((parts / f"{n}.json").exists() for n in names)
     return f"shards {done} of {len(names)}"
@@ -86,20 +86,30 @@ def run_units(ctx, units: list[Unit], process: Callable[[Unit], UnitResult], kep
             logs.setdefault(k, []).extend(v)
         for k, v in rec["counts"].items():
             counts[k] = counts.get(k, 0) + v
-    counts["rejected"] = len(rejects)
+    counts["rejected"] = rejected_count(rejects)
     if ctx.dist.is_main:
         _write_jsonl(ctx.dir / "rejects.jsonl", rejects)
         for k, v in logs.items():
             _write_jsonl(ctx.dir / f"{k}.jsonl", v)
-    total = sum(counts.get(k, 0) for k in kept_keys) + len(rejects)
-    if max_reject_fraction is not None and total and len(rejects) / total > max_reject_fraction:
+    total = sum(counts.get(k, 0) for k in kept_keys) + counts["rejected"]
+    if max_reject_fraction is not None and total and counts["rejected"] / total > max_reject_fraction:
         reasons = {}
         for r in rejects:
             reasons[r["reason"].split(":")[0]] = reasons.get(r["reason"].split(":")[0], 0) + 1
         top = ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-        raise UserError(f"{ctx.name}: {len(rejects)} of {total} inputs rejected, more than max_reject_fraction="
+        raise UserError(f"{ctx.name}: {counts['rejected']} of {total} inputs rejected, more than max_reject_fraction="
                         f"{max_reject_fraction}; most common: {top}; see {ctx.dir / 'rejects.jsonl'}")
     return counts
+
+
+def rejected_count(rejects: list[dict]) -> int:
+    """Inputs lost to these refusals: one each, but a broken shard counts the samples it lost past the break
+    (its record's `lost`, where it could be counted; at least one)."""
+    n = 0
+    for r in rejects:
+        lost = r.get("lost", 1)
+        n += max(1, lost) if isinstance(lost, int) else 1
+    return n
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

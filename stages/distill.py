@@ -36,13 +36,13 @@ from pipeline import distributed, faults
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import check_choice, minimum
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text, replace_dir
+from pipeline.files import atomic_write_text
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from stages.models.generation import generate
 from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
 from stages.models.student import (Student, StudentConfig, build_student, build_tokenizer, count_parameters,
-                                   save_student, write_student)
+                                   save_student, student_folder, write_student)
 
 # ------------------------------------------------------------------------------------------------------ config
 # A default of None is the recipe's choice for this run, made when the config loads (validate): the measured
@@ -513,7 +513,7 @@ def run(ctx: StageContext) -> dict:
     if dist.is_main:
         chosen = best["step"]
         best_dir = ctx.dir / "best"
-        with replace_dir(ctx.dir / "final") as tmp:
+        with student_folder(ctx.dir / "final") as tmp:
             if chosen is not None and best_dir.is_dir():
                 shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
             else:

@@ -21,7 +21,7 @@ from pipeline.errors import BadInput, UserError
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
-from pipeline.shards import expand_urls, iter_shard
+from pipeline.shards import command_scheme, expand_urls, iter_shard, reject_record
 
 # ------------------------------------------------------------------------------------------------------ config
 @dataclass
@@ -55,6 +55,10 @@ class IngestConfig:
     split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by key hash
     samples_per_shard: int = field(default=64, metadata=minimum(1))  # samples per output webdataset shard
     max_reject_fraction: float = field(default=0.2, metadata=minimum(0.0))  # fail (exit 2) past this fraction of bad inputs
+    # memory per input, whatever it claims: a file or shard member over max_member_mb is refused from its size
+    # (a tar header's, before a byte is read), and a shard stops reading past max_shard_mb of members
+    max_member_mb: float = field(default=512.0, metadata=minimum(0.001))
+    max_shard_mb: float = field(default=2048.0, metadata=minimum(0.001))
 
 
 def check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> None:
@@ -73,8 +77,13 @@ def check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> N
             raise UserError(f"config: '{p}.manifest': file not found: {Path(s.dir) / s.manifest}")
         if s.type == "shards" and not s.urls:
             raise UserError(f"config: '{p}' is a shards source without 'urls'")
-        if s.type == "shards" and s.urls.startswith("pipe:") and not s.allow_pipe:
-            raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+        if s.type == "shards" and not s.allow_pipe:
+            scheme = command_scheme(s.urls)
+            if scheme == "pipe":
+                raise UserError(f"config: '{p}.urls' is a pipe: URL, which runs a shell command; set allow_pipe: true to allow it")
+            if scheme:
+                raise UserError(f"config: '{p}.urls' is a {scheme}: URL, which webdataset reads by starting a program "
+                                "(curl, gsutil, ...); set allow_pipe: true to allow it")
         if s.type == "text" and s.modality is None:
             s.modality = "text"
         if s.type != "shards" and not s.modality:
@@ -88,6 +97,9 @@ def check_sources(sources: List[SourceConfig], where: str, need_name: bool) -> N
 def validate_config(root) -> list[str]:
     """The split, every source; each source's modality gets its adapter's default section if the config has none."""
     sp = root.ingest.split
+    for name in ("train", "pool", "val", "test"):
+        if not 0.0 <= getattr(sp, name) <= 1.0:
+            raise UserError(f"config: 'ingest.split.{name}' must be in [0, 1], got {getattr(sp, name)}")
     if abs(sp.train + sp.pool + sp.val + sp.test - 1.0) > 1e-6:
         raise UserError("config: 'ingest.split' fractions must add up to 1")
     check_sources(root.ingest.sources, "ingest.sources", need_name=False)
@@ -114,6 +126,7 @@ class Item:
     reference: str | None = None
     meta: dict = field(default_factory=dict)
     reference_is_label: bool = False  # the source says its references are training labels
+    alias: str | None = None  # how the source named the file where that is not its own path (a link, `x/../`)
 
 
 def split_of(key: str, fractions) -> str:
@@ -157,6 +170,7 @@ def list_folder(src, name: str, seed: int) -> tuple[list[Item], list[dict]]:
     """Items of a folder (or text) source and the refusals found while reading its manifest."""
     adapter = modality_registry.get(src.modality)
     base = Path(src.dir)
+    root = base.resolve()
     items, rejects = [], []
     if src.manifest:
         mpath = base / src.manifest
@@ -175,10 +189,17 @@ def list_folder(src, name: str, seed: int) -> tuple[list[Item], list[dict]]:
             except json.JSONDecodeError as e:
                 rejects.append({"key": where, "reason": f"manifest line is not JSON: {e.msg}"})
                 continue
+            except RecursionError:  # a line of "[[[[..." nests deeper than the parser's recursion limit
+                rejects.append({"key": where, "reason": "manifest line is not JSON: nested too deeply"})
+                continue
             if not isinstance(rec, dict):
                 rejects.append({"key": where, "reason": "manifest line is not a JSON object"})
                 continue
             ref = rec.get(adapter.reference_field)
+            if ref is not None and not isinstance(ref, str):
+                rejects.append({"key": where, "reason": f"manifest line's '{adapter.reference_field}' is not a string "
+                                                        f"({type(ref).__name__})"})
+                continue
             if src.modality == "text" and adapter.manifest_field not in rec:
                 # A JSONL of texts: the text is the sample itself.
                 if not isinstance(ref, str):
@@ -198,20 +219,33 @@ def list_folder(src, name: str, seed: int) -> tuple[list[Item], list[dict]]:
                 rejects.append({"key": where, "reason": f"missing file: {rel}"})
                 continue
             meta = {k: v for k, v in rec.items() if k not in (adapter.manifest_field, adapter.reference_field)}
-            items.append(Item(make_key(name, rel), src.modality, name, str(path), None, path.suffix.lstrip(".").lower(),
-                              None if ref is None else str(ref), meta))
+            # the key comes from where the file is, not how the line spells it: `x/../a.wav` and `a.wav` are one
+            real_rel = path.relative_to(root).as_posix()
+            items.append(Item(make_key(name, real_rel), src.modality, name, str(path), None,
+                              path.suffix.lstrip(".").lower(), ref, meta, alias=None if real_rel == rel else f"{where}: {rel}"))
     else:
         exts = set(adapter.extensions)
         for path in sorted(base.rglob("*")):
             if path.is_file() and path.suffix.lstrip(".").lower() in exts:
                 rel = path.relative_to(base).as_posix()
+                real = _inside(base, rel)
+                if real is None:  # a link that leaves the folder: refused, as a manifest line naming it is
+                    rejects.append({"key": f"{base}/{rel}", "file": str(path),
+                                    "reason": f"file {rel!r} is a link to outside {base}"})
+                    continue
                 meta = {"folder": path.parent.relative_to(base).as_posix()} if path.parent != base else {}
-                items.append(Item(make_key(name, rel), src.modality, name, str(path), None, path.suffix.lstrip(".").lower(), None, meta))
-    items.sort(key=lambda it: it.key)
+                real_rel = real.relative_to(root).as_posix()
+                items.append(Item(make_key(name, real_rel), src.modality, name, str(path), None,
+                                  path.suffix.lstrip(".").lower(), None, meta, alias=None if real_rel == rel else rel))
+    # One key per file: where two names reach one file (a link inside the folder, `x/../a.wav`), the file's own
+    # name keeps the key and the other is refused; between two files, the first in listing order keeps it.
+    items.sort(key=lambda it: (it.key, it.alias is not None))
     seen, unique = set(), []
     for it in items:
         if it.key in seen:
-            rejects.append({"key": it.key, "reason": f"duplicate key (file {it.file})"})
+            named = f" named as {it.alias}" if it.alias else ""
+            rejects.append({"key": it.key, "file": it.file, "reason": f"duplicate key (file {it.file}{named}): another "
+                                                                      "file, or another name of the same file, has it"})
             continue
         seen.add(it.key)
         unique.append(it)
@@ -236,9 +270,13 @@ def _claiming(ext: str) -> str | None:
     return None
 
 
-def read_shard_items(url: str, src, name: str, rejects: list[dict]) -> list[Item]:
+def read_shard_items(url: str, src, name: str, rejects: list[dict], caps: dict) -> list[Item]:
     items = []
-    for key, members in iter_shard(url, src.allow_pipe, on_error=lambda k, r: rejects.append({"key": k, "reason": r})):
+    first: dict[str, str] = {}  # key -> the shard sample that took it
+    members_of = iter_shard(url, src.allow_pipe, on_error=lambda k, r, lost=1: rejects.append(reject_record(k, r, lost)),
+                            **caps)
+    for key, members in members_of:
+        where = f"{url}:{key}"
         meta = {}
         if "json" in members:
             try:
@@ -246,7 +284,10 @@ def read_shard_items(url: str, src, name: str, rejects: list[dict]) -> list[Item
                 if not isinstance(meta, dict):
                     meta = {}
             except (UnicodeDecodeError, json.JSONDecodeError):
-                rejects.append({"key": f"{url}:{key}", "reason": "sample json is not valid UTF-8 JSON"})
+                rejects.append({"key": where, "reason": "sample json is not valid UTF-8 JSON"})
+                continue
+            except RecursionError:
+                rejects.append({"key": where, "reason": "sample json is nested too deeply"})
                 continue
         modality = src.modality or meta.get("modality")
         media = None
@@ -258,12 +299,21 @@ def read_shard_items(url: str, src, name: str, rejects: list[dict]) -> list[Item
                 media, modality = (ext.lower(), data), claimed
                 break
         if media is None:
-            rejects.append({"key": f"{url}:{key}", "reason": f"no media member of a known modality ({', '.join(members)})"})
+            rejects.append({"key": where, "reason": f"no media member of a known modality ({', '.join(members)})"})
             continue
         ref = meta.get("reference", meta.get("text", meta.get("category")))
+        if ref is not None and not isinstance(ref, str):
+            rejects.append({"key": where, "reason": f"sample json's reference is not a string ({type(ref).__name__})"})
+            continue
         base_key = key.rsplit("/", 1)[-1]
-        items.append(Item(make_key(name, base_key), modality, name, f"{url}:{key}", media[1], media[0],
-                          None if ref is None else str(ref), {k: v for k, v in meta.items() if k not in ("reference", "text", "category")}))
+        item_key = make_key(name, base_key)
+        if item_key in first:  # `a/x` and `b/x` in one shard: the key is the last path part
+            rejects.append({"key": where, "reason": f"duplicate key {item_key}: sample {first[item_key]!r} of the "
+                                                    "same shard has it"})
+            continue
+        first[item_key] = key
+        items.append(Item(item_key, modality, name, where, media[1], media[0], ref,
+                          {k: v for k, v in meta.items() if k not in ("reference", "text", "category")}))
     return items
 
 
@@ -282,6 +332,7 @@ def run(ctx: StageContext) -> dict:
             adapters[m] = modality_registry.get(m)(ctx.cfg.root.modalities.get(m) or modality_registry.get(m).Config())
         return adapters[m]
 
+    caps = {"max_member_bytes": int(cfg.max_member_mb * (1 << 20)), "max_shard_bytes": int(cfg.max_shard_mb * (1 << 20))}
     units: list[Unit] = []
     pre_rejects: list[dict] = []
     n = cfg.samples_per_shard
@@ -307,16 +358,21 @@ def run(ctx: StageContext) -> dict:
         kind, payload, src, name = unit.payload
         res = UnitResult()
         if kind == "shard":
-            items = read_shard_items(payload, src, name, res.rejects)
+            items = read_shard_items(payload, src, name, res.rejects, caps)
             items.sort(key=lambda it: it.key)
         else:
             items = payload
         by_mod: dict[str, list[dict]] = {}
         for it in items:
             try:
+                if it.data is None and Path(it.file).stat().st_size > caps["max_member_bytes"]:
+                    res.rejects.append({"key": it.key, "file": it.file, "reason": f"file is {Path(it.file).stat().st_size} "
+                                        f"bytes, more than ingest.max_member_mb={cfg.max_member_mb:g} MB (unread)"})
+                    continue
                 data = it.data if it.data is not None else Path(it.file).read_bytes()
-            except OSError as e:
-                res.rejects.append({"key": it.key, "file": it.file, "reason": f"unreadable: {e.strerror or e}"})
+            except (OSError, MemoryError) as e:
+                why = e.strerror or e if isinstance(e, OSError) else "out of memory"
+                res.rejects.append({"key": it.key, "file": it.file, "reason": f"unreadable: {why}"})
                 continue
             try:
                 adapter(it.modality).decode(data, it.ext)
@@ -340,5 +396,8 @@ def run(ctx: StageContext) -> dict:
 
     counts = run_units(ctx, units, process, kept_keys=("out",), max_reject_fraction=cfg.max_reject_fraction,
                        pre_rejects=pre_rejects)
+    if not counts.get("out"):
+        raise UserError(f"ingest: no usable input ({counts['rejected']} rejected); the sources name no file, shard "
+                        f"or sample that could be read; see {ctx.dir / 'rejects.jsonl'}")
     return {"in": counts.get("out", 0) + counts["rejected"], "out": counts.get("out", 0), "rejected": counts["rejected"],
             **{s: counts.get(s, 0) for s in ("train", "val", "test")}, **({"pool": counts["pool"]} if counts.get("pool") else {})}

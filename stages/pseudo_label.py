@@ -30,7 +30,7 @@ from pipeline.errors import BadInput
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
-from pipeline.shards import iter_shard, list_shards
+from pipeline.shards import iter_shard, list_shards, reject_record
 
 # ------------------------------------------------------------------------------------------------------ config
 @dataclass
@@ -95,9 +95,12 @@ def run(ctx: StageContext) -> dict:
         adapter, teacher = teacher_for(modality)
         res = UnitResult(logs={"filtered": []})
         decoded = []  # (key, meta, ext, media bytes, decoded input)
-        for key, members in iter_shard(str(shard), on_error=lambda k, r: res.rejects.append({"key": k, "reason": r})):
+        on_error = lambda k, r, lost=1: res.rejects.append(reject_record(k, r, lost))  # noqa: E731
+        for key, members in iter_shard(str(shard), on_error=on_error):
             try:
                 meta = json.loads(members["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError("its json is not an object")
                 ext = next(e for e in members if e != "json")
                 decoded.append((key, meta, ext, members[ext], adapter.decode(members[ext], ext)))
             except BadInput as e:
@@ -105,6 +108,12 @@ def run(ctx: StageContext) -> dict:
                 continue
             except (KeyError, StopIteration, ValueError) as e:
                 res.rejects.append({"key": key, "reason": f"malformed ingest sample: {e}"})
+                continue
+            except RecursionError:
+                res.rejects.append({"key": key, "reason": "malformed ingest sample: its json is nested too deeply"})
+                continue
+            except Exception as e:  # one sample's failure (a decoder's bug, MemoryError) never stops the stage
+                res.rejects.append({"key": key, "reason": f"decode failed: {e.__class__.__name__}: {e}"})
                 continue
             if meta.get("split") == "train":
                 x = decoded[-1][4]
@@ -118,12 +127,13 @@ def run(ctx: StageContext) -> dict:
                     if got is not None:
                         decoded.append((copy, {**meta, "key": copy, "split": AUGMENTED, "augmented_from": key,
                                                "augment": got[1]}, None, None, got[0]))
+        x = members = None  # the loop's last input: its references go with decoded's below
         samples = []
         for i in range(0, len(decoded), cfg.batch_size):
             batch = decoded[i: i + cfg.batch_size]
             try:
                 labels = teacher.label([d[4] for d in batch])
-            except BadInput:
+            except Exception:  # BadInput, or any failure of one input (MemoryError included)
                 labels = None
             if labels is None or len(labels) != len(batch):
                 # One bad input must not cost its batch: label them one by one to find it.
@@ -133,7 +143,13 @@ def run(ctx: StageContext) -> dict:
                         labels.append(teacher.label([d[4]])[0])
                     except BadInput as e:
                         labels.append(e)
-            for (key, meta, ext, media, _), label in zip(batch, labels):
+                    except Exception as e:
+                        labels.append(BadInput(f"labelling failed: {e.__class__.__name__}: {e}"))
+            # the decoded inputs are not needed past their labels: a long clip's float32 samples go now
+            for j in range(i, i + len(batch)):
+                decoded[j] = decoded[j][:4] + (None,)
+            batch = None
+            for (key, meta, ext, media, _), label in zip(decoded[i: i + len(labels)], labels):
                 if isinstance(label, Exception):
                     res.rejects.append({"key": key, "reason": label.reason})
                     continue

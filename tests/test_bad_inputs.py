@@ -241,6 +241,7 @@ def test_corrupt_or_cut_tar_is_rejected_and_what_precedes_the_break_kept(bad_run
     tar_rejects = {Path(r["key"].split(":")[0]).name: r["reason"] for r in _rejects(run / "ingest") if ".tar:" in r["key"]}
     assert tar_rejects.keys() == {"ext-000000.tar", "ext-000001.tar"}, tar_rejects
     assert tar_rejects["ext-000000.tar"].startswith("corrupt tar member after 's0': bad tar header")
+    assert tar_rejects["ext-000000.tar"].endswith("; 2 sample(s) after it lost")
     assert "without the end-of-archive marker" in tar_rejects["ext-000001.tar"]
     labelled = _labelled(run / "pseudo_label")
     assert {"ext-s0", "ext-c0", "ext-c1"} <= labelled.keys() and "ext-s2" not in labelled
@@ -249,9 +250,11 @@ def test_corrupt_or_cut_tar_is_rejected_and_what_precedes_the_break_kept(bad_run
 def test_rejects_are_counted_in_the_manifest(bad_run):
     run, r = bad_run
     m = json.loads((run / "ingest/manifest.json").read_text())
-    n_bad = len(bad_audio()) + len(bad_images()) + 5 + 2  # files, manifest lines, the two broken shards
+    # files, manifest lines, the samples the two broken shards lost: s1 and s2 past the corrupt header (counted
+    # from the headers found after it), and the cut one's unknown rest (one refusal)
+    n_bad = len(bad_audio()) + len(bad_images()) + 5 + 2 + 1
     n_good = len(odd_audio()) + len(odd_images()) + 3  # + the shards' samples before the breaks
-    assert m["counts"]["rejected"] == len(_rejects(run / "ingest")) == n_bad, m["counts"]
+    assert m["counts"]["rejected"] == n_bad == len(_rejects(run / "ingest")) + 1, m["counts"]
     assert m["counts"]["out"] == n_good and m["counts"]["in"] == n_good + n_bad
     assert f"rejected {n_bad}" in r.stdout  # the summary line says so too
     pm = json.loads((run / "pseudo_label/manifest.json").read_text())

@@ -122,3 +122,72 @@ def test_resume_after_kill_skips_corrupt_newest_checkpoint(tmp_path):
     assert "step-000004 is corrupt" in r.stdout
     a = (tmp_path / "whole/train/final/model.model.safetensors").read_bytes()
     assert (tmp_path / "cut/train/final/model.model.safetensors").read_bytes() == a
+
+
+def _reindex(path: Path) -> None:
+    """Rewrite a checkpoint's index so that every sha256 matches what is on disk now (a damaged file that
+    verifies by its hash)."""
+    from pipeline.files import sha256_file
+
+    idx = json.loads((path / "checkpoint.json").read_text())
+    idx["files"] = {name: sha256_file(path / name) for name in idx["files"]}
+    (path / "checkpoint.json").write_text(json.dumps(idx))
+
+
+@pytest.mark.parametrize("damage", ["safetensors_header", "state_pt"])
+def test_a_checkpoint_whose_hashes_match_but_that_does_not_load_falls_back(tmp_path, damage, capsys):
+    m, opt = _objs()
+    ck = CheckpointManager(tmp_path / "ck", keep=3)
+    ck.save(4, {"student": m}, {"student": opt})
+    expect = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    newest = ck.save(8, {"student": m}, {"student": opt})
+    if damage == "safetensors_header":
+        f = newest / "model.student.safetensors"
+        raw = f.read_bytes()
+        f.write_bytes(raw[:8] + b"{not json" + raw[17:])
+    else:
+        (newest / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    _reindex(newest)
+    m2, opt2 = _objs(seed=5)
+    loaded = ck.load_latest({"student": m2}, {"student": opt2})
+    assert loaded.step == 4
+    assert f"checkpoint {newest} is corrupt" in capsys.readouterr().out
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, expect[k])
+
+
+def test_no_loadable_checkpoint_after_a_partial_load_is_a_user_error(tmp_path):
+    m, opt = _objs()
+    ck = CheckpointManager(tmp_path / "ck")
+    only = ck.save(4, {"student": m}, {"student": opt})
+    (only / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    _reindex(only)
+    with pytest.raises(UserError, match="could not be loaded and no earlier checkpoint loads"):
+        ck.load_latest({"student": _objs(seed=5)[0]}, {"student": _objs(seed=5)[1]})
+
+
+def test_a_failed_write_of_the_student_is_one_line_and_keeps_the_previous_one(tmp_path):
+    """best/ and final/ go through save_student: a full disk there stops the stage with a UserError (exit 2,
+    one line), the previous best/ as it was and no temporary folder left."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    from stages.models.student import save_student
+
+    def full_disk(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "student.json").write_text("previous")
+    student = SimpleNamespace(lm=SimpleNamespace(save_pretrained=full_disk))
+    with pytest.raises(UserError) as e:
+        save_student(student, best)
+    assert str(e.value) == f"could not write the student to {best}: No space left on device; the previous {best} is intact"
+    assert (best / "student.json").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

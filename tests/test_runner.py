@@ -124,17 +124,22 @@ def test_kill_inside_atomic_write_keeps_old_file(tmp_path):
 def test_lock_refuses_second_run(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a process that holds the run's lock as a run does (RunLock: flock on RUN/.lock), then sleeps
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from pipeline.rundir import RunLock; "
+            "RunLock(Path(%r)).acquire(); print('held', flush=True); time.sleep(60)") % (str(ROOT), str(run))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": time.time()}))
+        assert holder.stdout.readline().strip() == "held"
         r = cli("run", CFG, "--run-dir", run)
         assert r.returncode == 2
-        assert "in use by process" in r.stderr and "Traceback" not in r.stderr
+        assert f"in use by process {holder.pid}" in r.stderr and "Traceback" not in r.stderr
     finally:
         holder.kill()
         holder.wait()
+    # the holder was killed: the kernel dropped its lock; its record is left, and named as it is taken over
     r = cli("run", CFG, "--run-dir", run, check=True)
-    assert "taking over a stale lock" in r.stderr
+    assert f"taking over a stale lock on {run} left by process {holder.pid}" in r.stderr
+    assert not (run / ".lock").exists()
 
 
 def test_from_until_force(tmp_path):
@@ -272,3 +277,65 @@ def test_the_config_reference_names_every_training_setting():
         body = next(p for p in parts if p.split("\n", 1)[0].strip() == title)
         documented = re.findall(r"^\| `(\w+)` \|", body, flags=re.M)
         assert documented == [f.name for f in dataclasses.fields(cls)], title
+
+
+# ---------------------------------------------------------------- products checked against their manifest
+def test_an_edited_output_makes_its_stage_stale_and_it_reruns(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    good = (run / "make/out1.json").read_bytes()
+    (run / "make/out1.json").write_bytes(good.replace(b'"value": 1', b'"value": 6'))  # same size, another hash
+    r = cli("status", run, check=True)
+    assert "make           stale    output out1.json does not match its sha256" in r.stdout, r.stdout
+    assert "concat         stale    upstream make is stale" in r.stdout
+    r = cli("run", CFG, "--run-dir", run, check=True)
+    assert "make: running (output out1.json does not match its sha256; moved aside to " in r.stdout, r.stdout
+    assert (run / "make/out1.json").read_bytes() == good
+    aside = list((run / ".aside").glob("make-*/out1.json"))
+    assert len(aside) == 1 and b'"value": 6' in aside[0].read_bytes()  # kept for a look, never deleted
+    assert "train: done" in r.stdout and "concat: done" in r.stdout  # the same products: downstream still valid
+
+
+def test_a_planted_or_size_changed_output_is_caught(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    (run / "make/out9.json").write_text("{}")
+    assert "make           stale    output out9.json is not in the manifest" in cli("status", run).stdout
+    (run / "make/out9.json").unlink()
+    (run / "make/out0.json").write_text("{}")
+    assert "output out0.json is 2 bytes, the manifest says" in cli("status", run).stdout
+
+
+def test_a_deleted_final_of_a_training_stage_resumes_from_its_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    cli("run", CFG, "--run-dir", run, check=True)
+    final = run / "train/final/model.model.safetensors"
+    good, metrics = final.read_bytes(), (run / "train/metrics.jsonl").read_text()
+    final.unlink()
+    assert "train          stale    output final/model.model.safetensors is missing" in cli("status", run).stdout
+    r = cli("run", CFG, "--run-dir", run, check=True)
+    assert "train: running (output final/model.model.safetensors is missing; moved aside to " in r.stdout, r.stdout
+    assert "resuming from the newest checkpoint)" in r.stdout
+    assert final.read_bytes() == good
+    assert (run / "train/metrics.jsonl").read_text() == metrics  # no step was trained again
+    assert "concat: done" in r.stdout
+
+
+def test_reuse_checks_the_other_run_and_never_follows_its_links(tmp_path):
+    cli("run", CFG, "--run-dir", tmp_path / "a", check=True)
+    p = tmp_path / "a/make/out0.json"
+    p.write_bytes(p.read_bytes().replace(b'"value": 1', b'"value": 7'))
+    r = cli("run", CFG, "--run-dir", tmp_path / "b", "--reuse", tmp_path / "a", check=True)
+    assert "make: not reused from" in r.stdout and "out0.json does not match its sha256" in r.stdout, r.stdout
+    assert "make: running (not run yet)" in r.stdout
+    assert json.loads((tmp_path / "b/make/out0.json").read_text())["value"] == 1
+    # a link in the other run's stage directory (a stage writes none): not reused, and nothing read through it
+    cli("run", CFG, "--run-dir", tmp_path / "c", check=True)
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "secret.json").write_text("secret")
+    os.symlink(outside / "d", tmp_path / "c/make/linked")
+    r = cli("run", CFG, "--run-dir", tmp_path / "e", "--reuse", tmp_path / "c", check=True)
+    assert f"make: not reused from {tmp_path / 'c'}: {tmp_path / 'c/make/linked'} is a link" in r.stdout, r.stdout
+    assert not list((tmp_path / "e").rglob("secret.json"))
+    assert "train: reused from" not in r.stdout or (tmp_path / "e/train").exists()

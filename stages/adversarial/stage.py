@@ -15,7 +15,7 @@ import torch
 from pipeline import distributed, faults
 from pipeline.checkpoint import CheckpointManager
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text, replace_dir
+from pipeline.files import atomic_write_text
 from pipeline.graph import StageContext, register_stage
 from stages.adversarial.config import RETIRED, AdversarialConfig, validate_config
 from stages.adversarial.judges import (DISCRIMINATORS_DIR, DiscCounts, _teacher_body_builder, batch_reward,
@@ -25,7 +25,7 @@ from stages.adversarial.rows import Rows, input_generator, real_rows, sample_row
 from stages.distill import _truncate_metrics, val_decoding, validate_wer, write_val_predictions
 from stages.models.discriminator import Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators
 from stages.models.labelled_data import Example, MixtureSampler, load_labelled, within_context
-from stages.models.student import Student, load_student, save_student, write_student
+from stages.models.student import Student, load_student, save_student, student_folder, write_student
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
 
 STUDENT = "student"
@@ -48,7 +48,7 @@ def progress(stage_dir: Path, cfg) -> str | None:
 def _copy_through(ctx: StageContext, src: Path) -> dict:
     """`enabled: false`: final/ is the distilled student, so evaluate finds the same files."""
     if ctx.dist.is_main:
-        with replace_dir(ctx.dir / "final") as tmp:
+        with student_folder(ctx.dir / "final") as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             atomic_write_text(tmp / "adversarial.json",
                               json.dumps({"enabled": False, "copied_from": str(src)}, indent=2) + "\n")
@@ -264,7 +264,7 @@ def _finish(ctx: StageContext, ph: Phase, done: int) -> dict:
                "select_by": cfg.select_by, "selected_student_step": ph.best["step"] if select else ph.student_steps,
                "selected_val_wer": ph.best["val_wer"] if select else None}
     if ctx.dist.is_main:
-        with replace_dir(ctx.dir / "final") as tmp:
+        with student_folder(ctx.dir / "final") as tmp:
             if select and ph.best["step"] is not None and (ctx.dir / "best").is_dir():
                 shutil.copytree(ctx.dir / "best", tmp, dirs_exist_ok=True)
             else:

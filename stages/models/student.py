@@ -26,13 +26,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.checkpoint import storage_error
 from pipeline.config import minimum
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, replace_dir
@@ -700,7 +702,7 @@ def _whisper_silence(teacher: dict) -> torch.Tensor:
 def save_student(student: Student, directory: str | os.PathLike) -> Path:
     """Write lm/ (save_pretrained, safetensors), projectors.safetensors and student.json into `directory`
     (created; replaced whole if it exists: pipeline.files.replace_dir)."""
-    with replace_dir(directory) as tmp:
+    with student_folder(directory) as tmp:
         write_student(student, tmp)
     return Path(directory)
 
@@ -714,6 +716,22 @@ def write_student(student: Student, folder: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in student.conditioning_state().items()},
               str(folder / PROJECTORS_FILE))
     atomic_write_text(folder / SPEC_FILE, spec.to_json() + "\n")
+
+
+@contextmanager
+def student_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """pipeline.files.replace_dir for a folder that holds a student (best/, final/): a failed write (a full disk,
+    a read-only folder) is one line, and the previous folder stays as it was."""
+    directory = Path(directory)
+    try:
+        with replace_dir(directory) as tmp:
+            yield tmp
+    except Exception as e:
+        err = storage_error(e, directory.with_name(f".tmp-{directory.name}"))
+        if err is None:
+            raise
+        kept = f"; the previous {directory} is intact" if directory.exists() else ""
+        raise UserError(f"could not write the student to {directory}: {err.strerror or err}{kept}") from None
 
 
 def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Student:
