@@ -270,7 +270,20 @@ def _claiming(ext: str) -> str | None:
     return None
 
 
-def read_shard_items(url: str, src, name: str, rejects: list[dict], caps: dict) -> list[Item]:
+# Shard members that hold a sample's reference beside its media (webdataset's habit): a transcript, a class.
+REFERENCE_MEMBERS = ("txt", "cls")
+
+
+def read_shard_items(url: str, src, name: str, rejects: list[dict], caps: dict | None = None,
+                     ignored: dict[str, int] | None = None) -> list[Item]:
+    """The samples of one shard: each key's media member (the first of a registered modality's types; a `.txt`
+    beside media of another modality is that sample's reference, as is a `.cls`), its reference (the `.json`
+    member's `reference`, `text` or `category`, else the `.txt` / `.cls` member) and meta. `ignored` counts, by
+    extension, the members no modality reads and that hold no reference (they are reported, never copied on).
+    caps: iter_shard's size limits (default: ingest's)."""
+    if caps is None:
+        d = IngestConfig()
+        caps = {"max_member_bytes": int(d.max_member_mb * (1 << 20)), "max_shard_bytes": int(d.max_shard_mb * (1 << 20))}
     items = []
     first: dict[str, str] = {}  # key -> the shard sample that took it
     members_of = iter_shard(url, src.allow_pipe, on_error=lambda k, r, lost=1: rejects.append(reject_record(k, r, lost)),
@@ -291,17 +304,32 @@ def read_shard_items(url: str, src, name: str, rejects: list[dict], caps: dict) 
                 continue
         modality = src.modality or meta.get("modality")
         media = None
-        for ext, data in members.items():
-            if ext == "json":
-                continue
+        # media of a modality first: a .txt beside a .wav is the clip's transcript, not a text sample
+        exts = sorted((e for e in members if e != "json"), key=lambda e: e.lower() in REFERENCE_MEMBERS)
+        for ext in exts:
             claimed = _claiming(ext.lower())
             if claimed and (modality is None or claimed == modality):
-                media, modality = (ext.lower(), data), claimed
+                media, modality = (ext.lower(), members[ext]), claimed
                 break
         if media is None:
             rejects.append({"key": where, "reason": f"no media member of a known modality ({', '.join(members)})"})
             continue
         ref = meta.get("reference", meta.get("text", meta.get("category")))
+        used = {"json", media[0]}
+        for ext in REFERENCE_MEMBERS:
+            if ext in members and ext != media[0]:
+                used.add(ext)
+                if ref is None:
+                    try:
+                        ref = members[ext].decode("utf-8").strip()
+                    except UnicodeDecodeError:
+                        ref = False  # refused below
+        if ref is False:
+            rejects.append({"key": where, "reason": "the reference member (.txt / .cls) is not UTF-8"})
+            continue
+        for ext in members:
+            if ext not in used and ignored is not None:
+                ignored[ext.lower()] = ignored.get(ext.lower(), 0) + 1
         if ref is not None and not isinstance(ref, str):
             rejects.append({"key": where, "reason": f"sample json's reference is not a string ({type(ref).__name__})"})
             continue
@@ -358,8 +386,12 @@ def run(ctx: StageContext) -> dict:
         kind, payload, src, name = unit.payload
         res = UnitResult()
         if kind == "shard":
-            items = read_shard_items(payload, src, name, res.rejects, caps)
+            ignored: dict[str, int] = {}
+            items = read_shard_items(payload, src, name, res.rejects, caps, ignored)
             items.sort(key=lambda it: it.key)
+            if ignored:
+                res.logs["ignored_members"] = [{"shard": payload, "extension": e, "members": n} for e, n in sorted(ignored.items())]
+                res.counts["ignored_members"] = sum(ignored.values())
         else:
             items = payload
         by_mod: dict[str, list[dict]] = {}
@@ -396,8 +428,12 @@ def run(ctx: StageContext) -> dict:
 
     counts = run_units(ctx, units, process, kept_keys=("out",), max_reject_fraction=cfg.max_reject_fraction,
                        pre_rejects=pre_rejects)
+    if counts.get("ignored_members"):
+        print(f"ingest: {counts['ignored_members']} shard members no modality reads (and holding no reference) were "
+              f"not taken: {ctx.dir / 'ignored_members.jsonl'}")
     if not counts.get("out"):
         raise UserError(f"ingest: no usable input ({counts['rejected']} rejected); the sources name no file, shard "
                         f"or sample that could be read; see {ctx.dir / 'rejects.jsonl'}")
     return {"in": counts.get("out", 0) + counts["rejected"], "out": counts.get("out", 0), "rejected": counts["rejected"],
-            **{s: counts.get(s, 0) for s in ("train", "val", "test")}, **({"pool": counts["pool"]} if counts.get("pool") else {})}
+            **{s: counts.get(s, 0) for s in ("train", "val", "test")}, **({"pool": counts["pool"]} if counts.get("pool") else {}),
+            **({"ignored_members": counts["ignored_members"]} if counts.get("ignored_members") else {})}

@@ -354,3 +354,34 @@ def test_compare_pairs_the_runs_clips_for_the_wer_change(tmp_path):
     assert not any("b distill" in l for l in lines)
     # one run, or a second without predictions: nothing to pair
     assert rp.paired_changes({"a": a}) == [] and rp.paired_changes({"a": a, "none": tmp_path / "none"}) == []
+
+
+def test_a_shard_set_with_txt_references_is_scored(tiny_run):
+    """An evaluate source of webdataset shards whose transcripts are .txt members beside the clips (the layout a
+    user brings): every clip's reference reaches the report, which scores WER against them."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from modalities.audio import Audio, AudioConfig
+
+    d = tiny_run
+    rng = np.random.default_rng(1)
+    with tarfile.open(d / "calls-000.tar", "w") as tar:
+        for i, text in enumerate(["please hold", "the line is busy", "goodbye now"]):
+            for name, data in ((f"call{i}.wav", Audio(AudioConfig()).synthesize(i, rng)[0]),
+                               (f"call{i}.txt", text.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = TINY.replace("    - {type: synthetic, modality: audio, count: 3, name: extra_tones}",
+                       f"    - {{type: shards, urls: '{d / 'calls-000.tar'}', name: calls}}")
+    (d / "shards.yaml").write_text(cfg)
+    r = cli("run", d / "shards.yaml", "--run-dir", d / "shards", "--reuse", d / "run", check=True)
+    assert "adversarial: reused" in r.stdout and "evaluate: finished" in r.stdout
+    calls = json.loads((d / "shards/evaluate/report.json").read_text())["calls"]["audio"]
+    assert calls["teacher"]["n_with_reference"] == 3 and calls["distill"]["wer_vs_reference"] is not None
+    preds = [json.loads(x) for x in (d / "shards/evaluate/predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["reference"] for p in preds if p["set"] == "calls") == ["goodbye now", "please hold",
+                                                                            "the line is busy"]

@@ -105,3 +105,43 @@ def test_shards_and_text_sources(tmp_path):
     assert m["counts"]["out"] == 6 + 2 + 1, r.stdout
     r = cli("config", cfg2, "ingest.sources=[{type: shards, urls: 'pipe:cat x.tar', modality: text}]")
     assert r.returncode == 2 and "allow_pipe" in r.stderr
+
+
+def _audio_shard(path: Path) -> None:
+    """A webdataset shard as a user brings one: a clip with its transcript in a .txt, one with it in the .json,
+    one whose .txt comes before its media, a drawing with a .cls, and a member nobody reads."""
+    from modalities.audio import Audio, AudioConfig
+    from modalities.image import Image as ImageModality, ImageConfig
+
+    rng = np.random.default_rng(0)
+    wav = [Audio(AudioConfig()).synthesize(i, rng)[0] for i in range(3)]
+    img = ImageModality(ImageConfig()).synthesize(0, rng)[0]
+    members = [("c1.wav", wav[0]), ("c1.txt", b"please hold the line\n"),
+               ("c2.wav", wav[1]), ("c2.json", json.dumps({"text": "the number you have dialled"}).encode()),
+               ("c3.txt", b"goodbye"), ("c3.wav", wav[2]),
+               ("d1.png", img), ("d1.cls", b"animals"), ("d1.pyd", b"\x00binary")]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+
+
+def test_shard_references_in_txt_and_cls_members_and_ignored_members_reported(tmp_path):
+    _audio_shard(tmp_path / "s-000.tar")
+    cfg = _write_cfg(tmp_path, [{"type": "shards", "urls": str(tmp_path / "s-000.tar"), "name": "web"}],
+                     stages=["ingest"])
+    r = cli("run", cfg, "--run-dir", tmp_path / "run", check=True)
+    assert "1 shard members no modality reads" in r.stdout
+    refs = {}
+    for t in sorted((tmp_path / "run/ingest/shards").rglob("*.tar")):
+        with tarfile.open(t) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())
+                    refs[rec["key"]] = (rec["modality"], rec["reference"])
+    assert refs == {"web-c1": ("audio", "please hold the line"), "web-c2": ("audio", "the number you have dialled"),
+                    "web-c3": ("audio", "goodbye"), "web-d1": ("image", "animals")}
+    ignored = [json.loads(x) for x in (tmp_path / "run/ingest/ignored_members.jsonl").read_text().splitlines()]
+    assert ignored == [{"shard": str(tmp_path / "s-000.tar"), "extension": "pyd", "members": 1}]
+    assert json.loads((tmp_path / "run/ingest/manifest.json").read_text())["counts"]["ignored_members"] == 1
