@@ -542,8 +542,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by the kill
-        # Step-less records are events of the run's start, written again when it starts from step 0.
-        if ("step" in rec and rec["step"] <= step) or ("step" not in rec and step > 0):
+        # From step 0 the stage writes every record again (its start event, the adversarial phase's pre-training
+        # and its check of the distilled student at step 0): none is kept. Past a checkpoint, the records up to it
+        # are, the step-less ones (written at the start) included.
+        if step > 0 and ("step" not in rec or rec["step"] <= step):
             keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 

@@ -317,7 +317,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(baseline, tmp_path
     _mount(["-t", "tmpfs", "-o", f"size={size // 1024}k", "tmpfs", str(mnt)])
     try:
         run = seeded(baseline, mnt, "distill")
-        r = cli("run", TINY, "--run-dir", run)
+        r = cli("run", TINY, "--run-dir", run, subprocess_=True)  # its own process: nothing of it holds the mount
         _assert_clean_stop(r, run, "No space left on device")
         shutil.copytree(run, tmp_path / "bigger" / "run")  # more space: the same command resumes
     finally:

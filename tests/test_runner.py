@@ -19,7 +19,8 @@ def _files(d: Path) -> dict:
     out = {}
     for p in sorted(d.rglob("*")):
         rel = p.relative_to(d).as_posix()
-        if p.is_file() and not any(s in rel for s in ("manifest.json", "metrics.jsonl", "started.json", ".lock", "checkpoints/", ".parts/", "config.yaml")):
+        if p.is_file() and not any(s in rel for s in ("manifest.json", "metrics.jsonl", "started.json", ".lock", "checkpoints/",
+                                                      ".parts/", "config.yaml", "run.log")):
             out[rel] = p.read_bytes()
     return out
 
