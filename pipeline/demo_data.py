@@ -219,9 +219,10 @@ def write_images(root: Path, out: Path, per_category: int) -> dict[str, int]:
     rows, counts = [], {}
     for category in CATEGORIES:
         files = sorted(p for p in (png_root / category).rglob("*.png") if p.is_file()) if (png_root / category).is_dir() else []
-        files = [p for p in files if not is_reserved(p.relative_to(png_root).as_posix())]
         n = 0
-        for png in _spread(files, per_category):
+        # reserved drawings leave the spread after it is drawn, so every other pick stays what it was and a
+        # reserved one is replaced as a damaged one is
+        for png in (p for p in _spread(files, per_category) if not is_reserved(p.relative_to(png_root).as_posix())):
             if n >= per_category:
                 break
             try:

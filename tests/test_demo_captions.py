@@ -54,6 +54,11 @@ def test_the_demo_never_picks_a_reserved_drawing(tmp_path):
     counts = dd.write_images(tmp_path / "root", tmp_path / "out", per_category=10)
     rows = [json.loads(x) for x in (tmp_path / "out/labels.jsonl").read_text().splitlines()]
     assert counts["food"] == 3 and sorted(r["name_words"][0] for r in rows) == ["apple", "bread", "pear"]
+    # the spread over all five is apple, cake, then bread, pear, plum as replacements: the reserved cake is
+    # replaced and apple stays (spreading the three unreserved ones would pick apple and pear)
+    dd.write_images(tmp_path / "root", tmp_path / "two", per_category=2)
+    rows = [json.loads(x) for x in (tmp_path / "two/labels.jsonl").read_text().splitlines()]
+    assert [r["name_words"][0] for r in rows] == ["apple", "bread"]
 
 
 def test_caption_from_name():
