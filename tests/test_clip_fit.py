@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 
 def small_cfg(tower: Path, **kw) -> ClipFitConfig:
-    base = dict(image_tower=IMAGE_TOWER, text_tower=str(tower), embed_dim=16, image_size=32, steps=60,
+    base = dict(image_tower=IMAGE_TOWER, text_tower=str(tower), image_size=32, steps=60,
                 batch_size=32, eval_every=20, lr=1e-2, vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"])
     base.update(kw)
     return ClipFitConfig(**base)
@@ -120,7 +120,7 @@ def test_clip_teacher_labels_with_the_caption_and_the_margin(fitted, tmp_path):
                       caption="a drawing of {label}")
     Image.validate_config(cfg, "modalities.image")
     teacher = Image(cfg).build_teacher("cpu")
-    assert teacher.name == "clip:local-dir:elsewhere" and teacher.feature_dim == 16
+    assert teacher.name == "clip:local-dir:elsewhere" and teacher.feature_dim == 32  # the text tower's width
     rng = np.random.default_rng(1)
     labels = teacher.label([shape_image(c, "square", rng).convert("RGB") for c in COLOURS])
     for lab in labels:
@@ -151,11 +151,13 @@ def test_evaluation_images_and_damaged_files_are_left_out_with_their_reason(tmp_
     flat.resize((96, 96)).save(evaluation / "copy.jpg", quality=85)
     (tmp_path / "src" / rows[1]["image"]).write_bytes(b"not an image")
     tower = write_tiny_text_tower(tmp_path / "tower")
-    rec = fit_clip(tmp_path / "src", tmp_path / "out", small_cfg(tower, steps=5, eval_every=5),
-                   exclude_images=(evaluation,))
+    rec = fit_clip(tmp_path / "src", tmp_path / "out", small_cfg(tower, steps=5, eval_every=5, text_proj="linear",
+                                                                 embed_dim=16), exclude_images=(evaluation,))
     assert rec["excluded"] == {f"same pixels as evaluation images in {evaluation}": 1,
                                "image does not decode (not an image (PIL cannot identify the format))": 1}
     assert rec["train"] == len([r for r in rows if r["split"] == "train"]) - 2
+    model, _, _ = open_local_dir(tmp_path / "out")
+    assert model.text.proj.weight.shape == (16, 32) and model.visual.head.proj.weight.shape[0] == 16
 
 
 def test_webdataset_shards_hold_out_a_fixed_fraction_by_name(tmp_path):
@@ -201,7 +203,8 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
     tower = write_tiny_text_tower(tmp_path / "tower")
     for kw, message in (({"image_tower": "offline:vit"}, "image tower 'offline:vit'"),
                         ({"text_tower": str(tmp_path)}, "no config.json"),
-                        ({"templates": ["a drawing"]}, "templates must be")):
+                        ({"templates": ["a drawing"]}, "templates must be"),
+                        ({"embed_dim": 16}, "text_proj none keeps the text tower's width")):
         with pytest.raises(UserError, match=message):
             fit_clip(tmp_path / "good", tmp_path / "o", small_cfg(tower, **kw))
     r = cli("teacher", "fit-clip", "--pairs", tmp_path / "good", "--out", tmp_path / "o", "--resize-mode", "stretch")
