@@ -198,7 +198,8 @@ def _load_towers(model, cfg: ClipFitConfig, text_folder: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- features
 class FeatureCache:
-    """{sha256 of an input: frozen tower features [D] float32} in one .npz, keyed also by what made them."""
+    """{sha256 of an input (image file bytes, or caption text): frozen tower features [D] float32} in one .npz
+    whose name is the hash of what made them (tower, weights, preprocessing)."""
 
     def __init__(self, path: Optional[Path]):
         self.path, self.rows = path, {}
@@ -354,6 +355,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
                 _add_image_features(icache, pending, model, preprocess)
                 pending = {}
                 log.info("fit-clip: image features for %d of %d pairs", len(kept), len(pairs))
+                if icache.added % 1024 < 64:  # an interrupted first fit keeps most of its work
+                    icache.save()
         _add_image_features(icache, pending, model, preprocess)
         train = [i for i, p in enumerate(kept) if p.split == "train"]
         held = [i for i, p in enumerate(kept) if p.split == "heldout"]
@@ -363,14 +366,16 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         texts = [cfg.caption_template.replace("{caption}", p.caption) for p in kept]
         tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
                                                               "context_length": cfg.context_length}))
-        missing = tcache.missing(texts)
+        text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
+        by_key = dict(zip(text_keys, texts))
+        missing = tcache.missing(text_keys)
         if missing:
-            for t, f in zip(missing, text_features(model, tokenizer, missing)):
-                tcache.put(t, f)
+            for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
+                tcache.put(k, f)
         icache.save()
         tcache.save()
         img_f = torch.from_numpy(icache.stack(image_keys))  # [N, D_image]
-        txt_f = torch.from_numpy(tcache.stack(texts))  # [N, D_text]
+        txt_f = torch.from_numpy(tcache.stack(text_keys))  # [N, D_text]
         t_features = time.monotonic() - t0
 
         # Zero-shot classes: prompts through the frozen text tower once; the projection is applied per check.
