@@ -120,6 +120,10 @@ def test_clip_teacher_labels_with_the_caption_and_the_margin(fitted, tmp_path):
                                                  templates=["{label}", "a {label} shape"]),
                       caption="a drawing of {label}")
     Image.validate_config(cfg, "modalities.image")
+    with pytest.raises(UserError, match="only the clip teacher takes one"):
+        Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(checkpoint=str(moved))), "modalities.image")
+    with pytest.raises(UserError, match="only the clip teacher takes one"):  # a folder that is not a local-dir
+        Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(tmp_path))), "m")
     teacher = Image(cfg).build_teacher("cpu")
     assert teacher.name == "clip:local-dir:elsewhere" and teacher.feature_dim == 32  # the text tower's width
     rng = np.random.default_rng(1)
