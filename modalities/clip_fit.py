@@ -282,16 +282,64 @@ def retrieval(img: np.ndarray, txt: np.ndarray, captions: list[str], ks=(1, 5)) 
     return out
 
 
-def class_embeddings(encode_text, vocabulary: list[str], templates: list[str]) -> np.ndarray:
-    """Each class's mean normalised prompt embedding, renormalised [C, D] (encode_text: texts -> [N, D])."""
-    prompts = [t.replace("{label}", c) for c in vocabulary for t in templates]
-    e = encode_text(prompts)
-    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
-    cls = e.reshape(len(vocabulary), len(templates), -1).mean(1)
-    return cls / np.linalg.norm(cls, axis=-1, keepdims=True)
-
-
 # -------------------------------------------------------------------------------------------------- fit
+def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig, provenance: dict,
+                   preprocess_cfg: dict, cache_dir: Optional[Path], indexes: list):
+    """The frozen towers' features of the pairs, computed once per input and cached by what made them. An image is
+    decoded only where its features are missing or evaluation images are to be matched (indexes: [(label,
+    PixelIndex)]); pairs whose image does not decode or has an evaluation image's pixels are left out.
+
+    Returns (kept pairs, image features [N, D_image], caption features [N, D_text], {reason: pairs left out},
+    {"image": computed, "text": computed})."""
+    import torch
+
+    from modalities.image import decode_image
+    from pipeline.files import sha256_bytes
+
+    icache = FeatureCache(_cache_path(cache_dir, "image", {**provenance["image_tower"], "preprocess": preprocess_cfg}))
+    excluded: dict[str, int] = {}
+    kept, image_keys, pending = [], [], {}
+    for p in pairs:
+        data = p.read()
+        key = sha256_bytes(data)
+        if indexes or key not in icache.rows:
+            try:
+                im = decode_image(data, cfg.max_pixels, 1024)
+            except BadInput as e:
+                why = f"image does not decode ({e.reason.split(':')[0]})"
+                excluded[why] = excluded.get(why, 0) + 1
+                continue
+            hit = next((label for label, index in indexes if index.find(im) is not None), None)
+            if hit:
+                excluded[f"same pixels as {hit}"] = excluded.get(f"same pixels as {hit}", 0) + 1
+                continue
+            if key not in icache.rows:
+                pending[key] = im
+        kept.append(p)
+        image_keys.append(key)
+        if len(pending) >= 64:
+            _add_image_features(icache, pending, model, preprocess)
+            pending = {}
+            log.info("fit-clip: image features for %d of %d pairs", len(kept), len(pairs))
+            if icache.added % 1024 < 64:  # an interrupted first fit keeps most of its work
+                icache.save()
+    _add_image_features(icache, pending, model, preprocess)
+    icache.save()
+    texts = [cfg.caption_template.replace("{caption}", p.caption) for p in kept]
+    text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
+    tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
+                                                          "context_length": cfg.context_length}))
+    by_key = dict(zip(text_keys, texts))
+    missing = tcache.missing(text_keys)
+    if missing:
+        for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
+            tcache.put(k, f)
+    tcache.save()
+    img_f = torch.from_numpy(icache.stack(image_keys)) if kept else torch.zeros(0)
+    txt_f = torch.from_numpy(tcache.stack(text_keys)) if kept else torch.zeros(0)
+    return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
+
+
 def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "captions.jsonl",
              cache_dir: Optional[Path] = None, exclude_images: tuple = ()) -> dict:
     """Fit the projections on source's training pairs, score the held-out ones, write the folder `out`
@@ -302,8 +350,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
     from safetensors.torch import save_file
 
     from modalities.clip_pairs import read_pairs
-    from modalities.image import decode_image
-    from pipeline.files import atomic_write_json, sha256_bytes
+    from pipeline.files import atomic_write_json
 
     t_start = time.monotonic()
     _validate(cfg)
@@ -325,58 +372,15 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         model, preprocess, tokenizer = open_local_dir(staging)
         provenance = _load_towers(model, cfg, text_folder)
 
-        # Frozen tower features, computed once per input and cached by what made them. An image is decoded only
-        # where its features are missing or evaluation images are to be matched; those that do not decode and
-        # those with an evaluation image's pixels are left out, each counted under its reason.
         t0 = time.monotonic()
-        icache = FeatureCache(_cache_path(cache_dir, "image", {**provenance["image_tower"],
-                                                               "preprocess": oc_cfg["preprocess_cfg"]}))
-        excluded: dict[str, int] = {}
-        kept, image_keys, pending = [], [], {}
-        for p in pairs:
-            data = p.read()
-            key = sha256_bytes(data)
-            if indexes or key not in icache.rows:
-                try:
-                    im = decode_image(data, cfg.max_pixels, 1024)
-                except BadInput as e:
-                    why = f"image does not decode ({e.reason.split(':')[0]})"
-                    excluded[why] = excluded.get(why, 0) + 1
-                    continue
-                hit = next((label for label, index in indexes if index.find(im) is not None), None)
-                if hit:
-                    excluded[f"same pixels as {hit}"] = excluded.get(f"same pixels as {hit}", 0) + 1
-                    continue
-                if key not in icache.rows:
-                    pending[key] = im
-            kept.append(p)
-            image_keys.append(key)
-            if len(pending) >= 64:
-                _add_image_features(icache, pending, model, preprocess)
-                pending = {}
-                log.info("fit-clip: image features for %d of %d pairs", len(kept), len(pairs))
-                if icache.added % 1024 < 64:  # an interrupted first fit keeps most of its work
-                    icache.save()
-        _add_image_features(icache, pending, model, preprocess)
+        kept, img_f, txt_f, excluded, computed = tower_features(pairs, model, preprocess, tokenizer, cfg, provenance,
+                                                                oc_cfg["preprocess_cfg"], cache_dir, indexes)
+        t_features = time.monotonic() - t0
         train = [i for i, p in enumerate(kept) if p.split == "train"]
         held = [i for i, p in enumerate(kept) if p.split == "heldout"]
         if len(train) < 2 or len(held) < 2:
             raise UserError(f"caption source {source}: {len(train)} training and {len(held)} held-out pairs after "
                             "exclusions; the fit needs at least 2 of each")
-        texts = [cfg.caption_template.replace("{caption}", p.caption) for p in kept]
-        tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
-                                                              "context_length": cfg.context_length}))
-        text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
-        by_key = dict(zip(text_keys, texts))
-        missing = tcache.missing(text_keys)
-        if missing:
-            for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
-                tcache.put(k, f)
-        icache.save()
-        tcache.save()
-        img_f = torch.from_numpy(icache.stack(image_keys))  # [N, D_image]
-        txt_f = torch.from_numpy(tcache.stack(text_keys))  # [N, D_text]
-        t_features = time.monotonic() - t0
 
         # Zero-shot classes: prompts through the frozen text tower once; the projection is applied per check.
         zs_rows = [i for i in held if kept[i].category in cfg.vocabulary]
@@ -486,7 +490,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             "excluded": excluded,
             "source_exclusions": json.loads(source_record.read_text()) if source_record.is_file() else None,
             "towers": provenance, "config": asdict(cfg),
-            "features_computed": {"image": icache.added, "text": tcache.added},  # the rest came from the cache
+            "features_computed": computed,  # the rest came from the cache
             "selected": best, "zero_shot_by_template": by_template, "curve": curve,
             "seconds": {"features": round(t_features, 1), "train": round(t_train, 1),
                         "total": round(time.monotonic() - t_start, 1)},
