@@ -369,7 +369,11 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         oc_cfg = open_clip_config(cfg, text_folder)
         (staging / CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2))
         torch.manual_seed(cfg.seed)
-        model, preprocess, tokenizer = open_local_dir(staging)
+        logging.disable(logging.WARNING)  # open_clip warns that the staged folder has no weights yet: they come next
+        try:
+            model, preprocess, tokenizer = open_local_dir(staging)
+        finally:
+            logging.disable(logging.NOTSET)
         provenance = _load_towers(model, cfg, text_folder)
 
         t0 = time.monotonic()
