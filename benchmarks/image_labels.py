@@ -1,11 +1,15 @@
-"""How well the offline image teacher's labels fit real drawings: the efficientnet_lite0 ImageNet classifier over
+"""How well the offline image teachers' labels fit real drawings: the efficientnet_lite0 ImageNet classifier over
 the 483 openclipart drawings in shared/data, each label mapped to one of the ten categories by the MiniLM
-sentence encoder, compared with the drawing's folder category.
+sentence encoder, compared with the drawing's folder category; with --clip, the CLIP-style teacher of that
+folder (`groundgan teacher fit-clip`) zero-shot over the ten categories, on the same decoded drawings in the
+same process.
 
     .venv/bin/python benchmarks/image_labels.py [--data DIR] [--resize squash pad] [--batch 32]
+        [--clip DIR [--template "a drawing of {label}" ...]]
 
-Prints a dozen examples, the label -> category map, and per resize mode: category agreement, the share of the
-most common category (what always answering it would score) and their ratio, mean confidence, and time.
+Prints a dozen examples, the label -> category map, and per teacher (and resize mode): category agreement, the
+share of the most common category (what always answering it would score) and their ratio, mean confidence, and
+time; with --clip, the CLIP teacher's agreement over the classifier's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from modalities.image import Image, ImageConfig  # noqa: E402
+from modalities.image import Image, ImageConfig, ImageTeacherConfig  # noqa: E402
 from pipeline.errors import BadInput  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "images" / "openclipart"
@@ -35,6 +39,9 @@ def main() -> int:
     ap.add_argument("--resize", nargs="+", default=["squash", "pad"], help="teacher resize modes to compare")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clip", type=Path, help="a CLIP-style teacher folder (open_clip local-dir), scored beside the classifier")
+    ap.add_argument("--template", action="append", help="the CLIP teacher's prompts, {label} the category (repeatable; "
+                                                        "default: the prompt ensemble of configs/clip_teacher.yaml)")
     a = ap.parse_args()
     if not (a.data / "labels.jsonl").is_file():
         print(f"skipped: no labels.jsonl in {a.data} (the shared/data folder beside the project)")
@@ -43,8 +50,16 @@ def main() -> int:
     rows = [json.loads(x) for x in (a.data / "labels.jsonl").read_text().splitlines() if x.strip()]
     categories = sorted({r["category"] for r in rows})
 
-    for n_mode, mode in enumerate(a.resize):
-        modality = Image(ImageConfig(resize=mode, categories=categories))
+    arms = [(f"classifier, resize={mode}", ImageConfig(resize=mode, categories=categories)) for mode in a.resize]
+    if a.clip:
+        templates = a.template or _overlay_templates()
+        arms.append(("clip", ImageConfig(categories=categories, caption="a drawing of {label}", teacher=ImageTeacherConfig(
+            kind="clip", checkpoint=str(a.clip), vocabulary=categories, templates=templates))))
+    agreement = {}
+    for n_mode, (arm, cfg) in enumerate(arms):
+        mode = arm
+        modality = Image(cfg)
+        Image.validate_config(cfg, "modalities.image")
         t0 = time.monotonic()
         teacher = modality.build_teacher("cpu", store_features=False)
         t_load = time.monotonic() - t0
@@ -67,10 +82,12 @@ def main() -> int:
         t_map = time.monotonic() - t0
         mapping = m["label_to_category"]
 
-        if n_mode == 0:
-            print(f"teacher {teacher.name} (sha256 {teacher.sha256[:12]}), {len(kept)} drawings from {a.data}"
+        if n_mode == 0 or arm == "clip":
+            print(f"\nteacher {teacher.name} (sha256 {teacher.sha256[:12]}), {len(kept)} drawings from {a.data}"
                   + (f", {len(rejected)} rejected: {rejected[:3]}" if rejected else ""))
-            print(f"\nexamples (resize={mode}):")
+            if arm == "clip":
+                print(f"  zero-shot over the {len(categories)} categories, prompts: {cfg.teacher.templates}")
+            print(f"\nexamples ({mode}):")
             print(f"  {'file':24s} {'category':15s} {'teacher label':24s} {'conf':>5s}  mapped to")
             for i in range(0, len(kept), max(1, len(kept) // 12))[:12]:
                 info = labels[i].info
@@ -87,13 +104,24 @@ def main() -> int:
         totals = collections.Counter(refs)
         majority = max(totals.values()) / len(refs)
         conf = np.array([lab.info["confidence"] for lab in labels])
-        print(f"\nresize={mode}: category agreement {m['category_agreement']:.3f} ({sum(hits.values())}/{len(refs)}); "
+        agreement[arm] = m["category_agreement"]
+        print(f"\n{mode}: category agreement {m['category_agreement']:.3f} ({sum(hits.values())}/{len(refs)}); "
               f"most common category {majority:.3f}; ratio {m['category_agreement'] / majority:.2f}x; "
               f"mean confidence {conf.mean():.3f}; label agreement of the teacher's own captions {m['label_agreement']:.2f}")
         print("  per category: " + ", ".join(f"{c} {hits[c]}/{totals[c]}" for c in categories))
         print(f"  time: load {t_load:.1f} s, label {t_label:.1f} s ({len(images) / t_label:.1f} images/s, "
               f"{a.threads} threads), map {t_map:.1f} s")
+    if a.clip:
+        print("\nsame drawings, same process: " + "; ".join(f"{arm} {v:.3f}" for arm, v in agreement.items())
+              + "".join(f"; clip / {arm} {agreement['clip'] / v:.2f}x" for arm, v in agreement.items() if arm != "clip"))
     return 0
+
+
+def _overlay_templates() -> list[str]:
+    import yaml
+
+    overlay = yaml.safe_load((ROOT / "configs" / "clip_teacher.yaml").read_text())
+    return overlay["modalities"]["image"]["teacher"]["templates"]
 
 
 if __name__ == "__main__":

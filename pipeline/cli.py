@@ -95,6 +95,37 @@ def cmd_data(a) -> int:
     return 0
 
 
+def cmd_teacher(a) -> int:
+    from modalities.clip_fit import ClipFitConfig, fit_clip
+
+    if a.what != "fit-clip":
+        raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip")
+    cfg = ClipFitConfig()
+    for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
+                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay"):
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
+    if a.vocabulary:
+        cfg.vocabulary = [v.strip() for v in a.vocabulary.split(",") if v.strip()]
+    if a.template:
+        cfg.templates = list(a.template)
+    out = Path(a.out)
+    rec = fit_clip(Path(a.pairs), out, cfg, manifest=a.manifest,
+                   cache_dir=Path(a.cache_dir) if a.cache_dir else out.parent / ".clip_fit_cache",
+                   exclude_images=tuple(Path(d) for d in a.exclude_images))
+    sel = rec["selected"]
+    print(f"CLIP-style teacher in {out} ({rec['seconds']['total']} s: features {rec['seconds']['features']} s, "
+          f"training {rec['seconds']['train']} s): {rec['train']} training pairs, {rec['heldout']} held out; "
+          f"step {sel['step']}: held-out image->text R@1 {sel['i2t_r1']:.3f} R@5 {sel['i2t_r5']:.3f}, "
+          f"text->image R@1 {sel['t2i_r1']:.3f} R@5 {sel['t2i_r5']:.3f} (pool {sel['pool']})"
+          + (f", zero-shot {sel['zero_shot']:.3f} on {sel['zero_shot_pool']}" if "zero_shot" in sel else ""))
+    if rec["excluded"]:
+        print("  left out: " + "; ".join(f"{n} {why}" for why, n in rec["excluded"].items()))
+    print(f"  load: open_clip.create_model_and_transforms('local-dir:{out}'), or modalities.image.teacher: "
+          f"{{kind: clip, checkpoint: {out}}}")
+    return 0
+
+
 def cmd_generate(a) -> int:
     from stages.models.generation import generate_cli
 
@@ -137,6 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("what", help="demo: real speech and drawings from Debian packages")
     d.add_argument("--out", default="data/demo")
     d.set_defaults(fn=cmd_data)
+
+    t = sub.add_parser("teacher", help="build a teacher: fit-clip (a CLIP-style model by locked-image tuning)")
+    t.add_argument("what", help="fit-clip: frozen offline towers, projections trained on image-caption pairs")
+    t.add_argument("--pairs", required=True, help="a folder with captions.jsonl ({image, caption[, split]}), or "
+                                                  "webdataset .tar shards (<key>.jpg + <key>.txt)")
+    t.add_argument("--out", required=True, help="the folder to write (open_clip local-dir format)")
+    t.add_argument("--manifest", default="captions.jsonl", help="the JSONL in --pairs")
+    t.add_argument("--cache-dir", help="frozen tower features (default: .clip_fit_cache beside --out)")
+    t.add_argument("--exclude-images", action="append", default=[], metavar="DIR",
+                   help="leave out every pair whose image has the pixels of one in DIR (repeatable)")
+    t.add_argument("--image-tower")
+    t.add_argument("--text-tower")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--embed-dim", type=int)
+    t.add_argument("--text-proj", help="none (the text tower's own space) or linear")
+    t.add_argument("--image-dropout", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--resize-mode")
+    t.add_argument("--caption-template")
+    t.add_argument("--select-by")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")
+    t.add_argument("--template", action="append", help="zero-shot prompt with {label} (repeatable)")
+    t.set_defaults(fn=cmd_teacher)
 
     g = sub.add_parser("generate", help="write text with a trained student")
     g.add_argument("run_dir")

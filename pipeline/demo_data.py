@@ -6,8 +6,20 @@ that ingest's folder sources read.
                                                 digits/1.wav becomes digits__1.wav
     DIR/images/<category>_<nnnn>.jpg + labels.jsonl   {"image", "category", "path", "name_words"}: openclipart
                                                 drawings (public domain), RGB JPEG on white, longest side at most
-                                                256 px, `category` the top folder, `path` the finer one
+                                                256 px, `category` the top folder, `path` the finer one; never a
+                                                reserved drawing (below)
+    DIR/captions/<nnnnn>.jpg + captions.jsonl   {"image", "caption", "split", "source"[, "category"]}: every other
+                                                drawing of the package, captioned from its file name only (folder
+                                                names never enter a caption): the image-caption source of
+                                                `groundgan teacher fit-clip`; split `heldout` for the reserved
+                                                drawings (those carry `category` where their top folder is one of
+                                                the ten), `train` for the rest; exclusions.json says what was left
+                                                out and why
     DIR/.complete                               written last: a run that finds it does nothing
+
+Reserved drawings: those whose package-relative path (e.g. `animals/birds/dove_symbol_01.png`, relative to
+usr/share/openclipart/png) has a sha256 hex digest starting with 0 or 1, about an eighth. They are kept for
+evaluation: no demo drawing is one, and the caption source holds them only as held-out pairs.
 
 The packages are fetched with `apt-get download` (no root needed, nothing is installed) and unpacked with
 `dpkg-deb -x` in a temporary folder that is removed afterwards.
@@ -16,6 +28,7 @@ The packages are fetched with `apt-get download` (no root needed, nothing is ins
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -36,6 +49,10 @@ CATEGORIES = ("animals", "food", "transportation", "plants", "buildings", "tools
 MARKER = ".complete"
 MAX_SIDE = 256
 MAX_SOURCE_PIXELS = 25_000_000  # a few drawings are 10,000+ px wide: skipped, the next one takes their place
+PNG_ROOT = "usr/share/openclipart/png"
+# evaluation drawings beside the project (shared/data/README.md): the caption source never holds their pixels
+SHARED_DRAWINGS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "images" / "openclipart"
+RESERVED_PREFIXES = ("0", "1")  # sha256 hex digits of the package-relative path: drawings kept for evaluation
 
 _OWN_DATA = """Without them, point configs/demo.yaml's ingest.sources at your own folders, each a `dir` holding the media
 and a JSONL `manifest` that names each file and its reference, e.g.
@@ -148,6 +165,12 @@ def name_words(stem: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z]+", stem) if len(w) >= 3]
 
 
+def is_reserved(rel_path: str) -> bool:
+    """A drawing kept for evaluation: its package-relative path (`animals/birds/dove_symbol_01.png`) has a sha256
+    hex digest starting with one of RESERVED_PREFIXES. No teacher trains on it and no demo drawing is one."""
+    return hashlib.sha256(rel_path.encode("utf-8")).hexdigest().startswith(RESERVED_PREFIXES)
+
+
 def _spread(items: list, k: int) -> list:
     """All of items, the k evenly spaced over the sorted list first (so every sub-folder is drawn from), then
     the rest as replacements for files that do not decode."""
@@ -159,6 +182,12 @@ def _spread(items: list, k: int) -> list:
 
 
 def _to_jpeg(data: bytes) -> bytes:
+    return _jpeg(_flatten(data))
+
+
+def _flatten(data: bytes):
+    """PNG bytes -> an RGB PIL image on white, longest side at most MAX_SIDE (downscaled only, aspect kept).
+    Raises ValueError (too large) or PIL's errors (damaged)."""
     from PIL import Image
 
     from modalities.image import to_rgb
@@ -172,6 +201,10 @@ def _to_jpeg(data: bytes) -> bytes:
         im.load()
         rgb = to_rgb(im)
     rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)  # downscale only, aspect kept
+    return rgb
+
+
+def _jpeg(rgb) -> bytes:
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -179,15 +212,17 @@ def _to_jpeg(data: bytes) -> bytes:
 
 def write_images(root: Path, out: Path, per_category: int) -> dict[str, int]:
     """Unpacked openclipart-png under root -> out/<category>_<nnnn>.jpg + out/labels.jsonl, at most
-    per_category drawings from each of CATEGORIES. Returns {category: count}."""
-    png_root = root / "usr/share/openclipart/png"
+    per_category drawings from each of CATEGORIES, none of them reserved (is_reserved). Returns {category: count}."""
+    png_root = root / PNG_ROOT
     if not png_root.is_dir():
         raise UserError(f"{png_root.relative_to(root)} not found in the unpacked {IMAGE_PACKAGES[0]} package")
     rows, counts = [], {}
     for category in CATEGORIES:
         files = sorted(p for p in (png_root / category).rglob("*.png") if p.is_file()) if (png_root / category).is_dir() else []
         n = 0
-        for png in _spread(files, per_category):
+        # reserved drawings leave the spread after it is drawn, so every other pick stays what it was and a
+        # reserved one is replaced as a damaged one is
+        for png in (p for p in _spread(files, per_category) if not is_reserved(p.relative_to(png_root).as_posix())):
             if n >= per_category:
                 break
             try:
@@ -207,6 +242,98 @@ def write_images(root: Path, out: Path, per_category: int) -> dict[str, int]:
     return counts
 
 
+# ------------------------------------------------------------------------------------------ captions
+CAPTIONS_MANIFEST = "captions.jsonl"
+EXCLUSIONS = "exclusions.json"
+
+
+def caption_from_name(stem: str) -> str:
+    """An artist's file name -> a caption: its words (name_words, camelCase split), lower case
+    ("DoveSymbol_by_joe_01" -> "dove symbol joe"). The folder never enters it."""
+    return " ".join(w.lower() for w in name_words(re.sub(r"([a-z])([A-Z])", r"\1 \2", stem)))
+
+
+def write_captions(root: Path, out: Path, demo_images: Path | None, exclude_dirs: list[Path]) -> dict:
+    """Unpacked openclipart-png under root -> out/<nnnnn>.jpg + out/captions.jsonl + out/exclusions.json: every
+    drawing captioned from its file name (caption_from_name), JPEG on white as the demo's drawings are.
+
+    Left out, each counted under its reason in exclusions.json: symlinks to another drawing of the package (the
+    target is read once), file names without words, drawings that do not convert, every drawing with the pixels
+    of an image in demo_images (the demo's drawings, every split) or in one of exclude_dirs (matched after the
+    same flattening and downscaling, modalities.image_match), and training drawings with the pixels of a
+    held-out one. Reserved drawings (is_reserved) are the `heldout` split; the rest `train`.
+    Returns the exclusions.json record."""
+    from collections import Counter
+
+    from modalities.image_match import PixelIndex, fingerprint
+
+    png_root = root / PNG_ROOT
+    if not png_root.is_dir():
+        raise UserError(f"{PNG_ROOT} not found in the unpacked {IMAGE_PACKAGES[0]} package")
+    indexes: list[tuple[str, PixelIndex]] = []
+    matched_against, missing = {}, []
+    for label, folder in ([("the demo's drawings", demo_images)] if demo_images else []) + \
+            [(f"evaluation images in {d}", d) for d in exclude_dirs]:
+        if not Path(folder).is_dir():
+            missing.append(str(folder))
+            continue
+        index = PixelIndex()
+        matched_against[str(folder)] = index.add_folder(Path(folder))
+        indexes.append((label, index))
+    excluded: Counter = Counter()
+    kept = []  # (rel, caption, jpeg bytes, fingerprint, reserved)
+    real_root = png_root.resolve()
+    for png in sorted(png_root.rglob("*.png")):
+        rel = png.relative_to(png_root).as_posix()
+        if png.is_symlink() and png.resolve().is_file() and real_root in png.resolve().parents:
+            excluded["symlink to another drawing of the package"] += 1
+            continue
+        if not png.is_file():
+            continue
+        caption = caption_from_name(png.stem)
+        if not caption:
+            excluded["file name has no words"] += 1
+            continue
+        try:
+            rgb = _flatten(png.read_bytes())
+        except Exception:  # damaged, or too large to convert quickly
+            excluded["does not convert"] += 1
+            continue
+        fp = fingerprint(rgb)
+        hit = next((label for label, index in indexes if index.find(fp=fp) is not None), None)
+        if hit:
+            excluded[f"same pixels as {hit}"] += 1
+            continue
+        kept.append((rel, caption, _jpeg(rgb), fp, is_reserved(rel)))
+    heldout = PixelIndex()
+    for rel, _, _, fp, reserved in kept:
+        if reserved:
+            heldout.add_fingerprint(rel, fp)
+    rows = []
+    for rel, caption, jpg, fp, reserved in kept:
+        if not reserved and heldout.find(fp=fp) is not None:
+            excluded["training drawing with the pixels of a held-out one"] += 1
+            continue
+        name = f"{len(rows):05d}.jpg"
+        atomic_write_bytes(out / name, jpg)
+        row = {"image": name, "caption": caption, "split": "heldout" if reserved else "train", "source": rel}
+        top = rel.split("/", 1)[0]
+        if reserved and top in CATEGORIES:
+            row["category"] = top  # for choosing prompts on held-out pairs; never part of a caption
+        rows.append(row)
+    if not rows:
+        raise UserError(f"no drawing with a caption under {png_root}")
+    record = {"train": sum(r["split"] == "train" for r in rows), "heldout": sum(r["split"] == "heldout" for r in rows),
+              "heldout_rule": "sha256 hex digest of the package-relative path starts with "
+                              + " or ".join(RESERVED_PREFIXES),
+              "excluded": dict(sorted(excluded.items())), "matched_against": matched_against,
+              "not_found": missing}
+    _copy_copyright(root, IMAGE_PACKAGES[0], out)
+    atomic_write_text(out / CAPTIONS_MANIFEST, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out / EXCLUSIONS, record)
+    return record
+
+
 def _copy_copyright(root: Path, package: str, out: Path) -> None:
     src = root / "usr/share/doc" / package / "copyright"
     if src.is_file():
@@ -214,15 +341,19 @@ def _copy_copyright(root: Path, package: str, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def prepare_demo(out: Path, images_per_category: int = 50) -> dict:
-    """Fetch, unpack and lay out the demo data under out (see the module docstring). Idempotent: a complete
-    folder (its marker present) is left as it is. Returns the summary that the marker holds."""
+def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,)) -> dict:
+    """Fetch, unpack and lay out the demo data under out (see the module docstring); the caption source leaves
+    out every image in exclude_images (folders of evaluation images) and the demo's own drawings. Idempotent: a
+    complete folder (its marker present) is left as it is. Returns the summary that the marker holds."""
     out = Path(out)
     marker = out / MARKER
     if marker.is_file():
         summary = json.loads(marker.read_text())
         print(f"demo data already complete in {out} ({summary['speech']} speech clips, {summary['images']} images); "
               f"delete {marker} to rebuild it")
+        if "captions" not in summary:
+            print(f"  it predates the caption source ({out / 'captions'}) and the reserved drawings: delete {marker} "
+                  "to rebuild it (its drawings change)")
         return summary
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="groundgan-demo-") as tmp:
@@ -234,11 +365,17 @@ def prepare_demo(out: Path, images_per_category: int = 50) -> dict:
             extract_package(deb, root)
         n_speech = write_speech(root, out / "speech")
         per_category = write_images(root, out / "images", images_per_category)
+        captions = write_captions(root, out / "captions", out / "images", [Path(d) for d in exclude_images])
     summary = {"speech": n_speech, "images": sum(per_category.values()), "images_per_category": per_category,
+               "captions": {k: captions[k] for k in ("train", "heldout", "excluded")},
                "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
     atomic_write_json(marker, summary)
     print(f"demo data in {out} ({summary['seconds']} s):\n"
           f"  {out / 'speech'}: {n_speech} clips + transcripts.jsonl (CC-BY-SA-3.0, Allison Smith / Digium)\n"
           f"  {out / 'images'}: {summary['images']} drawings + labels.jsonl (public domain, openclipart): "
-          + ", ".join(f"{c} {k}" for c, k in per_category.items()))
+          + ", ".join(f"{c} {k}" for c, k in per_category.items()) + "\n"
+          f"  {out / 'captions'}: {captions['train']} training and {captions['heldout']} held-out drawing-caption pairs "
+          f"+ captions.jsonl (captions from file names); left out: "
+          + "; ".join(f"{n} {why}" for why, n in captions["excluded"].items())
+          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in captions["not_found"]))
     return summary

@@ -417,9 +417,10 @@ def score(modality: str, adapter, hyps: list[str], items: list[EvalItem], bootst
         else:
             extras[k] = v
     if clip_model is not None and items and all(it.features is not None for it in items):
-        # the CLIP teacher's features are its image embedding [1, D]
+        # the CLIP teacher's features are its image embedding [1, D]; scored by the teacher itself, the figure
+        # measures imitation of the teacher, not truth
         image_emb = np.stack([np.asarray(it.features, np.float32).reshape(-1, it.features.shape[-1]).mean(0) for it in items])
-        m["clip_score"] = tm.clip_score(image_emb, clip_model(hyps))
+        m["clip_score_teacher"] = tm.clip_score(image_emb, clip_model(hyps))
     m["distinct_1"] = tm.distinct_n(hyps, 1)
     m["distinct_2"] = tm.distinct_n(hyps, 2)
     m["self_bleu_4"] = tm.self_bleu_4(hyps)
@@ -454,7 +455,7 @@ def _clip_text_embedder(ctx: StageContext, modality: str, adapters: dict, teache
     import open_clip
 
     _, teacher = _teacher(ctx, modality, adapters, teachers)
-    tokenizer = open_clip.get_tokenizer(mcfg.teacher.clip_model)
+    tokenizer = getattr(teacher, "tokenizer", None) or open_clip.get_tokenizer(mcfg.teacher.clip_model)
 
     @torch.no_grad()
     def embed(texts: list[str]) -> np.ndarray:

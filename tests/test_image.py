@@ -223,9 +223,9 @@ def test_clip_teacher_runs_with_a_random_tiny_model(tiny_clip):
     labels = t.label([PILImage.new("RGB", (50, 30), (200, 10, 10)), PILImage.new("RGB", (30, 50), (10, 10, 200))])
     for lab in labels:
         assert lab.info["label"] in vocab and lab.info["top5"][0] == lab.info["label"] and len(lab.info["top5"]) == 4
-        assert lab.text == lab.info["template"].replace("{label}", lab.info["label"])
+        assert lab.text == cfg.caption.replace("{label}", lab.info["label"])  # the modality's caption, as the classifier's
         assert lab.info["template"] in templates
-        assert 0 <= lab.info["margin"] <= lab.info["confidence"] <= 1
+        assert 0 <= lab.info["confidence"] == lab.info["margin"] <= lab.info["probability"] <= 1  # confidence: the margin
         assert lab.arrays["features"].shape == (1, 32) and lab.arrays["features"].dtype == np.float16
         assert np.linalg.norm(lab.arrays["features"].astype(np.float32)) == pytest.approx(1.0, abs=1e-2)
 

@@ -30,7 +30,7 @@ TRAINING_STAGES = ("distill", "adversarial")  # stages whose metrics.jsonl the t
 CHECKPOINT_ORDER = ("teacher", "distill", "adversarial")
 # Headline columns first, in this order; any other metric follows, sorted.
 METRIC_ORDER = ("n_samples", "wer_vs_reference", "wer_change_vs_distill", "p_fewer_errors_than_distill",
-                "wer_vs_teacher", "ier", "rep_5gram", "label_agreement", "category_agreement", "clip_score", "teacher_nll", "distinct_1", "distinct_2", "distinct_2_change_vs_distill", "self_bleu_4",
+                "wer_vs_teacher", "ier", "rep_5gram", "label_agreement", "category_agreement", "clip_score_teacher", "teacher_nll", "distinct_1", "distinct_2", "distinct_2_change_vs_distill", "self_bleu_4",
                 "mean_length", "disc_accuracy", "disc_ranking")
 LOWER_IS_BETTER = {"wer_vs_reference": True, "wer_change_vs_distill": True, "wer_vs_teacher": True,
                    "teacher_nll": True, "label_agreement": False, "category_agreement": False,

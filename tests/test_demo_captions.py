@@ -1,0 +1,129 @@
+"""`groundgan data demo`'s reserved drawings and its caption source, on a small fake unpacked openclipart-png (nothing
+is downloaded): captions from file names only, held-out and training splits, every exclusion with its reason, and
+the pixel matching behind them."""
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import pipeline.demo_data as dd
+from modalities.image_match import PixelIndex
+
+
+def drawing(seed: int, size=(120, 80)) -> Image.Image:
+    """A distinct RGBA drawing: a few coloured blocks, drawn from seed, on transparency."""
+    rng = np.random.default_rng(seed)
+    a = np.zeros((size[1], size[0], 4), np.uint8)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, size[0] - 20)), int(rng.integers(0, size[1] - 20))
+        a[y0: y0 + int(rng.integers(10, 40)), x0: x0 + int(rng.integers(10, 40))] = (*rng.integers(0, 255, 3), 255)
+    return Image.fromarray(a, "RGBA")
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def flat_jpeg(im: Image.Image, path: Path) -> None:
+    """What an evaluation set holds: the drawing on white as JPEG, longest side at most 256 px."""
+    rgb = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    rgb.thumbnail((256, 256), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb.save(path, "JPEG", quality=90)
+
+
+def test_reserved_drawings_are_those_whose_path_hashes_to_0_or_1():
+    # digests worked out by hand: food/cake_01.png 0a3a..., food/plum_01.png 127c..., food/apple_01.png 3502...
+    assert hashlib.sha256(b"food/cake_01.png").hexdigest().startswith("0a3a")
+    assert dd.is_reserved("food/cake_01.png") and dd.is_reserved("food/plum_01.png")
+    assert not dd.is_reserved("food/apple_01.png") and not dd.is_reserved("animals/birds/dove_symbol_01.png")
+
+
+def test_the_demo_never_picks_a_reserved_drawing(tmp_path):
+    art = tmp_path / "root" / dd.PNG_ROOT / "food"
+    art.mkdir(parents=True)
+    for i, name in enumerate(("apple", "cake", "plum", "pear", "bread")):
+        (art / f"{name}_01.png").write_bytes(png(drawing(i)))
+    counts = dd.write_images(tmp_path / "root", tmp_path / "out", per_category=10)
+    rows = [json.loads(x) for x in (tmp_path / "out/labels.jsonl").read_text().splitlines()]
+    assert counts["food"] == 3 and sorted(r["name_words"][0] for r in rows) == ["apple", "bread", "pear"]
+    # the spread over all five is apple, cake, then bread, pear, plum as replacements: the reserved cake is
+    # replaced and apple stays (spreading the three unreserved ones would pick apple and pear)
+    dd.write_images(tmp_path / "root", tmp_path / "two", per_category=2)
+    rows = [json.loads(x) for x in (tmp_path / "two/labels.jsonl").read_text().splitlines()]
+    assert [r["name_words"][0] for r in rows] == ["apple", "bread"]
+
+
+def test_caption_from_name():
+    assert dd.caption_from_name("DoveSymbol_by_joe_01") == "dove symbol joe"
+    assert dd.caption_from_name("flying_wasp_gerald_g._02") == "flying wasp gerald"
+    assert dd.caption_from_name("01_02") == ""
+
+
+def test_caption_source_splits_and_exclusions(tmp_path):
+    root = tmp_path / "root"
+    art = root / dd.PNG_ROOT
+    files = {  # package path -> drawing seed
+        "animals/birds/dove_symbol_01.png": 1,   # train
+        "food/cake_01.png": 2,                   # reserved: held out, with its category
+        "shapes/spiral_01.png": 3,               # reserved, folder not one of the ten: held out, no category
+        "food/cake_copy_03.png": 2,              # a training copy of a held-out drawing
+        "tools/hammer_01.png": 4,                # one of the demo's drawings
+        "office/stapler_01.png": 5,              # in the evaluation set (as a 256 px JPEG of a 600 px drawing)
+        "computer/01_02.png": 6,                 # no words in its name
+        "people/runner_01.png": 7,               # train
+    }
+    for rel, seed in files.items():
+        (art / rel).parent.mkdir(parents=True, exist_ok=True)
+        (art / rel).write_bytes(png(drawing(seed, (600, 400) if seed == 5 else (120, 80))))
+    (art / "food/broken_bread.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (art / "signs_and_symbols").mkdir()
+    os.symlink("../animals/birds/dove_symbol_01.png", art / "signs_and_symbols/dove_link.png")
+    demo = tmp_path / "demo_images"
+    flat_jpeg(drawing(4), demo / "tools_0000.jpg")
+    evaluation = tmp_path / "shared"
+    flat_jpeg(drawing(5, (600, 400)), evaluation / "office_0003.jpg")
+
+    rec = dd.write_captions(root, tmp_path / "captions", demo, [evaluation, tmp_path / "absent"])
+    rows = [json.loads(x) for x in (tmp_path / "captions" / dd.CAPTIONS_MANIFEST).read_text().splitlines()]
+    by_source = {r["source"]: r for r in rows}
+    assert set(by_source) == {"animals/birds/dove_symbol_01.png", "food/cake_01.png", "shapes/spiral_01.png",
+                              "people/runner_01.png"}
+    assert by_source["food/cake_01.png"]["split"] == "heldout" and by_source["food/cake_01.png"]["category"] == "food"
+    assert by_source["shapes/spiral_01.png"]["split"] == "heldout" and "category" not in by_source["shapes/spiral_01.png"]
+    train = [r for r in rows if r["split"] == "train"]
+    assert {r["caption"] for r in train} == {"dove symbol", "runner"} and all("category" not in r for r in train)
+    for r in rows:  # captions come from file names only: no folder word ever enters one
+        folders = set(r["source"].split("/")[:-1])
+        assert r["caption"] == dd.caption_from_name(Path(r["source"]).stem) and not folders & set(r["caption"].split())
+        assert Image.open(tmp_path / "captions" / r["image"]).format == "JPEG"
+    assert rec["excluded"] == {
+        "symlink to another drawing of the package": 1,
+        "file name has no words": 1,
+        "does not convert": 1,
+        "same pixels as the demo's drawings": 1,
+        f"same pixels as evaluation images in {evaluation}": 1,
+        "training drawing with the pixels of a held-out one": 1,
+    }
+    assert rec["train"] == 2 and rec["heldout"] == 2 and rec["not_found"] == [str(tmp_path / "absent")]
+    assert json.loads((tmp_path / "captions" / dd.EXCLUSIONS).read_text()) == rec
+
+
+def test_pixel_index_matches_copies_not_neighbours():
+    index = PixelIndex()
+    for seed in range(20):
+        index.add(f"d{seed}", drawing(seed, (900, 600)))  # large drawings, shrunk to 256 px as the demo's are
+    copy = Image.alpha_composite(Image.new("RGBA", (900, 600), (255, 255, 255, 255)), drawing(7, (900, 600)))
+    copy = copy.convert("RGB").resize((256, 171), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    copy.save(buf, "JPEG", quality=80)
+    assert index.find(Image.open(buf)) == "d7"
+    assert index.find(drawing(99, (900, 600))) is None
+    assert index.find(drawing(7, (900, 600)).resize((900, 900))) is None  # another aspect ratio is another picture
