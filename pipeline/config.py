@@ -292,7 +292,7 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
 @dataclass
 class Config:
     root: Any  # a root_config_class() instance
-    notes: List[str] = field(default_factory=list)  # the recipe's choices for settings left at None (resolve_recipe)
+    notes: List[str] = field(default_factory=list)  # the fallbacks the sections took for settings left at None (each validate_config)
 
     def section(self, name: str) -> Any:
         return getattr(self.root, name, None)
