@@ -50,11 +50,45 @@ def cmd_status(a) -> int:
     cfg = load_config([str(cfg_file)])
     states = Runner(cfg, run).status()
     if a.json:
-        print(json.dumps({s.name: {"state": s.state, "detail": s.detail,
+        print(json.dumps({s.name: {"state": s.state, "detail": s.detail, **({"kept": list(s.kept)} if s.kept else {}),
                                    **({"counts": s.counts} if s.counts is not None else {})} for s in states}, indent=2))
     else:
         for s in states:
             print(f"{s.name:14s} {s.state:8s} {s.detail}")
+            for k in s.kept:
+                what = "finished" if k["done"] else "partial"
+                print(f"{'':14s} kept     {k['path']} ({what}, {k['bytes'] / 1e6:.1f} MB; {k['differs']})")
+        if any(s.kept for s in states):
+            print(f"kept versions come back when a run's config matches theirs; `groundgan discard {run}` deletes them")
+    return 0
+
+
+def cmd_discard(a) -> int:
+    """Delete the versions a run kept (RUN/<stage>/.previous/) and the files it moved aside (RUN/.aside/)."""
+    import shutil
+
+    from pipeline.kept import PREVIOUS, size_bytes
+    from pipeline.rundir import RunDir
+
+    run = RunDir(a.run_dir)
+    if not (run.path / "config.yaml").is_file():
+        raise UserError(f"{run.path} is not a run directory (no config.yaml)")
+    stages = a.stage or sorted(p.name for p in run.path.iterdir() if (p / PREVIOUS).is_dir())
+    targets = [run.stage_dir(s) / PREVIOUS for s in stages]
+    if not a.stage:
+        targets.append(run.path / ".aside")
+    run.lock.acquire()
+    try:
+        freed = 0
+        for t in targets:
+            if t.is_dir():
+                n = size_bytes(t)
+                shutil.rmtree(t)
+                freed += n
+                print(f"deleted {t} ({n / 1e6:.1f} MB)")
+        print(f"freed {freed / 1e6:.1f} MB" if freed else "nothing kept: nothing deleted")
+    finally:
+        run.lock.release()
     return 0
 
 
@@ -156,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
+
+    dc = sub.add_parser("discard", help="delete the versions a run kept when its config changed (and files moved aside)")
+    dc.add_argument("run_dir")
+    dc.add_argument("--stage", action="append", default=[], metavar="STAGE", help="only this stage's kept versions")
+    dc.set_defaults(fn=cmd_discard)
 
     sub.add_parser("stages", help="the registered stages").set_defaults(fn=cmd_stages)
     sub.add_parser("modalities", help="the registered modality adapters").set_defaults(fn=cmd_modalities)

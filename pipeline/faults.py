@@ -4,7 +4,8 @@ the n-th time it passes `faults.point(<point>)`. Several points may be given, co
 Points used by the pipeline: shard (inside a shard, between samples), shard_done (after a shard is
 complete, before the next), step (after an optimiser step), checkpoint (inside a checkpoint write, after
 some files are written), atomic_write (after the temporary file is written, before os.replace),
-manifest (before a stage manifest is written). Unset, a call costs one dict lookup.
+manifest (before a stage manifest is written), keep / restore (between the renames that move a stage's work
+into RUN/<stage>/.previous/ and back). Unset, a call costs one dict lookup.
 """
 
 from __future__ import annotations

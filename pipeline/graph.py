@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, kept
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config
 from pipeline.console import console_log
@@ -49,6 +49,8 @@ class StageSpec:
     # "distill.max_text_tokens"): part of its hash, so changing one re-runs it
     reads: tuple[str, ...] = ()
     product: str | None = None  # the file of its directory a user reads (evaluate: report.md), named when a run ends
+    # its step count (e.g. "steps"): raised alone, the stage trains longer from its newest checkpoint
+    extends: str | None = None
 
     def hash_sections(self, cfg: Config) -> dict:
         sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
@@ -72,23 +74,28 @@ def _at(obj: Any, path: str) -> Any:
     return obj
 
 
+def _flat(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict) and d:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    return {key[len("reads."):] if key.startswith("reads.") else key: d}
+
+
+def diff_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """dotted key -> (old, new) for every setting that differs between two hash_sections dicts."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k, "(unset)"), b.get(k, "(unset)")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
     """'a.b 1 -> 2, c.d x -> y' between two hash_sections dicts (flattened to dotted keys); '' when `old` is
     unknown (a manifest written before the sections were stored)."""
     if not old:
         return ""
-
-    def flat(d: Any, prefix: str = "") -> dict:
-        if isinstance(d, dict) and d:
-            out: dict = {}
-            for k, v in d.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        key = prefix[:-1]
-        return {key[len("reads."):] if key.startswith("reads.") else key: d}
-
-    a, b = flat(old), flat(new)
-    diffs = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs = [f"{k} {a} -> {b}" for k, (a, b) in diff_keys(old, new).items()]
     more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return ", ".join(diffs[:limit]) + more
 
@@ -96,15 +103,16 @@ def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
                    progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = (),
                    reads: tuple[str, ...] = (), validate: Callable | None = None, order: int = 100,
-                   retired: dict[str, str] | None = None, product: str | None = None):
+                   retired: dict[str, str] | None = None, product: str | None = None, extends: str | None = None):
     """Decorator: register `fn(ctx) -> counts` as a stage of the graph, and its config section (`config_class`,
     checked by `validate(root) -> notes` in `order`; `retired`: keys it no longer takes -> where they went), the
-    way built-in and plugin stages alike register."""
+    way built-in and plugin stages alike register. `extends`: the stage's step count, which raised alone makes
+    the runner continue the stage from its newest checkpoint (the stage resumes as it would after a kill)."""
 
     def deco(fn):
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
-                                           config_class, progress, doc, tuple(reads), product))
+                                           config_class, progress, doc, tuple(reads), product, extends))
         if config_class is not None:
             register_section(name, config_class, validate, order, retired)
         return fn
@@ -211,6 +219,7 @@ class StageState:
     detail: str = ""  # why, or a done stage's counts as text
     mismatched: tuple = ()  # stale because these product files do not match the manifest
     counts: dict | None = None  # a done stage's counts
+    kept: tuple = ()  # its kept versions (pipeline/kept.py): {"path", "bytes", "done", "differs"} each
 
 
 class Runner:
@@ -244,7 +253,8 @@ class Runner:
         if m is not None:
             if m.get("config_hash") != chash:
                 what = changed_keys(m.get("config"), spec.hash_sections(self.cfg))
-                return StageState(spec.name, "stale", "config changed" + (f": {what}" if what else ""))
+                longer = " (it will train longer from its newest checkpoint)" if self._longer(spec, None, inputs) else ""
+                return StageState(spec.name, "stale", "config changed" + (f": {what}" if what else "") + longer)
             if inputs is None:
                 return StageState(spec.name, "stale", "an input stage is not done")
             for up, fp in inputs.items():
@@ -349,7 +359,6 @@ class Runner:
         dst = self.run.stage_dir(spec.name)
         if mismatched and dst.exists():
             move_aside(self.run.path, dst)
-        shutil.rmtree(dst, ignore_errors=True)
         tmp = dst.with_name(f".{spec.name}.reuse")
         shutil.rmtree(tmp, ignore_errors=True)
         for f in files:
@@ -357,8 +366,50 @@ class Runner:
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(f, target)
         tmp.mkdir(parents=True, exist_ok=True)
+        if dst.exists():  # the stage's own earlier work is kept, and so are the versions kept before it
+            kept.recover(dst)
+            earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
+            kept.keep(dst, earlier.get("config_hash"))
+            if (dst / kept.PREVIOUS).exists():
+                os.replace(dst / kept.PREVIOUS, tmp / kept.PREVIOUS)
+            shutil.rmtree(dst)
         os.replace(tmp, dst)
         return True
+
+    def _try_restore(self, spec: StageSpec, chash: str, inputs: dict) -> str | None:
+        """Move back a kept version finished with this config and inputs (its products checked against its
+        manifest), keeping what is in the stage now; the kept folder's path, or None."""
+        d = self.run.stage_dir(spec.name)
+        for vdir, m in reversed(kept.versions(d)):
+            if m is None or m.get("config_hash") != chash or m.get("inputs", {}) != inputs or verify_outputs(vdir, m):
+                continue
+            earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
+            kept.keep(d, earlier.get("config_hash"))
+            for p in d.iterdir():  # a lone started.json: no work to keep
+                if p.name != kept.PREVIOUS:
+                    p.unlink()
+            kept.restore(d, vdir)
+            return str(vdir)
+        return None
+
+    def _longer(self, spec: StageSpec, st: StageState | None, inputs: dict | None) -> tuple[str, int, int] | None:
+        """(key, old, new) where the only change since the stage's work (finished or partial) is its step count,
+        raised, with the same inputs and a checkpoint to continue from; else None."""
+        if spec.extends is None or inputs is None or (st is not None and st.state not in ("stale", "partial")):
+            return None
+        rec = self.run.read_manifest(spec.name) or self.run.read_started(spec.name)
+        if not rec or rec.get("inputs") != inputs or not rec.get("config"):
+            return None
+        key = f"{spec.name}.{spec.extends}"
+        diffs = diff_keys(rec["config"], spec.hash_sections(self.cfg))
+        if set(diffs) != {key}:
+            return None
+        was, now = diffs[key]
+        if not (isinstance(was, int) and isinstance(now, int) and now > was):
+            return None
+        if not CheckpointManager(self.run.stage_dir(spec.name) / "checkpoints").step_dirs():
+            return None
+        return key, was, now
 
     def _run_stage(self, spec: StageSpec, forced: bool, reuse: str | None, info, device: str) -> None:
         chash = spec.config_hash(self.cfg)
@@ -380,6 +431,15 @@ class Runner:
                 say(f"{spec.name}: reused from {reuse} (same config and inputs)")
                 return
         d = self.run.stage_dir(spec.name)
+        if info.is_main:
+            kept.recover(d)
+        if not forced:
+            back = self._try_restore(spec, chash, inputs) if info.is_main else None
+            if distributed.broadcast_object(back):
+                say(f"{spec.name}: restored the version kept in {back} (finished earlier with this config and "
+                    "inputs); skipped")
+                return
+        longer = distributed.broadcast_object(self._longer(spec, st, inputs) if info.is_main and not forced else None)
         resumed = False
         aside = None  # products that do not match the manifest: moved aside, never deleted
         if st.mismatched and info.is_main:
@@ -393,6 +453,14 @@ class Runner:
                 aside = move_aside(self.run.path, d)
         if forced:
             reason = "forced" + (f"; outputs that did not match the manifest moved aside to {aside}" if aside else "")
+        elif longer is not None:
+            key, was, now = longer
+            resumed = True
+            reason = f"training longer: {key} {was} -> {now}; continuing from its newest checkpoint"
+            m = self.run.read_manifest(spec.name)
+            if m is not None and info.is_main:
+                where = kept.copy_products(d, m["config_hash"], [o["path"] for o in m.get("outputs", [])])
+                reason += f"; the {was}-step version is kept in {where}"
         elif st.state == "stale":
             reason = st.detail
             if aside is not None:
@@ -406,7 +474,14 @@ class Runner:
         resumed = distributed.broadcast_object(resumed)
         if info.is_main:
             if not resumed and d.exists():
-                shutil.rmtree(d)
+                # finished (or partial) work is never deleted by a run: it is kept under the stage
+                earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
+                where = kept.keep(d, earlier.get("config_hash"))
+                if where is not None:
+                    reason += f"; the earlier work is kept in {where}"
+                for p in d.iterdir():
+                    if p.name != kept.PREVIOUS:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             else:
                 mp = self.run.manifest_path(spec.name)
                 if mp.exists():
@@ -437,6 +512,18 @@ class Runner:
             say(f"{spec.name}: finished in {m['wall_s']:.1f}s ({summary}); output in {d}")
         distributed.barrier()
 
+    def _kept(self, spec: StageSpec) -> list[dict]:
+        now = spec.hash_sections(self.cfg)
+        out = []
+        for vdir, m in kept.versions(self.run.stage_dir(spec.name)):
+            rec = m or kept.started(vdir)
+            differs = changed_keys(rec.get("config"), now) if rec else ""
+            if rec and not differs and rec.get("config_hash") == spec.config_hash(self.cfg):
+                differs = "same config, other inputs" if m is not None else "same config"
+            out.append({"path": str(vdir), "bytes": kept.size_bytes(vdir), "done": m is not None,
+                        "differs": differs or "config unknown"})
+        return out
+
     def status(self) -> list[StageState]:
         """Every stage's state; a done stage below one that is not done is stale (it will be re-run)."""
         out: dict[str, StageState] = {}
@@ -445,6 +532,7 @@ class Runner:
             up = next((u for u in self.upstream[s.name] if out[u].state != "done"), None)
             if st.state == "done" and up is not None:
                 st = StageState(s.name, "stale", f"upstream {up} is {out[up].state}")
+            st.kept = tuple(self._kept(s))
             out[s.name] = st
         return list(out.values())
 

@@ -161,8 +161,11 @@ def move_aside(run_dir: Path, stage_dir: Path, rels: list[str] | None = None) ->
     outputs that do not match their manifest are kept for a look, never deleted."""
     dest = run_dir / ".aside" / f"{stage_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if rels is None:
-        os.replace(stage_dir, dest)
+    if rels is None:  # all of it but the versions kept under the stage (pipeline/kept.py), which stay where they are
+        dest.mkdir()
+        for p in stage_dir.iterdir():
+            if p.name != ".previous":
+                os.replace(p, dest / p.name)
         return dest
     for rel in rels:
         src = stage_dir / rel

@@ -366,7 +366,7 @@ def better(new: dict, best: dict, select_by: str) -> bool:
     return new["val_loss"] < best["val_loss"]
 
 
-@register_stage("distill", after=("pseudo_label",), progress=progress, reads=("decoding",),
+@register_stage("distill", after=("pseudo_label",), progress=progress, reads=("decoding",), extends="steps",
                 config_class=DistillConfig, validate=validate_config, order=30,
                 description="train the student LM on pseudo-labels: cross-entropy + top-k KD, exact resume")
 def run(ctx: StageContext) -> dict:
@@ -422,6 +422,11 @@ def run(ctx: StageContext) -> dict:
         start = loaded.step
         sampler.load_state_dict(loaded.state["data"])
         best = dict(loaded.state["extra"].get("best", best))
+        # the schedule of this run's total: after a kill the same value; when the stage trains longer (a larger
+        # `steps`), the rate a run configured with the new total has at this step, not the old run's last one
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_multiplier(start, cfg.warmup_steps, cfg.steps)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
     if dist.is_main:
         _truncate_metrics(ctx.dir / "metrics.jsonl", start)
     if start == 0 and dist.is_main:

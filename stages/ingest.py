@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
@@ -36,11 +36,14 @@ class SourceConfig:
     limit: Optional[int] = field(default=None, metadata=minimum(1))  # take at most this many items (sorted order)
     count: int = field(default=32, metadata=minimum(1))  # synthetic source: number of samples
     references_are_labels: bool = False  # use the manifest's text as the training label instead of the teacher's
+    # the manifest (or shard json) field whose value decides a sample's split instead of its bytes, e.g. speaker:
+    # every clip of one speaker lands in one split. Unset: the split follows a hash of the sample's bytes.
+    split_key: Optional[str] = None
 
 
 @dataclass
 class SplitConfig:
-    train: float = field(default=0.8, metadata=minimum(0.0))  # fraction of keys, by a hash of the key
+    train: float = field(default=0.8, metadata=minimum(0.0))  # fraction of samples, by a hash of their bytes
     val: float = field(default=0.1, metadata=minimum(0.0))
     test: float = field(default=0.1, metadata=minimum(0.0))
     # real inputs held back from distill: the teacher labels them (filtered as train), distill trains on them
@@ -52,7 +55,7 @@ class SplitConfig:
 @dataclass
 class IngestConfig:
     sources: List[SourceConfig] = field(default_factory=list)  # where the real data comes from
-    split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by key hash
+    split: SplitConfig = field(default_factory=SplitConfig)  # deterministic train/val/test split by content hash
     samples_per_shard: int = field(default=64, metadata=minimum(1))  # samples per output webdataset shard
     max_reject_fraction: float = field(default=0.2, metadata=minimum(0.0))  # fail (exit 2) past this fraction of bad inputs
     # memory per input, whatever it claims: a file or shard member over max_member_mb is refused from its size
@@ -127,13 +130,14 @@ class Item:
     meta: dict = field(default_factory=dict)
     reference_is_label: bool = False  # the source says its references are training labels
     alias: str | None = None  # how the source named the file where that is not its own path (a link, `x/../`)
+    split_key: str | None = None  # its source's split_key
 
 
-def split_of(key: str, fractions) -> str:
-    """train / pool / val / test from a hash of the key: stable across runs, machines and process counts. The
-    pool's keys are the top of train's range, so moving a fraction from train to pool leaves val and test as
-    they were."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
+def split_of(basis: str, fractions) -> str:
+    """train / pool / val / test from a hash of `basis` (a sample's content digest, or the value of the field
+    its source names in `split_key`): stable across runs, machines, process counts, source names and keys. The
+    pool is the top of train's range, so moving a fraction from train to pool leaves val and test as they were."""
+    u = int(hashlib.sha256(basis.encode()).hexdigest()[:12], 16) / float(16**12)
     if u < fractions.train:
         return "train"
     if u < fractions.train + fractions.pool:
@@ -141,6 +145,36 @@ def split_of(key: str, fractions) -> str:
     if u < fractions.train + fractions.pool + fractions.val:
         return "val"
     return "test"
+
+
+def split_basis(item: Item, data: bytes, split_key: str | None) -> str | None:
+    """What a sample's split is a hash of: its bytes' sha256, or `split_key`'s value in its manifest line / shard
+    json (None when that field is missing or not a string or number: the sample is refused)."""
+    if not split_key:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    v = item.meta.get(split_key)
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or v == "":
+        return None
+    return f"{split_key}={v}"
+
+
+def duplicates(units: list, read: Callable[[Any], Any]) -> dict[str, str]:
+    """key -> the key it duplicates, over every input of every unit: identical bytes are one sample, kept under
+    the first key in sorted order (the rest are refused), so one recording never sits in two splits. `read(unit)`
+    yields (key, bytes or None) for a unit's inputs (None: unreadable, left to the unit's own pass)."""
+    first: dict[str, str] = {}
+    digests: list[tuple[str, str]] = []
+    for u in units:
+        for key, data in read(u):
+            if data is not None:
+                digests.append((key, hashlib.sha256(data).hexdigest()))
+    out = {}
+    for key, d in sorted(digests):
+        if d in first:
+            out[key] = first[d]
+        else:
+            first[d] = key
+    return out
 
 
 def make_key(source: str, rel: str) -> str:
@@ -345,6 +379,16 @@ def read_shard_items(url: str, src, name: str, rejects: list[dict], caps: dict |
     return items
 
 
+def _read_capped(it: Item, max_bytes: int) -> bytes | None:
+    """An input's bytes, or None where the unit's own pass will refuse it (unreadable, over the size cap)."""
+    if it.data is not None:
+        return it.data
+    try:
+        return None if Path(it.file).stat().st_size > max_bytes else Path(it.file).read_bytes()
+    except OSError:
+        return None
+
+
 @register_stage("ingest", uses_modalities="decode", progress=lambda d, cfg: units_progress(d),
                 config_class=IngestConfig, validate=validate_config, order=10,
                 description="real media (folders + manifests, webdataset shards, text, synthetic) -> split shards")
@@ -379,15 +423,30 @@ def run(ctx: StageContext) -> dict:
             items = items[: src.limit]
         for it in items:
             it.reference_is_label = bool(src.references_are_labels and it.reference)
+            it.split_key = src.split_key
         for j in range(0, len(items), n):
             units.append(Unit(f"{_UNSAFE.sub('_', name)}-{j // n:06d}", ("items", items[j: j + n], None, name)))
+
+    def unit_items(unit: Unit, rejects: list[dict], ignored: dict[str, int] | None = None) -> list[Item]:
+        kind, payload, src, name = unit.payload
+        return read_shard_items(payload, src, name, rejects, caps, ignored) if kind == "shard" else payload
+
+    def contents(unit: Unit):
+        for it in unit_items(unit, []):
+            yield it.key, _read_capped(it, caps["max_member_bytes"])
+
+    if ctx.dist.is_main:
+        print(f"ingest: hashing the inputs of {len(units)} shard(s) for their splits and duplicates")
+    dup_of = duplicates(units, contents)
 
     def process(unit: Unit) -> UnitResult:
         kind, payload, src, name = unit.payload
         res = UnitResult()
         if kind == "shard":
             ignored: dict[str, int] = {}
-            items = read_shard_items(payload, src, name, res.rejects, caps, ignored)
+            items = unit_items(unit, res.rejects, ignored)
+            for it in items:
+                it.split_key = src.split_key
             items.sort(key=lambda it: it.key)
             if ignored:
                 res.logs["ignored_members"] = [{"shard": payload, "extension": e, "members": n} for e, n in sorted(ignored.items())]
@@ -396,6 +455,10 @@ def run(ctx: StageContext) -> dict:
             items = payload
         by_mod: dict[str, list[dict]] = {}
         for it in items:
+            if it.key in dup_of:
+                res.rejects.append({"key": it.key, "file": it.file, "reason": f"duplicate of {dup_of[it.key]} (the same "
+                                    "bytes: kept once, under the first key in sorted order)"})
+                continue
             try:
                 if it.data is None and Path(it.file).stat().st_size > caps["max_member_bytes"]:
                     res.rejects.append({"key": it.key, "file": it.file, "reason": f"file is {Path(it.file).stat().st_size} "
@@ -414,7 +477,12 @@ def run(ctx: StageContext) -> dict:
             except Exception as e:  # a decoder bug on one file must not stop a long stage
                 res.rejects.append({"key": it.key, "file": it.file, "reason": f"decode failed: {e.__class__.__name__}: {e}"})
                 continue
-            split = split_of(it.key, cfg.split)
+            basis = split_basis(it, data, it.split_key)
+            if basis is None:
+                res.rejects.append({"key": it.key, "file": it.file, "reason": f"no {it.split_key!r} field "
+                                    "(the source's split_key) with a string or number"})
+                continue
+            split = split_of(basis, cfg.split)
             meta = {"key": it.key, "modality": it.modality, "split": split, "reference": it.reference,
                     "reference_is_label": it.reference_is_label, "source": it.source, "file": it.file, "meta": it.meta}
             by_mod.setdefault(it.modality, []).append({"__key__": it.key, it.ext: data,

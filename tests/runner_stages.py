@@ -37,7 +37,7 @@ def _train_progress(stage_dir, cfg):
 
 
 @register_stage("train", after=("make",), config_class=TrainConfig, uses_modalities="none", progress=_train_progress,
-                description="a tiny deterministic training loop with checkpoints")
+                extends="steps", description="a tiny deterministic training loop with checkpoints")
 def train(ctx):
     inputs = [json.loads(p.read_text())["value"] for p in sorted(ctx.input_dir("make").glob("out*.json"))]
     model = torch.nn.Linear(4, 1)

@@ -503,3 +503,25 @@ def test_run_deterministic_makes_two_thread_gradients_repeat_to_the_bit(tmp_path
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(was)
+
+
+def test_more_steps_continue_from_the_newest_checkpoint_at_the_new_totals_rate(tmp_path, labelled):
+    from stages.distill import lr_multiplier
+
+    scratch = _run(tmp_path, "six", labelled, steps=6)
+    out = _run(tmp_path, "r", labelled, steps=4)
+    ck4 = {p.name: p.read_bytes() for p in (out / "checkpoints/step-000004").iterdir()}
+    first = _losses(out)
+    said = []
+    cfg = load_config([str(_write_config(tmp_path / "r6.yaml", steps=6))])
+    Runner(cfg, tmp_path / "r", echo=said.append).run_graph()
+    assert any(s.startswith("distill: running (training longer: distill.steps 4 -> 6; continuing from its newest "
+                            "checkpoint; the 4-step version is kept in") for s in said), said
+    recs = _losses(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[:4] == first  # steps 1-4 as they were
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints/step-000004").iterdir()} == ck4
+    # step 5 runs at the rate a 6-step run has at step 5 (the 4-step run ended at the floor of its cosine)
+    assert recs[4]["lr"] == pytest.approx(3e-3 * lr_multiplier(4, 2, 6), rel=1e-9)
+    assert recs[3]["lr"] == pytest.approx(3e-3 * lr_multiplier(3, 2, 4), rel=1e-9)
+    # the data position carries over: the same epochs as a run configured with 6 steps from the start
+    assert [r["epoch"] for r in recs] == [r["epoch"] for r in _losses(scratch)]

@@ -152,8 +152,8 @@ run: {num_threads: 1, progress: false}
 ingest:
   sources:
     - {type: synthetic, modality: text, count: 12, name: words}
-    - {type: synthetic, modality: audio, count: 8, name: tones}
-    - {type: synthetic, modality: image, count: 8, name: shapes}
+    - {type: synthetic, modality: audio, count: 10, name: tones}
+    - {type: synthetic, modality: image, count: 10, name: shapes}
   samples_per_shard: 8
   split: {train: 0.5, val: 0.2, test: 0.3}
 modalities:

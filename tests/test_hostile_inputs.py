@@ -155,15 +155,16 @@ def hostile_run(tmp_path_factory):
     man.mkdir()
     long_name = "L" * 107 + ".wav"
     mid_name = "M" * 80 + ".wav"
-    for name in ("g07.wav", long_name, mid_name, "num.wav"):
-        (man / name).write_bytes(_wav())
+    # every file its own sound: identical bytes would be one sample (kept once, the rest "duplicate of")
+    for i, name in enumerate(("g07.wav", long_name, mid_name, "num.wav")):
+        (man / name).write_bytes(_wav(freq=440 + 10 * i))
     lines = [{"audio": "g07.wav", "text": "one"}, {"audio": "nope/../g07.wav", "text": "one again"},
              {"audio": long_name}, {"audio": mid_name}, {"audio": "num.wav", "text": 123}]
     (man / "m.jsonl").write_bytes(b"\n".join([json.dumps(x).encode() for x in lines] + [b"[" * 3000]) + b"\n")
     # audio folder without a manifest: links, in and out
     scan = tmp / "scan"
     (scan / "sub").mkdir(parents=True)
-    (scan / "real.wav").write_bytes(_wav())
+    (scan / "real.wav").write_bytes(_wav(freq=480))
     (scan / "sub" / ("N" * 110 + ".wav")).write_bytes(_wav(freq=500))
     os.symlink(outside / "secret.wav", scan / "link_out.wav")
     os.symlink(scan / "real.wav", scan / "alias.wav")
@@ -173,9 +174,9 @@ def hostile_run(tmp_path_factory):
     (texts / "ok.txt").write_text("a sentence\n")
     os.symlink("/etc/os-release", texts / "x.txt")
     # a shard with duplicate keys, nested json and a name over 100 characters
-    _tar(tmp / "ext-000000.tar", [("dirA/same.wav", _wav()), ("dirA/same.json", b'{"text": "a"}'),
+    _tar(tmp / "ext-000000.tar", [("dirA/same.wav", _wav(freq=410)), ("dirA/same.json", b'{"text": "a"}'),
                                   ("dirB/same.wav", _wav(freq=400)), ("dirB/same.json", b'{"text": "b"}'),
-                                  ("deep.wav", _wav()), ("deep.json", b"[" * 3000),
+                                  ("deep.wav", _wav(freq=490)), ("deep.json", b"[" * 3000),
                                   ("z" * 300 + ".wav", _wav(freq=600))])
     cfg = _cfg(tmp, [{"dir": str(man), "modality": "audio", "manifest": "m.jsonl", "name": "man"},
                      {"dir": str(scan), "modality": "audio", "name": "scan"},

@@ -145,3 +145,71 @@ def test_shard_references_in_txt_and_cls_members_and_ignored_members_reported(tm
     ignored = [json.loads(x) for x in (tmp_path / "run/ingest/ignored_members.jsonl").read_text().splitlines()]
     assert ignored == [{"shard": str(tmp_path / "s-000.tar"), "extension": "pyd", "members": 1}]
     assert json.loads((tmp_path / "run/ingest/manifest.json").read_text())["counts"]["ignored_members"] == 1
+
+
+def _splits(run: Path) -> dict[str, str]:
+    """key -> split of every sample ingest wrote."""
+    out = {}
+    for shard in sorted((run / "ingest/shards").rglob("*.tar")):
+        with tarfile.open(shard) as t:
+            for mem in t.getmembers():
+                if mem.name.endswith(".json"):
+                    rec = json.loads(t.extractfile(mem).read())
+                    out[rec["key"]] = rec["split"]
+    return out
+
+
+def _distinct_vib_folder(tmp_path, n=24):
+    d = tmp_path / "vib"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        (d / f"s{i:02d}.vib").write_bytes(rng.normal(0, 1.0, 32).astype("<f4").tobytes())
+    return d
+
+
+def test_renaming_a_source_keeps_every_samples_split(tmp_path):
+    d = _distinct_vib_folder(tmp_path)
+    split = {"train": 0.5, "val": 0.25, "test": 0.25}
+    by_name = {}
+    for name in ("mine", "mineshards"):
+        cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": name}], stages=["ingest"])
+        cli("run", cfg, "--run-dir", tmp_path / name, f"ingest.split={json.dumps(split)}", check=True)
+        by_name[name] = {k.split("-", 1)[1]: s for k, s in _splits(tmp_path / name).items()}
+    assert len(by_name["mine"]) == 24 and by_name["mine"] == by_name["mineshards"]
+    assert len(set(by_name["mine"].values())) == 3  # all three splits are used: the test can tell them apart
+
+
+def test_identical_bytes_are_one_sample_whatever_their_keys(tmp_path):
+    d = _distinct_vib_folder(tmp_path, n=6)
+    (d / "copy_of_s03.vib").write_bytes((d / "s03.vib").read_bytes())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "again.vib").write_bytes((d / "s05.vib").read_bytes())
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": "a"},
+                                {"modality": "vibration", "dir": str(other), "name": "b"}], stages=["ingest"])
+    cli("run", cfg, "--run-dir", tmp_path / "run", "ingest.max_reject_fraction=0.5", check=True)
+    keys = _splits(tmp_path / "run")
+    assert sorted(keys) == ["a-copy_of_s03", "a-s00", "a-s01", "a-s02", "a-s04", "a-s05"]
+    rejects = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "run/ingest/rejects.jsonl").read_text().splitlines())}
+    # the first key in sorted order keeps the sample ("a-copy_of_s03" < "a-s03": the copy's name wins)
+    assert rejects == {"a-s03": rejects["a-s03"], "b-again": rejects["b-again"]}, rejects
+    assert rejects["b-again"].startswith("duplicate of a-s05") and rejects["a-s03"].startswith("duplicate of a-copy_of_s03")
+
+
+def test_split_key_keeps_a_named_field_in_one_split(tmp_path):
+    d = _distinct_vib_folder(tmp_path, n=24)
+    lines = [json.dumps({"file": f"s{i:02d}.vib", "speaker": f"spk{i % 4}"}) for i in range(24)]
+    (d / "m.jsonl").write_text("\n".join(lines + [json.dumps({"file": "nofield.vib"})]) + "\n")
+    (d / "nofield.vib").write_bytes(np.ones(8, "<f4").tobytes())
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "manifest": "m.jsonl", "name": "v",
+                                 "split_key": "speaker"}], stages=["ingest"])
+    cli("run", cfg, "--run-dir", tmp_path / "run", "ingest.split={train: 0.5, val: 0.25, test: 0.25}", check=True)
+    splits = _splits(tmp_path / "run")
+    assert len(splits) == 24
+    by_speaker = {}
+    for i in range(24):
+        by_speaker.setdefault(f"spk{i % 4}", set()).add(splits[f"v-s{i:02d}"])
+    assert all(len(s) == 1 for s in by_speaker.values()), by_speaker
+    rejects = [json.loads(l) for l in (tmp_path / "run/ingest/rejects.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rejects] == ["v-nofield"] and "'speaker'" in rejects[0]["reason"]

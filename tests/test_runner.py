@@ -20,7 +20,7 @@ def _files(d: Path) -> dict:
     for p in sorted(d.rglob("*")):
         rel = p.relative_to(d).as_posix()
         if p.is_file() and not any(s in rel for s in ("manifest.json", "metrics.jsonl", "started.json", ".lock", "checkpoints/",
-                                                      ".parts/", "config.yaml", "run.log")):
+                                                      ".parts/", "config.yaml", "run.log", ".previous/")):
             out[rel] = p.read_bytes()
     return out
 
@@ -68,9 +68,9 @@ def test_changed_config_reruns_stage_and_downstream(tmp_path):
     cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
     r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.lr=0.05", check=True)
     assert "make: done" in r.stdout
-    assert "train: running (config changed: train.lr 0.1 -> 0.05)" in r.stdout  # the key that changed, both values
+    assert "train: running (config changed: train.lr 0.1 -> 0.05;" in r.stdout  # the key that changed, both values
     # concat's config did not change but its input (train) did: re-run with the reason.
-    assert "concat: running (input train changed)" in r.stdout
+    assert "concat: running (input train changed;" in r.stdout
 
 
 def test_status_reports_stale_without_running(tmp_path):
@@ -150,7 +150,7 @@ def test_from_until_force(tmp_path):
     assert r.returncode == 2 and "upstream stage train is pending" in r.stderr
     cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
     r = cli("run", CFG, "--run-dir", tmp_path / "r", "--force", "make", check=True)
-    assert "make: running (forced)" in r.stdout
+    assert "make: running (forced; the earlier work is kept in" in r.stdout
     # Forced re-run writes the same products, so downstream stays valid.
     assert "train: done" in r.stdout and "concat: done" in r.stdout
 
@@ -340,3 +340,69 @@ def test_reuse_checks_the_other_run_and_never_follows_its_links(tmp_path):
     assert f"make: not reused from {tmp_path / 'c'}: {tmp_path / 'c/make/linked'} is a link" in r.stdout, r.stdout
     assert not list((tmp_path / "e").rglob("secret.json"))
     assert "train: reused from" not in r.stdout or (tmp_path / "e/train").exists()
+
+
+# ------------------------------------------------------------------------------- finished work is never lost
+def test_a_changed_config_keeps_the_finished_work_and_changing_it_back_restores_it(tmp_path):
+    cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    before = _files(tmp_path / "r")
+    first = json.loads((tmp_path / "r/train/manifest.json").read_text())["config_hash"][:12]
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.lr=0.05", check=True)
+    kept = tmp_path / "r/train/.previous" / first
+    assert f"train: running (config changed: train.lr 0.1 -> 0.05; the earlier work is kept in {kept})" in r.stdout
+    assert "concat: running (input train changed; the earlier work is kept in" in r.stdout
+    # the old final/ is there, byte for byte, with its manifest and checkpoints
+    assert (kept / "final/model.model.safetensors").read_bytes() == before["train/final/model.model.safetensors"]
+    assert (kept / "manifest.json").is_file() and (kept / "checkpoints").is_dir()
+    st = json.loads(cli("status", tmp_path / "r", "--json", check=True).stdout)
+    assert [k["path"] for k in st["train"]["kept"]] == [str(kept)]
+    assert st["train"]["kept"][0]["differs"] == "train.lr 0.1 -> 0.05" and st["train"]["kept"][0]["done"]
+    assert "kept" in cli("status", tmp_path / "r", check=True).stdout
+    # the typo undone: the kept versions come back (checked against their manifests), nothing is re-run
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    assert f"train: restored the version kept in {kept}" in r.stdout and "concat: restored" in r.stdout
+    assert "finished in" not in r.stdout and _files(tmp_path / "r") == before
+    assert len(json.loads(cli("status", tmp_path / "r", "--json", check=True).stdout)["train"]["kept"]) == 1  # lr 0.05
+    # --force keeps too; only `discard` deletes
+    cli("run", CFG, "--run-dir", tmp_path / "r", "--force", "concat", check=True)
+    r = cli("discard", tmp_path / "r", check=True)
+    assert "freed" in r.stdout and not list((tmp_path / "r").glob("*/.previous"))
+    assert _files(tmp_path / "r") == before
+
+
+@pytest.mark.parametrize("fault", ["keep:2", "restore:2"])
+def test_a_kill_while_work_is_moved_loses_nothing(tmp_path, fault):
+    cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    before = _files(tmp_path / "r")
+    if fault.startswith("restore"):
+        cli("run", CFG, "--run-dir", tmp_path / "r", "train.lr=0.05", check=True)
+        r = cli("run", CFG, "--run-dir", tmp_path / "r", env={"GROUNDGAN_FAULT": fault})
+    else:
+        r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.lr=0.05", env={"GROUNDGAN_FAULT": fault})
+    assert r.returncode == -9, r.stdout + r.stderr
+    cli("run", CFG, "--run-dir", tmp_path / "r", check=True)  # the next run finishes the move first
+    assert _files(tmp_path / "r") == before
+    assert not list((tmp_path / "r").rglob(".incoming-*")) and not list((tmp_path / "r").rglob(".restoring"))
+
+
+def test_raising_steps_alone_trains_longer_from_the_newest_checkpoint(tmp_path):
+    # the toy stage's schedule does not depend on its total, so six steps then three more must be, bit for bit,
+    # a run of nine: the weights, the optimiser's moments, the scheduler and the RNG (its data) all carry over
+    cli("run", CFG, "--run-dir", tmp_path / "nine", "train.steps=9", check=True)
+    cli("run", CFG, "--run-dir", tmp_path / "r", check=True)
+    six = _files(tmp_path / "r")
+    st = json.loads(cli("status", tmp_path / "r", "--json", check=True).stdout)
+    assert st["train"]["state"] == "done"
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.steps=9", check=True)
+    line = next(l for l in r.stdout.splitlines() if l.startswith("train: running"))
+    assert line.startswith("train: running (training longer: train.steps 6 -> 9; continuing from its newest checkpoint; "
+                           "the 6-step version is kept in"), line
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r/train/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))  # steps 7..9 appended to 1..6, none repeated
+    nine, longer = _files(tmp_path / "nine"), _files(tmp_path / "r")
+    assert longer == nine
+    kept = next((tmp_path / "r/train/.previous").iterdir())
+    assert (kept / "final/model.model.safetensors").read_bytes() == six["train/final/model.model.safetensors"]
+    # lowering it, or changing another key with it, is a changed config: a fresh run, the longer one kept
+    r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.steps=7", "--until", "train", check=True)
+    assert "train: running (config changed: train.steps 9 -> 7; the earlier work is kept in" in r.stdout

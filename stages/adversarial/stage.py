@@ -282,7 +282,7 @@ def _finish(ctx: StageContext, ph: Phase, done: int) -> dict:
 
 @register_stage("adversarial", after=("pseudo_label", "distill"), progress=progress,
                 reads=("decoding", "distill.max_text_tokens", "distill.student"),
-                config_class=AdversarialConfig, validate=validate_config, order=40, retired=RETIRED,
+                config_class=AdversarialConfig, validate=validate_config, order=40, retired=RETIRED, extends="steps",
                 description="discriminators anchored to real inputs; the student by policy gradient on their rewards")
 def run(ctx: StageContext) -> dict:
     cfg, dist = ctx.section, ctx.dist
