@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from pipeline.config import to_plain
+from pipeline.config import path_field, to_plain
 from pipeline.errors import BadInput, UserError  # noqa: F401  (adapters raise BadInput from decode)
 from pipeline.registry import modality_registry
 
@@ -24,7 +24,7 @@ from pipeline.registry import modality_registry
 @dataclass
 class TeacherConfig:
     kind: str = "identity"  # which teacher labels this modality (each adapter lists its kinds)
-    checkpoint: Optional[str] = None  # weights: a path, a model name, or a route the adapter documents
+    checkpoint: Optional[str] = field(default=None, metadata=path_field("weights"))  # weights: a path, a model name, or a route the adapter documents
 
 
 @dataclass

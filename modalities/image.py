@@ -31,6 +31,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageOps, UnidentifiedImageError
 
 from modalities.base import Label, Modality, ModalityConfig, Teacher, TeacherConfig, register_modality
+from pipeline.config import path_field
 from pipeline.errors import BadInput, UserError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ DEFAULT_TEMPLATES = ["a photo of a {label}.", "a drawing of a {label}.", "clip a
 @dataclass
 class ImageTeacherConfig(TeacherConfig):
     kind: str = "classifier"  # classifier (timm ImageNet classifier) | clip (open_clip zero-shot over `vocabulary`)
-    checkpoint: Optional[str] = None  # None: classifier -> offline:efficientnet_lite0, clip -> clip_pretrained; `random`; a local file; clip: or a local-dir folder
+    checkpoint: Optional[str] = field(default=None, metadata=path_field("weights"))  # None: classifier -> offline:efficientnet_lite0, clip -> clip_pretrained; `random`; a local file; clip: or a local-dir folder
     clip_model: str = "ViT-B-32"  # open_clip architecture name (open_clip.list_models())
     clip_pretrained: Optional[str] = None  # open_clip pretrained tag, e.g. laion2b_s34b_b79k (downloads: needs network)
     vocabulary: List[str] = field(default_factory=list)  # clip: class names to choose among (empty: the 1000 ImageNet classes)

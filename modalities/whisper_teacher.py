@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from modalities.base import Label, Teacher, TeacherConfig
+from pipeline.config import path_field
 from pipeline.errors import BadInput, UserError
 
 SAMPLE_RATE = 16000
@@ -55,7 +56,7 @@ WINDOWS_PER_PART = 4
 @dataclass
 class WhisperTeacherConfig(TeacherConfig):
     kind: str = "whisper"  # the only teacher kind for audio
-    checkpoint: Optional[str] = "offline:tiny.en"  # a .pt path, a whisper model name, a CTranslate2 folder, offline:tiny.en or random
+    checkpoint: Optional[str] = field(default="offline:tiny.en", metadata=path_field("weights"))  # a .pt path, a whisper model name, a CTranslate2 folder, offline:tiny.en or random
     language: str = "en"  # transcription language (English-only models accept only en)
     max_new_tokens: int = dataclasses.field(default=224, metadata={"min": 1})  # tokens decoded per 30 s window (whisper's own limit)
     long_audio: str = "window"  # audio over 30 s: window (label it in chunks, join the text) | reject
@@ -69,7 +70,7 @@ class WhisperTeacherConfig(TeacherConfig):
     silence_tail: bool = True  # trimmed context: the decoder sees the encoding of silence past it (without: repetition loops)
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers; CPU only)
     fp16_on_cuda: bool = True  # half precision when the device is a GPU
-    cache_dir: Optional[str] = None  # where converted CTranslate2 models are cached (default ~/.cache/groundgan/whisper)
+    cache_dir: Optional[str] = field(default=None, metadata=path_field())  # where converted CTranslate2 models are cached (default ~/.cache/groundgan/whisper)
     random_n_state: int = dataclasses.field(default=64, metadata={"min": 8})  # checkpoint=random: width
     random_n_head: int = dataclasses.field(default=2, metadata={"min": 1})  # checkpoint=random: attention heads
     random_n_layer: int = dataclasses.field(default=2, metadata={"min": 1})  # checkpoint=random: layers of encoder and decoder

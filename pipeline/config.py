@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
@@ -28,6 +29,13 @@ from pipeline.plain import stable_hash, to_plain  # noqa: F401  (re-exported: wh
 def minimum(x) -> dict:
     """A field's metadata: its value must be >= x (checked after the merge)."""
     return {"min": x}
+
+
+def path_field(kind: str = "path") -> dict:
+    """A field's metadata: its value is a file or folder that a relative spelling in a config file locates from
+    that file's folder. kind: path (always a path) | location (a path or a URL: one with a scheme is left alone)
+    | weights (a path or a name: only a value that looks like a path, or `local-dir:PATH`, is a path)."""
+    return {"path": kind}
 
 
 def check_choice(value, options: tuple, key: str) -> None:
@@ -253,6 +261,8 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     _refuse_retired([o.split("=", 1)[0].strip() for o in overrides or []], "override")
 
     RootConfig = root_config_class()
+    for layer, name in raw_layers:
+        _rebase_paths(layer, RootConfig, Path(name).parent, name)
     schema = OmegaConf.structured(RootConfig)
     merged = schema
     for layer, name in raw_layers:
@@ -287,6 +297,61 @@ def load_config(files: list[str], overrides: list[str] | None = None) -> "Config
     for s in root.stages:
         stage_registry.get(s)
     return Config(root, notes)
+
+
+# -------------------------------------------------------------------------------------------- relative paths
+def _rebase_paths(layer: Any, cls: Any, base: Path, file: str, key: str = "") -> None:
+    """Relative paths of a config file's layer resolved against the file's folder, in place, by the schema's
+    path_field markers (modality sections by their adapter's dataclass). Overrides on the command line are the
+    shell's: they stay relative to the working directory."""
+    import typing
+
+    from pipeline.registry import modality_registry
+
+    if not isinstance(layer, dict) or not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in layer:
+            continue
+        v, where, tp = layer[f.name], f"{key}{f.name}", hints.get(f.name)
+        if f.metadata.get("path") and isinstance(v, str) and v:
+            layer[f.name] = _rebased(v, f.metadata["path"], base, file, where)
+        elif f.name == "modalities" and not key and isinstance(v, dict):
+            for m, sec in v.items():
+                if m in modality_registry.names():
+                    _rebase_paths(sec, modality_registry.get(m).Config, base, file, f"modalities.{m}.")
+        elif typing.get_origin(tp) in (list, List) and isinstance(v, list):
+            (item,) = typing.get_args(tp) or (None,)
+            for i, x in enumerate(v):
+                _rebase_paths(x, item, base, file, f"{where}[{i}].")
+        else:
+            _rebase_paths(v, tp, base, file, f"{where}.")
+
+
+def _rebased(v: str, kind: str, base: Path, file: str, where: str) -> str:
+    prefix = ""
+    if kind == "weights":
+        if v.startswith("local-dir:"):
+            prefix, v = "local-dir:", v[len("local-dir:"):]
+        elif not ("/" in v or v.startswith((".", "~")) or v.endswith((".pt", ".pth", ".safetensors", ".bin"))):
+            return v  # a model name or a route (offline:tiny.en, random, small.en)
+    if kind == "location" and ("://" in v or v.split(":", 1)[0] in ("pipe", "file")):
+        return v
+    p = Path(v).expanduser()
+    if p.is_absolute():
+        return prefix + str(p)
+    there = Path(os.path.normpath((base / p).absolute()))
+    if not _exists(there) and _exists(Path.cwd() / p):
+        raise UserError(f"{file}: '{where}': {v} is read from the config file's folder, where it does not exist "
+                        f"({there}); it exists from the working directory ({Path.cwd() / p}): write it relative to "
+                        "the config file, or absolute")
+    return prefix + str(there)
+
+
+def _exists(p: Path) -> bool:
+    """A path, or a brace-expanded shard pattern's folder."""
+    return p.exists() if "{" not in str(p) else p.parent.exists()
 
 
 @dataclass

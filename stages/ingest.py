@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from pipeline.config import minimum
+from pipeline.config import minimum, path_field
 from pipeline.errors import BadInput, UserError
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
@@ -29,9 +29,9 @@ class SourceConfig:
     type: Optional[str] = None  # folder | shards | text | synthetic; folder when `dir` is given
     modality: Optional[str] = None  # a registered modality (audio, image, text, ...); shards may mix them
     name: Optional[str] = None  # a name for the source (required for evaluate.sources)
-    dir: Optional[str] = None  # folder source: the media folder (relative paths resolve from the config file's cwd)
+    dir: Optional[str] = field(default=None, metadata=path_field())  # folder source: the media folder (relative: from the config file's folder)
     manifest: Optional[str] = None  # folder source: JSONL in `dir` naming each file and its reference
-    urls: Optional[str] = None  # shards source: path or URL with brace expansion, e.g. data-{000..099}.tar
+    urls: Optional[str] = field(default=None, metadata=path_field("location"))  # shards source: path or URL with brace expansion, e.g. data-{000..099}.tar
     allow_pipe: bool = False  # shards source: allow webdataset `pipe:` URLs (they run a shell command)
     limit: Optional[int] = field(default=None, metadata=minimum(1))  # take at most this many items (sorted order)
     count: int = field(default=32, metadata=minimum(1))  # synthetic source: number of samples

@@ -406,3 +406,25 @@ def test_raising_steps_alone_trains_longer_from_the_newest_checkpoint(tmp_path):
     # lowering it, or changing another key with it, is a changed config: a fresh run, the longer one kept
     r = cli("run", CFG, "--run-dir", tmp_path / "r", "train.steps=7", "--until", "train", check=True)
     assert "train: running (config changed: train.steps 9 -> 7; the earlier work is kept in" in r.stdout
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "project/configs").mkdir(parents=True)
+    data = tmp_path / "project/data/texts"
+    data.mkdir(parents=True)
+    (data / "a.txt").write_text("one sentence\n")
+    cfg = tmp_path / "project/configs/c.yaml"
+    cfg.write_text("stages: [ingest]\ningest:\n  sources:\n    - {type: text, dir: ../data/texts, name: t}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = cli("config", cfg, cwd=elsewhere, check=True)
+    assert f"dir: {data}" in r.stdout  # from the config's folder, whatever the working directory
+    # written from the working directory's point of view: one line naming both places
+    cfg.write_text("stages: [ingest]\ningest:\n  sources:\n    - {type: text, dir: data/texts, name: t}\n")
+    r = cli("config", cfg, cwd=tmp_path / "project")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(tmp_path / "project/configs/data/texts") in r.stderr and str(data) in r.stderr
+    # an override on the command line is the shell's: relative to the working directory
+    cfg.write_text("stages: [ingest]\ningest:\n  sources:\n    - {type: text, dir: ../data/texts, name: t}\n")
+    r = cli("config", cfg, "ingest.sources=[{type: text, dir: data/texts, name: t}]", cwd=tmp_path / "project", check=True)
+    assert "dir: data/texts" in r.stdout
