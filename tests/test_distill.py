@@ -40,8 +40,9 @@ CONFIG = {
 
 # The first three training losses (cross-entropy + 0.5 KD, nats per token) of CONFIG. They change only when
 # the numerics of the stack change (torch, transformers, the synthetic data, the random teacher, the student).
-# Re-pinned when the Whisper tokenizer's BOS became <|notimestamps|> (the teacher's own prompt; was end-of-text).
-PINNED_LOSSES = [31.6211317, 31.6552031, 31.2180968]
+# Re-pinned when the Whisper tokenizer's BOS became <|notimestamps|> (the teacher's own prompt; was end-of-text),
+# and when splits became a hash of each sample's bytes (the train split changed).
+PINNED_LOSSES = [31.6138515, 31.6859752, 31.2683360]
 
 
 def _write_config(path: Path, **distill) -> Path:
@@ -408,7 +409,9 @@ def test_augmented_copies_are_labelled_train_audio_and_the_stages_take_them_when
     # the inputs themselves are labelled as before: the same texts; the same arrays up to the float noise of being
     # encoded in batches of another composition (their copies join them: 0.03 in a stored fp16 top-k log-prob)
     for key, (rec, arrs) in before.items():
-        assert after[key][0] == rec
+        a = after[key][0]
+        assert {k: v for k, v in a.items() if k != "info"} == {k: v for k, v in rec.items() if k != "info"}
+        assert a["info"] == pytest.approx(rec["info"], rel=1e-4)  # avg_logprob: the batch's float noise
         assert all(np.allclose(arrs[n].astype(np.float32), after[key][1][n].astype(np.float32), atol=0.05) for n in arrs)
     copies = {k: v for k, v in after.items() if k not in before}
     train_audio = sorted(k for k, (rec, _) in before.items() if rec["modality"] == "audio" and rec["split"] == "train")
