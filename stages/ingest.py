@@ -159,15 +159,16 @@ def split_basis(item: Item, data: bytes, split_key: str | None) -> str | None:
 
 
 def duplicates(units: list, read: Callable[[Any], Any]) -> dict[str, str]:
-    """key -> the key it duplicates, over every input of every unit: identical bytes are one sample, kept under
-    the first key in sorted order (the rest are refused), so one recording never sits in two splits. `read(unit)`
-    yields (key, bytes or None) for a unit's inputs (None: unreadable, left to the unit's own pass)."""
-    first: dict[str, str] = {}
-    digests: list[tuple[str, str]] = []
+    """key -> the key it duplicates, over every input of every unit: identical bytes of one modality are one
+    sample, kept under the first key in sorted order (the rest are refused), so one recording never sits in two
+    splits. `read(unit)` yields (key, modality, bytes or None) for a unit's inputs (None: unreadable, left to the
+    unit's own pass; empty inputs too, each refused for what it is)."""
+    first: dict[tuple[str, str], str] = {}
+    digests: list[tuple[str, tuple[str, str]]] = []
     for u in units:
-        for key, data in read(u):
-            if data is not None:
-                digests.append((key, hashlib.sha256(data).hexdigest()))
+        for key, modality, data in read(u):
+            if data:
+                digests.append((key, (modality, hashlib.sha256(data).hexdigest())))
     out = {}
     for key, d in sorted(digests):
         if d in first:
@@ -433,7 +434,7 @@ def run(ctx: StageContext) -> dict:
 
     def contents(unit: Unit):
         for it in unit_items(unit, []):
-            yield it.key, _read_capped(it, caps["max_member_bytes"])
+            yield it.key, it.modality, _read_capped(it, caps["max_member_bytes"])
 
     if ctx.dist.is_main:
         print(f"ingest: hashing the inputs of {len(units)} shard(s) for their splits and duplicates")
