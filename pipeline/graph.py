@@ -51,9 +51,14 @@ class StageSpec:
     product: str | None = None  # the file of its directory a user reads (evaluate: report.md), named when a run ends
     # its step count (e.g. "steps"): raised alone, the stage trains longer from its newest checkpoint
     extends: str | None = None
+    # raised when the stage's code changes what it writes for the same config (ingest 2: splits by content), so
+    # that runs made before re-run it; part of the hash from 2 on
+    version: int = 1
 
     def hash_sections(self, cfg: Config) -> dict:
         sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
+        if self.version != 1:
+            sec["version"] = self.version
         if self.reads:
             sec["reads"] = {path: to_plain(_at(cfg.root, path)) for path in self.reads}
         if self.uses_modalities != "none":
@@ -103,16 +108,18 @@ def changed_keys(old: dict | None, new: dict, limit: int = 6) -> str:
 def register_stage(name: str, after: tuple[str, ...] = (), uses_modalities: str = "all", config_class: Any = None,
                    progress: Callable | None = None, description: str = "", optional_after: tuple[str, ...] = (),
                    reads: tuple[str, ...] = (), validate: Callable | None = None, order: int = 100,
-                   retired: dict[str, str] | None = None, product: str | None = None, extends: str | None = None):
+                   retired: dict[str, str] | None = None, product: str | None = None, extends: str | None = None,
+                   version: int = 1):
     """Decorator: register `fn(ctx) -> counts` as a stage of the graph, and its config section (`config_class`,
     checked by `validate(root) -> notes` in `order`; `retired`: keys it no longer takes -> where they went), the
     way built-in and plugin stages alike register. `extends`: the stage's step count, which raised alone makes
-    the runner continue the stage from its newest checkpoint (the stage resumes as it would after a kill)."""
+    the runner continue the stage from its newest checkpoint (the stage resumes as it would after a kill).
+    `version`: raised when the stage's code writes something else for the same config (earlier runs re-run it)."""
 
     def deco(fn):
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         stage_registry.add(name, StageSpec(name, fn, tuple(after), tuple(optional_after), uses_modalities,
-                                           config_class, progress, doc, tuple(reads), product, extends))
+                                           config_class, progress, doc, tuple(reads), product, extends, version))
         if config_class is not None:
             register_section(name, config_class, validate, order, retired)
         return fn

@@ -390,7 +390,8 @@ def _read_capped(it: Item, max_bytes: int) -> bytes | None:
         return None
 
 
-@register_stage("ingest", uses_modalities="decode", progress=lambda d, cfg: units_progress(d),
+# version 2: splits by content (a run made before re-runs ingest, its earlier work kept)
+@register_stage("ingest", uses_modalities="decode", progress=lambda d, cfg: units_progress(d), version=2,
                 config_class=IngestConfig, validate=validate_config, order=10,
                 description="real media (folders + manifests, webdataset shards, text, synthetic) -> split shards")
 def run(ctx: StageContext) -> dict:

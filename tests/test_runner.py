@@ -428,3 +428,13 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monk
     cfg.write_text("stages: [ingest]\ningest:\n  sources:\n    - {type: text, dir: ../data/texts, name: t}\n")
     r = cli("config", cfg, "ingest.sources=[{type: text, dir: data/texts, name: t}]", cwd=tmp_path / "project", check=True)
     assert "dir: data/texts" in r.stdout
+
+
+def test_a_stage_version_is_in_its_hash_from_2_on():
+    from pipeline.config import load_config
+    from pipeline.graph import StageSpec
+
+    cfg = load_config([str(CFG)])
+    one, two = StageSpec("make", lambda ctx: {}, uses_modalities="none"), StageSpec("make", lambda ctx: {}, uses_modalities="none", version=2)
+    assert "version" not in one.hash_sections(cfg)  # hashes of stages that never raised it stay as they were
+    assert one.config_hash(cfg) != two.config_hash(cfg) and two.hash_sections(cfg)["version"] == 2
