@@ -523,6 +523,8 @@ def run(ctx: StageContext) -> dict:
                     continue
                 if m not in student.spec.modalities:
                     log.warning("evaluate: the %s student does not read %s; %s/%s left out", cp, m, s, m)
+                    bar.total -= len(items) * len(temps)  # so that the bar ends at 100%
+                    bar.refresh()
                     continue
                 for t in temps:
                     bar.set_postfix_str(f"{cp} {s}/{m} T={t:g}")
