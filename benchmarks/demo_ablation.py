@@ -4,12 +4,15 @@
 
 For each seed S this runs the whole demo graph with `seed=S` (ingest and pseudo_label reused from --reuse when
 their config matches; the demo keeps the adversarial step with the lowest val WER, the distilled student
-included), then three runs that reuse everything up to distill, so that every adversarial student starts from
+included), then runs that reuse everything up to distill, so that every adversarial student starts from
 the same distilled one, each keeping its last step (`adversarial.select_by=last`): the anchored phase as it
 ends (`last`), `adversarial.anchored=false` (the ablation of anchoring: no label, and a copy of the distilled
 student in place of the teacher's decoder as the audio judge) and `adversarial.pg_weight=0` (the same
 phase without the discriminators' rewards: its cross-entropy and KL terms alone, i.e. more likelihood training
-at the adversarial learning rate - what the GAN part must beat). Then it prints, per seed, the held-out
+at the adversarial learning rate - what the GAN part must beat), and the [Grounding proof] controls, each an
+overlay under configs/arms/ with the recipe's selection: `onpolicy_kd` (no learned judge head: the teacher
+decoder's log-likelihood less the student's is the reward, on-policy reverse-KL distillation) and `text_judge`
+(the judge's head reads the text alone, GAD-style). Then it prints, per seed, the held-out
 figures of the distilled and adversarial students side by side (WER with its 95% bootstrap interval,
 image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
 clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
@@ -32,9 +35,13 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 ARMS = [("", []),
         ("last", ["adversarial.select_by=last"]),
         ("unanchored", ["adversarial.anchored=false"]),
-        ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"])]
+        ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"]),
+        ("onpolicy_kd", [str(ROOT / "configs/arms/onpolicy_kd.yaml")]),
+        ("text_judge", [str(ROOT / "configs/arms/text_judge.yaml")])]
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
-          "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step"}
+          "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step",
+          "onpolicy_kd": "no judge head (on-policy reverse KL), picked by val WER",
+          "text_judge": "text-only judge head, picked by val WER"}
 
 
 def run(args: list[str]) -> None:

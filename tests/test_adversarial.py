@@ -6,6 +6,7 @@ final weights."""
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,46 @@ def test_a_sample_is_judged_fake_from_where_it_leaves_the_real_rows():
     assert adv._bce_side(logits, b.fake.judged_mask(), 0.0, None) == base
     logits[0, 2] = 9.0  # a judged one does
     assert adv._bce_side(logits, b.fake.judged_mask(), 0.0, None) > base
+
+
+def test_a_text_judge_head_never_reads_the_input_and_no_head_is_the_bodys_likelihood():
+    """adversarial.judge: text: the head's logits are the same whatever the input (its body pass sees blanked
+    features) while the body's log-likelihood term still reads it; none: the logit is the body's log-likelihood
+    alone (on-policy reverse-KL distillation's reward, with the student's own log-likelihood taken off later)."""
+    from stages.models.student import StudentConfig, build_student
+
+    torch.manual_seed(0)
+    body = build_student(StudentConfig(style="cross_attention", d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                         {"audio": 16}, max_text_tokens=8).eval()
+    ids = torch.tensor([[body.spec.bos_id, 5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    f1, f2 = [torch.randn(7, 16)], [torch.randn(7, 16)]
+    judges = {}
+    for reads in ("input", "text", "none"):
+        judges[reads] = Discriminator(DiscriminatorSpec("audio", vocab_size=body.spec.text_vocab, feature_dim=16,
+                                                        head_reads=reads), body).eval()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            torch.nn.init.normal_(judges[reads].head.weight)
+    lp1, lp2 = body.score(ids, mask, "audio", f1), body.score(ids, mask, "audio", f2)
+    text = judges["text"]
+    head1, head2 = text(ids, mask, f1) - lp1, text(ids, mask, f2) - lp2
+    assert torch.allclose(head1, head2, atol=1e-5) and head1.abs().max() > 1e-3  # a head that reads the text only
+    assert not torch.allclose(judges["input"](ids, mask, f1) - lp1, judges["input"](ids, mask, f2) - lp2, atol=1e-3)
+    assert torch.allclose(judges["none"](ids, mask, f1), lp1, atol=1e-6)
+    assert torch.allclose(judges["none"].sequence_scores(ids, mask, f1), lp1.sum(1), atol=1e-5)
+
+
+def test_rows_no_judge_rewards_take_no_policy_gradient():
+    """judge: none leaves drawings without a judge: their rows get cross-entropy and KL only, not a reward of
+    minus their own log-likelihood (which would be an entropy bonus)."""
+    pi = _tiny_student()
+    ref = _tiny_student().eval().requires_grad_(False)
+    tok = pi.tokenizer
+    A, B = tok.encode("yes")[0], tok.encode("no")[0]
+    fake = adv.rows_from_tokens([[A, tok.eot], [B, tok.eot]], ["text", "text"], [None, None], [0, 0], tok.bos, tok.eot, "cpu")
+    loss, st = adv.pg_objective(pi, ref, {}, fake, 2, kl_weight=0.0)
+    assert loss.item() == 0.0 and st["pg_loss"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- the toy
@@ -653,6 +694,22 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg))
     _run_in_process(p, tmp_path / "run")
+    # the [Grounding proof] arms on the same distilled student: the text-only head, and no head at all
+    for judge in ("text", "none"):
+        armed = {**cfg, "adversarial": {**cfg["adversarial"], "judge": judge}}
+        (tmp_path / f"{judge}.yaml").write_text(yaml.safe_dump(armed))
+        shutil.copytree(tmp_path / "run", tmp_path / judge, ignore=shutil.ignore_patterns("adversarial", "evaluate"))
+        _run_in_process(tmp_path / f"{judge}.yaml", tmp_path / judge)
+        got = adv.load_discriminators(tmp_path / judge / "adversarial/final")
+        recs = [json.loads(l) for l in (tmp_path / judge / "adversarial/metrics.jsonl").read_text().splitlines()]
+        if judge == "none":  # only the teacher's decoder judges; no pre-training, warm-up or judge step
+            assert sorted(got) == ["audio"] and got["audio"].spec.head_reads == "none"
+            assert not any("phase" in r and r["phase"] != "adversarial" for r in recs)
+            assert not any(k.startswith("disc_loss") for r in recs for k in r)
+            assert torch.count_nonzero(got["audio"].head.weight) == 0
+        else:
+            assert sorted(got) == ["audio", "image"] and got["image"].spec.head_reads == "text"
+            assert any(k.startswith("disc_loss") for r in recs for k in r)
     final = tmp_path / "run/adversarial/final"
     student = load_student(tmp_path / "run/distill/final")
     assert len(student.lm.model.decoder.layers) == 1
@@ -731,3 +788,17 @@ def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
         load_config(files, ["adversarial.anchored=false", "adversarial.select_by=val_wer",
                             "adversarial.disc_backbone=teacher"])
     assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)
+
+
+def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decoder(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+
+    demo = offline_demo_config(tmp_path)
+    none = load_config([str(demo), str(ROOT / "configs/arms/onpolicy_kd.yaml")])
+    a = none.root.adversarial
+    assert (a.judge, a.disc_warmup_steps, a.disc_pretrain_epochs) == ("none", 0, 0)
+    assert "adversarial.disc_warmup_steps 0 (judge: none has no head to train)" in none.notes
+    assert load_config([str(demo), str(ROOT / "configs/arms/text_judge.yaml")]).root.adversarial.judge == "text"
+    with pytest.raises(UserError, match="disc_backbone: teacher"):
+        load_config([str(demo), str(ROOT / "configs/arms/onpolicy_kd.yaml")], ["adversarial.disc_backbone=student"])

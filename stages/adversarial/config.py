@@ -47,6 +47,12 @@ class AdversarialConfig:
     # Whisper teacher did not label is judged by a copy of the student either way. None: teacher where it can
     # (an anchored run, a cross_attention student, a Whisper teacher), else student
     disc_backbone: Optional[str] = None
+    # what a judge's learned head reads: input (the recipe: the real input and the text) | text (the text alone,
+    # the input blanked, GAD's text-only discriminator; the body's log-likelihood still reads the input, so the
+    # reward differs from the recipe's in the head alone) | none (no head: the reward is the teacher decoder's
+    # log-likelihood less the student's, on-policy reverse-KL distillation; a modality without the teacher's
+    # decoder as its judge gets cross-entropy and KL only; no pre-training or warm-up)
+    judge: str = "input"
     disc_lr: float = field(default=3e-4, metadata=minimum(0.0))
     disc_warmup_steps: int = field(default=20, metadata=minimum(0))  # discriminator-only steps before the student moves
     disc_pretrain_epochs: int = field(default=2, metadata=minimum(0))  # passes over every phase input (its real rows vs a sample of the distilled model) before step 0
@@ -113,6 +119,16 @@ def validate_config(root) -> list[str]:
     take(a, "select_by", "last" if why else "val_wer", f"adversarial.select_by ({why})" if why else None,
          notes, root.stages)
     check_choice(a.disc_backbone, ("student", "teacher"), "adversarial.disc_backbone")
+    check_choice(a.judge, ("input", "text", "none"), "adversarial.judge")
+    if a.judge == "none":
+        if a.disc_backbone != "teacher":
+            raise UserError("config: 'adversarial.judge: none' rewards with the teacher decoder's log-likelihood; it "
+                            f"needs 'adversarial.disc_backbone: teacher' (it is {a.disc_backbone!r})")
+        for key in ("disc_warmup_steps", "disc_pretrain_epochs"):
+            if getattr(a, key):
+                setattr(a, key, 0)
+                if "adversarial" in root.stages:
+                    notes.append(f"adversarial.{key} 0 (judge: none has no head to train)")
     check_choice(a.select_by, ("last", "val_wer"), "adversarial.select_by")
     if a.disc_backbone == "teacher" and d.student.style != "cross_attention":
         raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "

@@ -140,7 +140,11 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     kl_exact = exact_kl(logp_all, ref_all)
     seq = sequence_rewards(discs, fake, text_reward_all)
     seq = seq - (logp.detach() * mask).sum(1)
-    adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask
+    # a row that no judge rewards (adversarial.judge none: drawings) takes no policy gradient: its input's k rows
+    # share the modality, so its whole group drops out of the REINFORCE term
+    judged = torch.tensor([bool(judges_of(m, discs, text_reward_all)) for m in fake.modality],
+                          dtype=mask.dtype, device=mask.device)
+    adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask * judged.unsqueeze(1)
     mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
     pg = pg_loss(logp, adv, mask, n)
     loss = pg_weight * pg

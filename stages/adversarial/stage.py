@@ -147,10 +147,12 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     teacher_body, teacher_mod = (_teacher_body_builder(ctx, student, mods, device) if cfg.disc_backbone == "teacher"
                                  else (None, None))
     discs: dict[str, Discriminator] = {}
-    for m in mods:
+    # judge none: only the teacher's decoder judges (its log-likelihood is the reward); the other modalities'
+    # samples get no reward, their rows cross-entropy and KL only
+    for m in (mods if cfg.judge != "none" else [m for m in mods if m == teacher_mod]):
         spec = DiscriminatorSpec(modality=m, vocab_size=student.spec.text_vocab,
                                  feature_dim=int(student.spec.feature_dims.get(m, 0)),
-                                 max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens))
+                                 max_text_len=2 + max(cfg.max_new_tokens, max_text_tokens), head_reads=cfg.judge)
         body = teacher_body() if m == teacher_mod else load_student(src, device)
         discs[m] = build_discriminator(spec, body, device).train()
         body.requires_grad_(False)  # only the head and lm_scale learn
@@ -202,7 +204,7 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
                          generators=gens)
     rec: dict = {"step": it + 1, "phase": "adversarial" if moves else "disc_warmup"}
     # accuracy and ranking are read before the discriminator learns from the batch
-    for m, d in ph.discs.items():
+    for m, d in ph.discs.items() if cfg.judge != "none" else ():  # judge none: nothing to learn
         batch = discriminator_batch(m, real, fake, cfg.text_reward_all)
         counts = DiscCounts.of(batch, over_processes=True)
         if not counts.real_rows or not counts.fake_rows:

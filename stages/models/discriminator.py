@@ -39,6 +39,9 @@ class DiscriminatorSpec:
     max_text_len: int = 128  # text positions (bos included) it is asked to judge at most
     backbone: str = "student"  # the body is a student-layout model (a copy of the student, or the teacher's decoder)
     lm_score: bool = True  # add lm_scale * log p_body(token | its prefix, input) to the head's logit
+    # what the head reads: input (the body's states given the input and the text) | text (given the text alone:
+    # the body is run a second time on blanked features) | none (no head: its logit is 0)
+    head_reads: str = "input"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -86,7 +89,13 @@ class Discriminator(nn.Module):
         feats = None if self.spec.feature_dim <= 0 or features is None else [
             f.to(self.device, torch.float32).reshape(-1, self.spec.feature_dim) for f in features]
         h = self.body.hidden(input_ids, attention_mask, self.spec.modality, feats)
-        out = self.head(h).squeeze(-1)[:, 1:]
+        if self.spec.head_reads == "none":
+            out = h.new_zeros(h.shape[:2])[:, 1:]
+        elif self.spec.head_reads == "text" and feats is not None:
+            blank = [torch.zeros_like(f) for f in feats]  # the same shapes, no input in them
+            out = self.head(self.body.hidden(input_ids, attention_mask, self.spec.modality, blank)).squeeze(-1)[:, 1:]
+        else:
+            out = self.head(h).squeeze(-1)[:, 1:]
         if not self.spec.lm_score:
             return out, None
         # entry t judges token t + 1; the body's prediction of it is read at position t
