@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
+DEMO_TEACHER := $(DEMO_DATA)/clip_teacher
 
-.PHONY: venv demo demo-data test test-fast clean
+.PHONY: venv demo demo-data demo-teacher test test-fast clean
 
 venv: $(STAMP)
 
@@ -18,7 +19,15 @@ $(STAMP): pyproject.toml
 demo-data: $(STAMP)
 	$(BIN)/groundgan data demo --out $(DEMO_DATA)
 
-demo: demo-data
+# The demo's image teacher, fitted offline on the demo's caption source (docs/clip-teacher.md); a fit newer than
+# the demo data is reused.
+demo-teacher: demo-data
+	$(MAKE) --no-print-directory $(DEMO_TEACHER)/fit.json
+
+$(DEMO_TEACHER)/fit.json: $(DEMO_DATA)/.complete
+	$(BIN)/groundgan teacher fit-clip --pairs $(DEMO_DATA)/captions --out $(DEMO_TEACHER)
+
+demo: demo-teacher
 	$(BIN)/groundgan run configs/demo.yaml
 	@echo "Report: runs/demo/evaluate/report.md"
 

@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clip", type=Path, help="a CLIP-style teacher folder (open_clip local-dir), scored beside the classifier")
     ap.add_argument("--template", action="append", help="the CLIP teacher's prompts, {label} the category (repeatable; "
-                                                        "default: the prompt ensemble of configs/clip_teacher.yaml)")
+                                                        "default: the prompt ensemble of configs/demo.yaml)")
     a = ap.parse_args()
     if not (a.data / "labels.jsonl").is_file():
         print(f"skipped: no labels.jsonl in {a.data} (the shared/data folder beside the project)")
@@ -120,8 +120,8 @@ def main() -> int:
 def _overlay_templates() -> list[str]:
     import yaml
 
-    overlay = yaml.safe_load((ROOT / "configs" / "clip_teacher.yaml").read_text())
-    return overlay["modalities"]["image"]["teacher"]["templates"]
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    return demo["modalities"]["image"]["teacher"]["templates"]
 
 
 if __name__ == "__main__":

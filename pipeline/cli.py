@@ -136,13 +136,15 @@ def cmd_teacher(a) -> int:
         raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip")
     cfg = ClipFitConfig()
     for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
-                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay"):
+                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay", "image_proj"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.vocabulary:
         cfg.vocabulary = [v.strip() for v in a.vocabulary.split(",") if v.strip()]
     if a.template:
         cfg.templates = list(a.template)
+    if a.caption_augment:
+        cfg.caption_augment = list(a.caption_augment)
     out = Path(a.out)
     rec = fit_clip(Path(a.pairs), out, cfg, manifest=a.manifest,
                    cache_dir=Path(a.cache_dir) if a.cache_dir else out.parent / ".clip_fit_cache",
@@ -224,11 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--embed-dim", type=int)
     t.add_argument("--text-proj", help="none (the text tower's own space) or linear")
+    t.add_argument("--image-proj", help="linear (the default) or mlp")
     t.add_argument("--image-dropout", type=float)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--image-size", type=int)
     t.add_argument("--resize-mode")
     t.add_argument("--caption-template")
+    t.add_argument("--caption-augment", action="append", metavar="TEMPLATE",
+                   help="another phrasing of a training caption with {caption}, drawn per pair and step (repeatable)")
     t.add_argument("--select-by")
     t.add_argument("--seed", type=int)
     t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")

@@ -62,12 +62,16 @@ def _cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def offline_demo_config(folder: Path) -> Path:
-    """configs/demo.yaml with synthetic sources in place of its data folders (they exist only after `make demo`),
-    written into folder: what a test loads the demo's config and its overlays onto."""
+    """configs/demo.yaml with synthetic sources in place of its data folders and random weights in place of its
+    fitted image teacher (they exist only after `make demo`), written into folder: what a test loads the demo's
+    config and its overlays onto."""
     import yaml
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
+    teacher = demo["modalities"]["image"]["teacher"]
+    assert teacher["kind"] == "clip" and teacher["checkpoint"] == "data/demo/clip_teacher"
+    teacher["checkpoint"] = "random"  # the fitted teacher, like the data, exists only after `make demo`
     path = folder / "demo.yaml"
     path.write_text(yaml.safe_dump(demo))
     return path

@@ -64,7 +64,13 @@ PLAIN_OPEN_CLIP = textwrap.dedent("""
     import numpy as np, torch, open_clip
     from PIL import Image
     folder, images, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+    if folder.startswith("moved:"):  # a copy elsewhere: the text tower's config is read from where the folder is now
+        folder = folder[len("moved:"):]
+        text_cfg = json.load(open(folder + "/open_clip_config.json"))["model_cfg"]["text_cfg"]
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            "local-dir:" + folder, text_cfg={**text_cfg, "hf_model_name": folder})
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
     tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
     model.eval()
     rgb = []
@@ -79,8 +85,17 @@ PLAIN_OPEN_CLIP = textwrap.dedent("""
 """)
 
 
-def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_path):
+@pytest.mark.parametrize("where", ["in place", "moved"])
+def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_path, where):
+    """In place, `create_model_and_transforms('local-dir:DIR')` alone; copied elsewhere (the folder it was written
+    to gone), with the one keyword that names the new place for the text tower's config."""
     tmp, _ = fitted
+    folder = tmp / "teacher"
+    if where == "moved":
+        fit_clip(tmp / "src", tmp_path / "gone", small_cfg(tmp / "tower"), cache_dir=tmp / "cache")
+        shutil.copytree(tmp_path / "gone", tmp_path / "moved")
+        shutil.rmtree(tmp_path / "gone")
+        folder = tmp_path / "moved"
     rng = np.random.default_rng(5)
     paths = []
     for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "triangle"), ("yellow", "square")]):
@@ -90,7 +105,8 @@ def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_pat
     script.write_text(PLAIN_OPEN_CLIP)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, str(script), str(tmp / "teacher"), *map(str, paths), str(tmp_path / "e.npz")],
+    arg = ("moved:" if where == "moved" else "") + str(folder)
+    r = subprocess.run([sys.executable, str(script), arg, *map(str, paths), str(tmp_path / "e.npz")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     plain = np.load(tmp_path / "e.npz")
@@ -98,7 +114,7 @@ def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_pat
 
     from modalities.image import ClipTeacher, ImageConfig, ImageTeacherConfig, decode_image
 
-    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(tmp / "teacher"), vocabulary=list(COLOURS),
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint=str(folder), vocabulary=list(COLOURS),
                                                  templates=["{label}"]), caption="a drawing of {label}")
     teacher = ClipTeacher(cfg, "cpu")
     labels = teacher.label([decode_image(p.read_bytes(), 10**8) for p in paths])
@@ -220,3 +236,33 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
 def test_open_local_dir_refuses_a_folder_without_the_config(tmp_path):
     with pytest.raises(UserError, match=CONFIG_FILE):
         open_local_dir(tmp_path)
+
+
+def test_an_mlp_head_and_caption_phrasings_save_a_model_plain_open_clip_builds(fitted, tmp_path):
+    """image_proj mlp is open_clip's own timm_proj mlp (the standardisation folded into its first layer);
+    caption_augment's phrasings are each a caption's text through the tower once more; the held-out figures
+    recomputed from the saved folder are the recorded ones."""
+    tmp, _ = fitted
+    cfg = small_cfg(tmp / "tower", image_proj="mlp", caption_augment=["a drawing of {caption}"], steps=20,
+                    eval_every=10)
+    rec = fit_clip(tmp / "src", tmp_path / "mlp", cfg, cache_dir=tmp / "cache")
+    assert rec["features_computed"] == {"image": 0, "text": 12}  # the images and plain captions came from the cache
+    cfg_file = json.loads((tmp_path / "mlp" / CONFIG_FILE).read_text())
+    assert cfg_file["model_cfg"]["vision_cfg"]["timm_proj"] == "mlp"
+    model, preprocess, tokenizer = open_local_dir(tmp_path / "mlp")
+    assert model.visual.head.mlp.fc1.weight.shape == (64, model.visual.trunk.num_features)
+    from modalities.clip_fit import retrieval
+    from modalities.clip_pairs import read_pairs
+    from modalities.image import decode_image
+
+    held = [p for p in read_pairs(tmp / "src") if p.split == "heldout"]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(decode_image(p.read(), 10**8)) for p in held]), normalize=True)
+        txt = model.encode_text(tokenizer([p.caption for p in held]), normalize=True)
+    again = retrieval(img.numpy(), txt.numpy(), [p.caption for p in held])
+    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert again[k] == pytest.approx(rec["selected"][k], abs=1e-9), k
+    with pytest.raises(UserError, match="image_proj must be linear or mlp"):
+        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_proj="conv"))
+    with pytest.raises(UserError, match="must contain {caption}"):
+        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", caption_augment=["a drawing"]))
