@@ -58,6 +58,11 @@ class Teacher(ABC):
         """Why this label should be dropped from training (None: keep). Default: never."""
         return None
 
+    def unusable_reason(self, label: Label) -> str | None:
+        """Why this label is not the teacher's answer at all (a decode that ran away): pseudo_label drops it from
+        every split, held-out ones included, with filter_reason's reason. Default: never."""
+        return None
+
 
 class Modality(ABC):
     name: ClassVar[str] = ""

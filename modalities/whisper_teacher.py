@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -49,8 +49,9 @@ OFFLINE_PREFIX = "offline:"
 # depend on the part it is in; its scores and features may move in the last bits (float sums over another
 # batch shape), which is why batches that fit stay whole.
 MAX_WINDOWS_AT_ONCE = 64
-MAX_POSITIONS_AT_ONCE = 16 * 1500  # encoder positions: sixteen full 30 s windows, a default batch of 30 s clips
+MAX_POSITIONS_AT_ONCE = 4 * 1500  # windows x longest context: four full 30 s windows (~75 MB of keys and values)
 WINDOWS_PER_PART = 4
+ENCODE_POSITIONS_AT_ONCE = 1500  # encoder positions per encoder call (one 30 s window: ~20 MB of activations for tiny.en)
 
 
 @dataclass
@@ -59,6 +60,21 @@ class WhisperTeacherConfig(TeacherConfig):
     checkpoint: Optional[str] = field(default="offline:tiny.en", metadata=path_field("weights"))  # a .pt path, a whisper model name, a CTranslate2 folder, offline:tiny.en or random
     language: str = "en"  # transcription language (English-only models accept only en)
     max_new_tokens: int = dataclasses.field(default=224, metadata={"min": 1})  # tokens decoded per 30 s window (whisper's own limit)
+    # a window decodes at most cap_base_tokens + cap_tokens_per_second x its seconds (and max_new_tokens): a decode
+    # that reaches it has run away (a repetition loop) and is decoded again (temperatures)
+    cap_base_tokens: int = dataclasses.field(default=8, metadata={"min": 1})
+    cap_tokens_per_second: float = dataclasses.field(default=10.0, metadata={"min": 0.0})
+    # whisper's fallback (transcribe's defaults): a window whose greedy decode is too repetitive (gzip compression
+    # ratio of its text), too unsure (mean token log-prob) or reached its cap is decoded again on the exact 30 s
+    # context, then at each next temperature (one sample), until one passes; silence (no-speech probability over
+    # its threshold and unsure) passes, and its text is dropped as transcribe drops it. null: that check is off.
+    # null: on, except for checkpoint random (its labels are noise: plain greedy, max_new_tokens the only cap,
+    # nothing marked as runaway); false: off
+    fallback: Optional[bool] = None
+    temperatures: List[float] = dataclasses.field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    compression_ratio_threshold: Optional[float] = 2.4
+    logprob_threshold: Optional[float] = -1.0
+    no_speech_threshold: Optional[float] = 0.6
     long_audio: str = "window"  # audio over 30 s: window (label it in chunks, join the text) | reject
     # a clip longer than this is labelled in chunks of at most this length, each cut at the quietest 0.3 s
     # (a pause, not a word) and encoded from its own start as a short clip is; at most 30 (one window)
@@ -101,7 +117,9 @@ def _model_from_checkpoint(checkpoint: dict):
     from whisper.model import ModelDimensions, Whisper
 
     model = Whisper(ModelDimensions(**checkpoint["dims"]))
-    model.load_state_dict(checkpoint["model_state_dict"])
+    # assign: the model takes the checkpoint's tensors (a file mapping when read from the converted cache) and lets
+    # go of its initial ones, instead of copying into them and holding the weights twice
+    model.load_state_dict(checkpoint["model_state_dict"], assign=True)
     return model
 
 
@@ -178,11 +196,14 @@ def audio_ctx_for(n_samples: int, cfg: WhisperTeacherConfig, n_audio_ctx: int) -
     return min(n_audio_ctx, max(step, math.ceil(positions / step) * step))
 
 
-def log_mel(windows: list[np.ndarray], n_frames: int, n_mels: int, device: torch.device) -> torch.Tensor:
+def log_mel(windows: list[np.ndarray], n_frames: int, n_mels: int, device: torch.device,
+            pad_zeros: bool = False) -> torch.Tensor:
     """Per-clip whisper log-mel: windows (each <= n_frames*160 samples of 16 kHz audio) -> [B, n_mels, n_frames].
 
     Equal to whisper.log_mel_spectrogram of the window padded with zeros to 30 s, cut to n_frames, except that
-    the dynamic-range floor (max - 8) is taken per clip, never across the batch."""
+    the dynamic-range floor (max - 8) is taken per clip, never across the batch. pad_zeros: the frames past the
+    window's own (len // 160) are 0, as transcribe pads its mel segment (pad_or_trim of the log-mel), not the
+    log-mel of silent samples."""
     from whisper.audio import N_FFT, mel_filters
 
     n = n_frames * HOP
@@ -194,7 +215,11 @@ def log_mel(windows: list[np.ndarray], n_frames: int, n_mels: int, device: torch
     mel = mel_filters(device, n_mels) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
-    return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+    out = (torch.maximum(log_spec, floor) + 4.0) / 4.0
+    if pad_zeros:
+        for i, w in enumerate(windows):
+            out[i, :, min(len(w), n) // HOP:] = 0.0
+    return out
 
 
 def encode(model, mel: torch.Tensor) -> torch.Tensor:
@@ -214,6 +239,7 @@ class _Window:
     clip: int  # index of the clip in the batch
     audio: np.ndarray  # <= 30 s of 16 kHz audio
     ctx: int  # encoder positions to run
+    cap: int  # tokens it may decode (cap_for: follows its duration)
 
 
 @dataclass
@@ -224,6 +250,62 @@ class _Decoded:
     topk_ids: Optional[np.ndarray]
     topk_logprobs: Optional[np.ndarray]
     features: Optional[np.ndarray]
+    temperature: float = 0.0  # the temperature of the decode kept
+    hit_cap: bool = False  # stopped by the window's token cap, not by end-of-text
+    compression_ratio: float = 0.0  # whisper's (gzip) ratio of the window's text
+    skipped: bool = False  # no speech by whisper's rule: the text is dropped, as transcribe drops the segment
+    exact: bool = False  # decoded on the exact 30 s context (the trimmed one failed whisper's checks)
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)  # whisper counts the end-of-text token
+
+
+class _CrossMemory:
+    """What the decoder's cross-attention reads for a set of windows, per decoder layer: each window's own keys
+    and values, head-major [B, H, L, dh] padded to the longest context L of the set (padding masked), and, with
+    the silence tail, the keys and values of the padding encoding at positions 0..n_audio_ctx, shared by every
+    window ([H, n_audio_ctx, dh], each window masked below its own context). Attending to [own, tail] is
+    attending to the window's encoding followed by the padding's from its context on: the 30 s window Whisper
+    reads, without a copy of the tail per window (18 MB each for tiny.en) or per decoding step."""
+
+    def __init__(self, k: list, v: list, ctx: torch.Tensor, tail: Optional[list]):
+        self.k, self.v, self.ctx, self.tail = k, v, ctx, tail
+        L = k[0].shape[2]
+        pos = torch.arange(L, device=ctx.device)
+        self.own_mask = torch.where(pos[None, :] < ctx[:, None], 0.0, -math.inf)[:, None, None, :].to(k[0].dtype)
+        if tail is not None:
+            n = tail[0][0].shape[1]
+            pos = torch.arange(n, device=ctx.device)
+            self.tail_mask = torch.where(pos[None, :] >= ctx[:, None], 0.0, -math.inf)[:, None, None, :].to(k[0].dtype)
+
+    def rows(self, idx: torch.Tensor) -> "_CrossMemory":
+        """A new memory of these rows (this one stays whole)."""
+        return _CrossMemory([k[idx] for k in self.k], [v[idx] for v in self.v], self.ctx[idx], self.tail)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only these rows, in place, one tensor at a time (the memory is never held twice)."""
+        for t in (self.k, self.v):
+            for layer in range(len(t)):
+                t[layer] = t[layer][idx]
+        self.own_mask, self.ctx = self.own_mask[idx], self.ctx[idx]
+        if self.tail is not None:
+            self.tail_mask = self.tail_mask[idx]
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, dh] -> [B, H, T, dh]."""
+        scale = q.shape[-1] ** -0.5
+        s = (q @ self.k[layer].transpose(-1, -2)) * scale + self.own_mask
+        if self.tail is None:
+            return torch.softmax(s.float(), -1).to(q.dtype) @ self.v[layer]
+        kt, vt = self.tail[layer]  # [H, n, dh]
+        B, H, T, dh = q.shape
+        qh = q.transpose(0, 1).reshape(H, B * T, dh)  # one matmul per head against the shared tail
+        st = (qh @ kt.transpose(-1, -2)).reshape(H, B, T, -1).transpose(0, 1) * scale + self.tail_mask
+        w = torch.softmax(torch.cat([s, st], -1).float(), -1).to(q.dtype)
+        L = s.shape[-1]
+        wt = w[..., L:].transpose(0, 1).reshape(H, B * T, -1)
+        return w[..., :L] @ self.v[layer] + (wt @ vt).reshape(H, B, T, dh).transpose(0, 1)
 
 
 class WhisperTeacher(Teacher):
@@ -236,8 +318,13 @@ class WhisperTeacher(Teacher):
             raise UserError(f"teacher.long_audio must be window or reject, got {cfg.long_audio!r}")
         if cfg.quantize not in ("none", "int8"):
             raise UserError(f"teacher.quantize must be none or int8, got {cfg.quantize!r}")
+        temps = list(cfg.temperatures)
+        if not temps or temps[0] != 0.0 or any(not 0.0 < t <= 2.0 for t in temps[1:]) or temps != sorted(temps):
+            raise UserError(f"teacher.temperatures must start at 0 and rise (at most 2), got {cfg.temperatures!r}")
         self.cfg, self.top_k, self.store_features = cfg, top_k, store_features
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            _return_large_blocks()
         model, self.name, self.sha256 = load_whisper(cfg)
         model.eval().requires_grad_(False)
         if cfg.quantize == "int8":
@@ -264,7 +351,8 @@ class WhisperTeacher(Teacher):
         self.suppress = torch.tensor(sorted(suppress), device=self.device)
         self.suppress_at_start = torch.tensor(tok.encode(" ") + [tok.eot], device=self.device)
         self.max_new = min(cfg.max_new_tokens, model.dims.n_text_ctx - len(self.prefix))
-        self.tail_kv = self._silence_kv() if (cfg.trim_audio_ctx and cfg.silence_tail) else None
+        self.tail = self._pad_tail() if (cfg.trim_audio_ctx and cfg.silence_tail) else None
+        self.fallback = cfg.fallback if cfg.fallback is not None else cfg.checkpoint != "random"
 
     # -------------------------------------------------------------------------------------- public
     @torch.inference_mode()
@@ -283,7 +371,7 @@ class WhisperTeacher(Teacher):
                 raise BadInput(f"audio is {seconds:.1f} s, longer than 30 s (long_audio: reject)")
             for a, b in audio_chunks(audio, self.cfg.chunk_seconds):
                 w = audio[a:b]
-                windows.append(_Window(i, w, audio_ctx_for(w.size, self.cfg, n_ctx)))
+                windows.append(_Window(i, w, audio_ctx_for(w.size, self.cfg, n_ctx), self.cap_for(w.size)))
 
         results = self._decode_windows(windows)
         labels = []
@@ -292,10 +380,26 @@ class WhisperTeacher(Teacher):
             labels.append(self._join(parts, len(audio)))
         return labels
 
+    def cap_for(self, n_samples: int) -> int:
+        """Tokens a window of n_samples may decode: cap_base_tokens + cap_tokens_per_second per second of it, at
+        most max_new_tokens (whisper's 224 per 30 s). A label that reaches it has run away."""
+        c = self.cfg
+        if not self.fallback:
+            return self.max_new
+        return max(1, min(self.max_new, c.cap_base_tokens + math.ceil(c.cap_tokens_per_second * n_samples / SAMPLE_RATE)))
+
+    def unusable_reason(self, label: Label) -> str | None:
+        """A label that ran away (its decode reached the window's token cap, or stayed repetitive at every
+        temperature): not the teacher's answer, dropped from every split."""
+        return label.info.get("runaway") or None
+
     def filter_reason(self, label: Label, reference: str | None, filters) -> str | None:
-        """Why a pseudo-label should not be trained on: low confidence, a repetition loop, no speech, or too far
-        from the reference (only where the reference normalises to some words)."""
+        """Why a pseudo-label should not be trained on: a runaway decode, low confidence, a repetition loop, no
+        speech, or too far from the reference (only where the reference normalises to some words)."""
         info = label.info
+        runaway = self.unusable_reason(label)
+        if runaway:
+            return f"runaway: {runaway}"
         lo = getattr(filters, "min_avg_logprob", None)
         if lo is not None and info.get("avg_logprob", 0.0) < lo:
             return f"avg_logprob {info['avg_logprob']:.2f} < {lo}"
@@ -313,22 +417,22 @@ class WhisperTeacher(Teacher):
         return None
 
     # ------------------------------------------------------------------------------------- internals
-    def _silence_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per decoder layer, the cross-attention keys and values of 30 s of silence: [n_audio_ctx, D] each."""
+    def _pad_tail(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer, the cross-attention keys and values of the encoding of 30 s of silence, head-major
+        [H, n_audio_ctx, dh] (what a trimmed context is followed by)."""
         n = self.model.dims.n_audio_ctx
         mel = log_mel([np.zeros(0, np.float32)], 2 * n, self.model.dims.n_mels, self.device).to(self.dtype)
         with torch.inference_mode():
-            silence = encode(self.model, mel)
-            return [(b.cross_attn.key(silence)[0], b.cross_attn.value(silence)[0]) for b in self.model.decoder.blocks]
+            pad = encode(self.model, mel)
+            return [(_heads(b.cross_attn.key(pad), b.cross_attn.n_head)[0],
+                     _heads(b.cross_attn.value(pad), b.cross_attn.n_head)[0]) for b in self.model.decoder.blocks]
 
     def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
-        """Encode windows grouped by context length, then decode together every window whose cross-attention
-        keys have the same length (with the silence tail: all of them, 1500). A batch of more than
-        MAX_WINDOWS_AT_ONCE windows or MAX_POSITIONS_AT_ONCE encoder positions (long audio cut into many
-        windows) goes through in parts of at most
+        """Decode windows together; a batch of more than MAX_WINDOWS_AT_ONCE windows or MAX_POSITIONS_AT_ONCE
+        encoder positions (long audio cut into many windows, many 30 s clips) goes through in parts of at most
         WINDOWS_PER_PART, each encoded and decoded before the next: memory stays that of a few windows, however
         long the clip."""
-        if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
+        if len(windows) > MAX_WINDOWS_AT_ONCE or len(windows) * max(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
             results: list[Optional[_Decoded]] = [None] * len(windows)
             order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)  # like contexts together
             for i in range(0, len(order), WINDOWS_PER_PART):
@@ -338,110 +442,194 @@ class WhisperTeacher(Teacher):
             return results
         return self._decode_windows_at_once(windows)
 
-    def _decode_windows_at_once(self, windows: list[_Window]) -> list[_Decoded]:
+    def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
+        """Encode windows grouped by context length (at most ENCODE_POSITIONS_AT_ONCE positions a call) -> their
+        cross-attention memory and (store_features, not exact) each window's features: its own encoder states,
+        fp16. exact: the 30 s input transcribe gives the encoder (the window's log-mel frames, then zeros), the
+        whole context, no tail."""
         model = self.model
-        n_ctx = model.dims.n_audio_ctx
-        features: list[Optional[np.ndarray]] = [None] * len(windows)
-        kv_sets: dict[int, list] = {}  # cross-attention length -> [(window indices, [(K, V) per layer])]
-        for ctx in sorted({w.ctx for w in windows}, reverse=True):
-            idx = [j for j, w in enumerate(windows) if w.ctx == ctx]
-            mel = log_mel([windows[j].audio for j in idx], 2 * ctx, model.dims.n_mels, self.device).to(self.dtype)
-            xa = encode(model, mel)  # [g, ctx, D]
-            if self.store_features:
-                for j, f in zip(idx, xa):
-                    features[j] = f[: min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)].to(torch.float16).cpu().numpy()
-            kv = []
-            for layer, block in enumerate(model.decoder.blocks):
-                k, v = block.cross_attn.key(xa), block.cross_attn.value(xa)
-                if self.tail_kv is not None and ctx < n_ctx:
-                    k_sil, v_sil = self.tail_kv[layer]
-                    k = torch.cat([k, k_sil[ctx:].expand(len(idx), -1, -1)], 1)
-                    v = torch.cat([v, v_sil[ctx:].expand(len(idx), -1, -1)], 1)
-                kv.append((k, v))
-            kv_sets.setdefault(kv[0][0].shape[1], []).append((idx, kv))
+        blocks = model.decoder.blocks
+        H, D, n = blocks[0].cross_attn.n_head, model.dims.n_text_state, len(windows)
+        ctx_of = [model.dims.n_audio_ctx if exact else w.ctx for w in windows]
+        L = max(ctx_of)
+        k = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
+        v = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
+        features: list[Optional[np.ndarray]] = [None] * n
+        for ctx in sorted(set(ctx_of), reverse=True):
+            idx = [j for j, c in enumerate(ctx_of) if c == ctx]
+            step = max(1, ENCODE_POSITIONS_AT_ONCE // ctx)
+            for s in range(0, len(idx), step):
+                part = idx[s: s + step]
+                mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
+                              pad_zeros=exact).to(self.dtype)
+                xa = encode(model, mel)  # [g, ctx, D]
+                if self.store_features and not exact:
+                    for j, f in zip(part, xa):
+                        features[j] = f[: min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)].to(torch.float16).cpu().numpy()
+                rows = torch.tensor(part, device=self.device)
+                for layer, block in enumerate(blocks):
+                    k[layer][rows, :, :ctx] = _heads(block.cross_attn.key(xa), H)
+                    v[layer][rows, :, :ctx] = _heads(block.cross_attn.value(xa), H)
+                del xa, mel
+        ctxs = torch.tensor(ctx_of, device=self.device)
+        return _CrossMemory(k, v, ctxs, None if exact else self.tail), features
 
-        results: list[Optional[_Decoded]] = [None] * len(windows)
-        for groups in kv_sets.values():
-            idx = [j for g_idx, _ in groups for j in g_idx]
-            layers = len(groups[0][1])
-            kv = [(torch.cat([g[1][l][0] for g in groups]), torch.cat([g[1][l][1] for g in groups])) for l in range(layers)]
-            for j, dec in zip(idx, self._greedy(kv)):
-                dec.features = features[j]
-                results[j] = dec
+    def _decode_windows_at_once(self, windows: list[_Window]) -> list[_Decoded]:
+        """Greedy decoding of every window on its trimmed context; then, for the windows whose decode fails
+        whisper's checks (too repetitive: compression ratio over compression_ratio_threshold; too unsure: mean
+        log-prob under logprob_threshold, unless it is silence, no-speech probability over no_speech_threshold;
+        or it reached its cap), greedy decoding again on the exact 30 s context transcribe reads (the trimmed
+        context is an approximation, and it is where one-word clips loop); then whisper's temperature fallback,
+        batched over the windows that still fail."""
+        from whisper.utils import compression_ratio
+
+        memory, features = self._encode_windows(windows)
+        cfg, tok = self.cfg, self.tokenizer
+        caps = [w.cap for w in windows]
+        results = self._decode(memory, list(range(len(windows))), caps, 0.0, windows)
+        for r in results:
+            r.compression_ratio = _ratio(tok.decode(r.tokens), compression_ratio)
+        del memory
+        if not self.fallback:
+            for j, r in enumerate(results):
+                r.features = features[j]
+            return results
+        failed = [j for j, r in enumerate(results) if self._needs_fallback(r)]
+        for i in range(0, len(failed), WINDOWS_PER_PART):  # a few at a time: 30 s of keys and values each
+            part = failed[i: i + WINDOWS_PER_PART]
+            exact, _ = self._encode_windows([windows[j] for j in part], exact=True)
+            row = {j: r for r, j in enumerate(part)}
+            for t in cfg.temperatures:
+                again = [j for j in part if self._needs_fallback(results[j])] if t > 0 else part
+                if not again:
+                    break
+                rows = torch.tensor([row[j] for j in again], device=self.device)
+                for j, r in zip(again, self._decode(exact.rows(rows), again, caps, t, windows)):
+                    r.compression_ratio = _ratio(tok.decode(r.tokens), compression_ratio)
+                    r.exact = True
+                    results[j] = r
+            del exact
+        for j, r in enumerate(results):
+            r.features = features[j]
+            ns, lp = cfg.no_speech_threshold, cfg.logprob_threshold
+            if ns is not None and r.no_speech_prob > ns and not (lp is not None and r.avg_logprob > lp):
+                r.skipped = True  # transcribe's rule: this window is silence, its text is not kept
         return results
 
-    def _greedy(self, cross_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Decoded]:
-        """Greedy decoding with a KV cache. cross_kv: per decoder layer, the cross-attention keys and values
-        [B, L, D] -> one _Decoded per row. Rows that reach end-of-text leave the batch."""
+    def _needs_fallback(self, r: _Decoded) -> bool:
+        cfg = self.cfg
+        if r.hit_cap:
+            return True
+        unsure = cfg.logprob_threshold is not None and r.avg_logprob < cfg.logprob_threshold
+        if cfg.no_speech_threshold is not None and r.no_speech_prob > cfg.no_speech_threshold and unsure:
+            return False  # silence
+        return unsure or (cfg.compression_ratio_threshold is not None
+                          and r.compression_ratio > cfg.compression_ratio_threshold)
+
+    def _decode(self, memory: _CrossMemory, ids: list[int], caps: list[int], temperature: float,
+                windows: list[_Window]) -> list[_Decoded]:
+        """Decode rows of `memory` (window ids[r] for row r) with a KV cache: greedy at temperature 0, else one
+        sample per window from a generator seeded by the window's audio and the temperature (a window's label
+        never depends on its batch). A row leaves the batch at end-of-text or at its window's cap."""
         model, tok = self.model, self.tokenizer
-        n = cross_kv[0][0].shape[0]
-        ids: list[list[int]] = [[] for _ in range(n)]
+        dec = model.decoder
+        n = len(ids)
+        gens = None
+        if temperature > 0:
+            gens = [torch.Generator(device=self.device).manual_seed(_window_seed(windows[j].audio, temperature)) for j in ids]
+        out_ids: list[list[int]] = [[] for _ in range(n)]
         topk: list[list] = [[] for _ in range(n)]
         sum_logprobs = [0.0] * n
-        live = list(range(n))  # the batch row each cache row belongs to
-        cache, hooks = model.install_kv_cache_hooks()
-        try:
-            # Whisper reads the text position from the cache's first entry: empty self-attention entries go
-            # first. Cross-attention entries present in the cache are used instead of projecting the audio.
-            empty = cross_kv[0][0].new_zeros(n, 0, model.dims.n_text_state)
-            for block in model.decoder.blocks:
-                cache[block.attn.key], cache[block.attn.value] = empty, empty
-            for block, (k, v) in zip(model.decoder.blocks, cross_kv):
-                cache[block.cross_attn.key], cache[block.cross_attn.value] = k, v
-            audio_dtype = cross_kv[0][0][:0, :0]  # the decoder only reads xa's dtype once the cache is full
-            x = torch.tensor([self.prefix] * n, device=self.device)
-            for step in range(self.max_new):
-                logits = model.decoder(x, audio_dtype, kv_cache=cache).float()
-                if step == 0:
-                    no_speech = (logits[:, self.sot_index].softmax(-1)[:, tok.no_speech].tolist()
-                                 if tok.no_speech is not None else [0.0] * n)
-                logits = logits[:, -1]
-                logits[:, self.suppress] = -math.inf
-                if step == 0:
-                    logits[:, self.suppress_at_start] = -math.inf
-                logprobs = F.log_softmax(logits, dim=-1)
+        hit_cap = [False] * n
+        no_speech = [0.0] * n
+        live = list(range(n))  # the result row each batch row belongs to
+        self_kv: list[Optional[tuple]] = [None] * len(dec.blocks)
+        x = torch.tensor([self.prefix] * n, device=self.device)
+        offset = 0
+        for step in range(self.max_new):
+            h = dec.token_embedding(x) + dec.positional_embedding[offset: offset + x.shape[1]]
+            h = h.to(self.dtype)
+            for layer, block in enumerate(dec.blocks):
+                h = h + self._self_attention(block, block.attn_ln(h), self_kv, layer)
+                q = _heads(block.cross_attn.query(block.cross_attn_ln(h)), block.cross_attn.n_head)
+                h = h + block.cross_attn.out(memory.attend(layer, q).transpose(1, 2).flatten(2))
+                h = h + block.mlp(block.mlp_ln(h))
+            offset += x.shape[1]
+            if step == 0:
+                last = dec.ln(h[:, [self.sot_index, -1]])
+                logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
+                if tok.no_speech is not None:
+                    no_speech = logits[:, 0].softmax(-1)[:, tok.no_speech].tolist()
+                logits = logits[:, 1]
+            else:
+                last = dec.ln(h[:, -1])
+                logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
+            logits[:, self.suppress] = -math.inf
+            if step == 0:
+                logits[:, self.suppress_at_start] = -math.inf
+            logprobs = F.log_softmax(logits, dim=-1)
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[b]) for r, b in enumerate(live)])
+            else:
                 nxt = logits.argmax(-1)
-                lp = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
+            lp = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
+            if self.top_k:
+                top_v, top_i = logprobs.topk(self.top_k, dim=-1)
+                top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
+            keep = []
+            for r, (b, t) in enumerate(zip(live, nxt.tolist())):
+                sum_logprobs[b] += lp[r]  # whisper's sum includes the end-of-text token's log-prob
+                if t == tok.eot:
+                    keep.append(False)
+                    continue
+                out_ids[b].append(t)
                 if self.top_k:
-                    top_v, top_i = logprobs.topk(self.top_k, dim=-1)
-                    top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
-                done = (nxt == tok.eot)
-                for r, (b, t) in enumerate(zip(live, nxt.tolist())):
-                    sum_logprobs[b] += lp[r]  # whisper's sum includes the end-of-text token's log-prob
-                    if t != tok.eot:
-                        ids[b].append(t)
-                        if self.top_k:
-                            topk[b].append((top_i[r], top_v[r]))
-                if bool(done.any()):
-                    keep = ~done
-                    if not bool(keep.any()):
-                        break
-                    live = [b for b, k in zip(live, keep.tolist()) if k]
-                    for key in cache:
-                        cache[key] = cache[key][keep]
-                    nxt = nxt[keep]
-                x = nxt[:, None]
-        finally:
-            for h in hooks:
-                h.remove()
-        out = []
+                    topk[b].append((top_i[r], top_v[r]))
+                if len(out_ids[b]) >= caps[ids[b]]:
+                    hit_cap[b] = True
+                    keep.append(False)
+                    continue
+                keep.append(True)
+            if not all(keep):
+                if not any(keep):
+                    break
+                rows = torch.tensor([r for r, k in enumerate(keep) if k], device=self.device)
+                live = [b for b, k in zip(live, keep) if k]
+                memory.keep(rows)
+                self_kv = [(k[rows], v[rows]) for k, v in self_kv]
+                nxt = nxt[rows]
+            x = nxt[:, None]
+        results = []
         for b in range(n):
             k = self.top_k
-            out.append(_Decoded(
-                tokens=ids[b],
-                sum_logprob=sum_logprobs[b],
-                no_speech_prob=float(no_speech[b]),
+            results.append(_Decoded(
+                tokens=out_ids[b], sum_logprob=sum_logprobs[b], no_speech_prob=float(no_speech[b]),
                 topk_ids=np.array([i for i, _ in topk[b]], dtype=np.int32).reshape(-1, k) if k else None,
                 topk_logprobs=np.array([v for _, v in topk[b]], dtype=np.float16).reshape(-1, k) if k else None,
-                features=None,
-            ))
-        return out
+                features=None, temperature=temperature, hit_cap=hit_cap[b]))
+        return results
+
+    @staticmethod
+    def _self_attention(block, h: torch.Tensor, cache: list, layer: int) -> torch.Tensor:
+        """Whisper's causal self-attention over the tokens so far (cache[layer]: their keys and values)."""
+        attn = block.attn
+        H = attn.n_head
+        q, k, v = _heads(attn.query(h), H), _heads(attn.key(h), H), _heads(attn.value(h), H)
+        if cache[layer] is not None:
+            k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
+        cache[layer] = (k, v)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        return attn.out(o.transpose(1, 2).flatten(2))
 
     def _join(self, parts: list[tuple[_Window, _Decoded]], n_samples: int) -> Label:
         from whisper.utils import compression_ratio
 
-        tokens = [t for _, d in parts for t in d.tokens]
-        texts = [self.tokenizer.decode(d.tokens).strip() for _, d in parts]
+        kept = [(w, d if not d.skipped else dataclasses.replace(d, tokens=[], topk_ids=_empty(d.topk_ids),
+                                                                 topk_logprobs=_empty(d.topk_logprobs)))
+                for w, d in parts]
+        tokens = [t for _, d in kept for t in d.tokens]
+        texts = [self.tokenizer.decode(d.tokens).strip() for _, d in kept]
         text = " ".join(t for t in texts if t)
         n_counted = sum(len(d.tokens) + 1 for _, d in parts)
         seconds = [w.audio.size for w, _ in parts]
@@ -453,19 +641,70 @@ class WhisperTeacher(Teacher):
             "language": self.cfg.language,
             "duration_s": n_samples / SAMPLE_RATE,
             "n_windows": len(parts),
+            "temperature": max(d.temperature for _, d in parts),  # the highest a window needed (0: greedy)
+            "windows_redecoded": sum(d.exact for _, d in parts),  # decoded again on the exact 30 s context
         }
+        if any(d.skipped for _, d in parts):
+            info["windows_skipped"] = sum(d.skipped for _, d in parts)  # silence by whisper's rule: no text
+        runaway = [(w, d) for w, d in parts if self.fallback and not d.skipped and (
+            d.hit_cap or (self.cfg.compression_ratio_threshold is not None
+                          and d.compression_ratio > self.cfg.compression_ratio_threshold))]
+        if runaway:
+            w, d = runaway[0]
+            info["runaway"] = (f"reached the {len(d.tokens)}-token cap of a {w.audio.size / SAMPLE_RATE:.1f} s window"
+                               if d.hit_cap else f"compression ratio {d.compression_ratio:.2f} at temperature {d.temperature:g}")
         arrays = {"tokens": np.asarray(tokens, dtype=np.int32)}
         if len(parts) > 1:  # each chunk's text, and where its tokens (and features) end and the next one's begin
             info["chunk_texts"] = texts
-            arrays["chunk_tokens"] = np.asarray([len(d.tokens) for _, d in parts], dtype=np.int32)
+            arrays["chunk_tokens"] = np.asarray([len(d.tokens) for _, d in kept], dtype=np.int32)
         if self.top_k:
-            arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in parts]).reshape(-1, self.top_k).astype(np.int32)
-            arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in parts]).reshape(-1, self.top_k).astype(np.float16)
+            arrays["topk_ids"] = np.concatenate([d.topk_ids for _, d in kept]).reshape(-1, self.top_k).astype(np.int32)
+            arrays["topk_logprobs"] = np.concatenate([d.topk_logprobs for _, d in kept]).reshape(-1, self.top_k).astype(np.float16)
         if self.store_features:
             arrays["features"] = np.concatenate([d.features for _, d in parts]).astype(np.float16, copy=False)
             if len(parts) > 1:
                 arrays["chunk_frames"] = np.asarray([len(d.features) for _, d in parts], dtype=np.int32)
         return Label(text=text, info=info, arrays=arrays)
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves larger allocations from their own mappings (see _return_large_blocks)
+
+
+def _return_large_blocks() -> None:
+    """glibc only: blocks of MMAP_THRESHOLD bytes and more get a mapping of their own, returned to the system when
+    freed. By default glibc raises that threshold (up to 32 MB) each time such a block is freed, so that the
+    labeller's encoder activations and keys and values (1-20 MB each, a new set of shapes every batch) end up in
+    the heap, which fragments and only grows: peak memory crept up with the number of clips. Process-wide and
+    harmless elsewhere; a no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """[B, T, D] -> [B, H, T, D/H], contiguous."""
+    B, T, D = x.shape
+    return x.view(B, T, n_head, D // n_head).transpose(1, 2).contiguous()
+
+
+def _empty(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    return None if a is None else a[:0]
+
+
+def _ratio(text: str, compression_ratio) -> float:
+    return compression_ratio(text) if text else 0.0
+
+
+def _window_seed(audio: np.ndarray, temperature: float) -> int:
+    """The sampling seed of a window at a temperature: fixed by its samples, whatever its batch or process."""
+    h = hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
+    h.update(repr(float(temperature)).encode())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
 # ------------------------------------------------------------------------------------------------ chunks
@@ -532,7 +771,7 @@ def _quantize_int8(model):
     """Dynamic int8 quantisation of every linear layer (whisper's Linear subclasses nn.Linear)."""
     from whisper.model import Linear
 
-    return torch.ao.quantization.quantize_dynamic(model, {Linear, torch.nn.Linear}, dtype=torch.qint8)
+    return torch.ao.quantization.quantize_dynamic(model, {Linear, torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 _normalizer = None

@@ -10,7 +10,9 @@ RUN/pseudo_label/shards/<modality>/<name>.tar, one per ingest shard, each sample
   (Modality.perturb; the copy is decoded, perturbed and labelled here, its media is not stored):
     <key>__aug<j>.json      split `augmented`, augmented_from <key>, augment {the perturbation}
     <key>__aug<j>.<array>.npy
-RUN/pseudo_label/filtered.jsonl   labels the filters dropped (train/val), with the reason
+RUN/pseudo_label/filtered.jsonl   labels the filters dropped (filters.splits: train/val), and runaway labels
+                                  (Teacher.unusable_reason: a decode that looped to its cap) of every split,
+                                  each with its reason
 RUN/pseudo_label/rejects.jsonl    inputs that could not be decoded or labelled
 """
 
@@ -155,6 +157,15 @@ def run(ctx: StageContext) -> dict:
                     continue
                 reference = meta.get("reference")
                 reason = None
+                unusable = getattr(teacher, "unusable_reason", lambda _: None)(label)
+                if unusable:
+                    # not the teacher's answer (a runaway decode): dropped from every split, held-out ones too,
+                    # where it would be scored as the teacher's label
+                    res.logs["filtered"].append({"key": key, "split": meta["split"],
+                                                 "reason": teacher.filter_reason(label, reference, cfg.filters),
+                                                 "text": label.text})
+                    res.counts["filtered"] = res.counts.get("filtered", 0) + 1
+                    continue
                 # a perturbed copy of a train input, and an input held back in the pool, is filtered as train
                 if ("train" if meta["split"] in (AUGMENTED, "pool") else meta["split"]) in cfg.filters.splits:
                     reason = teacher.filter_reason(label, reference, cfg.filters)

@@ -119,13 +119,17 @@ def test_frame_db_in_blocks_is_the_whole_computation():
 
 def test_parts_start_past_a_count_of_windows_or_of_encoder_positions(monkeypatch):
     """Which batches go through in parts: more windows than MAX_WINDOWS_AT_ONCE, or more encoder positions than
-    MAX_POSITIONS_AT_ONCE (a 600 s clip's twenty 30 s windows); a batch of sixteen 30 s clips stays whole."""
+    MAX_POSITIONS_AT_ONCE (windows x the longest context: a 600 s clip's twenty 30 s windows, sixteen 30 s clips);
+    a batch of sixteen 6 s clips (the demo's chunks) stays whole."""
     teacher = WhisperTeacher(WhisperTeacherConfig(checkpoint="random", max_new_tokens=2))
     calls = []
     real = teacher._decode_windows_at_once
     monkeypatch.setattr(teacher, "_decode_windows_at_once", lambda ws: calls.append(len(ws)) or real(ws))
-    teacher.label([np.zeros(30 * 16000, np.float32)] * 16)
+    teacher.label([np.zeros(6 * 16000, np.float32)] * 16)
     assert calls == [16]
+    calls.clear()
+    teacher.label([np.zeros(30 * 16000, np.float32)] * 16)
+    assert calls == [4] * 4
     calls.clear()
     teacher.label([_speechy(600.0, 16000)])
     assert sum(calls) >= 20 and max(calls) == 4  # windows cut at pauses, at most 30 s each
