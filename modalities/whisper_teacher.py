@@ -393,6 +393,50 @@ class WhisperTeacher(Teacher):
         temperature): not the teacher's answer, dropped from every split."""
         return label.info.get("runaway") or None
 
+    @torch.inference_mode()
+    def features(self, batch: list) -> list[dict]:
+        """What label() stores of each clip as arrays "features" (and "chunk_frames" for a clip labelled in
+        chunks), without decoding text: the encoder alone, on label()'s windows, encoded in label()'s groups
+        (one call per context length; a batch past MAX_WINDOWS_AT_ONCE / MAX_POSITIONS_AT_ONCE in parts of
+        WINDOWS_PER_PART), so the features are label()'s. For a student reading new inputs (groundgan generate).
+        Raises BadInput as label() does."""
+        windows: list[_Window] = []
+        n_ctx = self.model.dims.n_audio_ctx
+        for i, audio in enumerate(batch):
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1 or audio.size == 0:
+                raise BadInput("audio must be a non-empty mono array")
+            seconds = audio.size / SAMPLE_RATE
+            if seconds > self.cfg.max_seconds:
+                raise BadInput(f"audio is {seconds:.1f} s, longer than max_seconds={self.cfg.max_seconds:g}")
+            if audio.size > WINDOW_SAMPLES and self.cfg.long_audio == "reject":
+                raise BadInput(f"audio is {seconds:.1f} s, longer than 30 s (long_audio: reject)")
+            for a, b in audio_chunks(audio, self.cfg.chunk_seconds):
+                windows.append(_Window(i, audio[a:b], audio_ctx_for(b - a, self.cfg, n_ctx), self.cap_for(b - a)))
+        if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
+            order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)
+            parts = [order[i: i + WINDOWS_PER_PART] for i in range(0, len(order), WINDOWS_PER_PART)]
+        else:
+            parts = [list(range(len(windows)))]
+        feats: list[Optional[np.ndarray]] = [None] * len(windows)
+        for part in parts:
+            for ctx in sorted({windows[j].ctx for j in part}, reverse=True):
+                idx = [j for j in part if windows[j].ctx == ctx]
+                mel = log_mel([windows[j].audio for j in idx], 2 * ctx, self.model.dims.n_mels,
+                              self.device).to(self.dtype)
+                xa = encode(self.model, mel)
+                for j, f in zip(idx, xa):
+                    n = min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)
+                    feats[j] = f[:n].to(torch.float16).cpu().numpy()
+        out = []
+        for i in range(len(batch)):
+            mine = [feats[j] for j, w in enumerate(windows) if w.clip == i]
+            arrays = {"features": np.concatenate(mine).astype(np.float16, copy=False)}
+            if len(mine) > 1:
+                arrays["chunk_frames"] = np.asarray([len(f) for f in mine], dtype=np.int32)
+            out.append(arrays)
+        return out
+
     def filter_reason(self, label: Label, reference: str | None, filters) -> str | None:
         """Why a pseudo-label should not be trained on: a runaway decode, low confidence, a repetition loop, no
         speech, or too far from the reference (only where the reference normalises to some words)."""

@@ -163,9 +163,21 @@ def cmd_teacher(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    if a.inputs:
+        from stages.models.batch import generate_many_cli
+
+        if not a.out:
+            raise UserError("--inputs needs --out FILE.jsonl")
+        return generate_many_cli(a)
     from stages.models.generation import generate_cli
 
     return generate_cli(a)
+
+
+def cmd_export(a) -> int:
+    from stages.models.export import export_cli
+
+    return export_cli(a)
 
 
 def cmd_compare(a) -> int:
@@ -246,11 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--audio")
     grp.add_argument("--image")
     grp.add_argument("--prompt")
+    grp.add_argument("--inputs", nargs="+", metavar="SRC",
+                     help="files, folders, JSONL manifests or webdataset shards: every input, batched, to --out")
+    g.add_argument("--out", help="with --inputs: the JSONL to write (key, modality, text, avg_logprob, fallback)")
+    g.add_argument("--batch-size", type=int, default=16, help="with --inputs: inputs of a modality decoded at once")
+    g.add_argument("--split", help="with shards: only samples whose .json says this split (train, val, test, pool)")
+    g.add_argument("--no-progress", action="store_true", help="with --inputs: no progress bar")
     g.add_argument("--stage", default=None, help="adversarial or distill (default: the newest done)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("export", help="a trained student as folders transformers and openai-whisper load (docs/export.md)")
+    e.add_argument("run_dir")
+    e.add_argument("--stage", default=None, help="adversarial or distill (default: the newest with a final/)")
+    e.add_argument("--out", required=True, help="the folder to write (replaced whole)")
+    e.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="the report's tables and curves across runs")
     cp.add_argument("runs", nargs="+")

@@ -273,6 +273,7 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
                    seed: int) -> list[str]:
     """The student's text for every item, at `temperature` (0: greedy). Blocks of batch_size rows are dealt
     round-robin to ranks; block j samples from a generator seeded by (seed, j)."""
+    from stages.models.batch import decode_seed
     from stages.models.generation import generate_texts as generate_rows
 
     cfg, dec = ctx.section, ctx.cfg.root.decoding
@@ -286,7 +287,9 @@ def generate_texts(ctx: StageContext, student, modality: str, items: list[EvalIt
                               chunks=[items[i].chunks for i in rows], fallback=dec.fallback_temperatures,
                               max_compression_ratio=dec.max_compression_ratio, min_avg_logprob=dec.min_avg_logprob,
                               best_of=dec.best_of, max_ngram_repeats=dec.max_ngram_repeats,
-                              temperature=temperature, max_new_tokens=dec.max_new_tokens, generator=gen)
+                              temperature=temperature, max_new_tokens=dec.max_new_tokens, generator=gen,
+                              keys=[items[i].key for i in rows],
+                              seed=decode_seed(ctx.cfg.root.seed, modality, temperature))
         mine.update(zip(rows, texts))
     return _gather_rows(mine, len(items))
 

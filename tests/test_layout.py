@@ -6,8 +6,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
-# pipeline/ modules that may import stages or modalities: the CLI's commands (the composition root)
-COMPOSITION_ROOT = {"cli.py", "demo_data.py"}
+# pipeline/ modules that may import stages or modalities: the CLI's commands and the Python API (composition roots)
+COMPOSITION_ROOT = {"cli.py", "demo_data.py", "api.py"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -63,11 +63,15 @@ class Generated:
     prompt_ids: list[int]  # the prompt every row started from (bos ...)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token per row from logits [b, V]: argmax at temperature 0, else a sample from the tempered
-    distribution cut to its top-p nucleus (the most likely token always stays in)."""
+    distribution cut to its top-p nucleus (the most likely token always stays in). generator: one
+    torch.Generator for the batch, or a list of b (row i draws from its own: what it samples does not depend
+    on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_pick(logits[i: i + 1], temperature, top_p, g) for i, g in enumerate(generator)])
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -89,7 +93,8 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
     modality: one name or one per row; features: None (rows without features; give `n`), a tensor [B, T, D]
     with feature_mask [B, T], or a list of B tensors [T_i, D] | None; prompt: token ids after bos shared by
     every row (None: just bos); temperature 0 is greedy; top_p < 1 samples from the nucleus; generator: the
-    torch.Generator sampling draws from (on the student's device). Rows stop at end-of-text.
+    torch.Generator sampling draws from (on the student's device), or a list of one per row (each row's draws
+    then depend on its own generator alone, whatever else is in the batch). Rows stop at end-of-text.
     Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the generator's
     state and its group, never on padding.
     """
@@ -113,7 +118,8 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
         for m, rows in _group_rows(modality, B).items():
             idx = torch.tensor(rows, device=dev)
             f, fm = _group_features(features, feature_mask, rows, idx, dev)
-            out = _decode_group(student, m, f, fm, len(rows), prompt_ids, temperature, top_p, max_new, generator)
+            gen = [generator[i] for i in rows] if isinstance(generator, (list, tuple)) else generator
+            out = _decode_group(student, m, f, fm, len(rows), prompt_ids, temperature, top_p, max_new, gen)
             tokens[idx, : out[0].shape[1]] = out[0]
             mask[idx, : out[0].shape[1]] = out[1]
             logprobs[idx, : out[0].shape[1]] = out[2]
@@ -203,7 +209,8 @@ def ngram_repeats(text: str, n: int = 4) -> int:
 def generate_texts(student: Student, modality: str, features: list[torch.Tensor] | None, n: int | None = None,
                    chunks: list | None = None, fallback: Sequence[float] = (), max_compression_ratio: float = 2.4,
                    min_avg_logprob: float | None = None, best_of: int = 1, max_ngram_repeats: int | None = None,
-                   first_pass: list[str] | None = None, **kw) -> list[str]:
+                   first_pass: list[str] | None = None, keys: Sequence[str] | None = None, seed: int = 0,
+                   details: list[dict] | None = None, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
     frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
@@ -216,21 +223,35 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
     attempt is kept. best_of: samples drawn per piece at each fallback temperature (Whisper's `best_of`, 5 in
     its transcribe command); of those that pass, the one with the highest mean token log-prob is kept (one
     sample is one draw of the model's noise; the most likely of five is less so). first_pass, when given, gets
-    every input's text before any fallback (what plain decoding at kw's temperature writes). kw: as `generate`."""
+    every input's text before any fallback (what plain decoding at kw's temperature writes). keys: each input's
+    sample key; then every sampled piece (at kw's temperature > 0, or in the fallback) draws from a generator of
+    its own seeded by (seed, key, piece, attempt) (piece_seed) instead of kw's generator, so that an input's
+    text does not depend on what shares its batch. details, when given, gets per input {"avg_logprob": mean
+    token log-prob of the kept pieces, "fallback": whether any piece was decoded again}. kw: as `generate`."""
     if best_of < 1:
         raise ValueError(f"best_of must be >= 1, got {best_of}")
+    if keys is not None:
+        n_in = len(features) if features is not None else n
+        if len(keys) != n_in:
+            raise ValueError(f"{len(keys)} keys for {n_in} inputs")
     if features is None:
-        texts = generate(student, modality, None, n=n, **kw).texts
+        g = generate(student, modality, None, n=n, **_keyed(kw, student, keys, seed, range(n), [0] * n, "first"))
         if first_pass is not None:
-            first_pass.extend(texts)
-        return texts
-    pieces, owner = [], []
+            first_pass.extend(g.texts)
+        if details is not None:
+            details.extend(_details(g.logprobs.sum(1).tolist(), g.mask.sum(1).tolist(), list(range(n)), n,
+                                    [False] * n))
+        return g.texts
+    pieces, owner, index = [], [], []
     for i, f in enumerate(features):
-        for w in feature_windows(student, f, chunks[i] if chunks is not None else None):
+        for k, w in enumerate(feature_windows(student, f, chunks[i] if chunks is not None else None)):
             pieces.append(w)
             owner.append(i)
-    first = generate(student, modality, pieces, **kw)
+            index.append(k)
+    first = generate(student, modality, pieces, **_keyed(kw, student, keys, seed, owner, index, "first"))
     out = list(first.texts)
+    lp_sum, n_tok = first.logprobs.sum(1).tolist(), first.mask.sum(1).tolist()
+    fired = [False] * len(pieces)
     if fallback and kw.get("temperature", 0.0) <= 0:
         from whisper.utils import compression_ratio
 
@@ -252,19 +273,59 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
             redo = [j for j, st in enumerate(state) if not st[0]]
             if not redo:
                 break
-            again = generate(student, modality, [pieces[j] for j in redo for _ in range(best_of)],
-                             **{**kw, "temperature": float(temp)})
+            rows = [j for j in redo for _ in range(best_of)]
+            attempt = [f"T{float(temp)}/{c}" for _ in redo for c in range(best_of)]
+            again = generate(student, modality, [pieces[j] for j in rows],
+                             **_keyed({**kw, "temperature": float(temp)}, student, keys, seed,
+                                      [owner[j] for j in rows], [index[j] for j in rows], attempt))
             checked = check(again)
+            a_sum, a_tok = again.logprobs.sum(1).tolist(), again.mask.sum(1).tolist()
             for r, j in enumerate(redo):
+                fired[j] = True
                 cand = range(r * best_of, (r + 1) * best_of)
                 passing = [c for c in cand if checked[c][0]]
                 pick = (max(passing, key=lambda c: checked[c][2]) if passing
                         else min(cand, key=lambda c: checked[c][1]))
                 if checked[pick][0] or checked[pick][1] < state[j][1]:
                     out[j], state[j] = again.texts[pick], checked[pick]
+                    lp_sum[j], n_tok[j] = a_sum[pick], a_tok[pick]
     if first_pass is not None:
         first_pass.extend(_join(first.texts, owner, len(features)))
+    if details is not None:
+        details.extend(_details(lp_sum, n_tok, owner, len(features), fired))
     return _join(out, owner, len(features))
+
+
+def piece_seed(seed: int, key: str, piece: int, attempt: str) -> int:
+    """The seed of one piece's random stream: fixed by (seed, sample key, piece of the sample, attempt), so
+    that a sample's sampled text does not depend on the batch it is decoded in."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}/{piece}/{attempt}".encode()).digest()[:8], "little") >> 1
+
+
+def _keyed(kw: dict, student, keys, seed: int, owner: Sequence[int], index: Sequence[int], attempt) -> dict:
+    """kw with one generator per row, seeded by the row's sample key (piece_seed), where keys are given and the
+    rows sample; kw as it is otherwise."""
+    if keys is None or kw.get("temperature", 0.0) <= 0:
+        return kw
+    attempts = [attempt] * len(owner) if isinstance(attempt, str) else list(attempt)
+    dev = getattr(student, "module", student).device
+    gens = [torch.Generator(device=dev).manual_seed(piece_seed(seed, keys[o], k, a))
+            for o, k, a in zip(owner, index, attempts)]
+    return {**kw, "generator": gens}
+
+
+def _details(lp_sum: Sequence[float], n_tok: Sequence[int], owner: Sequence[int], n: int,
+             fired: Sequence[bool]) -> list[dict]:
+    """Per input: the mean log-prob of the tokens of its kept pieces (end-of-text included) and whether the
+    fallback re-decoded any of its pieces."""
+    s, t, f = [0.0] * n, [0] * n, [False] * n
+    for i, a, b, c in zip(owner, lp_sum, n_tok, fired):
+        s[i] += float(a)
+        t[i] += int(b)
+        f[i] = f[i] or bool(c)
+    return [{"avg_logprob": s[i] / t[i] if t[i] else 0.0, "fallback": f[i]} for i in range(n)]
 
 
 def _join(piece_texts: Sequence[str], owner: Sequence[int], n: int) -> list[str]:
