@@ -51,7 +51,6 @@ OFFLINE_PREFIX = "offline:"
 MAX_WINDOWS_AT_ONCE = 64
 MAX_POSITIONS_AT_ONCE = 4 * 1500  # windows x longest context: four full 30 s windows (~75 MB of keys and values)
 WINDOWS_PER_PART = 4
-ENCODE_POSITIONS_AT_ONCE = 1500  # encoder positions per encoder call (one 30 s window: ~20 MB of activations for tiny.en)
 
 
 @dataclass
@@ -487,7 +486,8 @@ class WhisperTeacher(Teacher):
         return self._decode_windows_at_once(windows)
 
     def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
-        """Encode windows grouped by context length (at most ENCODE_POSITIONS_AT_ONCE positions a call) -> their
+        """Encode windows grouped by context length, a group at once (as before: the same features, bit for
+        bit; a group holds at most MAX_POSITIONS_AT_ONCE positions) -> their
         cross-attention memory and (store_features, not exact) each window's features: its own encoder states,
         fp16. exact: the 30 s input transcribe gives the encoder (the window's log-mel frames, then zeros), the
         whole context, no tail."""
@@ -501,9 +501,7 @@ class WhisperTeacher(Teacher):
         features: list[Optional[np.ndarray]] = [None] * n
         for ctx in sorted(set(ctx_of), reverse=True):
             idx = [j for j, c in enumerate(ctx_of) if c == ctx]
-            step = max(1, ENCODE_POSITIONS_AT_ONCE // ctx)
-            for s in range(0, len(idx), step):
-                part = idx[s: s + step]
+            for part in (idx,):
                 mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
                               pad_zeros=exact).to(self.dtype)
                 xa = encode(model, mel)  # [g, ctx, D]
