@@ -74,6 +74,11 @@ def test_api_reads_arrays_and_files_as_the_cli_does(run, tmp_path):
         (tmp_path / f"{k}.wav").write_bytes(b)
     files = s.generate(sorted(tmp_path.glob("*.wav")))
     assert [r["text"] for r in files] == [want[k] for k, _ in sorted(items[:2])]
+    # an export folder carries the decoding settings and the seed: the same texts
+    cli("export", run, "--stage", "distill", "--out", tmp_path / "export", check=True)
+    e = pipeline.load_student(tmp_path / "export", device="cpu")
+    got = e.transcribe(arrays, modality="audio", keys=[k for k, _ in items], batch_size=3)
+    assert {r["key"]: r["text"] for r in got} == want
     # sampling (T > 0) is keyed by sample too: the evaluate stage's T=1 texts
     hot = s.generate(arrays, modality="audio", keys=[k for k, _ in items], batch_size=4, temperature=1.0)
     assert {r["key"]: r["text"] for r in hot} == _evaluate_texts(run, "audio", "distill", "T1")

@@ -221,7 +221,7 @@ def load_student(path: str | Path, stage: str | None = None, device: str | None 
     modalities.json) or a bare final/ folder (the recipe's decoding and modality defaults)."""
     from pipeline.config import load_config
     from pipeline.registry import modality_registry
-    from stages.models.export import DECODING_FILE, MODALITIES_FILE, find_final
+    from stages.models.export import DECODING_FILE, MODALITIES_FILE, RUN_FILE, find_final
     from stages.models.generation import DecodingConfig
     from stages.models.student import load_student as load_weights
 
@@ -247,7 +247,11 @@ def load_student(path: str | Path, stage: str | None = None, device: str | None 
             raise UserError(f"{path}: unreadable settings ({e})") from None
         mods = {m: _from_plain(modality_registry.get(m).Config, d, f"{mod_file}: {m}") for m, d in plain.items()
                 if m in modality_registry}
-        seed = int(plain.get("seed", 0)) if isinstance(plain.get("seed"), int) else 0
+        run_file = path / RUN_FILE
+        try:
+            seed = int(json.loads(run_file.read_text()).get("seed") or 0) if run_file.is_file() else 0
+        except (ValueError, AttributeError, TypeError) as e:
+            raise UserError(f"{run_file}: unreadable ({e})") from None
         return LoadedStudent(student, dec, mods, seed, str(path), dev)
     if path.exists():
         raise UserError(f"{path} is neither a run directory (config.yaml) nor a student folder (student.json)")

@@ -5,6 +5,7 @@ DIR holds, side by side:
                                                 lm/ is a save_pretrained causal LM with tokenizer files, so that
                                                 AutoModelForCausalLM / AutoTokenizer load it
     decoding.json                               the run's decoding settings (fallback, loop checks, lengths)
+    run.json                                    the run's seed (the decoding's random streams), its path, the stage
     modalities.json                             each modality's config (its teacher: what makes its features)
     README.md                                   the model card, with the run's figures
 and, for a cross_attention student that reads a Whisper teacher's encoder states directly (the audio student):
@@ -37,6 +38,7 @@ from pipeline.files import atomic_write_text
 
 DECODING_FILE = "decoding.json"
 MODALITIES_FILE = "modalities.json"
+RUN_FILE = "run.json"  # {"seed", "run", "stage"}: the seed under the keyed decoding streams (batch.decode_seed)
 OPENAI_FILE = "openai-whisper.pt"
 
 _DECODER_NAMES = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
@@ -209,7 +211,9 @@ def feature_extractor(dims):
 # ------------------------------------------------------------------------------------------------ the card
 def model_card(run: Path | None, stage: str, student, exported_whisper: bool, figures: dict | None) -> str:
     spec = student.spec
-    lines = [f"# groundgan student ({stage})", ""]
+    lines = (["---", "library_name: transformers", "pipeline_tag: automatic-speech-recognition", "language: en",
+              "tags: [whisper, groundgan, distillation]", "---", ""] if exported_whisper else [])
+    lines += [f"# groundgan student ({stage})", ""]
     if run is not None:
         lines += [f"Exported from run `{run}` ({stage}/final).", ""]
     lines += [f"- style: {spec.style}; initialised from {spec.init}",
@@ -263,7 +267,7 @@ def report_figures(run: Path, stage: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------- export
 def export_student(final: Path, out: Path, decoding: dict, modalities: dict, teacher_builders: dict,
-                   run: Path | None = None, stage: str = "distill") -> dict:
+                   run: Path | None = None, stage: str = "distill", seed: int = 0) -> dict:
     """Write the export folder `out` (replaced whole) for the student in `final`. decoding: the run's
     DecodingConfig as a dict; modalities: modality -> its config as a dict; teacher_builders: modality -> a
     function returning that modality's whisper.model.Whisper (only called for the Whisper export).
@@ -275,6 +279,8 @@ def export_student(final: Path, out: Path, decoding: dict, modalities: dict, tea
     figures = report_figures(run, stage) if run is not None else {}
     with student_folder(out) as tmp:
         student_folder_files(student, tmp, decoding, modalities)
+        atomic_write_text(tmp / RUN_FILE, json.dumps({"seed": int(seed), "run": str(run) if run else None,
+                                                      "stage": stage}, indent=2) + "\n")
         if wm is not None and wm in teacher_builders:
             teacher = teacher_builders[wm]()
             model, ckpt = whisper_model(student, teacher, wm)
@@ -320,7 +326,8 @@ def export_cli(a) -> int:
 
                 return load_whisper(tc)[0].float().eval()
             builders[m] = build
-    res = export_student(final, out, to_plain(cfg.root.decoding), mods, builders, run=run, stage=stage)
+    res = export_student(final, out, to_plain(cfg.root.decoding), mods, builders, run=run, stage=stage,
+                         seed=int(cfg.root.seed))
     what = ["load_student folder (lm/ loads with AutoModelForCausalLM and AutoTokenizer)"]
     if res["whisper"]:
         what += ["WhisperForConditionalGeneration (transformers.pipeline('automatic-speech-recognition'))",
