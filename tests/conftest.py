@@ -70,7 +70,7 @@ def offline_demo_config(folder: Path) -> Path:
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     demo["ingest"]["sources"] = [{"type": "synthetic", "modality": m, "count": 4, "name": m} for m in ("audio", "image")]
     teacher = demo["modalities"]["image"]["teacher"]
-    assert teacher["kind"] == "clip" and teacher["checkpoint"] == "data/demo/clip_teacher"
+    assert teacher["kind"] == "clip" and teacher["checkpoint"] == "../data/demo/clip_teacher"
     teacher["checkpoint"] = "random"  # the fitted teacher, like the data, exists only after `make demo`
     path = folder / "demo.yaml"
     path.write_text(yaml.safe_dump(demo))
