@@ -353,10 +353,9 @@ class WhisperTeacher(Teacher):
         self.tail = self._pad_tail() if (cfg.trim_audio_ctx and cfg.silence_tail) else None
         self.fallback = cfg.fallback if cfg.fallback is not None else cfg.checkpoint != "random"
 
-    # -------------------------------------------------------------------------------------- public
-    @torch.inference_mode()
-    def label(self, batch: list) -> list[Label]:
-        """Clips (float32 [n] at 16 kHz) -> one Label each. Raises BadInput for an unusable clip."""
+    def _windows(self, batch: list) -> list[_Window]:
+        """The windows label() and features() read: each clip checked, then cut into chunks of at most
+        chunk_seconds at pauses, each with its encoder context and token cap. Raises BadInput for an unusable clip."""
         windows: list[_Window] = []
         n_ctx = self.model.dims.n_audio_ctx
         for i, audio in enumerate(batch):
@@ -371,7 +370,13 @@ class WhisperTeacher(Teacher):
             for a, b in audio_chunks(audio, self.cfg.chunk_seconds):
                 w = audio[a:b]
                 windows.append(_Window(i, w, audio_ctx_for(w.size, self.cfg, n_ctx), self.cap_for(w.size)))
+        return windows
 
+    # -------------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def label(self, batch: list) -> list[Label]:
+        """Clips (float32 [n] at 16 kHz) -> one Label each. Raises BadInput for an unusable clip."""
+        windows = self._windows(batch)
         results = self._decode_windows(windows)
         labels = []
         for i, audio in enumerate(batch):
@@ -399,19 +404,7 @@ class WhisperTeacher(Teacher):
         (one call per context length; a batch past MAX_WINDOWS_AT_ONCE / MAX_POSITIONS_AT_ONCE in parts of
         WINDOWS_PER_PART), so the features are label()'s. For a student reading new inputs (groundgan generate).
         Raises BadInput as label() does."""
-        windows: list[_Window] = []
-        n_ctx = self.model.dims.n_audio_ctx
-        for i, audio in enumerate(batch):
-            audio = np.asarray(audio, dtype=np.float32)
-            if audio.ndim != 1 or audio.size == 0:
-                raise BadInput("audio must be a non-empty mono array")
-            seconds = audio.size / SAMPLE_RATE
-            if seconds > self.cfg.max_seconds:
-                raise BadInput(f"audio is {seconds:.1f} s, longer than max_seconds={self.cfg.max_seconds:g}")
-            if audio.size > WINDOW_SAMPLES and self.cfg.long_audio == "reject":
-                raise BadInput(f"audio is {seconds:.1f} s, longer than 30 s (long_audio: reject)")
-            for a, b in audio_chunks(audio, self.cfg.chunk_seconds):
-                windows.append(_Window(i, audio[a:b], audio_ctx_for(b - a, self.cfg, n_ctx), self.cap_for(b - a)))
+        windows = self._windows(batch)
         if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
             order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)
             parts = [order[i: i + WINDOWS_PER_PART] for i in range(0, len(order), WINDOWS_PER_PART)]
