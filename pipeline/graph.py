@@ -375,13 +375,17 @@ class Runner:
         tmp.mkdir(parents=True, exist_ok=True)
         if dst.exists():  # the stage's own earlier work is kept, and so are the versions kept before it
             kept.recover(dst)
-            earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
-            kept.keep(dst, earlier.get("config_hash"))
+            self._keep(spec)
             if (dst / kept.PREVIOUS).exists():
                 os.replace(dst / kept.PREVIOUS, tmp / kept.PREVIOUS)
             shutil.rmtree(dst)
         os.replace(tmp, dst)
         return True
+
+    def _keep(self, spec: StageSpec) -> Path | None:
+        """Move the stage's work (finished or partial) under .previous/, named by the hash it was made with."""
+        earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
+        return kept.keep(self.run.stage_dir(spec.name), earlier.get("config_hash"))
 
     def _try_restore(self, spec: StageSpec, chash: str, inputs: dict) -> str | None:
         """Move back a kept version finished with this config and inputs (its products checked against its
@@ -390,8 +394,7 @@ class Runner:
         for vdir, m in reversed(kept.versions(d)):
             if m is None or m.get("config_hash") != chash or m.get("inputs", {}) != inputs or verify_outputs(vdir, m):
                 continue
-            earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
-            kept.keep(d, earlier.get("config_hash"))
+            self._keep(spec)
             for p in d.iterdir():  # a lone started.json: no work to keep
                 if p.name != kept.PREVIOUS:
                     p.unlink()
@@ -482,8 +485,7 @@ class Runner:
         if info.is_main:
             if not resumed and d.exists():
                 # finished (or partial) work is never deleted by a run: it is kept under the stage
-                earlier = self.run.read_manifest(spec.name) or self.run.read_started(spec.name) or {}
-                where = kept.keep(d, earlier.get("config_hash"))
+                where = self._keep(spec)
                 if where is not None:
                     reason += f"; the earlier work is kept in {where}"
                 for p in d.iterdir():
