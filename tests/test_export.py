@@ -163,3 +163,41 @@ def test_export_bad_inputs_are_one_line_exit_2(prefix_run, tmp_path):
     one_line(cli("export", broken, "--out", tmp_path / "o"), "lm/config.json is missing")
     one_line(cli("export", prefix_run, "--out", prefix_run / "distill" / "final" / "x"), "must not be")
     assert not (tmp_path / "o").exists()
+
+
+def test_no_speech_row_is_fitted_to_the_teachers_probabilities():
+    """The fitted <|nospeech|> row reproduces probabilities made by a known row; nothing else moves."""
+    from stages.models.export import fit_no_speech_row
+
+    g = torch.Generator().manual_seed(0)
+    hidden, emb = torch.randn(200, 16, generator=g), torch.randn(50, 16, generator=g)
+    true_row = 1.5 * torch.randn(16, generator=g)
+    full = emb.clone()
+    full[7] = true_row
+    target = torch.softmax(hidden @ full.T, -1)[:, 7]
+    row, stats = fit_no_speech_row(hidden, emb, 7, target, steps=600)
+    assert stats["windows"] == 200 and stats["mae_after"] < 0.01 < stats["mae_before"]
+    full[7] = row
+    np.testing.assert_allclose(torch.softmax(hidden @ full.T, -1)[:, 7], target, atol=0.03)
+    assert torch.equal(emb[:7], full[:7]) and torch.equal(emb[8:], full[8:])
+
+
+def test_export_fits_the_no_speech_row_on_the_runs_train_clips(cross_run, tmp_path):
+    """The export reads the run's kept train clips labelled in one window, and says so in the card."""
+    import re
+
+    from pipeline.shards import iter_shard, list_shards
+
+    kept = 0
+    for shard in list_shards(cross_run / "pseudo_label" / "shards" / "audio"):
+        for _key, sample in iter_shard(str(shard)):
+            meta = json.loads(sample["json"])
+            kept += (meta["split"] == "train" and not meta.get("filter_reason")
+                     and meta["info"].get("n_windows", 1) == 1)
+    out = tmp_path / "export"
+    cli("export", cross_run, "--out", out, check=True)
+    card = (out / "README.md").read_text()
+    m = re.search(r"fitted to the teacher's no-speech probabilities of (\d+) train clips: mean absolute "
+                  r"difference ([0-9]+(?:\.[0-9]+)?) -> ([0-9]+(?:\.[0-9]+)?)", card)
+    assert m, card
+    assert int(m.group(1)) == kept > 0 and float(m.group(3)) <= float(m.group(2))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -119,9 +120,93 @@ def _encoder_state(teacher_sd: dict) -> dict:
     return {k: v.float() for k, v in out.items()}
 
 
-def whisper_model(student, teacher, modality: str):
-    """(WhisperForConditionalGeneration, openai-whisper checkpoint dict) of the teacher's encoder and the
-    student's decoder, whose <|startoftranscript|> row is the student's `modality` marker.
+def no_speech_windows(run: Path, modality: str, limit: int = 512) -> tuple[list, list]:
+    """The run's train windows of `modality` that the teacher labelled in one piece and kept: (their stored
+    features [T, D] as tensors, the teacher's no-speech probability of each), at most `limit`, in shard order."""
+    import io
+
+    import numpy as np
+
+    from pipeline.shards import iter_shard, list_shards
+
+    feats, probs = [], []
+    for shard in list_shards(run / "pseudo_label" / "shards" / modality):
+        for _key, sample in iter_shard(str(shard)):
+            if "json" not in sample or "features.npy" not in sample:
+                continue
+            meta = json.loads(sample["json"])
+            info = meta.get("info") or {}
+            if (meta.get("split") != "train" or meta.get("filter_reason") or info.get("n_windows", 1) != 1
+                    or "no_speech_prob" not in info):
+                continue
+            feats.append(torch.from_numpy(np.load(io.BytesIO(sample["features.npy"])).astype(np.float32)))
+            probs.append(float(info["no_speech_prob"]))
+            if len(feats) >= limit:
+                return feats, probs
+    return feats, probs
+
+
+@torch.no_grad()
+def marker_hidden(student, modality: str, feats: list, batch_size: int = 64) -> torch.Tensor:
+    """The student's last hidden state at its marker's position (where Whisper reads its no-speech
+    probability: the <|startoftranscript|> position), for each window's features as the student reads them
+    (followed by the encoding of silence) -> [N, d]."""
+    from stages.models.student import _pad_rows
+
+    dec, out = student._decoder(), []
+    for i in range(0, len(feats), batch_size):
+        f, fm = _pad_rows(feats[i: i + batch_size])
+        b = f.shape[0]
+        states, tail = student._encoder_states(modality, f, fm, b)
+        ids = torch.full((b, 1), student.marker_id(modality), dtype=torch.long)
+        if tail is None:
+            o = dec(input_ids=ids, encoder_hidden_states=states, use_cache=False)
+        else:
+            o = dec(input_ids=ids, encoder_hidden_states=states, past_key_values=student._cross_cache(states, tail),
+                    use_cache=True)
+        out.append(o.last_hidden_state[:, 0].float())
+    return torch.cat(out)
+
+
+def fit_no_speech_row(hidden: torch.Tensor, emb: torch.Tensor, no_speech: int, target: torch.Tensor,
+                      steps: int = 300) -> tuple[torch.Tensor, dict]:
+    """The output row of <|nospeech|> that makes the student's no-speech probability at the marker's position
+    match the teacher's on the same windows (binary cross-entropy; every other row fixed).
+
+    The student never trains that row's output at that position (its loss starts after the prompt), yet
+    openai-whisper's transcribe reads it: it drops a segment whose no-speech probability is over 0.6 while its
+    mean log-prob is under -1. Left as trained, the row says "no speech" on clips the teacher transcribed.
+    The row is never an input and is suppressed in decoding, so nothing else changes.
+    hidden [N, d], emb [V, d], target [N] in [0, 1] -> (row [d], {"mae_before", "mae_after", "windows"})."""
+    hidden, emb, target = hidden.float(), emb.float(), target.float()
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[no_speech] = False
+    log_z = torch.logsumexp(hidden @ emb[others].T, dim=-1)  # [N], fixed
+
+    def prob(r):
+        return torch.sigmoid(hidden @ r - log_z)
+
+    row0 = emb[no_speech].clone()
+    row = row0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([row], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(hidden @ row - log_z, target)  # no clamp: a tiny p still learns
+        loss.backward()
+        opt.step()
+    row = row.detach()
+    with torch.no_grad():
+        stats = {"windows": int(hidden.shape[0]),
+                 "mae_before": round(float((prob(row0) - target).abs().mean()), 4),
+                 "mae_after": round(float((prob(row) - target).abs().mean()), 4)}
+    return row, stats
+
+
+def whisper_model(student, teacher, modality: str, no_speech: tuple | None = None):
+    """(WhisperForConditionalGeneration, openai-whisper checkpoint dict, no-speech fit stats | None) of the
+    teacher's encoder and the student's decoder, whose <|startoftranscript|> row is the student's `modality`
+    marker. no_speech: (marker_hidden [N, d], the teacher's no-speech probabilities [N]) of train windows: the
+    <|nospeech|> row is fitted to them (fit_no_speech_row); None: left as trained.
     teacher: a whisper.model.Whisper (its dims and weights)."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -151,6 +236,10 @@ def whisper_model(student, teacher, modality: str):
         sd[f"model.decoder.{k}"] = v.detach().float().clone()
     emb = sd["model.decoder.embed_tokens.weight"][:vocab].clone()
     emb[sot] = dec.embed_tokens.weight[student.spec.marker_ids[modality]].detach().float()
+    fit = None
+    if no_speech is not None and tok.no_speech is not None and len(no_speech[1]):
+        row, fit = fit_no_speech_row(no_speech[0], emb, tok.no_speech, torch.as_tensor(no_speech[1]))
+        emb[tok.no_speech] = row
     sd["model.decoder.embed_tokens.weight"] = emb
     sd["proj_out.weight"] = emb
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -171,7 +260,7 @@ def whisper_model(student, teacher, modality: str):
                 if f"{ours}.{p}" in mine:
                     od[f"decoder.blocks.{j}.{theirs}.{p}"] = mine[f"{ours}.{p}"].detach().float().clone()
     odims = dict(dataclasses.asdict(dims), n_text_layer=sc.decoder_layers, n_text_ctx=sc.max_target_positions)
-    return model, {"dims": odims, "model_state_dict": od}
+    return model, {"dims": odims, "model_state_dict": od}, fit
 
 
 def generation_config(tok, decoding: dict, max_length: int):
@@ -209,7 +298,8 @@ def feature_extractor(dims):
 
 
 # ------------------------------------------------------------------------------------------------ the card
-def model_card(run: Path | None, stage: str, student, exported_whisper: bool, figures: dict | None) -> str:
+def model_card(run: Path | None, stage: str, student, exported_whisper: bool, figures: dict | None,
+               no_speech_fit: dict | None = None) -> str:
     spec = student.spec
     lines = (["---", "library_name: transformers", "pipeline_tag: automatic-speech-recognition", "language: en",
               "tags: [whisper, groundgan, distillation]", "---", ""] if exported_whisper else [])
@@ -233,6 +323,12 @@ def model_card(run: Path | None, stage: str, student, exported_whisper: bool, fi
                   "```", "",
                   "openai-whisper: `whisper.load_model('THIS_DIR/openai-whisper.pt').transcribe('clip.wav', "
                   "temperature=0, without_timestamps=True)`.", "",
+                  ("The `<|nospeech|>` output row (which transcribe reads to drop silent segments; the student "
+                   "never trains it) was fitted to the teacher's no-speech probabilities of "
+                   f"{no_speech_fit['windows']} train clips: mean absolute difference "
+                   f"{no_speech_fit['mae_before']} -> {no_speech_fit['mae_after']}." if no_speech_fit else
+                   "The `<|nospeech|>` output row is as trained (no train clips to fit it on): with openai-whisper, "
+                   "pass `no_speech_threshold=None`."), "",
                   "The student was trained on the teacher's encoding of each clip (chunk) followed by the encoding "
                   "of silence; this model encodes the padded 30 s window, as Whisper does. docs/export.md in "
                   "groundgan has the measured difference."]
@@ -277,13 +373,19 @@ def export_student(final: Path, out: Path, decoding: dict, modalities: dict, tea
     student = load_student(final, "cpu")
     wm = whisper_modality(student)
     figures = report_figures(run, stage) if run is not None else {}
+    fit = None
     with student_folder(out) as tmp:
         student_folder_files(student, tmp, decoding, modalities)
         atomic_write_text(tmp / RUN_FILE, json.dumps({"seed": int(seed), "run": str(run) if run else None,
                                                       "stage": stage}, indent=2) + "\n")
         if wm is not None and wm in teacher_builders:
             teacher = teacher_builders[wm]()
-            model, ckpt = whisper_model(student, teacher, wm)
+            ns = None
+            if run is not None:
+                feats, probs = no_speech_windows(run, wm)
+                if feats:
+                    ns = (marker_hidden(student, wm, feats), probs)
+            model, ckpt, fit = whisper_model(student, teacher, wm, ns)
             from transformers import WhisperProcessor
 
             tok = whisper_hf_tokenizer(False)
@@ -296,7 +398,7 @@ def export_student(final: Path, out: Path, decoding: dict, modalities: dict, tea
             torch.save(ckpt, str(tmp / (OPENAI_FILE + ".tmp")))
             os.replace(tmp / (OPENAI_FILE + ".tmp"), tmp / OPENAI_FILE)
         atomic_write_text(tmp / "README.md", model_card(run, stage, student, wm is not None and wm in teacher_builders,
-                                                        figures))
+                                                        figures, fit))
     return {"whisper": wm is not None and wm in teacher_builders, "folder": out}
 
 
