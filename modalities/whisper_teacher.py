@@ -494,7 +494,8 @@ class WhisperTeacher(Teacher):
         features: list[Optional[np.ndarray]] = [None] * n
         for ctx in sorted(set(ctx_of), reverse=True):
             idx = [j for j, c in enumerate(ctx_of) if c == ctx]
-            for part in (idx,):
+            # exact: 30 s windows (rare re-decodes) one at a time, so that their activations never add up
+            for part in ([[j] for j in idx] if exact else [idx]):
                 mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
                               pad_zeros=exact).to(self.dtype)
                 xa = encode(model, mel)  # [g, ctx, D]
