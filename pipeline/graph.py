@@ -455,9 +455,9 @@ class Runner:
         if st.mismatched and info.is_main:
             ckpts = d / "checkpoints"
             training = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
-            if training and not forced and not any(rel.split("/")[0] == "best" for rel in st.mismatched):
+            if training and not forced and not any(rel.split("/")[0] in ("best", "candidate") for rel in st.mismatched):
                 # a training stage resumes from its newest verified checkpoint and writes its products again
-                # (best/ cannot be rebuilt from a checkpoint: a mismatch there re-runs the stage)
+                # (best/ and candidate/ cannot be rebuilt from a checkpoint: a mismatch there re-runs the stage)
                 aside, resumed = move_aside(self.run.path, d, list(st.mismatched)), True
             else:
                 aside = move_aside(self.run.path, d)

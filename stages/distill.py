@@ -41,6 +41,7 @@ from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from stages.models.generation import generate
 from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
+from stages.models.selection import ConfirmedSelection
 from stages.models.student import (Student, StudentConfig, build_student, build_tokenizer, count_parameters,
                                    save_student, student_folder, write_student)
 
@@ -64,8 +65,9 @@ class DistillConfig:
     inputs: List[str] = field(default_factory=lambda: ["train"])  # pseudo_label splits trained on: train, augmented, pool
     val_every: int = field(default=50, metadata=minimum(1))
     # which validation figure picks final/: val_wer (the val clips decoded as `decoding:` says, WER against
-    # their labels; ties go to the lower val_loss) or val_loss (teacher-forced cross-entropy on the val labels).
-    # None: val_wer where a modality transcribes (audio), else val_loss
+    # their labels; ties go to the lower val_loss), confirmed_val_wer (the same, a check's student scored by the
+    # worse of its WER and the next check's: stages/models/selection.py) or val_loss (teacher-forced
+    # cross-entropy on the val labels). None: val_wer where a modality transcribes (audio), else val_loss
     select_by: Optional[str] = None
     # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
     # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
@@ -118,7 +120,9 @@ def validate_config(root) -> list[str]:
     check_choice(st.style, ("prefix", "cross_attention"), "distill.student.style")
     check_choice(st.tokenizer, ("whisper", "init_from"), "distill.student.tokenizer")
     check_choice(st.projector, ("mlp", "transformer"), "distill.student.projector")
-    check_choice(d.select_by, ("val_loss", "val_wer"), "distill.select_by")
+    check_choice(d.select_by, ("val_loss", "val_wer", "confirmed_val_wer"), "distill.select_by")
+    if d.select_by != "val_loss" and not transcribes:
+        raise UserError(f"config: distill.select_by={d.select_by} needs a modality that transcribes (audio)")
     if not d.ema_decay < 1.0:
         raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {d.ema_decay!r}")
     check_inputs(root, "distill")
@@ -416,12 +420,15 @@ def run(ctx: StageContext) -> dict:
     # ---- resume
     ckpts = ctx.checkpoints()
     start, best = 0, {"step": None, "val_loss": None, "val_wer": None}
+    confirmed = cfg.select_by == "confirmed_val_wer"
+    selection = ConfirmedSelection(ctx.dir)
     models = {MODEL: student, **({EMA_MODEL: ema.model} if ema is not None else {})}
     loaded = ckpts.load_latest(models, {MODEL: opt}, sched, map_location=device)
     if loaded is not None:
         start = loaded.step
         sampler.load_state_dict(loaded.state["data"])
         best = dict(loaded.state["extra"].get("best", best))
+        selection = ConfirmedSelection(ctx.dir, loaded.state["extra"].get("selection"))
         # the schedule of this run's total: after a kill the same value; when the stage trains longer (a larger
         # `steps`), the rate a run configured with the new total has at this step, not the old run's last one
         for group, base in zip(opt.param_groups, sched.base_lrs):
@@ -438,7 +445,7 @@ def run(ctx: StageContext) -> dict:
             return
         v = validate(scored, val, cfg.batch_size, device, dist, autocast)
         rows: list[dict] = []
-        if cfg.select_by == "val_wer":
+        if cfg.select_by != "val_loss":
             v.update(validate_wer(scored, val, cfg.batch_size, cfg.max_text_tokens, dist, rows,
                                   val_decoding(ctx.cfg.root)))
         sample = _val_sample(scored, val[0])
@@ -447,10 +454,15 @@ def run(ctx: StageContext) -> dict:
             if rows:
                 write_val_predictions(ctx.dir, step, rows)
             ctx.scalars({f"val/{k[4:]}": x for k, x in v.items() if k != "val_tokens"}, step)
-            if better(v, best, cfg.select_by):
+            if confirmed:
+                selection.check(step, v.get("val_wer"), v["val_loss"], lambda d: save_student(scored, d))
+                best.update({k: selection.best[k] for k in best})
+            elif better(v, best, cfg.select_by):
                 save_student(scored, ctx.dir / "best")
                 best.update(step=step, val_loss=v["val_loss"], val_wer=v.get("val_wer"))
         best.update(distributed.broadcast_object(dict(best)))
+        if confirmed:
+            selection.load_state(distributed.broadcast_object(selection.state()))
 
     # ---- train
     bar = ctx.progress_bar(total=cfg.steps, initial=start)
@@ -508,7 +520,7 @@ def run(ctx: StageContext) -> dict:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if dist.is_main:
                 ckpts.save(done, models, {MODEL: opt}, sched, data_state=sampler.state_dict(),
-                           extra={"best": dict(best)})
+                           extra={"best": dict(best), **({"selection": selection.state()} if confirmed else {})})
             distributed.barrier()
     bar.close()
     if cfg.steps == 0:
@@ -518,8 +530,12 @@ def run(ctx: StageContext) -> dict:
     if dist.is_main:
         chosen = best["step"]
         best_dir = ctx.dir / "best"
+        if confirmed:
+            best_dir, pick = selection.final_choice()
+            chosen = pick.get("step")
+            best = dict(best, **{k: pick[k] for k in ("step", "val_loss", "val_wer", "score") if k in pick})
         with student_folder(ctx.dir / "final") as tmp:
-            if chosen is not None and best_dir.is_dir():
+            if chosen is not None and best_dir is not None and best_dir.is_dir():
                 shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
             else:
                 chosen = cfg.steps
@@ -586,6 +602,9 @@ def _model_card(ctx: StageContext, student: Student, data, step: int, best: dict
             " (the last; no val split)" if best["val_loss"] is None else
             f", the lowest greedy WER on the val clips ({best['val_wer']:.2%}; validation loss "
             f"{best['val_loss']:.4f} nats/token)" if cfg.select_by == "val_wer" and best.get("val_wer") is not None else
+            f", the lowest val WER confirmed by the next check ({best['val_wer']:.2%} here, {best['score']:.2%} the "
+            f"worse of the two; validation loss {best['val_loss']:.4f} nats/token)"
+            if cfg.select_by == "confirmed_val_wer" and best.get("score") is not None else
             f", the lowest validation loss ({best['val_loss']:.4f} nats/token)"),
         "", "Load: `stages.models.student.load_student(this_dir)`; the LM alone: "
         "`AutoModelForCausalLM.from_pretrained(this_dir + '/lm')` (rows start with a modality marker id).", "",

@@ -641,6 +641,22 @@ AUDIO = {
 }
 
 
+def test_select_by_confirmed_val_wer_in_the_phase(tmp_path):
+    from test_selection import expected
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(AUDIO))
+    _run_in_process(cfg, tmp_path / "run", ["adversarial.select_by=confirmed_val_wer", "adversarial.steps=6"])
+    adv_dir = tmp_path / "run" / "adversarial"
+    vals = [r for r in map(json.loads, (adv_dir / "metrics.jsonl").read_text().splitlines()) if "val_wer" in r]
+    assert [r["student_steps"] for r in vals] == [0, 2, 4, 6]
+    want = vals[expected([r["val_wer"] for r in vals])]
+    summary = json.loads((adv_dir / "final" / "adversarial.json").read_text())
+    assert (summary["selected_student_step"], summary["selected_val_wer"]) == (want["student_steps"], want["val_wer"])
+    picked = "candidate" if want["student_steps"] == 6 else "best"
+    assert (adv_dir / "final/lm/model.safetensors").read_bytes() == (adv_dir / picked / "lm/model.safetensors").read_bytes()
+
+
 def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_included(tmp_path):
     from safetensors.torch import load_file
 

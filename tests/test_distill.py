@@ -296,6 +296,20 @@ def test_select_by_val_wer_keeps_the_step_with_the_lowest_greedy_wer(tmp_path, l
     assert f"step {want['step']}, the lowest greedy WER on the val clips" in (out / "final/README.md").read_text()
 
 
+def test_select_by_confirmed_val_wer_keeps_a_step_that_holds_at_the_next_check(tmp_path, labelled):
+    from test_selection import expected
+
+    out = _run(tmp_path, "conf", labelled, steps=8, select_by="confirmed_val_wer")
+    vals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6, 8]
+    want = vals[expected([r["val_wer"] for r in vals], [r["val_loss"] for r in vals])]
+    counts = json.loads((tmp_path / "conf/distill/manifest.json").read_text())["counts"]
+    assert counts["best_step"] == want["step"] and counts["best_val_wer"] == want["val_wer"]
+    assert f"step {want['step']}, the lowest val WER confirmed by the next check" in (out / "final/README.md").read_text()
+    picked = "candidate" if want["step"] == 8 else "best"
+    assert (out / "final/lm/model.safetensors").read_bytes() == (out / picked / "lm/model.safetensors").read_bytes()
+
+
 def _val_set(n: int):
     """A random tiny student, n audio val examples labelled with its own greedy text, and a one-process DistInfo."""
     from pipeline.distributed import DistInfo

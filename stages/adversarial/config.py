@@ -129,7 +129,7 @@ def validate_config(root) -> list[str]:
                 setattr(a, key, 0)
                 if "adversarial" in root.stages:
                     notes.append(f"adversarial.{key} 0 (judge: none has no head to train)")
-    check_choice(a.select_by, ("last", "val_wer"), "adversarial.select_by")
+    check_choice(a.select_by, ("last", "val_wer", "confirmed_val_wer"), "adversarial.select_by")
     if a.disc_backbone == "teacher" and d.student.style != "cross_attention":
         raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "
                         f"decoder); 'distill.student.style' is {d.student.style!r}")
@@ -137,8 +137,8 @@ def validate_config(root) -> list[str]:
         # the ablation of anchoring: nothing the teacher says about an input enters the stage, so each setting that
         # would let it in is named at once (an ablation command should need one round, not one per conflict)
         need = [msg for bad, msg in (
-            (a.select_by == "val_wer",
-             "select_by: last ('val_wer' scores the student against the teacher's labels of the val clips)"),
+            (a.select_by != "last",
+             f"select_by: last ('{a.select_by}' scores the student against the teacher's labels of the val clips)"),
             (a.disc_backbone == "teacher",
              "disc_backbone: student ('teacher' makes the teacher's decoder the judge, and its likelihood of a text "
              "is its label by another name)")) if bad]

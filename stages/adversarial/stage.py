@@ -25,6 +25,7 @@ from stages.adversarial.rows import Rows, input_generator, real_rows, sample_row
 from stages.distill import _truncate_metrics, val_decoding, validate_wer, write_val_predictions
 from stages.models.discriminator import Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators
 from stages.models.labelled_data import Example, MixtureSampler, load_labelled, within_context
+from stages.models.selection import ConfirmedSelection
 from stages.models.student import Student, load_student, save_student, student_folder, write_student
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
 
@@ -101,6 +102,7 @@ class Phase:
     stop_reason: str | None = None  # a guard tripped: the run is over
     best: dict = dataclasses.field(default_factory=lambda: {"step": None, "val_wer": None})
     checked_at: int | None = None  # the student step last validated
+    selection: ConfirmedSelection | None = None  # select_by confirmed_val_wer
 
     def models(self) -> dict:
         return {STUDENT: self.student, **{disc_name(m): d for m, d in self.discs.items()}}
@@ -109,12 +111,15 @@ class Phase:
         return {STUDENT: self.s_opt, **{disc_name(m): o for m, o in self.d_opts.items()}}
 
     def state_dict(self) -> dict:
-        return {"student_steps": self.student_steps, "early_stop": self.stop_reason, "best": dict(self.best)}
+        return {"student_steps": self.student_steps, "early_stop": self.stop_reason, "best": dict(self.best),
+                **({"selection": self.selection.state()} if self.selection is not None else {})}
 
     def load_state_dict(self, st: dict) -> None:
         self.student_steps = int(st["student_steps"])
         self.stop_reason = st.get("early_stop")
         self.best = dict(st.get("best", self.best))
+        if self.selection is not None:
+            self.selection.load_state(st.get("selection"))
 
 
 def _setup(ctx: StageContext, src: Path) -> Phase:
@@ -126,7 +131,7 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     student = load_student(src, device).eval()
     reference = load_student(src, device).eval().requires_grad_(False)
     max_text_tokens = ctx.cfg.root.distill.max_text_tokens
-    select = cfg.select_by == "val_wer"
+    select = cfg.select_by != "last"
     data = load_labelled(ctx.input_dir("pseudo_label"), student.tokenizer, max_text_tokens,
                          splits=tuple(dict.fromkeys([*cfg.inputs, *(["val"] if select else [])])),
                          max_frames=student.spec.feature_frames if student.spec.style == "prefix" else None,
@@ -134,7 +139,7 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     train, _ = within_context([e for s in cfg.inputs for e in data.splits[s]], student.spec)
     val = within_context(data.splits["val"], student.spec)[0] if select else []
     if select and not any(transcribes(e.modality) and e.features is not None for e in val):
-        raise UserError("adversarial.select_by: val_wer needs val clips of a transcribing modality (audio) in the "
+        raise UserError(f"adversarial.select_by: {cfg.select_by} needs val clips of a transcribing modality (audio) in the "
                         "pseudo_label stage's val split; there are none")
     if not train:
         raise UserError(f"adversarial: the pseudo_label stage left no examples in {', '.join(cfg.inputs)}")
@@ -162,13 +167,16 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     # No weight decay on the student: it would pull away from the distilled weights the KL keeps it near.
     s_opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
-    return Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
+    ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
+    if cfg.select_by == "confirmed_val_wer":
+        ph.selection = ConfirmedSelection(ctx.dir)
+    return ph
 
 
 def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
     """select_by val_wer: greedy WER of the student on the val clips, decoded as `decoding:` says; best/ keeps the
     lowest (the earlier student on a tie: the one nearer the distilled model). Once per student step."""
-    if ctx.section.select_by != "val_wer" or ph.checked_at == ph.student_steps:
+    if ctx.section.select_by == "last" or ph.checked_at == ph.student_steps:
         return
     ph.checked_at = ph.student_steps
     rows: list[dict] = []
@@ -178,10 +186,15 @@ def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
         ctx.metric({"step": step, "student_steps": ph.student_steps, **v})
         ctx.scalars({f"val/{k[4:]}": x for k, x in v.items() if k.startswith("val_")}, step)
         write_val_predictions(ctx.dir, ph.student_steps, rows)
-        if v["val_wer"] is not None and (ph.best["val_wer"] is None or v["val_wer"] < ph.best["val_wer"]):
+        if ph.selection is not None:
+            ph.selection.check(ph.student_steps, v["val_wer"], None, lambda d: save_student(ph.student, d))
+            ph.best.update(step=ph.selection.best["step"], val_wer=ph.selection.best["val_wer"])
+        elif v["val_wer"] is not None and (ph.best["val_wer"] is None or v["val_wer"] < ph.best["val_wer"]):
             save_student(ph.student, ctx.dir / "best")
             ph.best.update(step=ph.student_steps, val_wer=v["val_wer"])
     ph.best.update(distributed.broadcast_object(dict(ph.best)))
+    if ph.selection is not None:
+        ph.selection.load_state(distributed.broadcast_object(ph.selection.state()))
 
 
 def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
@@ -258,17 +271,22 @@ def _log(ctx: StageContext, ph: Phase, rec: dict, moves: bool) -> None:
 def _finish(ctx: StageContext, ph: Phase, done: int) -> dict:
     """final/: the selected student, the discriminators, what happened; the stage's counts."""
     cfg = ctx.section
-    select = cfg.select_by == "val_wer"
+    select = cfg.select_by != "last"
+    best_dir, best = ctx.dir / "best", dict(ph.best)
+    if ph.selection is not None:
+        best_dir, pick = ph.selection.final_choice()
+        best = {"step": pick.get("step"), "val_wer": pick.get("val_wer"), "score": pick.get("score")}
     summary = {"enabled": True, "anchored": cfg.anchored, "iterations": done, "student_steps": ph.student_steps,
                "early_stop": ph.stop_reason,
                "real_side": "teacher pseudo-labels" if cfg.anchored
                else "samples of the frozen distilled model (no teacher label)",
-               "select_by": cfg.select_by, "selected_student_step": ph.best["step"] if select else ph.student_steps,
-               "selected_val_wer": ph.best["val_wer"] if select else None}
+               "select_by": cfg.select_by, "selected_student_step": best["step"] if select else ph.student_steps,
+               "selected_val_wer": best["val_wer"] if select else None,
+               **({"selected_score": best.get("score")} if ph.selection is not None else {})}
     if ctx.dist.is_main:
         with student_folder(ctx.dir / "final") as tmp:
-            if select and ph.best["step"] is not None and (ctx.dir / "best").is_dir():
-                shutil.copytree(ctx.dir / "best", tmp, dirs_exist_ok=True)
+            if select and best["step"] is not None and best_dir is not None and best_dir.is_dir():
+                shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
             else:
                 write_student(ph.student, tmp)
             save_discriminators(ph.discs, tmp / DISCRIMINATORS_DIR)
