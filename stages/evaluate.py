@@ -119,9 +119,21 @@ def _source_items(src, name: str, seed: int, rejects: list[dict]):
     return items[: src.limit] if src.limit else items
 
 
-def label_source(ctx: StageContext, src, index: int, adapters: dict, teachers: dict) -> Path:
+def trained_inputs(ctx: StageContext) -> dict[tuple[str, str], str]:
+    """(modality, sha256 of the bytes) -> key, for every input of the run outside its val and test splits (what
+    distill and the phase may train on: train, pool, augmented copies)."""
+    out: dict[tuple[str, str], str] = {}
+    for modality, rec, _ext, data, _ in read_labelled(ctx.input_dir("pseudo_label"), arrays=False):
+        if data and rec["split"] not in ("val", "test"):
+            out.setdefault((modality, hashlib.sha256(data).hexdigest()), rec["key"])
+    return out
+
+
+def label_source(ctx: StageContext, src, index: int, adapters: dict, teachers: dict,
+                 trained: dict | None = None) -> Path:
     """Label one evaluate source with its modality's teacher, once: RUN/evaluate/sets/<name>/ holds
-    shards/<modality>/labelled.tar in pseudo_label's format (no media) and done.json. Rank 0 only."""
+    shards/<modality>/labelled.tar in pseudo_label's format (no media) and done.json. Rank 0 only.
+    trained: trained_inputs(ctx); an input with the bytes of one of them is refused (it is not held out)."""
     name = source_name(src, index)
     out = ctx.dir / "sets" / _SAFE.sub("_", name)
     if (out / "done.json").is_file():
@@ -134,6 +146,11 @@ def label_source(ctx: StageContext, src, index: int, adapters: dict, teachers: d
         adapter, _ = _teacher(ctx, it.modality, adapters, teachers)
         try:
             data = it.data if it.data is not None else Path(it.file).read_bytes()
+            seen = (trained or {}).get((it.modality, hashlib.sha256(data).hexdigest()))
+            if seen is not None:
+                rejects.append({"key": it.key, "reason": f"the same bytes as {seen}, which the students trained on "
+                                                          "(not held out)"})
+                continue
             decoded.setdefault(it.modality, []).append((it, adapter.decode(data, it.ext)))
         except BadInput as e:
             rejects.append({"key": it.key, "reason": e.reason})
@@ -186,9 +203,10 @@ def collect_sets(ctx: StageContext, adapters: dict, teachers: dict) -> dict[str,
             raise UserError(f"evaluate.sources: the name {n!r} is taken (the run's splits / the sweep); rename it")
     if len(set(names)) != len(names):
         raise UserError(f"evaluate.sources: names must differ, got {', '.join(names)}")
-    if ctx.dist.is_main:
+    if ctx.dist.is_main and cfg.sources:
+        trained = trained_inputs(ctx)
         for i, src in enumerate(cfg.sources):
-            label_source(ctx, src, i, adapters, teachers)
+            label_source(ctx, src, i, adapters, teachers, trained)
     distributed.barrier()
     sets = {sp: _items(read_labelled(ctx.input_dir("pseudo_label"), splits=(sp,))) for sp in cfg.splits}
     for i, src in enumerate(cfg.sources):

@@ -385,3 +385,28 @@ def test_a_shard_set_with_txt_references_is_scored(tiny_run):
     preds = [json.loads(x) for x in (d / "shards/evaluate/predictions.jsonl").read_text().splitlines()]
     assert sorted(p["reference"] for p in preds if p["set"] == "calls") == ["goodbye now", "please hold",
                                                                             "the line is busy"]
+
+
+def test_an_evaluate_source_never_holds_an_input_the_students_trained_on(tiny_run, tmp_path):
+    """A held-out set with the bytes of a train input refuses it (named in rejects.jsonl); a test input's pass."""
+    import shutil
+
+    from stages.pseudo_label import read_labelled
+
+    media = {}
+    for modality, rec, ext, data, _ in read_labelled(tiny_run / "run" / "pseudo_label", ["audio"], arrays=False):
+        media.setdefault(rec["split"], (rec["key"], ext, data))
+    held = tmp_path / "held"
+    held.mkdir()
+    for split in ("train", "test"):
+        key, ext, data = media[split]
+        (held / f"copy_of_{split}.{ext}").write_bytes(data)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    cli("run", tiny_run / "tiny.yaml", "--run-dir", run,
+        f"evaluate.sources=[{{modality: audio, dir: {held}, name: held}}]", check=True)
+    done = json.loads((run / "evaluate/sets/held/done.json").read_text())
+    assert done["labelled"] == {"audio": 1} and done["rejected"] == 1
+    rejects = [json.loads(line) for line in (run / "evaluate/rejects.jsonl").read_text().splitlines()]
+    mine = [r for r in rejects if r.get("set") == "held"]
+    assert len(mine) == 1 and f"the same bytes as {media['train'][0]}, which the students trained on" in mine[0]["reason"]
