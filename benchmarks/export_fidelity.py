@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def main() -> None:
 
     final = run / a.stage / "final"
     student = load_student(final, "cpu")
-    export = Path(a.export) if a.export else Path(f"/tmp/export_fidelity_{a.stage}")
+    # a fresh export of this run's student unless --export names one (a fixed temp path was reused across runs)
+    export = Path(a.export) if a.export else Path(tempfile.mkdtemp(prefix=f"export_fidelity_{a.stage}_")) / "export"
     if not (export / "config.json").is_file():
         teacher_cfg = acfg.teacher
         export_student(final, export, to_plain(dec), {"audio": to_plain(acfg)},

@@ -176,7 +176,8 @@ def test_no_speech_row_is_fitted_to_the_teachers_probabilities():
     full[7] = true_row
     target = torch.softmax(hidden @ full.T, -1)[:, 7]
     row, stats = fit_no_speech_row(hidden, emb, 7, target, steps=600)
-    assert stats["windows"] == 200 and stats["mae_after"] < 0.01 < stats["mae_before"]
+    assert stats["windows"] == 200 and stats["log_loss_after"] < stats["log_loss_before"]
+    assert abs(stats["mean_after"] - stats["teacher_mean"]) < 0.01 < abs(stats["mean_before"] - stats["teacher_mean"])
     full[7] = row
     np.testing.assert_allclose(torch.softmax(hidden @ full.T, -1)[:, 7], target, atol=0.03)
     assert torch.equal(emb[:7], full[:7]) and torch.equal(emb[8:], full[8:])
@@ -197,7 +198,7 @@ def test_export_fits_the_no_speech_row_on_the_runs_train_clips(cross_run, tmp_pa
     out = tmp_path / "export"
     cli("export", cross_run, "--out", out, check=True)
     card = (out / "README.md").read_text()
-    m = re.search(r"fitted to the teacher's no-speech probabilities of (\d+) train clips: mean absolute "
-                  r"difference ([0-9]+(?:\.[0-9]+)?) -> ([0-9]+(?:\.[0-9]+)?)", card)
+    m = re.search(r"fitted to the teacher's no-speech probabilities of (\d+) train clips: log loss "
+                  r"([0-9]+(?:\.[0-9]+)?) -> ([0-9]+(?:\.[0-9]+)?)", card)
     assert m, card
     assert int(m.group(1)) == kept > 0 and float(m.group(3)) <= float(m.group(2))

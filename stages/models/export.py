@@ -177,7 +177,8 @@ def fit_no_speech_row(hidden: torch.Tensor, emb: torch.Tensor, no_speech: int, t
     openai-whisper's transcribe reads it: it drops a segment whose no-speech probability is over 0.6 while its
     mean log-prob is under -1. Left as trained, the row says "no speech" on clips the teacher transcribed.
     The row is never an input and is suppressed in decoding, so nothing else changes.
-    hidden [N, d], emb [V, d], target [N] in [0, 1] -> (row [d], {"mae_before", "mae_after", "windows"})."""
+    hidden [N, d], emb [V, d], target [N] in [0, 1] -> (row [d], {"windows", the teacher's mean probability,
+    the student's before and after, the log loss against the teacher's before and after})."""
     hidden, emb, target = hidden.float(), emb.float(), target.float()
     others = torch.ones(emb.shape[0], dtype=torch.bool)
     others[no_speech] = False
@@ -196,9 +197,12 @@ def fit_no_speech_row(hidden: torch.Tensor, emb: torch.Tensor, no_speech: int, t
         opt.step()
     row = row.detach()
     with torch.no_grad():
-        stats = {"windows": int(hidden.shape[0]),
-                 "mae_before": round(float((prob(row0) - target).abs().mean()), 4),
-                 "mae_after": round(float((prob(row) - target).abs().mean()), 4)}
+        def log_loss(r):
+            return round(float(F.binary_cross_entropy_with_logits(hidden @ r - log_z, target)), 4)
+
+        stats = {"windows": int(hidden.shape[0]), "teacher_mean": round(float(target.mean()), 4),
+                 "mean_before": round(float(prob(row0).mean()), 4), "mean_after": round(float(prob(row).mean()), 4),
+                 "log_loss_before": log_loss(row0), "log_loss_after": log_loss(row)}
     return row, stats
 
 
@@ -325,8 +329,9 @@ def model_card(run: Path | None, stage: str, student, exported_whisper: bool, fi
                   "temperature=0, without_timestamps=True)`.", "",
                   ("The `<|nospeech|>` output row (which transcribe reads to drop silent segments; the student "
                    "never trains it) was fitted to the teacher's no-speech probabilities of "
-                   f"{no_speech_fit['windows']} train clips: mean absolute difference "
-                   f"{no_speech_fit['mae_before']} -> {no_speech_fit['mae_after']}." if no_speech_fit else
+                   f"{no_speech_fit['windows']} train clips: log loss {no_speech_fit['log_loss_before']} -> "
+                   f"{no_speech_fit['log_loss_after']}; mean probability {no_speech_fit['mean_before']} -> "
+                   f"{no_speech_fit['mean_after']} (the teacher's {no_speech_fit['teacher_mean']})." if no_speech_fit else
                    "The `<|nospeech|>` output row is as trained (no train clips to fit it on): with openai-whisper, "
                    "pass `no_speech_threshold=None`."), "",
                   "The student was trained on the teacher's encoding of each clip (chunk) followed by the encoding "
