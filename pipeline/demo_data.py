@@ -433,12 +433,13 @@ def _copy_copyright(root: Path, package: str, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def _stamps_from(root: Path, demo: Path, exclude_images, t0: float, debs: list[Path]) -> dict:
+def _stamps_from(root: Path, demo: Path, exclude_images, debs: list[Path]) -> dict:
     """demo/stamps from the unpacked tuxpaint-stamps-default and openclipart-png under root, leaving out every stamp
     with the pixels of an evaluation image (exclude_images), of a demo drawing, or of a reserved openclipart
     drawing; its marker written last. Returns the marker's summary."""
     from modalities.image_match import PixelIndex
 
+    t0 = time.monotonic()
     indexes, missing = [], []
     for label, folder in [(f"evaluation images in {d}", Path(d)) for d in exclude_images] + \
             [("the demo's drawings", demo / "images")]:
@@ -454,10 +455,14 @@ def _stamps_from(root: Path, demo: Path, exclude_images, t0: float, debs: list[P
     summary = {**record, "reserved_not_converted": unconverted, "not_found": missing,
                "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
     atomic_write_json(demo / STAMPS / MARKER, summary)
-    print(f"  {demo / STAMPS}: {record['train']} training stamp-caption pairs + captions.jsonl (Tux Paint's English "
-          "descriptions); left out: " + "; ".join(f"{n} {why}" for why, n in record["excluded"].items())
-          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in missing))
     return summary
+
+
+def _stamps_line(demo: Path, summary: dict) -> str:
+    return (f"  {demo / STAMPS}: {summary['train']} training stamp-caption pairs + captions.jsonl (Tux Paint's "
+            "English descriptions); left out: " + "; ".join(f"{n} {why}" for why, n in summary["excluded"].items())
+            + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there"
+                      for d in summary["not_found"]))
 
 
 def prepare_stamps(demo: Path, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,)) -> dict:
@@ -466,7 +471,6 @@ def prepare_stamps(demo: Path, exclude_images: list[Path] | tuple = (SHARED_DRAW
     marker = Path(demo) / STAMPS / MARKER
     if marker.is_file():
         return json.loads(marker.read_text())
-    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="groundgan-stamps-") as tmp:
         tmp = Path(tmp)
         debs = fetch_packages(STAMP_PACKAGES + IMAGE_PACKAGES, tmp)
@@ -474,7 +478,9 @@ def prepare_stamps(demo: Path, exclude_images: list[Path] | tuple = (SHARED_DRAW
         root.mkdir()
         for deb in debs:
             extract_package(deb, root)
-        return _stamps_from(root, Path(demo), exclude_images, t0, debs)
+        summary = _stamps_from(root, Path(demo), exclude_images, debs)
+    print(_stamps_line(Path(demo), summary))
+    return summary
 
 
 def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,),
@@ -507,8 +513,8 @@ def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[
         n_speech = write_speech(root, out / "speech")
         per_category = write_images(root, out / "images", images_per_category)
         captions = write_captions(root, out / "captions", out / "images", [Path(d) for d in exclude_images])
-        if stamps:
-            _stamps_from(root, out, exclude_images, t0, [d for d in debs if d.name.startswith(STAMP_PACKAGES + IMAGE_PACKAGES)])
+        stamped = _stamps_from(root, out, exclude_images, [d for d in debs if d.name.startswith(
+            STAMP_PACKAGES + IMAGE_PACKAGES)]) if stamps else None
     summary = {"speech": n_speech, "images": sum(per_category.values()), "images_per_category": per_category,
                "captions": {k: captions[k] for k in ("train", "heldout", "excluded")},
                "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
@@ -520,5 +526,6 @@ def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[
           f"  {out / 'captions'}: {captions['train']} training and {captions['heldout']} held-out drawing-caption pairs "
           f"+ captions.jsonl (captions from file names); left out: "
           + "; ".join(f"{n} {why}" for why, n in captions["excluded"].items())
-          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in captions["not_found"]))
+          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in captions["not_found"])
+          + ("\n" + _stamps_line(out, stamped) if stamped else ""))
     return summary

@@ -138,7 +138,8 @@ def test_prepare_demo_end_to_end_on_fake_packages(tmp_path, monkeypatch, capsys)
     assert s["speech"] == 4 and s["images"] == 4 and s["images_per_category"]["animals"] == 2
     assert (out / dd.MARKER).is_file() and (out / "speech/transcripts.jsonl").is_file()
     assert (out / "images/labels.jsonl").is_file()
-    assert "4 clips" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 clips" in printed and "stamps: 1 training stamp-caption pairs" in printed
     assert calls == [dd.SPEECH_PACKAGES + dd.IMAGE_PACKAGES + dd.STAMP_PACKAGES]
     stamps = [json.loads(x) for x in (out / "stamps/captions.jsonl").read_text().splitlines()]
     assert stamps == [{"image": "00000.jpg", "caption": "an owl", "split": "train", "source": "animals/owl.png"}]
@@ -152,6 +153,7 @@ def test_prepare_demo_end_to_end_on_fake_packages(tmp_path, monkeypatch, capsys)
     shutil.rmtree(out / "stamps")
     assert dd.prepare_demo(out, images_per_category=2) == s
     assert calls[1] == dd.STAMP_PACKAGES + dd.IMAGE_PACKAGES and (out / "stamps" / dd.MARKER).is_file()
+    assert "adding" in capsys.readouterr().out
     assert dd.prepare_demo(tmp_path / "plain", images_per_category=2, stamps=False)["images"] == 4
     assert calls[2] == dd.SPEECH_PACKAGES + dd.IMAGE_PACKAGES and not (tmp_path / "plain/stamps").exists()
     # the folders load as ingest folder sources
