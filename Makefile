@@ -23,7 +23,7 @@ demo-data: $(STAMP)
 # saved fit while its recipe hash (the recipe, the fit's code, the towers, every file of the pairs) is the same:
 # a change in any of them refits it.
 demo-teacher: demo-data
-	$(BIN)/groundgan teacher fit-clip --pairs $(DEMO_DATA)/captions --extra-pairs $(DEMO_DATA)/stamps --out $(DEMO_TEACHER) --reuse
+	$(BIN)/groundgan teacher fit-clip --pairs $(DEMO_DATA)/captions --out $(DEMO_TEACHER) --reuse
 
 demo: demo-teacher
 	$(BIN)/groundgan run configs/demo.yaml
