@@ -19,13 +19,11 @@ $(STAMP): pyproject.toml
 demo-data: $(STAMP)
 	$(BIN)/groundgan data demo --out $(DEMO_DATA)
 
-# The demo's image teacher, fitted offline on the demo's caption source (docs/clip-teacher.md); a fit newer than
-# the demo data is reused.
+# The demo's image teacher, fitted offline on the demo's caption sources (docs/clip-teacher.md). --reuse keeps the
+# saved fit while its recipe hash (the recipe, the fit's code, the towers, every file of the pairs) is the same:
+# a change in any of them refits it.
 demo-teacher: demo-data
-	$(MAKE) --no-print-directory $(DEMO_TEACHER)/fit.json
-
-$(DEMO_TEACHER)/fit.json: $(DEMO_DATA)/.complete
-	$(BIN)/groundgan teacher fit-clip --pairs $(DEMO_DATA)/captions --out $(DEMO_TEACHER)
+	$(BIN)/groundgan teacher fit-clip --pairs $(DEMO_DATA)/captions --out $(DEMO_TEACHER) --reuse
 
 demo: demo-teacher
 	$(BIN)/groundgan run configs/demo.yaml

@@ -356,23 +356,96 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
 
 
+# the code whose change makes a saved fit stale (recipe_hash), in CODE_DIR
+CODE_FILES = ("clip_fit.py", "clip_pairs.py", "image_match.py")
+CODE_DIR = Path(__file__).resolve().parent
+
+
+def _tree_digest(h, folder: Path) -> None:
+    """Every file under folder (or the file itself), in name order: its relative name and its bytes."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() if p != folder else p.name.encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+
+
+def recipe_hash(source: Path, cfg: ClipFitConfig, manifest: str = "captions.jsonl", extra_sources: tuple = (),
+                exclude_images: tuple = ()) -> str:
+    """The sha256 of everything a fit's weights depend on: the recipe (cfg, the manifest's name), the fit's code
+    (CODE_FILES), the towers' weight files, and the bytes of every file of the caption sources and of the folders of
+    images to leave out. fit.json records it; `fit_clip(..., reuse=True)` keeps a saved fit whose hash is this."""
+    import hashlib
+
+    from modalities.image import _efficientnet_lite0_file, _sha256_file_cached
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": asdict(cfg), "manifest": manifest}, sort_keys=True).encode())
+    for name in CODE_FILES:
+        h.update(name.encode() + b"\0" + (CODE_DIR / name).read_bytes())
+    towers = [text_tower_folder(cfg.text_tower) / n for n in ("model.safetensors", "pytorch_model.bin")]
+    if cfg.image_tower == OFFLINE_EFFICIENTNET:
+        towers.append(_efficientnet_lite0_file())
+    for f in towers:
+        if Path(f).is_file():
+            h.update(_sha256_file_cached(str(f)).encode())
+    for label, folders in (("source", [source, *extra_sources]), ("exclude", exclude_images)):
+        for folder in folders:
+            h.update(f"{label}:{Path(folder).name}".encode())
+            _tree_digest(h, Path(folder))
+    return h.hexdigest()
+
+
+def current_fit(out: Path, digest: str) -> Optional[dict]:
+    """The fit.json record of the saved fit in out when its recipe_hash is digest (and its weights are there),
+    else None."""
+    try:
+        record = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("recipe_hash") == digest and (Path(out) / WEIGHTS_FILE).is_file()
+    return record if ok else None
+
+
+def read_sources(source: Path, manifest: str, cfg: ClipFitConfig, extra_sources: tuple = ()) -> tuple[list, list]:
+    """The pairs of the caption source (its held-out pairs the fit's figures), then those of each extra source:
+    training pairs only (an extra source's held-out pairs are left out, never trained on or scored). Returns
+    (pairs, [{source, pairs, heldout_left_out} of each extra source])."""
+    from modalities.clip_pairs import read_pairs
+
+    pairs = read_pairs(Path(source), manifest, cfg.heldout_fraction)
+    extras = []
+    for extra in extra_sources:
+        more = read_pairs(Path(extra), manifest, 0.0)
+        train = [p for p in more if p.split == "train"]
+        extras.append({"source": str(Path(extra).resolve()), "pairs": len(train),
+                       "heldout_left_out": len(more) - len(train)})
+        pairs += train
+    return pairs, extras
+
+
 def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "captions.jsonl",
-             cache_dir: Optional[Path] = None, exclude_images: tuple = ()) -> dict:
-    """Fit the projections on source's training pairs, score the held-out ones, write the folder `out`
-    (replaced whole, atomically). Returns the fit.json record."""
+             cache_dir: Optional[Path] = None, exclude_images: tuple = (), extra_sources: tuple = (),
+             reuse: bool = False) -> dict:
+    """Fit the projections on the training pairs of source and extra_sources (training pairs only), score source's
+    held-out ones, write the folder `out` (replaced whole, atomically). Returns the fit.json record.
+    reuse: where out holds a fit of the same recipe_hash, return its record (with "reused": True) and fit nothing."""
     import torch
     import torch.nn.functional as F
     from open_clip import ClipLoss
     from safetensors.torch import save_file
 
-    from modalities.clip_pairs import read_pairs
     from pipeline.files import atomic_write_json
 
     t_start = time.monotonic()
     _validate(cfg)
     out = Path(out).resolve()
-    pairs = read_pairs(Path(source), manifest, cfg.heldout_fraction)
+    pairs, extras = read_sources(Path(source), manifest, cfg, tuple(extra_sources))
     text_folder = text_tower_folder(cfg.text_tower)
+    digest = recipe_hash(Path(source), cfg, manifest, tuple(extra_sources), tuple(exclude_images))
+    if reuse and (record := current_fit(out, digest)) is not None:
+        return {**record, "reused": True}
 
     indexes = _evaluation_indexes(exclude_images)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -504,12 +577,19 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         oc_cfg["model_cfg"]["text_cfg"]["hf_model_name"] = str(out)
         (staging / CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2))
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
-        source_record = Path(source) / "exclusions.json"
+        def source_exclusions(folder: Path):
+            f = Path(folder) / "exclusions.json"
+            return json.loads(f.read_text()) if f.is_file() else None
+
+        for extra in extras:
+            extra["source_exclusions"] = source_exclusions(Path(extra["source"]))
         record = {
             "source": str(Path(source).resolve()), "manifest": manifest,
             "pairs": len(pairs), "train": len(train), "heldout": len(held),
             "excluded": excluded,
-            "source_exclusions": json.loads(source_record.read_text()) if source_record.is_file() else None,
+            "source_exclusions": source_exclusions(Path(source)),
+            "extra_sources": extras,  # training pairs only
+            "recipe_hash": digest,  # recipe, code, towers and sources: what fit_clip(reuse=True) compares
             "towers": provenance, "config": asdict(cfg),
             "features_computed": computed,  # the rest came from the cache
             "selected": best, "zero_shot_by_template": by_template, "curve": curve,

@@ -125,7 +125,7 @@ def cmd_data(a) -> int:
 
     if a.what != "demo":
         raise UserError(f"unknown data set {a.what!r}; available: demo")
-    prepare_demo(Path(a.out))
+    prepare_demo(Path(a.out), stamps=not a.no_stamps)
     return 0
 
 
@@ -148,8 +148,14 @@ def cmd_teacher(a) -> int:
     out = Path(a.out)
     rec = fit_clip(Path(a.pairs), out, cfg, manifest=a.manifest,
                    cache_dir=Path(a.cache_dir) if a.cache_dir else out.parent / ".clip_fit_cache",
-                   exclude_images=tuple(Path(d) for d in a.exclude_images))
+                   exclude_images=tuple(Path(d) for d in a.exclude_images),
+                   extra_sources=tuple(Path(d) for d in a.extra_pairs), reuse=a.reuse)
     sel = rec["selected"]
+    if rec.get("reused"):
+        print(f"CLIP-style teacher in {out} is up to date (recipe {rec['recipe_hash'][:12]}: the same recipe, code, "
+              f"towers and pairs): step {sel['step']}, held-out image->text R@1 {sel['i2t_r1']:.3f}"
+              + (f", zero-shot {sel['zero_shot']:.3f}" if "zero_shot" in sel else ""))
+        return 0
     print(f"CLIP-style teacher in {out} ({rec['seconds']['total']} s: features {rec['seconds']['features']} s, "
           f"training {rec['seconds']['train']} s): {rec['train']} training pairs, {rec['heldout']} held out; "
           f"step {sel['step']}: held-out image->text R@1 {sel['i2t_r1']:.3f} R@5 {sel['i2t_r5']:.3f}, "
@@ -220,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="prepare data sets")
     d.add_argument("what", help="demo: real speech and drawings from Debian packages")
     d.add_argument("--out", default="data/demo")
+    d.add_argument("--no-stamps", action="store_true", help="without OUT/stamps (Tux Paint's stamps: extra training "
+                                                            "pairs for the CLIP-style teacher)")
     d.set_defaults(fn=cmd_data)
 
     t = sub.add_parser("teacher", help="build a teacher: fit-clip (a CLIP-style model by locked-image tuning)")
@@ -229,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="the folder to write (open_clip local-dir format)")
     t.add_argument("--manifest", default="captions.jsonl", help="the JSONL in --pairs")
     t.add_argument("--cache-dir", help="frozen tower features (default: .clip_fit_cache beside --out)")
+    t.add_argument("--extra-pairs", action="append", default=[], metavar="DIR",
+                   help="another caption source (same layout as --pairs) whose pairs are trained on, never held out "
+                        "(repeatable)")
+    t.add_argument("--reuse", action="store_true",
+                   help="keep the fit in --out when its recipe hash (recipe, code, towers, pairs) is this one's")
     t.add_argument("--exclude-images", action="append", default=[], metavar="DIR",
                    help="leave out every pair whose image has the pixels of one in DIR (repeatable)")
     t.add_argument("--image-tower")

@@ -15,7 +15,13 @@ that ingest's folder sources read.
                                                 drawings (those carry `category` where their top folder is one of
                                                 the ten), `train` for the rest; exclusions.json says what was left
                                                 out and why
-    DIR/.complete                               written last: a run that finds it does nothing
+    DIR/stamps/<nnnnn>.jpg + captions.jsonl     {"image", "caption", "split": "train", "source"}: Tux Paint's stamps
+                                                (tuxpaint-stamps-default, GPL-2: COPYRIGHT), each
+                                                captioned by its English description: extra training pairs for
+                                                fit-clip (--extra-pairs), never a stamp with the pixels of an
+                                                evaluation image, a demo drawing or a reserved openclipart drawing
+                                                (exclusions.json); DIR/stamps/.complete its own marker
+    DIR/.complete                               written last: a run that finds it does nothing (but add stamps/)
 
 Reserved drawings: those whose package-relative path (e.g. `animals/birds/dove_symbol_01.png`, relative to
 usr/share/openclipart/png) has a sha256 hex digest starting with 0 or 1, about an eighth. They are kept for
@@ -334,6 +340,92 @@ def write_captions(root: Path, out: Path, demo_images: Path | None, exclude_dirs
     return record
 
 
+# -------------------------------------------------------------------------------------------- stamps
+STAMP_PACKAGES = ("tuxpaint-stamps-default",)
+STAMPS_ROOT = "usr/share/tuxpaint/stamps"
+STAMPS = "stamps"  # DIR/stamps: the extra caption source
+
+
+def caption_from_stamp(text: str) -> str:
+    """A Tux Paint stamp's description file -> its English caption: the first line, without the closing full
+    stop, the first letter lower case unless the second is upper case too ("A frog." -> "a frog")."""
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    line = " ".join(line.rstrip(".").split())
+    if len(line) > 1 and not line[1].isupper():
+        line = line[0].lower() + line[1:]
+    return line
+
+
+def reserved_index(root: Path) -> tuple["PixelIndex", int]:
+    """Unpacked openclipart-png under root -> (a PixelIndex of every reserved drawing (is_reserved) that converts,
+    how many reserved files did not convert)."""
+    from modalities.image_match import PixelIndex, fingerprint
+
+    png_root = root / PNG_ROOT
+    if not png_root.is_dir():
+        raise UserError(f"{PNG_ROOT} not found in the unpacked {IMAGE_PACKAGES[0]} package")
+    index, failed = PixelIndex(), 0
+    for png in sorted(png_root.rglob("*.png")):
+        rel = png.relative_to(png_root).as_posix()
+        if not png.is_file() or not is_reserved(rel):
+            continue
+        try:
+            index.add_fingerprint(rel, fingerprint(_flatten(png.read_bytes())))
+        except Exception:  # damaged or too large: the caption source has no pair of it either
+            failed += 1
+    return index, failed
+
+
+def write_stamps(root: Path, out: Path, indexes: list) -> dict:
+    """Unpacked tuxpaint-stamps-default under root -> out/<nnnnn>.jpg + out/captions.jsonl + out/exclusions.json:
+    every PNG stamp with an English description (its .txt beside it), captioned by its first line
+    (caption_from_stamp), JPEG on white at most MAX_SIDE px as the caption source's drawings are; split `train`
+    (a source of extra training pairs: the held-out pairs stay the openclipart caption source's).
+
+    indexes: [(label, PixelIndex)] of images no teacher may train on (evaluation drawings, the demo's drawings,
+    openclipart's reserved drawings); a stamp with the pixels of one of them is left out under that label.
+    Returns the exclusions.json record."""
+    from collections import Counter
+
+    from modalities.image_match import fingerprint
+
+    stamps = root / STAMPS_ROOT
+    if not stamps.is_dir():
+        raise UserError(f"{STAMPS_ROOT} not found in the unpacked {STAMP_PACKAGES[0]} package")
+    excluded: Counter = Counter()
+    rows = []
+    for png in sorted(stamps.rglob("*.png")):
+        if not png.is_file():
+            continue
+        txt = png.with_suffix(".txt")
+        caption = caption_from_stamp(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else ""
+        if not caption:
+            excluded["no English description (mirrored copies of another stamp)"] += 1
+            continue
+        try:
+            rgb = _flatten(png.read_bytes())
+        except Exception:
+            excluded["does not convert"] += 1
+            continue
+        fp = fingerprint(rgb)
+        hit = next((label for label, index in indexes if index.find(fp=fp) is not None), None)
+        if hit:
+            excluded[f"same pixels as {hit}"] += 1
+            continue
+        name = f"{len(rows):05d}.jpg"
+        atomic_write_bytes(out / name, _jpeg(rgb))
+        rows.append({"image": name, "caption": caption, "split": "train",
+                     "source": png.relative_to(stamps).as_posix()})
+    if not rows:
+        raise UserError(f"no stamp with an English description under {stamps}")
+    record = {"train": len(rows), "heldout": 0, "excluded": dict(sorted(excluded.items())),
+              "matched_against": {label: len(index) for label, index in indexes}}
+    _copy_copyright(root, STAMP_PACKAGES[0], out)
+    atomic_write_text(out / CAPTIONS_MANIFEST, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out / EXCLUSIONS, record)
+    return record
+
+
 def _copy_copyright(root: Path, package: str, out: Path) -> None:
     src = root / "usr/share/doc" / package / "copyright"
     if src.is_file():
@@ -341,10 +433,62 @@ def _copy_copyright(root: Path, package: str, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,)) -> dict:
+def _stamps_from(root: Path, demo: Path, exclude_images, debs: list[Path]) -> dict:
+    """demo/stamps from the unpacked tuxpaint-stamps-default and openclipart-png under root, leaving out every stamp
+    with the pixels of an evaluation image (exclude_images), of a demo drawing, or of a reserved openclipart
+    drawing; its marker written last. Returns the marker's summary."""
+    from modalities.image_match import PixelIndex
+
+    t0 = time.monotonic()
+    indexes, missing = [], []
+    for label, folder in [(f"evaluation images in {d}", Path(d)) for d in exclude_images] + \
+            [("the demo's drawings", demo / "images")]:
+        if not folder.is_dir():
+            missing.append(str(folder))
+            continue
+        index = PixelIndex()
+        index.add_folder(folder)
+        indexes.append((label, index))
+    reserved, unconverted = reserved_index(root)
+    indexes.append((f"{IMAGE_PACKAGES[0]}'s reserved drawings", reserved))
+    record = write_stamps(root, demo / STAMPS, indexes)
+    summary = {**record, "reserved_not_converted": unconverted, "not_found": missing,
+               "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
+    atomic_write_json(demo / STAMPS / MARKER, summary)
+    return summary
+
+
+def _stamps_line(demo: Path, summary: dict) -> str:
+    return (f"  {demo / STAMPS}: {summary['train']} training stamp-caption pairs + captions.jsonl (Tux Paint's "
+            "English descriptions); left out: " + "; ".join(f"{n} {why}" for why, n in summary["excluded"].items())
+            + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there"
+                      for d in summary["not_found"]))
+
+
+def prepare_stamps(demo: Path, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,)) -> dict:
+    """demo/stamps (the extra caption source) beside complete demo data, fetching its packages; idempotent (its
+    marker). Returns the marker's summary."""
+    marker = Path(demo) / STAMPS / MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    with tempfile.TemporaryDirectory(prefix="groundgan-stamps-") as tmp:
+        tmp = Path(tmp)
+        debs = fetch_packages(STAMP_PACKAGES + IMAGE_PACKAGES, tmp)
+        root = tmp / "root"
+        root.mkdir()
+        for deb in debs:
+            extract_package(deb, root)
+        summary = _stamps_from(root, Path(demo), exclude_images, debs)
+    print(_stamps_line(Path(demo), summary))
+    return summary
+
+
+def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,),
+                 stamps: bool = True) -> dict:
     """Fetch, unpack and lay out the demo data under out (see the module docstring); the caption source leaves
-    out every image in exclude_images (folders of evaluation images) and the demo's own drawings. Idempotent: a
-    complete folder (its marker present) is left as it is. Returns the summary that the marker holds."""
+    out every image in exclude_images (folders of evaluation images) and the demo's own drawings; with stamps,
+    also out/stamps (Tux Paint's stamps: extra training pairs). Idempotent: a complete folder (its marker present)
+    is left as it is (stamps are added to one without them). Returns the summary that the marker holds."""
     out = Path(out)
     marker = out / MARKER
     if marker.is_file():
@@ -354,11 +498,14 @@ def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[
         if "captions" not in summary:
             print(f"  it predates the caption source ({out / 'captions'}) and the reserved drawings: delete {marker} "
                   "to rebuild it (its drawings change)")
+        elif stamps and not (out / STAMPS / MARKER).is_file():
+            print(f"demo data: adding {out / STAMPS}")
+            prepare_stamps(out, exclude_images)
         return summary
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="groundgan-demo-") as tmp:
         tmp = Path(tmp)
-        debs = fetch_packages(SPEECH_PACKAGES + IMAGE_PACKAGES, tmp)
+        debs = fetch_packages(SPEECH_PACKAGES + IMAGE_PACKAGES + (STAMP_PACKAGES if stamps else ()), tmp)
         root = tmp / "root"
         root.mkdir()
         for deb in debs:
@@ -366,6 +513,8 @@ def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[
         n_speech = write_speech(root, out / "speech")
         per_category = write_images(root, out / "images", images_per_category)
         captions = write_captions(root, out / "captions", out / "images", [Path(d) for d in exclude_images])
+        stamped = _stamps_from(root, out, exclude_images, [d for d in debs if d.name.startswith(
+            STAMP_PACKAGES + IMAGE_PACKAGES)]) if stamps else None
     summary = {"speech": n_speech, "images": sum(per_category.values()), "images_per_category": per_category,
                "captions": {k: captions[k] for k in ("train", "heldout", "excluded")},
                "packages": [d.name for d in debs], "seconds": round(time.monotonic() - t0, 1)}
@@ -377,5 +526,6 @@ def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[
           f"  {out / 'captions'}: {captions['train']} training and {captions['heldout']} held-out drawing-caption pairs "
           f"+ captions.jsonl (captions from file names); left out: "
           + "; ".join(f"{n} {why}" for why, n in captions["excluded"].items())
-          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in captions["not_found"]))
+          + "".join(f"\n  warning: no evaluation images at {d}, so none were matched there" for d in captions["not_found"])
+          + ("\n" + _stamps_line(out, stamped) if stamped else ""))
     return summary

@@ -266,3 +266,73 @@ def test_an_mlp_head_and_caption_phrasings_save_a_model_plain_open_clip_builds(f
         fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_proj="conv"))
     with pytest.raises(UserError, match="must contain {caption}"):
         fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", caption_augment=["a drawing"]))
+
+
+def test_a_saved_fit_is_reused_only_while_recipe_code_towers_and_pairs_are_the_same(fitted, tmp_path, monkeypatch):
+    """fit.json's recipe_hash: `fit-clip --reuse` (what `make demo` runs) keeps the saved fit while nothing it was
+    made from changed, and refits after a change in the recipe, the fit's code or the pairs."""
+    import modalities.clip_fit as cf
+
+    tmp, _ = fitted
+    src = tmp_path / "src"
+    shutil.copytree(tmp / "src", src)
+    cfg = small_cfg(tmp / "tower", steps=5, eval_every=5)
+    out = tmp_path / "t"
+    first = fit_clip(src, out, cfg, cache_dir=tmp / "cache", reuse=True)
+    assert "reused" not in first and first["recipe_hash"] == cf.recipe_hash(src, cfg)
+    weights_mtime = (out / WEIGHTS_FILE).stat().st_mtime_ns
+    again = fit_clip(src, out, cfg, cache_dir=tmp / "cache", reuse=True)
+    assert again["reused"] and again["selected"] == first["selected"]
+    assert (out / WEIGHTS_FILE).stat().st_mtime_ns == weights_mtime  # nothing was written
+    assert not fit_clip(src, out, cfg, cache_dir=tmp / "cache").get("reused")  # without reuse it fits
+
+    changed = {"recipe": cf.recipe_hash(src, small_cfg(tmp / "tower", steps=6, eval_every=5))}
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in cf.CODE_FILES:
+        shutil.copyfile(cf.CODE_DIR / name, code / name)
+    monkeypatch.setattr(cf, "CODE_DIR", code)
+    assert cf.recipe_hash(src, cfg) == first["recipe_hash"]  # the same code elsewhere: the same hash
+    (code / "clip_fit.py").write_text((code / "clip_fit.py").read_text() + "\n# a change\n")
+    changed["code"] = cf.recipe_hash(src, cfg)
+    monkeypatch.undo()
+    lines = (src / "captions.jsonl").read_text().splitlines()
+    (src / "captions.jsonl").write_text("\n".join([lines[0].replace("circle", "ring")] + lines[1:]) + "\n")
+    changed["pairs"] = cf.recipe_hash(src, cfg)
+    assert len({first["recipe_hash"], *changed.values()}) == 4, changed
+    refit = fit_clip(src, out, cfg, cache_dir=tmp / "cache", reuse=True)
+    assert "reused" not in refit and refit["recipe_hash"] == changed["pairs"]
+    assert (out / WEIGHTS_FILE).stat().st_mtime_ns != weights_mtime
+
+    # the CLI: a second run with the same arguments says the fit is up to date and fits nothing
+    args = ["teacher", "fit-clip", "--pairs", src, "--out", tmp_path / "cli", "--cache-dir", tmp / "cache",
+            "--image-tower", IMAGE_TOWER, "--text-tower", tmp / "tower", "--image-size", "32", "--steps", "5",
+            "--batch-size", "32", "--select-by", "retrieval", "--caption-template", "{caption}", "--reuse"]
+    r1, r2 = cli(*args, check=True), cli(*args, check=True)
+    assert "held-out image->text R@1" in r1.stdout and "up to date" not in r1.stdout
+    assert "is up to date" in r2.stdout and "recipe " + json.loads(
+        (tmp_path / "cli" / MANIFEST_FILE).read_text())["recipe_hash"][:12] in r2.stdout
+
+
+def test_extra_pairs_are_trained_on_and_never_held_out(fitted, tmp_path):
+    tmp, _ = fitted
+    extra = tmp_path / "extra"
+    rows = write_shapes_source(extra, per_kind=2, heldout_per_kind=1, seed=1)
+    cfg = small_cfg(tmp / "tower", steps=5, eval_every=5)
+    rec = fit_clip(tmp / "src", tmp_path / "t", cfg, cache_dir=tmp / "cache", extra_sources=(extra,))
+    n_train = sum(r["split"] == "train" for r in rows)
+    assert rec["train"] == 72 + n_train and rec["heldout"] == 24 and rec["selected"]["pool"] == 24
+    assert rec["extra_sources"] == [{"source": str(extra.resolve()), "pairs": n_train,
+                                     "heldout_left_out": len(rows) - n_train, "source_exclusions": None}]
+    assert rec["features_computed"]["image"] == n_train  # its held-out images are never even read
+    assert rec["recipe_hash"] != fit_clip(tmp / "src", tmp_path / "u", cfg, cache_dir=tmp / "cache")["recipe_hash"]
+
+
+def test_make_demo_refits_the_teacher_by_its_recipe_hash_not_by_file_times():
+    """`make demo` runs fit-clip --reuse every time (the recipe hash decides), never behind a rule that a fit newer
+    than the data satisfies, so a change in the fit's recipe or code refits the demo's teacher."""
+    make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    recipe = make.split("\ndemo-teacher:", 1)[1].split("\n\n", 1)[0]
+    fit = [line for line in recipe.splitlines() if "teacher fit-clip" in line]
+    assert len(fit) == 1 and "--reuse" in fit[0].split()
+    assert "fit.json:" not in make  # no file-time rule for the fit

@@ -127,3 +127,57 @@ def test_pixel_index_matches_copies_not_neighbours():
     assert index.find(Image.open(buf)) == "d7"
     assert index.find(drawing(99, (900, 600))) is None
     assert index.find(drawing(7, (900, 600)).resize((900, 900))) is None  # another aspect ratio is another picture
+
+
+def test_caption_from_stamp():
+    assert dd.caption_from_stamp("A frog.\nfr.utf8=Une grenouille.\n") == "a frog"
+    assert dd.caption_from_stamp("\n  An albino peahen (a female peafowl, or peacock).  \n") == \
+        "an albino peahen (a female peafowl, or peacock)"
+    assert dd.caption_from_stamp("UFO landing.") == "UFO landing"  # an acronym keeps its capitals
+    assert dd.caption_from_stamp("") == ""
+
+
+def test_stamps_leave_out_evaluation_demo_and_reserved_pixels(tmp_path):
+    """Tux Paint's stamps as extra training pairs: captioned by their English description; every stamp with the
+    pixels of an evaluation image, a demo drawing or a reserved openclipart drawing (matched from the package's own
+    reserved files, whatever the caption source kept of them) is left out under that reason."""
+    root = tmp_path / "root"
+    art = root / dd.PNG_ROOT / "food"
+    art.mkdir(parents=True)
+    (art / "cake_01.png").write_bytes(png(drawing(2)))   # reserved
+    (art / "apple_01.png").write_bytes(png(drawing(8)))  # not reserved: a stamp may share its pixels
+    stamps = root / dd.STAMPS_ROOT
+    for rel, seed, text in (("animals/birds/crow", 1, "A crow.\nfr.utf8=Un corbeau.\n"),
+                            ("vehicles/ufo", 3, "UFO landing.\n"),
+                            ("food/apple", 8, "An apple."),
+                            ("food/cake", 2, "A cake."),                # a reserved openclipart drawing
+                            ("hobbies/hammer", 4, "A hammer."),         # one of the demo's drawings
+                            ("household/stapler", 5, "A stapler."),     # in the evaluation set
+                            ("animals/birds/crow_mirror", 9, None)):    # no description: a mirrored copy
+        (stamps / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stamps / f"{rel}.png").write_bytes(png(drawing(seed, (600, 400) if seed == 5 else (120, 80))))
+        if text is not None:
+            (stamps / f"{rel}.txt").write_text(text)
+    (stamps / "food/broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (stamps / "food/broken.txt").write_text("Bread.")
+    demo, evaluation = PixelIndex(), PixelIndex()
+    flat_jpeg(drawing(4), tmp_path / "demo" / "tools_0000.jpg")
+    flat_jpeg(drawing(5, (600, 400)), tmp_path / "shared" / "office_0003.jpg")
+    demo.add_folder(tmp_path / "demo")
+    evaluation.add_folder(tmp_path / "shared")
+    reserved, unconverted = dd.reserved_index(root)
+    assert reserved.names == ["food/cake_01.png"] and unconverted == 0
+    rec = dd.write_stamps(root, tmp_path / "stamps", [("evaluation images", evaluation), ("the demo's drawings", demo),
+                                                      ("reserved drawings", reserved)])
+    rows = [json.loads(x) for x in (tmp_path / "stamps" / dd.CAPTIONS_MANIFEST).read_text().splitlines()]
+    assert [(r["source"], r["caption"], r["split"]) for r in rows] == [
+        ("animals/birds/crow.png", "a crow", "train"), ("food/apple.png", "an apple", "train"),
+        ("vehicles/ufo.png", "UFO landing", "train")]
+    assert rec["excluded"] == {"no English description (mirrored copies of another stamp)": 1, "does not convert": 1,
+                               "same pixels as reserved drawings": 1, "same pixels as the demo's drawings": 1,
+                               "same pixels as evaluation images": 1}
+    assert rec["train"] == 3 and rec["heldout"] == 0
+    assert json.loads((tmp_path / "stamps" / dd.EXCLUSIONS).read_text()) == rec
+    for r in rows:
+        im = Image.open(tmp_path / "stamps" / r["image"])
+        assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) <= dd.MAX_SIDE

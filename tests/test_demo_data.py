@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def fake_tree(root: Path, drawings_per_folder: int = 3) -> None:
             (art / folder / f"happy_dog_{folder.split('/')[-1]}_{i:02d}.png").write_bytes(png((600, 300)))
     (art / "food" / "broken_bread.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (art / "food" / "small_pear.png").write_bytes(png((40, 20), "RGB", (0, 128, 0)))
+    stamps = root / "usr/share/tuxpaint/stamps/animals"
+    stamps.mkdir(parents=True)
+    (stamps / "owl.png").write_bytes(png((90, 60), "RGB", (40, 40, 200)))
+    (stamps / "owl.txt").write_text("An owl.\nfr.utf8=Un hibou.\n")
+    (stamps / "dog.png").write_bytes(png((600, 300)))  # the pixels of the demo's drawings
+    (stamps / "dog.txt").write_text("A dog.")
+    (root / "usr/share/doc/tuxpaint-stamps-default").mkdir(parents=True)
+    (root / "usr/share/doc/tuxpaint-stamps-default/copyright").write_text("GPL-2")
 
 
 def test_parse_transcripts():
@@ -129,10 +138,24 @@ def test_prepare_demo_end_to_end_on_fake_packages(tmp_path, monkeypatch, capsys)
     assert s["speech"] == 4 and s["images"] == 4 and s["images_per_category"]["animals"] == 2
     assert (out / dd.MARKER).is_file() and (out / "speech/transcripts.jsonl").is_file()
     assert (out / "images/labels.jsonl").is_file()
-    assert "4 clips" in capsys.readouterr().out
-    # a second run finds the marker and does nothing
+    printed = capsys.readouterr().out
+    assert "4 clips" in printed and "stamps: 1 training stamp-caption pairs" in printed
+    assert calls == [dd.SPEECH_PACKAGES + dd.IMAGE_PACKAGES + dd.STAMP_PACKAGES]
+    stamps = [json.loads(x) for x in (out / "stamps/captions.jsonl").read_text().splitlines()]
+    assert stamps == [{"image": "00000.jpg", "caption": "an owl", "split": "train", "source": "animals/owl.png"}]
+    marker = json.loads((out / "stamps" / dd.MARKER).read_text())
+    assert marker["excluded"] == {"same pixels as the demo's drawings": 1}
+    assert (out / "stamps/COPYRIGHT").read_text() == "GPL-2"
+    # a second run finds the markers and does nothing
     assert dd.prepare_demo(out, images_per_category=2) == s
     assert len(calls) == 1 and "already complete" in capsys.readouterr().out
+    # demo data made without stamps gets them added, from their packages alone, and keeps its marker
+    shutil.rmtree(out / "stamps")
+    assert dd.prepare_demo(out, images_per_category=2) == s
+    assert calls[1] == dd.STAMP_PACKAGES + dd.IMAGE_PACKAGES and (out / "stamps" / dd.MARKER).is_file()
+    assert "adding" in capsys.readouterr().out
+    assert dd.prepare_demo(tmp_path / "plain", images_per_category=2, stamps=False)["images"] == 4
+    assert calls[2] == dd.SPEECH_PACKAGES + dd.IMAGE_PACKAGES and not (tmp_path / "plain/stamps").exists()
     # the folders load as ingest folder sources
     from pipeline.config import load_config
 
