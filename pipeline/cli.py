@@ -125,7 +125,7 @@ def cmd_data(a) -> int:
 
     if a.what != "demo":
         raise UserError(f"unknown data set {a.what!r}; available: demo")
-    prepare_demo(Path(a.out), stamps=not a.no_stamps)
+    prepare_demo(Path(a.out), stamps=a.stamps)
     return 0
 
 
@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="prepare data sets")
     d.add_argument("what", help="demo: real speech and drawings from Debian packages")
     d.add_argument("--out", default="data/demo")
-    d.add_argument("--no-stamps", action="store_true", help="without OUT/stamps (Tux Paint's stamps: extra training "
-                                                            "pairs for the CLIP-style teacher)")
+    d.add_argument("--stamps", action="store_true", help="also OUT/stamps (Tux Paint's stamps: extra training pairs "
+                                                        "for the CLIP-style teacher; the demo's fit does not use them)")
     d.set_defaults(fn=cmd_data)
 
     t = sub.add_parser("teacher", help="build a teacher: fit-clip (a CLIP-style model by locked-image tuning)")

@@ -484,7 +484,7 @@ def prepare_stamps(demo: Path, exclude_images: list[Path] | tuple = (SHARED_DRAW
 
 
 def prepare_demo(out: Path, images_per_category: int = 50, exclude_images: list[Path] | tuple = (SHARED_DRAWINGS,),
-                 stamps: bool = True) -> dict:
+                 stamps: bool = False) -> dict:
     """Fetch, unpack and lay out the demo data under out (see the module docstring); the caption source leaves
     out every image in exclude_images (folders of evaluation images) and the demo's own drawings; with stamps,
     also out/stamps (Tux Paint's stamps: extra training pairs). Idempotent: a complete folder (its marker present)

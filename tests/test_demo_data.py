@@ -134,7 +134,7 @@ def test_prepare_demo_end_to_end_on_fake_packages(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(dd, "fetch_packages", fake_fetch)
     monkeypatch.setattr(dd, "extract_package", fake_extract)
     out = tmp_path / "demo"
-    s = dd.prepare_demo(out, images_per_category=2)
+    s = dd.prepare_demo(out, images_per_category=2, stamps=True)
     assert s["speech"] == 4 and s["images"] == 4 and s["images_per_category"]["animals"] == 2
     assert (out / dd.MARKER).is_file() and (out / "speech/transcripts.jsonl").is_file()
     assert (out / "images/labels.jsonl").is_file()
@@ -147,11 +147,11 @@ def test_prepare_demo_end_to_end_on_fake_packages(tmp_path, monkeypatch, capsys)
     assert marker["excluded"] == {"same pixels as the demo's drawings": 1}
     assert (out / "stamps/COPYRIGHT").read_text() == "GPL-2"
     # a second run finds the markers and does nothing
-    assert dd.prepare_demo(out, images_per_category=2) == s
+    assert dd.prepare_demo(out, images_per_category=2, stamps=True) == s
     assert len(calls) == 1 and "already complete" in capsys.readouterr().out
     # demo data made without stamps gets them added, from their packages alone, and keeps its marker
     shutil.rmtree(out / "stamps")
-    assert dd.prepare_demo(out, images_per_category=2) == s
+    assert dd.prepare_demo(out, images_per_category=2, stamps=True) == s
     assert calls[1] == dd.STAMP_PACKAGES + dd.IMAGE_PACKAGES and (out / "stamps" / dd.MARKER).is_file()
     assert "adding" in capsys.readouterr().out
     assert dd.prepare_demo(tmp_path / "plain", images_per_category=2, stamps=False)["images"] == 4
