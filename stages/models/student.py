@@ -274,6 +274,20 @@ class Student(nn.Module):
         # (zeros there instead put the copied decoder off its training distribution: it loops). Not trained.
         self.register_buffer("source_pad", None, persistent=False)
         self._tokenizer: TextTokenizer | None = None
+        # distill.student.freeze_embeddings: the text rows of the (tied) embedding get no update
+        # (freeze_text_rows); the output layer then computes no gradient for them
+        self.text_rows_frozen = False
+
+    def freeze_text_rows(self) -> None:
+        """The text rows of the token embedding stay as they are: their gradient is zeroed (a hook; the
+        modality-marker rows after them still learn), and where the output layer is tied to the embedding (it
+        reads only text rows) it does not compute that gradient at all."""
+        emb = self.lm.get_input_embeddings().weight
+        keep = torch.zeros(emb.shape[0], 1, device=emb.device)
+        keep[self.spec.text_vocab:] = 1.0
+        emb.register_hook(lambda g: g * keep)
+        out = self.lm.get_output_embeddings()
+        self.text_rows_frozen = out is not None and out.weight is emb  # tied: the hook zeroes the head's part too
 
     # ---------------------------------------------------------------------------------------------- basics
     @property
@@ -361,6 +375,60 @@ class Student(nn.Module):
             kv.append((k.view(shape).transpose(1, 2).contiguous(), v.view(shape).transpose(1, 2).contiguous()))
         return EncoderDecoderCache(DynamicCache(), DynamicCache(kv))
 
+    def _silence_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cross-attention keys and values of source_pad (the teacher's encoding of 30 s of silence), per
+        decoder layer, each [heads, source_frames, head_dim]: the same tensors for every row and every call, so
+        they are computed once per weights version (each key: the weights' storage and torch's in-place
+        version counter, which an optimiser step or a load bumps) and kept. For decoding (no gradient)."""
+        layers = self.lm.model.decoder.layers
+        ws = [t for layer in layers for t in (layer.encoder_attn.k_proj.weight, layer.encoder_attn.k_proj.bias,
+                                               layer.encoder_attn.v_proj.weight, layer.encoder_attn.v_proj.bias)
+              if t is not None] + [self.source_pad]
+        key = tuple((t.data_ptr(), t._version, t.device.type) for t in ws)
+        hit = self.__dict__.get("_silence_cache")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        pad = self.source_pad.to(self.text_state.dtype)
+        kv = []
+        with torch.no_grad():
+            for layer in layers:
+                a = layer.encoder_attn
+                kv.append(tuple(p(pad).view(-1, a.num_heads, a.head_dim).transpose(0, 1).contiguous()
+                                for p in (a.k_proj, a.v_proj)))
+        self.__dict__["_silence_cache"] = (key, kv)
+        return kv
+
+    @torch.no_grad()
+    def cross_kv(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None,
+                 batch: int) -> list[tuple]:
+        """cross_attention, for decoding: what each decoder layer's cross-attention reads, as (keys [b, heads,
+        T, head_dim], values, tail keys [heads, n - T, head_dim] | None, tail values): the rows' own frames
+        (_encoder_states' `states`) and the frames T..n that every row shares, unexpanded. Where the tail is
+        the teacher's encoding of silence, its keys and values come from _silence_kv (computed once per
+        weights version), else they are projected here, once for the batch."""
+        f, fm = _as_batch(features, feature_mask)
+        if f is not None:
+            f = f.to(self.device)
+            fm = fm.to(self.device)
+        states, tail = self._encoder_states(modality, f, fm, batch)
+        t = states.shape[1]
+        n = self.spec.source_frames
+        silence = (self._silence_kv() if tail is not None and modality in self.spec.direct
+                   and self.source_pad is not None and self.source_pad.shape[0] == n else None)
+        out = []
+        for i, layer in enumerate(self.lm.model.decoder.layers):
+            a = layer.encoder_attn
+            rows = [p(states).view(states.shape[0], -1, a.num_heads, a.head_dim).transpose(1, 2)
+                    for p in (a.k_proj, a.v_proj)]
+            if tail is None:
+                shared = [None, None]
+            elif silence is not None:
+                shared = [s[:, t:] for s in silence[i]]
+            else:
+                shared = [p(tail).view(-1, a.num_heads, a.head_dim).transpose(0, 1) for p in (a.k_proj, a.v_proj)]
+            out.append((rows[0], rows[1], shared[0], shared[1]))
+        return out
+
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 modality: str | Sequence[str] = "text", features: Any = None,
@@ -411,7 +479,10 @@ class Student(nn.Module):
         out = self.lm.get_output_embeddings()
         v = self.spec.text_vocab
         bias = out.bias[:v] if getattr(out, "bias", None) is not None else None
-        return F.linear(hidden, out.weight[:v], bias)
+        w = out.weight[:v]
+        if self.text_rows_frozen:  # their gradient would be zeroed: not computing it is the same step, cheaper
+            w = w.detach()
+        return F.linear(hidden, w, bias)
 
     def _decoder(self) -> nn.Module:
         """The LM without its output layer (hidden states out)."""
