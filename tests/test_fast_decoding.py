@@ -166,3 +166,32 @@ def test_a_frozen_output_layer_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_shared_tail_forward_equals_the_full_cross_attention(direct):
+    """Student.hidden reads the tail's keys and values shared (_shared_tail_attention); the expanded cache it
+    replaced (_cross_cache, still the reference decoder's) gives the same states and the same gradients."""
+    from stages.models.student import _pad_rows
+
+    s = _student(direct=direct).train()  # dropout 0: train mode with gradients, as distill's step
+    f, fm = _pad_rows(_features(4))
+    ids = torch.randint(100, 112, (4, 6))
+    ids[:, 0] = s.spec.bos_id
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    out = []
+    for use_cache in (False, True):  # False: the shared tail; True: the cache of the full sequence
+        s.zero_grad()
+        h, _ = s._run(ids, mask, "audio", f, fm, cache=None, use_cache=use_cache)
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        out.append((h.detach(), {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert out[0][1].keys() == out[1][1].keys()
+    for n in out[0][1]:
+        assert torch.allclose(out[0][1][n], out[1][1][n], atol=1e-4), n
+    with torch.no_grad():  # no gradient: the silence tail's keys and values come from the cache
+        a = s.eval()._run(ids, mask, "audio", f, fm, cache=None, use_cache=False)[0]
+    assert torch.allclose(a, out[1][0], atol=1e-5)
+    assert not hasattr(s.lm.model.decoder.layers[0].encoder_attn, "forward") or \
+        "forward" not in vars(s.lm.model.decoder.layers[0].encoder_attn)  # the patch is gone

@@ -360,6 +360,48 @@ class Student(nn.Module):
         states = proj(torch.where(feature_mask.unsqueeze(-1), x, pad[:t].unsqueeze(0)))
         return states, (proj(pad[t:]) if t < n else None)
 
+    @contextmanager
+    def _shared_tail_attention(self, modality: str, states: torch.Tensor, tail: torch.Tensor):
+        """Within it, each decoder layer's cross-attention reads [states | tail] as transformers' would from the
+        full sequence [b, n, d] (to float noise), without building it: the rows' keys and values from
+        `states`, the tail's projected once and shared by every row (generation._attend; gradients flow into
+        both). Where the projections need no gradient (no_grad, or a frozen body) and the tail is the
+        teacher's silence, the tail's keys and values are _silence_kv's. The cross-attention has no dropout
+        of its own (config.attention_dropout 0), so a training forward draws the same dropout masks."""
+        from stages.models.generation import _attend
+
+        layers = list(self.lm.model.decoder.layers)
+        t, n = states.shape[1], self.spec.source_frames
+        frozen = not torch.is_grad_enabled() or not any(
+            p.requires_grad for layer in layers for p in (layer.encoder_attn.k_proj.weight,
+                                                          layer.encoder_attn.v_proj.weight))
+        silence = (self._silence_kv() if frozen and modality in self.spec.direct and self.source_pad is not None
+                   and self.source_pad.shape[0] == n else None)
+
+        def patched(i, a):
+            def forward(hidden_states, key_value_states=None, past_key_values=None, attention_mask=None, **kw):
+                b, l, d = hidden_states.shape
+                heads = lambda x: x.view(x.shape[0], -1, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
+                if silence is not None:
+                    kt, vt = (x[:, t:] for x in silence[i])
+                else:
+                    kt, vt = (p(tail).view(-1, a.num_heads, a.head_dim).transpose(0, 1) for p in (a.k_proj, a.v_proj))
+                q = heads(a.q_proj(hidden_states) * a.scaling)
+                out = _attend(q, heads(a.k_proj(states)), heads(a.v_proj(states)), kt, vt)
+                return a.out_proj(out.transpose(1, 2).reshape(b, l, d)), None
+            return forward
+
+        attns = [layer.encoder_attn for layer in layers]
+        for i, a in enumerate(attns):
+            if getattr(a, "dropout", 0.0) and a.training:
+                raise RuntimeError("a cross-attention with dropout of its own: _shared_tail_attention would skip it")
+            a.forward = patched(i, a)
+        try:
+            yield
+        finally:
+            for a in attns:
+                del a.forward
+
     def _cross_cache(self, states: torch.Tensor, tail: torch.Tensor):
         """An EncoderDecoderCache whose cross-attention keys and values are those of [states | tail] per row
         (tail's projected once, then broadcast): what the decoder would compute from the full sequence."""
@@ -506,6 +548,9 @@ class Student(nn.Module):
                 mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
                 if tail is None:
                     out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=use_cache)
+                elif not use_cache:  # every row's frames, then the tail's keys and values shared, unexpanded
+                    with self._shared_tail_attention(modality, states, tail):
+                        out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=False)
                 else:  # the decoder reads the cross-attention keys and values from the cache (it must use one)
                     out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
                               past_key_values=self._cross_cache(states, tail), use_cache=True)
