@@ -10,8 +10,10 @@ the three places the graph decodes (the cached decoder against the reference loo
                 clips' pieces at T = 0 (with the fallback) and at T = 1
 
     distill step  one step of stages/distill.py's loop on train batches (distill.batch_size), two copies of the
-                student from the same weights: before, the text rows' gradient computed in full by the tied
-                output layer and zeroed by the hook; now, not computed (Student.freeze_text_rows)
+                student from the same weights: before, the cross-attention over every row's full 1500 frames
+                (student.expanded_cross_attention) and the text rows' gradient computed in full by the tied
+                output layer and zeroed by the hook; now, the silence tail shared (Student._shared_tail_attention)
+                and that gradient not computed (Student.freeze_text_rows)
 
 The reference is the decoding of the code before the cached decoder (generation.reference_decoding:
 transformers' decoder step by step, every row of a group to the end of the longest, the silence tail's keys and
@@ -27,6 +29,7 @@ RUN: a run whose pseudo_label and distill stages are done (the demo's). Figures:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -51,12 +54,12 @@ def _timed(fn):
 
 def distill_steps(run: Path, stage: str, train: list, root, steps: int) -> dict:
     """distill's step with the text rows' gradient computed and zeroed (before) and not computed (now), on the
-    same batches from the same weights, alternating step by step; the losses of the two must be equal."""
+    same batches from the same weights, alternating step by step; the losses must agree to float noise."""
     import numpy as np
 
     from stages.distill import _kd_positions, _param_groups, target_positions, token_losses
     from stages.models.labelled_data import collate
-    from stages.models.student import load_student
+    from stages.models.student import expanded_cross_attention, load_student
 
     cfg = root.distill
     arms = {}
@@ -80,10 +83,12 @@ def distill_steps(run: Path, stage: str, train: list, root, steps: int) -> dict:
         n_kd = sum(_kd_positions(e) for e in exs)
         for name, (s, opt) in arms.items():
             torch.manual_seed(1)  # the same dropout masks in both arms
+            ctx = expanded_cross_attention() if name == "before" else contextlib.nullcontext()
             t = time.perf_counter()
             batch = collate(exs, s.spec.bos_id, s.spec.eot_id, "cpu")
-            logits = s(batch.input_ids, batch.attention_mask, batch.modality, batch.features,
-                       keep=target_positions(batch))
+            with ctx:
+                logits = s(batch.input_ids, batch.attention_mask, batch.modality, batch.features,
+                           keep=target_positions(batch))
             st = token_losses(logits, batch, cfg.kd_temperature, True)
             loss = st["ce"] / n_targets + cfg.kd_weight * st["kd"] / max(1, n_kd)
             loss.backward()

@@ -181,7 +181,7 @@ def test_the_shared_tail_forward_equals_the_full_cross_attention(direct):
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
     out = []
-    for use_cache in (False, True):  # False: the shared tail; True: the cache of the full sequence
+    for use_cache in (False, True):  # False: the shared tail; True: the cache of the full sequence (the old path)
         s.zero_grad()
         h, _ = s._run(ids, mask, "audio", f, fm, cache=None, use_cache=use_cache)
         (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
@@ -195,3 +195,17 @@ def test_the_shared_tail_forward_equals_the_full_cross_attention(direct):
     assert torch.allclose(a, out[1][0], atol=1e-5)
     assert not hasattr(s.lm.model.decoder.layers[0].encoder_attn, "forward") or \
         "forward" not in vars(s.lm.model.decoder.layers[0].encoder_attn)  # the patch is gone
+
+
+def test_expanded_cross_attention_is_the_old_forward():
+    from stages.models.student import expanded_cross_attention
+
+    s = _student()
+    feats = _features(3)
+    ids = torch.randint(100, 112, (3, 5))
+    ids[:, 0] = s.spec.bos_id
+    with torch.no_grad():
+        now = s(ids, None, "audio", feats)
+        with expanded_cross_attention():
+            before = s(ids, None, "audio", feats)
+    assert torch.allclose(now, before, atol=1e-4)

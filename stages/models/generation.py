@@ -211,6 +211,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_tail: torch.Ten
         return torch.softmax(s, dim=-1) @ v
     b, h, l, d = q.shape
     n = k_tail.shape[1]
+    k_tail, v_tail = k_tail.to(q.dtype), v_tail.to(q.dtype)
     qh = q.transpose(0, 1).reshape(h, b * l, d)
     s2 = (qh @ k_tail.transpose(-1, -2)).view(h, b, l, n).transpose(0, 1)
     p = torch.softmax(torch.cat([s, s2], dim=-1), dim=-1)

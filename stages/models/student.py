@@ -432,7 +432,9 @@ class Student(nn.Module):
             return hit[1]
         pad = self.source_pad.to(self.text_state.dtype)
         kv = []
-        with torch.no_grad():
+        # float32 whatever autocast a first caller runs under (the phase samples under bf16 on a GPU, val checks
+        # decode without autocast): _attend casts them to the queries' dtype
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             for layer in layers:
                 a = layer.encoder_attn
                 kv.append(tuple(p(pad).view(-1, a.num_heads, a.head_dim).transpose(0, 1).contiguous()
@@ -548,7 +550,7 @@ class Student(nn.Module):
                 mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
                 if tail is None:
                     out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=use_cache)
-                elif not use_cache:  # every row's frames, then the tail's keys and values shared, unexpanded
+                elif not use_cache and not _EXPANDED[-1]:  # the rows' frames, then the tail's keys and values shared
                     with self._shared_tail_attention(modality, states, tail):
                         out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=False)
                 else:  # the decoder reads the cross-attention keys and values from the cache (it must use one)
@@ -609,6 +611,20 @@ class Student(nn.Module):
         if self.source_pad is not None:
             sd["source_pad"] = self.source_pad
         return sd
+
+
+_EXPANDED = [False]
+
+
+@contextmanager
+def expanded_cross_attention():
+    """Within it, Student.hidden builds the cross-attention keys and values of every row's full [states | tail]
+    as it did before _shared_tail_attention (_cross_cache): for tests and benchmarks that compare the two."""
+    _EXPANDED.append(True)
+    try:
+        yield
+    finally:
+        _EXPANDED.pop()
 
 
 def _as_batch(features, feature_mask):
