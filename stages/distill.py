@@ -397,10 +397,7 @@ def run(ctx: StageContext) -> dict:
     student.train()
     if scfg.freeze_embeddings:
         # The text rows stay as they were; the marker rows (new) still learn.
-        emb = student.lm.get_input_embeddings().weight
-        keep = torch.zeros(emb.shape[0], 1, device=emb.device)
-        keep[student.spec.text_vocab:] = 1.0
-        emb.register_hook(lambda g: g * keep)
+        student.freeze_text_rows()
     with_kd = cfg.kd_weight > 0 and tokenizer.spec["kind"] == "whisper" and data.counts["kd_examples"] > 0
     model = student
     if dist.world > 1:

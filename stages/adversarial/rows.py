@@ -86,20 +86,32 @@ def input_generator(seed: int, iteration: int, index: int, device) -> torch.Gene
 
 def sample_rows(model: Student, examples: list[Example], per_input: int, generators: Sequence[torch.Generator | None],
                 temperature: float, max_new_tokens: int, device) -> tuple[Rows, list[str]]:
-    """`per_input` samples of `model` about each example, and their texts. Each example is decoded in a call
-    of its own from its own generator, so its rows never depend on which other inputs share the process.
-    Rows come in consecutive groups of per_input; a row's source is its example's index in `examples`."""
-    seqs, texts, mods, feats, src = [], [], [], [], []
-    for i, (e, g) in enumerate(zip(examples, generators)):
-        f = _features(e, device)
-        gen = generate(model, [e.modality] * per_input, [f] * per_input, temperature=temperature,
-                       max_new_tokens=max_new_tokens, generator=g)
-        seqs += [row[:n] for row, n in zip(gen.tokens.tolist(), gen.mask.sum(1).tolist())]
-        texts += gen.texts
+    """`per_input` samples of `model` about each example, and their texts. Every example's rows are decoded in
+    one batch, each example's per_input rows drawing together from its own generator (generate's generator
+    groups: what a call of their own would draw), so its rows never depend on which other inputs share the
+    process. An example without a generator (None: the global RNG) is decoded in a call of its own. Rows come
+    in consecutive groups of per_input; a row's source is its example's index in `examples`."""
+    feats = [_features(e, device) for e in examples]
+    out: dict[int, tuple[list, list]] = {}
+    keyed = [i for i, g in enumerate(generators) if g is not None]
+    calls = ([keyed] if keyed else []) + [[i] for i, g in enumerate(generators) if g is None]
+    for part in calls:
+        rows = [i for i in part for _ in range(per_input)]
+        gens = [generators[i] for i in rows] if generators[part[0]] is not None else None
+        gen = generate(model, [examples[i].modality for i in rows], [feats[i] for i in rows],
+                       temperature=temperature, max_new_tokens=max_new_tokens, generator=gens)
+        toks = [row[:n] for row, n in zip(gen.tokens.tolist(), gen.mask.sum(1).tolist())]
+        for j, i in enumerate(part):
+            sl = slice(j * per_input, (j + 1) * per_input)
+            out[i] = (toks[sl], gen.texts[sl])
+    seqs, texts, mods, fs, src = [], [], [], [], []
+    for i, e in enumerate(examples):
+        seqs += out[i][0]
+        texts += out[i][1]
         mods += [e.modality] * per_input
-        feats += [f] * per_input
+        fs += [feats[i]] * per_input
         src += [i] * per_input
-    return rows_from_tokens(seqs, mods, feats, src, model.spec.bos_id, model.spec.eot_id, device), texts
+    return rows_from_tokens(seqs, mods, fs, src, model.spec.bos_id, model.spec.eot_id, device), texts
 
 
 def real_rows(examples: list[Example], anchored: bool, reference: Student, temperature: float, max_new_tokens: int,

@@ -98,9 +98,13 @@ class Discriminator(nn.Module):
             out = self.head(h).squeeze(-1)[:, 1:]
         if not self.spec.lm_score:
             return out, None
-        # entry t judges token t + 1; the body's prediction of it is read at position t
-        lp = torch.log_softmax(self.body.head(h[:, :-1]).float(), dim=-1)
-        return out, lp.gather(-1, input_ids[:, 1:].clamp(max=lp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        # entry t judges token t + 1; the body's prediction of it is read at position t, at the text's tokens
+        # only (the output layer is vocabulary-wide; a padding position's entry is 0 and never read)
+        keep = attention_mask[:, 1:].bool()
+        lp = torch.zeros(keep.shape, dtype=torch.float32, device=h.device)
+        logp = torch.log_softmax(self.body.head(h[:, :-1][keep]).float(), dim=-1)
+        lp[keep] = logp.gather(-1, input_ids[:, 1:][keep].clamp(max=logp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        return out, lp
 
     def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

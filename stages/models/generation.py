@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -93,10 +94,12 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
     modality: one name or one per row; features: None (rows without features; give `n`), a tensor [B, T, D]
     with feature_mask [B, T], or a list of B tensors [T_i, D] | None; prompt: token ids after bos shared by
     every row (None: just bos); temperature 0 is greedy; top_p < 1 samples from the nucleus; generator: the
-    torch.Generator sampling draws from (on the student's device), or a list of one per row (each row's draws
-    then depend on its own generator alone, whatever else is in the batch). Rows stop at end-of-text.
-    Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the generator's
-    state and its group, never on padding.
+    torch.Generator sampling draws from (on the student's device), or a list of one per row: consecutive rows
+    holding the same generator object draw together, as a call of their own would (the phase's k samples of
+    one input), and their draws then depend on that generator alone, whatever else is in the batch. Rows stop
+    at end-of-text. Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the
+    generator's state and its group, never on padding. A cross_attention student decodes with
+    _decode_group_cached (reference_decoding(): the loop it replaced).
     """
     student = getattr(student, "module", student)
     dev = student.device
@@ -147,7 +150,157 @@ def _group_features(features, feature_mask, rows, idx, dev):
     return f, (feature_mask[idx].to(dev) if feature_mask is not None else None)
 
 
+_REFERENCE = [False]
+
+
+@contextmanager
+def reference_decoding():
+    """Within it, `generate` decodes every group the way it did before the cached decoder (_decode_group_reference:
+    transformers' decoder step by step, every row to the end of the longest): for tests and benchmarks that
+    compare the two."""
+    _REFERENCE.append(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.pop()
+
+
 def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+    """One modality's rows: the cached decoder (_decode_group_cached) for a cross_attention student, else the
+    reference loop."""
+    if not _REFERENCE[-1] and student.spec.style == "cross_attention" and hasattr(getattr(student.lm, "model", None),
+                                                                                 "decoder"):
+        return _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator)
+    return _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator)
+
+
+def _generator_groups(generator, b: int) -> list[tuple[int, int, Any]]:
+    """(start, end, generator) of the rows that draw together: consecutive rows holding the same generator
+    object (one generator for all rows: one group)."""
+    if not isinstance(generator, (list, tuple)):
+        return [(0, b, generator)]
+    out: list[tuple[int, int, Any]] = []
+    for i, g in enumerate(generator):
+        if out and out[-1][2] is g:
+            out[-1] = (out[-1][0], i + 1, g)
+        else:
+            out.append((i, i + 1, g))
+    return out
+
+
+def _draw(full_logits: torch.Tensor, done: torch.Tensor, temperature: float, top_p: float, groups) -> torch.Tensor:
+    """Sampled next tokens [b] from logits [b, V] (rows already done: any values): each group of rows
+    (_generator_groups) that still has a live row draws for all its rows in one call from its generator, as a
+    decode of that group alone would, so its stream is consumed the same way whatever else shares the batch."""
+    out = torch.zeros(full_logits.shape[0], dtype=torch.long, device=full_logits.device)
+    for s, e, g in groups:
+        if bool(done[s:e].all()):
+            continue
+        out[s:e] = _pick(full_logits[s:e], temperature, top_p, g)
+    return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_tail: torch.Tensor | None,
+            v_tail: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T + mask) v over the keys [k | k_tail]: q [b, h, l, d] (scaled), k, v [b, h, T, d] per row,
+    k_tail, v_tail [h, N, d] shared by every row (never expanded to b rows). -> [b, h, l, d]."""
+    s = q @ k.transpose(-1, -2)
+    if mask is not None:
+        s = s + mask
+    if k_tail is None:
+        return torch.softmax(s, dim=-1) @ v
+    b, h, l, d = q.shape
+    n = k_tail.shape[1]
+    k_tail, v_tail = k_tail.to(q.dtype), v_tail.to(q.dtype)
+    qh = q.transpose(0, 1).reshape(h, b * l, d)
+    s2 = (qh @ k_tail.transpose(-1, -2)).view(h, b, l, n).transpose(0, 1)
+    p = torch.softmax(torch.cat([s, s2], dim=-1), dim=-1)
+    t = k.shape[2]
+    out = p[..., :t] @ v
+    p2 = p[..., t:].transpose(0, 1).reshape(h, b * l, n)
+    return out + (p2 @ v_tail).view(h, b, l, d).transpose(0, 1)
+
+
+def _layer(layer, x: torch.Tensor, pos: int, self_k: torch.Tensor, self_v: torch.Tensor, cross: tuple,
+           causal: torch.Tensor | None) -> torch.Tensor:
+    """One Whisper decoder layer (transformers' WhisperDecoderLayer in eval mode) on new positions x [b, l, D]
+    starting at `pos`, its self-attention keys and values written into the caches [b, h, L, d] there."""
+    b, l, D = x.shape
+    sa, ca = layer.self_attn, layer.encoder_attn
+    heads = lambda t, a: t.view(b, l, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
+    h = layer.self_attn_layer_norm(x)
+    self_k[:, :, pos: pos + l] = heads(sa.k_proj(h), sa)
+    self_v[:, :, pos: pos + l] = heads(sa.v_proj(h), sa)
+    a = _attend(heads(sa.q_proj(h) * sa.scaling, sa), self_k[:, :, : pos + l], self_v[:, :, : pos + l], None, None,
+                causal)
+    x = x + sa.out_proj(a.transpose(1, 2).reshape(b, l, D))
+    h = layer.encoder_attn_layer_norm(x)
+    a = _attend(heads(ca.q_proj(h) * ca.scaling, ca), *cross)
+    x = x + ca.out_proj(a.transpose(1, 2).reshape(b, l, D))
+    h = layer.final_layer_norm(x)
+    return x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+
+
+def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+    """_decode_group_reference's rows, tokens and log-probs (to float noise) from a decoder loop of its own over
+    the Whisper decoder's weights: the cross-attention keys and values computed once per call (the silence
+    tail's once per weights version, shared by every row: Student.cross_kv), the self-attention's in a
+    preallocated cache, and rows that have ended dropped from the batch. Sampling draws, per generator group,
+    from the same logits shape as the reference loop does, so every random stream is consumed as there."""
+    dev, eot = student.device, student.spec.eot_id
+    toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(toks)
+    lps = torch.zeros(toks.shape, dtype=torch.float32, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    if max_new == 0:
+        return toks[:, :0], mask[:, :0], lps[:, :0], done
+    dec = student.lm.model.decoder
+    cross = student.cross_kv(modality, f, fm, b)
+    ids = torch.tensor([[student.marker_id(modality)] + list(prompt_ids)] * b, dtype=torch.long, device=dev)
+    p0 = ids.shape[1]
+    total = p0 + max_new
+    first = dec.layers[0].self_attn
+    self_k = [torch.zeros(b, first.num_heads, total, first.head_dim, device=dev) for _ in dec.layers]
+    self_v = [torch.zeros_like(k) for k in self_k]
+    pos_emb = dec.embed_positions.weight
+    x = dec.embed_tokens(ids) + pos_emb[:p0].unsqueeze(0)
+    causal = torch.full((p0, p0), float("-inf"), device=dev).triu(1)
+    for i, layer in enumerate(dec.layers):
+        x = _layer(layer, x, 0, self_k[i], self_v[i], cross[i], causal)
+    logits = student.head(dec.layer_norm(x[:, -1]))
+    live = torch.arange(b, device=dev)  # the rows in the compute batch, by their index in the group
+    groups = _generator_groups(generator, b) if temperature > 0 else None
+    V = logits.shape[-1]
+    for t in range(max_new):
+        if temperature > 0:
+            full = logits.new_zeros(b, V) if live.numel() < b else logits
+            if live.numel() < b:
+                full[live] = logits
+            nxt = _draw(full, done, temperature, top_p, groups)[live]
+        else:
+            nxt = logits.argmax(-1)
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        toks[live, t] = nxt
+        mask[live, t] = 1
+        lps[live, t] = lp
+        ended = nxt == eot
+        done[live] = ended
+        if bool(done.all()) or t == max_new - 1:
+            break
+        if bool(ended.any()):  # drop the rows that ended from every cache
+            keep = (~ended).nonzero().squeeze(1)
+            live, nxt = live[keep], nxt[keep]
+            self_k = [k.index_select(0, keep) for k in self_k]
+            self_v = [v.index_select(0, keep) for v in self_v]
+            cross = [(c[0].index_select(0, keep), c[1].index_select(0, keep), c[2], c[3]) for c in cross]
+        x = dec.embed_tokens(nxt.unsqueeze(1)) + pos_emb[p0 + t].view(1, 1, -1)
+        for i, layer in enumerate(dec.layers):
+            x = _layer(layer, x, p0 + t, self_k[i], self_v[i], cross[i], None)
+        logits = student.head(dec.layer_norm(x[:, -1]))
+    return toks, mask, lps, done
+
+
+def _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
     """One modality's rows: prefill the conditioning and the prompt, then one token per step with the cache."""
     dev, eot = student.device, student.spec.eot_id
     toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
@@ -158,8 +311,9 @@ def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, m
         return toks[:, :0], mask[:, :0], lps[:, :0], done
     prompt = torch.tensor([prompt_ids] * b, dtype=torch.long, device=dev)
     logits, cache = student.prefill(prompt, modality, f, fm)
+    groups = _generator_groups(generator, b) if temperature > 0 else None
     for t in range(max_new):
-        nxt = _pick(logits, temperature, top_p, generator)
+        nxt = _draw(logits, done, temperature, top_p, groups) if temperature > 0 else logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         live = ~done

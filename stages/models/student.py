@@ -274,6 +274,20 @@ class Student(nn.Module):
         # (zeros there instead put the copied decoder off its training distribution: it loops). Not trained.
         self.register_buffer("source_pad", None, persistent=False)
         self._tokenizer: TextTokenizer | None = None
+        # distill.student.freeze_embeddings: the text rows of the (tied) embedding get no update
+        # (freeze_text_rows); the output layer then computes no gradient for them
+        self.text_rows_frozen = False
+
+    def freeze_text_rows(self) -> None:
+        """The text rows of the token embedding stay as they are: their gradient is zeroed (a hook; the
+        modality-marker rows after them still learn), and where the output layer is tied to the embedding (it
+        reads only text rows) it does not compute that gradient at all."""
+        emb = self.lm.get_input_embeddings().weight
+        keep = torch.zeros(emb.shape[0], 1, device=emb.device)
+        keep[self.spec.text_vocab:] = 1.0
+        emb.register_hook(lambda g: g * keep)
+        out = self.lm.get_output_embeddings()
+        self.text_rows_frozen = out is not None and out.weight is emb  # tied: the hook zeroes the head's part too
 
     # ---------------------------------------------------------------------------------------------- basics
     @property
@@ -346,6 +360,48 @@ class Student(nn.Module):
         states = proj(torch.where(feature_mask.unsqueeze(-1), x, pad[:t].unsqueeze(0)))
         return states, (proj(pad[t:]) if t < n else None)
 
+    @contextmanager
+    def _shared_tail_attention(self, modality: str, states: torch.Tensor, tail: torch.Tensor):
+        """Within it, each decoder layer's cross-attention reads [states | tail] as transformers' would from the
+        full sequence [b, n, d] (to float noise), without building it: the rows' keys and values from
+        `states`, the tail's projected once and shared by every row (generation._attend; gradients flow into
+        both). Where the projections need no gradient (no_grad, or a frozen body) and the tail is the
+        teacher's silence, the tail's keys and values are _silence_kv's. The cross-attention has no dropout
+        of its own (config.attention_dropout 0), so a training forward draws the same dropout masks."""
+        from stages.models.generation import _attend
+
+        layers = list(self.lm.model.decoder.layers)
+        t, n = states.shape[1], self.spec.source_frames
+        frozen = not torch.is_grad_enabled() or not any(
+            p.requires_grad for layer in layers for p in (layer.encoder_attn.k_proj.weight,
+                                                          layer.encoder_attn.v_proj.weight))
+        silence = (self._silence_kv() if frozen and modality in self.spec.direct and self.source_pad is not None
+                   and self.source_pad.shape[0] == n else None)
+
+        def patched(i, a):
+            def forward(hidden_states, key_value_states=None, past_key_values=None, attention_mask=None, **kw):
+                b, l, d = hidden_states.shape
+                heads = lambda x: x.view(x.shape[0], -1, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
+                if silence is not None:
+                    kt, vt = (x[:, t:] for x in silence[i])
+                else:
+                    kt, vt = (p(tail).view(-1, a.num_heads, a.head_dim).transpose(0, 1) for p in (a.k_proj, a.v_proj))
+                q = heads(a.q_proj(hidden_states) * a.scaling)
+                out = _attend(q, heads(a.k_proj(states)), heads(a.v_proj(states)), kt, vt)
+                return a.out_proj(out.transpose(1, 2).reshape(b, l, d)), None
+            return forward
+
+        attns = [layer.encoder_attn for layer in layers]
+        for i, a in enumerate(attns):
+            if getattr(a, "dropout", 0.0) and a.training:
+                raise RuntimeError("a cross-attention with dropout of its own: _shared_tail_attention would skip it")
+            a.forward = patched(i, a)
+        try:
+            yield
+        finally:
+            for a in attns:
+                del a.forward
+
     def _cross_cache(self, states: torch.Tensor, tail: torch.Tensor):
         """An EncoderDecoderCache whose cross-attention keys and values are those of [states | tail] per row
         (tail's projected once, then broadcast): what the decoder would compute from the full sequence."""
@@ -360,6 +416,62 @@ class Student(nn.Module):
             v = torch.cat([attn.v_proj(states), attn.v_proj(tail).unsqueeze(0).expand(b, -1, -1)], dim=1)
             kv.append((k.view(shape).transpose(1, 2).contiguous(), v.view(shape).transpose(1, 2).contiguous()))
         return EncoderDecoderCache(DynamicCache(), DynamicCache(kv))
+
+    def _silence_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cross-attention keys and values of source_pad (the teacher's encoding of 30 s of silence), per
+        decoder layer, each [heads, source_frames, head_dim]: the same tensors for every row and every call, so
+        they are computed once per weights version (each key: the weights' storage and torch's in-place
+        version counter, which an optimiser step or a load bumps) and kept. For decoding (no gradient)."""
+        layers = self.lm.model.decoder.layers
+        ws = [t for layer in layers for t in (layer.encoder_attn.k_proj.weight, layer.encoder_attn.k_proj.bias,
+                                               layer.encoder_attn.v_proj.weight, layer.encoder_attn.v_proj.bias)
+              if t is not None] + [self.source_pad]
+        key = tuple((t.data_ptr(), t._version, t.device.type) for t in ws)
+        hit = self.__dict__.get("_silence_cache")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        pad = self.source_pad.to(self.text_state.dtype)
+        kv = []
+        # float32 whatever autocast a first caller runs under (the phase samples under bf16 on a GPU, val checks
+        # decode without autocast): _attend casts them to the queries' dtype
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            for layer in layers:
+                a = layer.encoder_attn
+                kv.append(tuple(p(pad).view(-1, a.num_heads, a.head_dim).transpose(0, 1).contiguous()
+                                for p in (a.k_proj, a.v_proj)))
+        self.__dict__["_silence_cache"] = (key, kv)
+        return kv
+
+    @torch.no_grad()
+    def cross_kv(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None,
+                 batch: int) -> list[tuple]:
+        """cross_attention, for decoding: what each decoder layer's cross-attention reads, as (keys [b, heads,
+        T, head_dim], values, tail keys [heads, n - T, head_dim] | None, tail values): the rows' own frames
+        (_encoder_states' `states`) and the frames T..n that every row shares, unexpanded. Where the tail is
+        the teacher's encoding of silence, its keys and values come from _silence_kv (computed once per
+        weights version), else they are projected here, once for the batch."""
+        f, fm = _as_batch(features, feature_mask)
+        if f is not None:
+            f = f.to(self.device)
+            fm = fm.to(self.device)
+        states, tail = self._encoder_states(modality, f, fm, batch)
+        t = states.shape[1]
+        n = self.spec.source_frames
+        silence = (self._silence_kv() if tail is not None and modality in self.spec.direct
+                   and self.source_pad is not None and self.source_pad.shape[0] == n else None)
+        out = []
+        for i, layer in enumerate(self.lm.model.decoder.layers):
+            a = layer.encoder_attn
+            rows = [p(states).view(states.shape[0], -1, a.num_heads, a.head_dim).transpose(1, 2)
+                    for p in (a.k_proj, a.v_proj)]
+            if tail is None:
+                shared = [None, None]
+            elif silence is not None:
+                shared = [s[:, t:] for s in silence[i]]
+            else:
+                shared = [p(tail).view(-1, a.num_heads, a.head_dim).transpose(0, 1) for p in (a.k_proj, a.v_proj)]
+            out.append((rows[0], rows[1], shared[0], shared[1]))
+        return out
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -411,7 +523,10 @@ class Student(nn.Module):
         out = self.lm.get_output_embeddings()
         v = self.spec.text_vocab
         bias = out.bias[:v] if getattr(out, "bias", None) is not None else None
-        return F.linear(hidden, out.weight[:v], bias)
+        w = out.weight[:v]
+        if self.text_rows_frozen:  # their gradient would be zeroed: not computing it is the same step, cheaper
+            w = w.detach()
+        return F.linear(hidden, w, bias)
 
     def _decoder(self) -> nn.Module:
         """The LM without its output layer (hidden states out)."""
@@ -435,6 +550,9 @@ class Student(nn.Module):
                 mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
                 if tail is None:
                     out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=use_cache)
+                elif not use_cache and not _EXPANDED[-1]:  # the rows' frames, then the tail's keys and values shared
+                    with self._shared_tail_attention(modality, states, tail):
+                        out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states, use_cache=False)
                 else:  # the decoder reads the cross-attention keys and values from the cache (it must use one)
                     out = dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
                               past_key_values=self._cross_cache(states, tail), use_cache=True)
@@ -493,6 +611,20 @@ class Student(nn.Module):
         if self.source_pad is not None:
             sd["source_pad"] = self.source_pad
         return sd
+
+
+_EXPANDED = [False]
+
+
+@contextmanager
+def expanded_cross_attention():
+    """Within it, Student.hidden builds the cross-attention keys and values of every row's full [states | tail]
+    as it did before _shared_tail_attention (_cross_cache): for tests and benchmarks that compare the two."""
+    _EXPANDED.append(True)
+    try:
+        yield
+    finally:
+        _EXPANDED.pop()
 
 
 def _as_batch(features, feature_mask):
