@@ -300,16 +300,10 @@ def write_captions(root: Path, out: Path, demo_images: Path | None, exclude_dirs
         if not caption:
             excluded["file name has no words"] += 1
             continue
-        try:
-            rgb = _flatten(png.read_bytes())
-        except Exception:  # damaged, or too large to convert quickly
-            excluded["does not convert"] += 1
+        got = _convert_unseen(png, indexes, excluded)
+        if got is None:
             continue
-        fp = fingerprint(rgb)
-        hit = next((label for label, index in indexes if index.find(fp=fp) is not None), None)
-        if hit:
-            excluded[f"same pixels as {hit}"] += 1
-            continue
+        rgb, fp = got
         kept.append((rel, caption, _jpeg(rgb), fp, is_reserved(rel)))
     heldout = PixelIndex()
     for rel, _, _, fp, reserved in kept:
@@ -376,6 +370,25 @@ def reserved_index(root: Path) -> tuple["PixelIndex", int]:
     return index, failed
 
 
+def _convert_unseen(png: Path, indexes: list, excluded) -> tuple | None:
+    """(the drawing flattened onto white, its pixel fingerprint), or None with the reason counted in `excluded`:
+    it does not convert (damaged, or too large to convert quickly) or has the pixels of an image in one of
+    `indexes` ((label, PixelIndex) pairs)."""
+    from modalities.image_match import fingerprint
+
+    try:
+        rgb = _flatten(png.read_bytes())
+    except Exception:
+        excluded["does not convert"] += 1
+        return None
+    fp = fingerprint(rgb)
+    hit = next((label for label, index in indexes if index.find(fp=fp) is not None), None)
+    if hit:
+        excluded[f"same pixels as {hit}"] += 1
+        return None
+    return rgb, fp
+
+
 def write_stamps(root: Path, out: Path, indexes: list) -> dict:
     """Unpacked tuxpaint-stamps-default under root -> out/<nnnnn>.jpg + out/captions.jsonl + out/exclusions.json:
     every PNG stamp with an English description (its .txt beside it), captioned by its first line
@@ -402,16 +415,10 @@ def write_stamps(root: Path, out: Path, indexes: list) -> dict:
         if not caption:
             excluded["no English description (mirrored copies of another stamp)"] += 1
             continue
-        try:
-            rgb = _flatten(png.read_bytes())
-        except Exception:
-            excluded["does not convert"] += 1
+        got = _convert_unseen(png, indexes, excluded)
+        if got is None:
             continue
-        fp = fingerprint(rgb)
-        hit = next((label for label, index in indexes if index.find(fp=fp) is not None), None)
-        if hit:
-            excluded[f"same pixels as {hit}"] += 1
-            continue
+        rgb, fp = got
         name = f"{len(rows):05d}.jpg"
         atomic_write_bytes(out / name, _jpeg(rgb))
         rows.append({"image": name, "caption": caption, "split": "train",

@@ -248,10 +248,7 @@ def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, t
     preallocated cache, and rows that have ended dropped from the batch. Sampling draws, per generator group,
     from the same logits shape as the reference loop does, so every random stream is consumed as there."""
     dev, eot = student.device, student.spec.eot_id
-    toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
-    mask = torch.zeros_like(toks)
-    lps = torch.zeros(toks.shape, dtype=torch.float32, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    toks, mask, lps, done = _outputs(b, max_new, eot, dev)
     if max_new == 0:
         return toks[:, :0], mask[:, :0], lps[:, :0], done
     dec = student.lm.model.decoder
@@ -300,13 +297,18 @@ def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, t
     return toks, mask, lps, done
 
 
+def _outputs(b: int, max_new: int, eot: int, dev) -> tuple:
+    """A decode's outputs before its first step: tokens (end-of-text), mask, log-probs [b, max(1, max_new)] and
+    which rows are done."""
+    toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
+    return (toks, torch.zeros_like(toks), torch.zeros(toks.shape, dtype=torch.float32, device=dev),
+            torch.zeros(b, dtype=torch.bool, device=dev))
+
+
 def _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
     """One modality's rows: prefill the conditioning and the prompt, then one token per step with the cache."""
     dev, eot = student.device, student.spec.eot_id
-    toks = torch.full((b, max(1, max_new)), eot, dtype=torch.long, device=dev)
-    mask = torch.zeros_like(toks)
-    lps = torch.zeros(toks.shape, dtype=torch.float32, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    toks, mask, lps, done = _outputs(b, max_new, eot, dev)
     if max_new == 0:
         return toks[:, :0], mask[:, :0], lps[:, :0], done
     prompt = torch.tensor([prompt_ids] * b, dtype=torch.long, device=dev)
