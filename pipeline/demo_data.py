@@ -271,7 +271,7 @@ def write_captions(root: Path, out: Path, demo_images: Path | None, exclude_dirs
     Returns the exclusions.json record."""
     from collections import Counter
 
-    from modalities.image_match import PixelIndex, fingerprint
+    from modalities.image_match import PixelIndex
 
     png_root = root / PNG_ROOT
     if not png_root.is_dir():
@@ -399,8 +399,6 @@ def write_stamps(root: Path, out: Path, indexes: list) -> dict:
     openclipart's reserved drawings); a stamp with the pixels of one of them is left out under that label.
     Returns the exclusions.json record."""
     from collections import Counter
-
-    from modalities.image_match import fingerprint
 
     stamps = root / STAMPS_ROOT
     if not stamps.is_dir():

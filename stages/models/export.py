@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
