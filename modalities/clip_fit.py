@@ -55,6 +55,7 @@ MANIFEST_FILE = "fit.json"
 TEXT_TOWER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                     "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 RESIZE_MODES = ("squash", "longest", "shortest")
+VIEWS = ("mirror", "zoom_in", "zoom_out")  # image_augment's views of a drawing (flattened onto white), before preprocess
 CATEGORIES = ["animals", "food", "transportation", "plants", "buildings", "tools", "electronics", "people", "office",
               "recreation"]
 # the five of eight prompts that scored best alone on the demo caption source's held-out pairs (docs/clip-teacher.md)
@@ -78,6 +79,9 @@ class ClipFitConfig:
     caption_template: str = "a drawing of {caption}"  # how a caption is phrased for the text tower (like the prompts)
     caption_augment: List[str] = field(default_factory=list)  # more phrasings of a training caption: each step
                                                               # draws one of these or caption_template per pair
+    image_augment: List[str] = field(default_factory=list)  # more views of a training image (VIEWS: mirror, zoom_in,
+                                                            # zoom_out), their features cached like the image's own;
+                                                            # each step draws the image or one of its views per pair
     steps: int = 400  # optimiser steps
     batch_size: int = 512  # pairs per step (the contrastive negatives)
     lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0
@@ -242,6 +246,25 @@ def _cache_path(cache_dir: Optional[Path], kind: str, recipe: dict) -> Optional[
     return Path(cache_dir) / f"{kind}-{sha256_bytes(json.dumps(recipe, sort_keys=True).encode())[:16]}.npz"
 
 
+def image_view(im, view: str):
+    """One of VIEWS of an RGB image flattened onto white: mirrored left to right; its central 80% (each side);
+    or the image at 80% on a white canvas of its own size."""
+    from PIL import Image as PILImage, ImageOps
+
+    if view == "mirror":
+        return ImageOps.mirror(im)
+    w, h = im.size
+    if view == "zoom_in":
+        dw, dh = round(w * 0.1), round(h * 0.1)
+        return im.crop((dw, dh, w - dw, h - dh)) if w - 2 * dw >= 1 and h - 2 * dh >= 1 else im
+    if view == "zoom_out":
+        canvas = PILImage.new("RGB", (w, h), (255, 255, 255))
+        small = im.resize((max(1, round(w * 0.8)), max(1, round(h * 0.8))), PILImage.BICUBIC)
+        canvas.paste(small, ((w - small.width) // 2, (h - small.height) // 2))
+        return canvas
+    raise ValueError(view)
+
+
 def _add_image_features(cache: FeatureCache, images: dict, model, preprocess) -> None:
     if images:
         for k, f in zip(images, image_features(model, preprocess, list(images.values()))):
@@ -303,8 +326,9 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     decoded only where its features are missing or evaluation images are to be matched (indexes: [(label,
     PixelIndex)]); pairs whose image does not decode or has an evaluation image's pixels are left out.
 
-    Returns (kept pairs, image features [N, D_image], caption features [phrasings, N, D_text] (caption_template's
-    first, then caption_augment's), {reason: pairs left out},
+    Returns (kept pairs, image features [views, N, D_image] (the image's own first, then image_augment's views:
+    only training pairs' views are computed; a held-out pair's rows there repeat its own), caption features
+    [phrasings, N, D_text] (caption_template's first, then caption_augment's), {reason: pairs left out},
     {"image": computed, "text": computed})."""
     import torch
 
@@ -317,6 +341,7 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     for p in pairs:
         data = p.read()
         key = sha256_bytes(data)
+        im = None
         if indexes or key not in icache.rows:
             try:
                 im = decode_image(data, cfg.max_pixels, 1024)
@@ -330,6 +355,16 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
                 continue
             if key not in icache.rows:
                 pending[key] = im
+        if p.split == "train" and cfg.image_augment:
+            views = [f"{key}:{v}" for v in cfg.image_augment if f"{key}:{v}" not in icache.rows]
+            if views:
+                if im is None:
+                    try:
+                        im = decode_image(data, cfg.max_pixels, 1024)
+                    except BadInput as e:  # decoded before when the key was new, so only a changed cache lands here
+                        raise UserError(f"fit-clip: {p.key}: {e.reason}") from None
+                for v in views:
+                    pending[v] = image_view(im, v.rsplit(":", 1)[1])
         kept.append(p)
         image_keys.append(key)
         if len(pending) >= 64:
@@ -351,7 +386,9 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
         for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
             tcache.put(k, f)
     tcache.save()
-    img_f = torch.from_numpy(icache.stack(image_keys)) if kept else torch.zeros(0)
+    views = [image_keys] + [[f"{k}:{v}" if p.split == "train" else k for k, p in zip(image_keys, kept)]
+                            for v in cfg.image_augment]
+    img_f = torch.from_numpy(np.stack([icache.stack(keys) for keys in views])) if kept else torch.zeros(0)
     txt_f = torch.from_numpy(tcache.stack(text_keys)).view(len(phrasings), len(kept), -1) if kept else torch.zeros(0)
     return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
 
@@ -482,7 +519,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
 
         raw_img_f = img_f
         if cfg.standardize:  # per-feature mean and spread of the training images; folded into the projection below
-            mu, sd = img_f[train].mean(0), img_f[train].std(0).clamp(min=1e-6)
+            mu, sd = img_f[0, train].mean(0), img_f[0, train].std(0).clamp(min=1e-6)
             img_f = (img_f - mu) / sd
             if cfg.image_proj == "linear":
                 with torch.no_grad():
@@ -500,8 +537,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         train_t = torch.tensor(train)
         bs = min(cfg.batch_size, len(train))
 
-        def project(idx_img, phrasing=None):
-            fi = F.normalize(model.visual.head(img_f[idx_img]), dim=-1)
+        def project(idx_img, phrasing=None, view=None):
+            fi = F.normalize(model.visual.head(img_f[0 if view is None else view, idx_img]), dim=-1)
             ft = F.normalize(model.text.proj(txt_f[0 if phrasing is None else phrasing, idx_img]), dim=-1)
             return fi, ft
 
@@ -509,7 +546,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             """Held-out zero-shot agreement with the prompt ensemble of these template indices."""
             pe = F.normalize(model.text.proj(prompt_f), dim=-1).view(len(cfg.vocabulary), len(cfg.templates), -1)
             cls = F.normalize(pe[:, templates].mean(1), dim=-1)  # [C, D]
-            zi = F.normalize(model.visual.head(img_f[torch.tensor(zs_rows)]), dim=-1)
+            zi = F.normalize(model.visual.head(img_f[0, torch.tensor(zs_rows)]), dim=-1)
             pred = (zi @ cls.T).argmax(-1).tolist()
             return float(np.mean([cfg.vocabulary[j] == kept[i].category for j, i in zip(pred, zs_rows)]))
 
@@ -538,7 +575,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             idx = perm[pos: pos + bs]
             pos += bs
             model.train()
-            fi, ft = project(idx, torch.randint(len(txt_f), (len(idx),), generator=gen) if len(txt_f) > 1 else None)
+            fi, ft = project(idx, torch.randint(len(txt_f), (len(idx),), generator=gen) if len(txt_f) > 1 else None,
+                             torch.randint(len(img_f), (len(idx),), generator=gen) if len(img_f) > 1 else None)
             loss = loss_fn(fi, ft, model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -616,6 +654,8 @@ def _validate(cfg: ClipFitConfig) -> None:
         raise UserError(f"fit-clip: text_proj must be linear or none, got {cfg.text_proj!r}")
     if cfg.select_by not in ("retrieval", "zero_shot"):
         raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
+    if any(v not in VIEWS for v in cfg.image_augment) or len(set(cfg.image_augment)) < len(cfg.image_augment):
+        raise UserError(f"fit-clip: image_augment takes distinct views of {', '.join(VIEWS)}, got {cfg.image_augment!r}")
     for t in [cfg.caption_template, *cfg.caption_augment]:
         if "{caption}" not in t:
             raise UserError(f"fit-clip: caption_template and caption_augment must contain {{caption}}, got {t!r}")

@@ -145,6 +145,8 @@ def cmd_teacher(a) -> int:
         cfg.templates = list(a.template)
     if a.caption_augment:
         cfg.caption_augment = list(a.caption_augment)
+    if a.image_augment:
+        cfg.image_augment = list(a.image_augment)
     out = Path(a.out)
     rec = fit_clip(Path(a.pairs), out, cfg, manifest=a.manifest,
                    cache_dir=Path(a.cache_dir) if a.cache_dir else out.parent / ".clip_fit_cache",
@@ -259,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--caption-template")
     t.add_argument("--caption-augment", action="append", metavar="TEMPLATE",
                    help="another phrasing of a training caption with {caption}, drawn per pair and step (repeatable)")
+    t.add_argument("--image-augment", action="append", metavar="VIEW",
+                   help="another view of a training image: mirror, zoom_in or zoom_out, drawn per pair and step "
+                        "(repeatable; each view's features are computed once and cached)")
     t.add_argument("--select-by")
     t.add_argument("--seed", type=int)
     t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")
