@@ -314,6 +314,41 @@ def test_a_saved_fit_is_reused_only_while_recipe_code_towers_and_pairs_are_the_s
         (tmp_path / "cli" / MANIFEST_FILE).read_text())["recipe_hash"][:12] in r2.stdout
 
 
+def test_image_augment_caches_each_training_images_views_and_trains_on_them(fitted, tmp_path):
+    """A view's features are the tower's features of that view of the image (cached under the image's hash and
+    the view), computed for training pairs only and once; held-out figures read the images as they are."""
+    from modalities.clip_fit import FeatureCache, _cache_path, image_features, image_view
+    from modalities.image import decode_image
+
+    tmp, base = fitted
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp / "cache", cache)
+    cfg = small_cfg(tmp / "tower", image_augment=["mirror", "zoom_out"])
+    rec = fit_clip(tmp / "src", tmp_path / "aug", cfg, cache_dir=cache)
+    assert rec["features_computed"] == {"image": 2 * 72, "text": 0}  # two views of each training image, no more
+    assert rec["selected"]["pool"] == 24 and rec["selected"] != base["selected"]  # it trained on something else
+    again = fit_clip(tmp / "src", tmp_path / "aug2", cfg, cache_dir=cache)
+    assert again["features_computed"] == {"image": 0, "text": 0} and again["selected"] == rec["selected"]
+    assert rec["recipe_hash"] != base["recipe_hash"]
+
+    model, preprocess, _ = open_local_dir(tmp_path / "aug")
+    pair = next(p for p in read_pairs(tmp / "src") if p.split == "train")
+    im = decode_image(pair.read(), 10**8)
+    (npz,) = cache.glob("image-*.npz")
+    rows = FeatureCache(npz).rows
+    from pipeline.files import sha256_bytes
+    key = sha256_bytes(pair.read())
+    for view in ("mirror", "zoom_out"):
+        want = image_features(model, preprocess, [image_view(im, view)])[0]
+        np.testing.assert_allclose(rows[f"{key}:{view}"], want, atol=1e-5)
+    assert not np.allclose(rows[f"{key}:mirror"], rows[key], atol=1e-3)  # the shapes are not symmetric
+    held = next(p for p in read_pairs(tmp / "src") if p.split == "heldout")
+    assert not [k for k in rows if k.startswith(sha256_bytes(held.read()) + ":")]
+    assert image_view(im, "mirror").transpose(0).tobytes() == im.tobytes()  # FLIP_LEFT_RIGHT undoes it
+    with pytest.raises(UserError, match="image_augment takes distinct views"):
+        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_augment=["rotate"]))
+
+
 def test_extra_pairs_are_trained_on_and_never_held_out(fitted, tmp_path):
     tmp, _ = fitted
     extra = tmp_path / "extra"
