@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from stages.models.generation import generate
 from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
 from stages.models.selection import ConfirmedSelection
 from stages.models.student import (Student, StudentConfig, build_student, build_tokenizer, count_parameters,
-                                   save_student, student_folder, write_student)
+                                   save_student, student_folder, whisper_silence, write_student)
 
 # ------------------------------------------------------------------------------------------------------ config
 # A default of None is the recipe's choice for this run, made when the config loads (validate): the measured
@@ -72,6 +73,10 @@ class DistillConfig:
     # > 0: keep an exponential moving average of the student's weights (decay per step, warmed up as
     # min(decay, (1 + t) / (10 + t))); validation, best/ and final/ use the average, training the raw weights
     ema_decay: float = field(default=0.0, metadata=minimum(0.0))
+    # cross_attention on a Whisper teacher: the share of training steps whose clips are followed by the teacher's
+    # encoding of zero log-mel frames in place of silence (openai-whisper's transcribe pads a clip's log-mel with
+    # zeros; the exported checkpoint then reads both paddings). Drawn per step from the run's seed.
+    zero_pad_share: float = field(default=0.0, metadata=minimum(0.0))
     checkpoint_every: int = field(default=50, metadata=minimum(1))
 
 
@@ -125,6 +130,11 @@ def validate_config(root) -> list[str]:
         raise UserError(f"config: distill.select_by={d.select_by} needs a modality that transcribes (audio)")
     if not d.ema_decay < 1.0:
         raise UserError(f"config: 'distill.ema_decay' must be in [0, 1) (0: off), got {d.ema_decay!r}")
+    if not d.zero_pad_share <= 1.0:
+        raise UserError(f"config: 'distill.zero_pad_share' is a share of steps in [0, 1], got {d.zero_pad_share!r}")
+    if d.zero_pad_share > 0 and (st.style != "cross_attention" or not whisper):
+        raise UserError("config: 'distill.zero_pad_share' pads a Whisper teacher's encoding; it needs "
+                        "distill.student.style=cross_attention and a modality with a Whisper teacher")
     check_inputs(root, "distill")
     return notes
 
@@ -389,6 +399,8 @@ def run(ctx: StageContext) -> dict:
         raise UserError("distill: the pseudo_label stage left no train examples (all filtered or rejected?)")
     teacher_ck, teacher_mod = _whisper_teacher(ctx, data.modalities()) if scfg.style == "cross_attention" else (None, None)
     student = build_student(scfg, data.feature_dims, device, teacher_ck, teacher_mod, cfg.max_text_tokens)
+    zero_pad = (whisper_silence(teacher_ck, zero_mel=True).to(device)
+                if cfg.zero_pad_share > 0 and student.source_pad is not None else None)
     del teacher_ck
     train, long_train = within_context(train, student.spec)
     val, long_val = within_context(val, student.spec)
@@ -472,11 +484,12 @@ def run(ctx: StageContext) -> dict:
         mine = np.array_split(np.arange(len(rows)), dist.world)[dist.rank]
         micro = np.array_split(mine, cfg.grad_accum)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, kd, correct
+        tail = zero_pad if zero_pad is not None and _zero_pad_step(ctx.cfg.root.seed, step, cfg.zero_pad_share) else None
         for j, part in enumerate(micro):
             batch = collate([batch_examples[i] for i in part], student.spec.bos_id, student.spec.eot_id, device)
             sync = (model.no_sync if dist.world > 1 and j < len(micro) - 1 else contextlib.nullcontext)
             with sync():
-                with autocast():
+                with autocast(), student.tail(tail):
                     logits = model(batch.input_ids, batch.attention_mask, batch.modality, batch.features,
                                    keep=target_positions(batch))
                 s = token_losses(logits, batch, cfg.kd_temperature, with_kd)
@@ -542,6 +555,12 @@ def run(ctx: StageContext) -> dict:
     return {"steps": cfg.steps, "train": len(train), "val": len(val), "best_step": int(best["step"] or cfg.steps),
             "best_val_wer": best.get("val_wer"),
             "kd_examples": data.counts["kd_examples"] if with_kd else 0}
+
+
+def _zero_pad_step(seed: int, step: int, share: float) -> bool:
+    """Whether step `step` (0-based) reads the zero log-mel tail: a draw from (seed, step) alone, so a resumed
+    run and every process draw the same."""
+    return share > 0 and random.Random(seed * 1_000_003 + step).random() < share
 
 
 def _val_sample(student: Student, e: Example) -> str:

@@ -247,6 +247,55 @@ def test_cross_attention_student_reads_a_clip_as_the_teacher_labelled_it(tmp_pat
                 assert torch.allclose(ours[i], theirs[:, : ours.shape[-1]], atol=1e-4)
 
 
+def test_zero_pad_tail_reads_a_clip_as_transcribe_pads_it(tmp_path):
+    """Student.tail(the teacher's encoding of zero log-mel frames): the student reads a clip followed by that
+    encoding (what openai-whisper's transcribe gives the decoder past a short clip), and source_pad (silence)
+    again after the block."""
+    import numpy as np
+
+    from modalities.whisper_teacher import encode, log_mel
+    from stages.models.student import whisper_silence
+
+    w, ck = _random_whisper(2)
+    s = build_student(StudentConfig(style="cross_attention", keep_decoder_layers=[0, 1]), {"audio": 32},
+                      teacher_decoder=ck, teacher_modality="audio").eval()
+    zeros = whisper_silence(ck, zero_mel=True)
+    with torch.no_grad():
+        want = encode(w, torch.zeros(1, 80, 3000))[0]
+        silence = encode(w, log_mel([np.zeros(0, np.float32)], 3000, 80, torch.device("cpu")))[0]
+    assert torch.allclose(zeros, want, atol=1e-6) and not torch.allclose(zeros, silence, atol=1e-2)
+    tok = s.tokenizer._tok
+    clip = torch.randn(40, 32)
+    ids = torch.tensor([[s.spec.bos_id, 100, 200, 300]])
+    with torch.no_grad():
+        with s.tail(zeros):
+            ours = s(ids, None, "audio", [clip])[0]
+        after = s(ids, None, "audio", [clip])[0]
+        for pad, got in ((zeros, ours), (silence, after)):
+            theirs = w.decoder(torch.tensor([[tok.sot, *ids[0].tolist()]]), torch.cat([clip, pad[40:]])[None])[0, 1:]
+            assert torch.allclose(got, theirs[:, : got.shape[-1]], atol=1e-4)
+    assert torch.equal(s.source_pad, whisper_silence(ck))
+
+
+def test_zero_pad_share_trains_some_steps_on_the_zero_tail_and_nothing_else_changes(tmp_path, labelled):
+    from stages.distill import _zero_pad_step
+
+    draws = [_zero_pad_step(0, step, 0.5) for step in range(400)]
+    assert draws == [_zero_pad_step(0, step, 0.5) for step in range(400)]  # the same on resume, in every process
+    assert 150 < sum(draws) < 250 and not any(_zero_pad_step(0, step, 0.0) for step in range(400))
+    assert all(_zero_pad_step(3, step, 1.0) for step in range(400))
+    student = {"style": "cross_attention"}
+    off = _losses(_run(tmp_path, "off", labelled, steps=2, student=student))
+    zero = _losses(_run(tmp_path, "zero", labelled, steps=2, student=student, zero_pad_share=0.0))
+    every = _losses(_run(tmp_path, "every", labelled, steps=2, student=student, zero_pad_share=1.0))
+    assert [r["loss"] for r in zero] == [r["loss"] for r in off]
+    assert every[0]["loss"] != off[0]["loss"]  # the first step read another tail
+    with pytest.raises(UserError, match="zero_pad_share"):
+        load_config([str(_write_config(tmp_path / "p.yaml", zero_pad_share=0.5))])  # a prefix student
+    with pytest.raises(UserError, match="zero_pad_share"):
+        load_config([str(_write_config(tmp_path / "q.yaml", zero_pad_share=1.5, student=student))])
+
+
 def test_sampler_state_restores_exactly():
     ex = [Example(key=str(i), modality=m, split="train", text="", targets=[1], teacher="")
           for i, m in enumerate(["audio"] * 5 + ["text"] * 7 + ["image"] * 3)]

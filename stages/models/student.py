@@ -417,6 +417,20 @@ class Student(nn.Module):
             kv.append((k.view(shape).transpose(1, 2).contiguous(), v.view(shape).transpose(1, 2).contiguous()))
         return EncoderDecoderCache(DynamicCache(), DynamicCache(kv))
 
+    @contextmanager
+    def tail(self, pad: torch.Tensor | None):
+        """Within it, the teacher's modality is followed by `pad` (e.g. the encoding of zero log-mel frames) in
+        place of source_pad; None: source_pad as it is."""
+        if pad is None:
+            yield
+            return
+        kept = self.source_pad
+        self.source_pad = pad.to(kept.device, kept.dtype)
+        try:
+            yield
+        finally:
+            self.source_pad = kept
+
     def _silence_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cross-attention keys and values of source_pad (the teacher's encoding of 30 s of silence), per
         decoder layer, each [heads, source_frames, head_dim]: the same tensors for every row and every call, so
@@ -766,7 +780,7 @@ def build_student(cfg: Any, feature_dims: dict[str, int], device: str | torch.de
             lm.get_input_embeddings().weight[spec.marker_ids[direct[0]]] = sot.float()
     student = Student(spec, lm)
     if direct and spec.source_frames == teacher_decoder["dims"]["n_audio_ctx"]:
-        student.source_pad = _whisper_silence(teacher_decoder)
+        student.source_pad = whisper_silence(teacher_decoder)
     student._tokenizer = tok
     return student.to(device)
 
@@ -814,8 +828,10 @@ def _prefix_lm(cfg, tok: TextTokenizer, n_markers: int, max_text_tokens: int):
     return lm, text_vocab, Path(cfg.init_from).name
 
 
-def _whisper_silence(teacher: dict) -> torch.Tensor:
-    """The teacher's encoder states for 30 s of silence, [n_audio_ctx, D] (what its labeller pads clips with)."""
+def whisper_silence(teacher: dict, zero_mel: bool = False) -> torch.Tensor:
+    """The teacher's encoder states for 30 s of silence, [n_audio_ctx, D] (what its labeller pads clips with);
+    zero_mel: for 30 s of log-mel frames that are 0 (what openai-whisper's transcribe pads a clip's log-mel with:
+    pad_or_trim of the mel segment, not the log-mel of silent samples)."""
     import numpy as np
     import whisper.model
 
@@ -827,7 +843,7 @@ def _whisper_silence(teacher: dict) -> torch.Tensor:
     n = model.dims.n_audio_ctx
     with torch.no_grad():  # not inference_mode: the pad enters the student's autograd graph
         mel = log_mel([np.zeros(0, np.float32)], 2 * n, model.dims.n_mels, torch.device("cpu"))
-        return encode(model, mel)[0].clone()
+        return encode(model, torch.zeros_like(mel) if zero_mel else mel)[0].clone()
 
 
 # ---------------------------------------------------------------------------------------------- save / load
