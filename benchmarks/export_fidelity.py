@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--export", default=None, help="an existing export of the run (default: export into a temp dir)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--split", default="test", help="the clips decoded: test (held out), or val (to choose a recipe "
+                                                    "without reading the test clips; `report` then has no texts)")
     ap.add_argument("--ways", default="report,gg_chunks,gg_whole,gg_window,hf,hf_fallback,openai,hf_long")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,9 +65,11 @@ def main() -> None:
     acfg = cfg.root.modalities["audio"]
     dec = cfg.root.decoding
     ways = a.ways.split(",")
+    if a.split != "test":  # the report and the long-form comparison read the evaluate stage's test texts
+        ways = [w for w in ways if w not in ("report", "hf_long")]
 
     items = []
-    for m, rec, ext, data, arrays in read_labelled(run / "pseudo_label", modalities=["audio"], splits=("test",)):
+    for m, rec, ext, data, arrays in read_labelled(run / "pseudo_label", modalities=["audio"], splits=(a.split,)):
         f = arrays.get("features")
         cf = arrays.get("chunk_frames")
         items.append({"key": rec["key"], "ref": rec.get("reference"), "ext": ext, "data": data,
@@ -78,7 +82,7 @@ def main() -> None:
     short = [it for it in items if it["features"].shape[0] <= 1500]
     if a.limit:
         short = short[: a.limit]
-    print(f"{len(items)} test clips, {len(short)} short-form (<= 30 s)", flush=True)
+    print(f"{len(items)} {a.split} clips, {len(short)} short-form (<= 30 s)", flush=True)
 
     final = run / a.stage / "final"
     student = load_student(final, "cpu")
@@ -174,7 +178,7 @@ def main() -> None:
         by_key = dict(zip(base["keys"], base["texts"]))
         al = align([by_key[it["key"]] for it in withref], [it["ref"] for it in withref])
         rows["report_all"] = {"wer": al.wer, "n": al.n, "seconds": 0.0}
-    print(f"{a.stage} of {run}: WER on the test clips (total {time.time() - t0:.0f} s)")
+    print(f"{a.stage} of {run}: WER on the {a.split} clips (total {time.time() - t0:.0f} s)")
     for w, r in rows.items():
         print(f"  {w:12s} {100 * r['wer']:.1f}%  n={r['n']}  {r['seconds']} s")
     diff = {w: sum(x != y for x, y in zip(texts[w], texts.get("gg_chunks", texts.get("report", []))))

@@ -76,7 +76,8 @@ class DistillConfig:
     # cross_attention on a Whisper teacher: the share of training steps whose clips are followed by the teacher's
     # encoding of zero log-mel frames in place of silence (openai-whisper's transcribe pads a clip's log-mel with
     # zeros; the exported checkpoint then reads both paddings). Drawn per step from the run's seed.
-    zero_pad_share: float = field(default=0.0, metadata=minimum(0.0))
+    # None: 0.25 for a cross_attention student on a Whisper teacher, else 0
+    zero_pad_share: Optional[float] = field(default=None, metadata=minimum(0.0))
     checkpoint_every: int = field(default=50, metadata=minimum(1))
 
 
@@ -120,6 +121,7 @@ def validate_config(root) -> list[str]:
          None if whisper else "distill.student.style (no modality has a Whisper teacher whose decoder it could be)",
          notes, root.stages)
     take(st, "freeze_embeddings", st.style == "cross_attention", None, notes, root.stages)
+    take(d, "zero_pad_share", 0.25 if st.style == "cross_attention" and whisper else 0.0, None, notes, root.stages)
     take(d, "select_by", "val_wer" if transcribes else "val_loss",
          None if transcribes else "distill.select_by (no modality transcribes)", notes, root.stages)
     check_choice(st.style, ("prefix", "cross_attention"), "distill.student.style")
