@@ -7,7 +7,10 @@ This script decodes the held-out (test) clips of a run's short-form set (<= 30 s
     report          the texts of the run's evaluate stage (RUN/evaluate/generations/test/audio/<stage>/T0.json)
     gg_chunks       groundgan decoding of the pseudo-label features (chunked, silence tail): what evaluate does
     gg_whole        groundgan decoding of the whole clip's trimmed encoding (no chunks), silence tail
-    gg_window       groundgan decoding of the full 30 s window's encoding (what the export reads)
+    gg_window       groundgan decoding of the full 30 s window's encoding, silent samples past the clip (what the
+                    transformers pipeline reads)
+    gg_zeropad      the same with zero log-mel frames past the clip (what openai-whisper's transcribe reads)
+    gg_window_greedy, gg_zeropad_greedy   the same two without the temperature fallback
     hf              the exported folder through transformers.pipeline("automatic-speech-recognition"), config only
     hf_fallback     the same with generate_kwargs temperature = the exported fallback schedule
     openai          whisper.load_model(openai-whisper.pt).transcribe(temperature=0, without_timestamps=True)
@@ -98,11 +101,12 @@ def main() -> None:
               min_avg_logprob=dec.min_avg_logprob, best_of=dec.best_of, max_ngram_repeats=dec.max_ngram_repeats,
               temperature=0.0, max_new_tokens=dec.max_new_tokens)
 
-    def gg(feats, chunks):
+    def gg(feats, chunks, greedy=False):
         out = []
         for i in range(0, len(feats), 16):
             gen = torch.Generator().manual_seed(i)
-            out += generate_texts(student, "audio", feats[i: i + 16], chunks=chunks[i: i + 16], generator=gen, **kw)
+            out += generate_texts(student, "audio", feats[i: i + 16], chunks=chunks[i: i + 16], generator=gen,
+                                  **{**kw, **({"fallback": ()} if greedy else {})})
         return out
 
     t0 = time.time()
@@ -127,15 +131,21 @@ def main() -> None:
             feats.append(torch.from_numpy(wt.label([it["audio"]])[0].arrays["features"].astype(np.float32)))
         texts["gg_whole"] = gg(feats, [None] * len(short))
         secs["gg_whole"] = time.time() - t
-    if "gg_window" in ways:
+    for pad in ("window", "zeropad"):  # past the clip: silent samples (the HF pipeline) or zero log-mel (transcribe)
+        wanted = [w for w in (f"gg_{pad}", f"gg_{pad}_greedy") if w in ways]
+        if not wanted:
+            continue
         t = time.time()
         feats = []
         with torch.no_grad():
             for it in short:
-                mel = log_mel([it["audio"]], 3000, teacher.dims.n_mels, torch.device("cpu"))
+                mel = log_mel([it["audio"]], 3000, teacher.dims.n_mels, torch.device("cpu"), pad_zeros=pad == "zeropad")
                 feats.append(encode(teacher, mel)[0].clone())
-        texts["gg_window"] = gg(feats, [None] * len(short))
-        secs["gg_window"] = time.time() - t
+        t_enc = time.time() - t
+        for w in wanted:
+            t = time.time()
+            texts[w] = gg(feats, [None] * len(short), greedy=w.endswith("_greedy"))
+            secs[w] = t_enc + time.time() - t
     if any(w.startswith("hf") for w in ways):
         from transformers import pipeline
 
