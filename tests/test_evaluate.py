@@ -132,6 +132,15 @@ def test_compare_runs_side_by_side(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_names_each_run_apart_however_deep_their_folders_agree(tmp_path):
+    from stages.evaluation.report import _run_names
+
+    a, b = tmp_path / "clone1" / "runs" / "demo", tmp_path / "clone2" / "runs" / "demo"
+    assert _run_names([a, b]) == ["clone1/runs/demo", "clone2/runs/demo"]  # two clones' runs/demo
+    assert _run_names([tmp_path / "x" / "r1", tmp_path / "y" / "r2"]) == ["r1", "r2"]
+    assert _run_names([a, a]) == ["demo#1", "demo#2"]
+
+
 def test_compare_cli_run_without_report(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     report, preds = _fake_run(a)

@@ -415,11 +415,14 @@ def check_report(report: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ compare
 def _run_names(runs: list[Path]) -> list[str]:
-    names = [Path(r).resolve().name for r in runs]
-    if len(set(names)) == len(names):
-        return names
-    # same folder name under different parents: use enough of the path to tell them apart
-    return [f"{Path(r).resolve().parent.name}/{Path(r).resolve().name}" for r in runs]
+    """Each run's folder name, with as many parent folders as it takes to tell the runs apart (two clones'
+    `runs/demo` are `a/runs/demo` and `b/runs/demo`); the same folder named twice gets #1, #2."""
+    paths = [Path(r).resolve() for r in runs]
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]).lstrip("/") for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{p.name}#{i + 1}" for i, p in enumerate(paths)]
 
 
 def paired_changes(run_paths: dict[str, Path], n: int = 1000, seed: int = 0) -> list[str]:
