@@ -80,7 +80,7 @@ def _settings(arm: str) -> dict:
             out[key] = [v for v in value.split(",") if v]
         elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        elif isinstance(default, (int, float)):  # bool is handled above
             out[key] = type(default)(value)
         elif default is None:
             out[key] = int(value) if value.isdigit() else value

@@ -106,7 +106,7 @@ def main() -> None:
         for i in range(0, len(feats), 16):
             gen = torch.Generator().manual_seed(i)
             out += generate_texts(student, "audio", feats[i: i + 16], chunks=chunks[i: i + 16], generator=gen,
-                                  **{**kw, **({"fallback": ()} if greedy else {})})
+                                  **(dict(kw, fallback=()) if greedy else kw))
         return out
 
     t0 = time.time()

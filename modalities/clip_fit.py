@@ -341,8 +341,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     for p in pairs:
         data = p.read()
         key = sha256_bytes(data)
-        im = None
-        if indexes or key not in icache.rows:
+        views = [v for v in cfg.image_augment if f"{key}:{v}" not in icache.rows] if p.split == "train" else []
+        if indexes or key not in icache.rows or views:
             try:
                 im = decode_image(data, cfg.max_pixels, 1024)
             except BadInput as e:
@@ -355,16 +355,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
                 continue
             if key not in icache.rows:
                 pending[key] = im
-        if p.split == "train" and cfg.image_augment:
-            views = [f"{key}:{v}" for v in cfg.image_augment if f"{key}:{v}" not in icache.rows]
-            if views:
-                if im is None:
-                    try:
-                        im = decode_image(data, cfg.max_pixels, 1024)
-                    except BadInput as e:  # decoded before when the key was new, so only a changed cache lands here
-                        raise UserError(f"fit-clip: {p.key}: {e.reason}") from None
-                for v in views:
-                    pending[v] = image_view(im, v.rsplit(":", 1)[1])
+            for v in views:
+                pending[f"{key}:{v}"] = image_view(im, v)
         kept.append(p)
         image_keys.append(key)
         if len(pending) >= 64:
@@ -386,9 +378,9 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
         for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
             tcache.put(k, f)
     tcache.save()
-    views = [image_keys] + [[f"{k}:{v}" if p.split == "train" else k for k, p in zip(image_keys, kept)]
-                            for v in cfg.image_augment]
-    img_f = torch.from_numpy(np.stack([icache.stack(keys) for keys in views])) if kept else torch.zeros(0)
+    by_view = [image_keys] + [[f"{k}:{v}" if p.split == "train" else k for k, p in zip(image_keys, kept)]
+                              for v in cfg.image_augment]
+    img_f = torch.from_numpy(np.stack([icache.stack(keys) for keys in by_view])) if kept else torch.zeros(0)
     txt_f = torch.from_numpy(tcache.stack(text_keys)).view(len(phrasings), len(kept), -1) if kept else torch.zeros(0)
     return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
 

@@ -842,8 +842,9 @@ def whisper_silence(teacher: dict, zero_mel: bool = False) -> torch.Tensor:
     model.float().eval()
     n = model.dims.n_audio_ctx
     with torch.no_grad():  # not inference_mode: the pad enters the student's autograd graph
-        mel = log_mel([np.zeros(0, np.float32)], 2 * n, model.dims.n_mels, torch.device("cpu"))
-        return encode(model, torch.zeros_like(mel) if zero_mel else mel)[0].clone()
+        mel = (torch.zeros(1, model.dims.n_mels, 2 * n) if zero_mel
+               else log_mel([np.zeros(0, np.float32)], 2 * n, model.dims.n_mels, torch.device("cpu")))
+        return encode(model, mel)[0].clone()
 
 
 # ---------------------------------------------------------------------------------------------- save / load
