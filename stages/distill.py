@@ -42,6 +42,7 @@ from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
 from stages.models.generation import generate
 from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
+from stages.models.optim import adamw
 from stages.models.selection import ConfirmedSelection
 from stages.models.student import (Student, StudentConfig, build_student, build_tokenizer, count_parameters,
                                    save_student, student_folder, whisper_silence, write_student)
@@ -185,6 +186,8 @@ class EMA:
                 mine[name].copy_(p)
         if avg:
             torch._foreach_lerp_(avg, new, 1.0 - d)
+        if hasattr(self.model, "sync_marker_rows"):  # the table copied above holds the live model's marker rows
+            self.model.sync_marker_rows()
         bufs = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
             if b.is_floating_point():
@@ -252,14 +255,15 @@ def _whisper_teacher(ctx: StageContext, modalities: list[str]) -> tuple[dict | N
 
 
 def _param_groups(student: Student, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on embeddings (tied to the output), norms, biases or the queries."""
+    """Weight decay on matrices only: not on embeddings (tied to the output; the marker rows of a frozen table
+    included), norms, biases or the queries."""
     emb = student.lm.get_input_embeddings().weight
     decay, no_decay, seen = [], [], set()
     for p in student.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and p is not emb else no_decay).append(p)
+        (decay if p.ndim >= 2 and p is not emb and p is not student.marker_rows else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -422,7 +426,8 @@ def run(ctx: StageContext) -> dict:
                     find_unused_parameters=True)
     ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
     scored = ema.model if ema is not None else student  # the weights validation scores and final/ keeps
-    opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = adamw(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt.register_step_post_hook(student.sync_marker_rows)  # a frozen table's marker rows follow their parameter
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps))
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda")

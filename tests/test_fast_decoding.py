@@ -148,24 +148,61 @@ def test_the_phase_samples_every_input_in_one_batch_as_one_call_each():
     assert rows.source == [i for i in range(5) for _ in range(3)]
 
 
-def test_a_frozen_output_layer_gives_the_same_gradients():
-    grads = []
+def test_frozen_text_rows_take_the_same_steps_as_the_zeroed_gradient():
+    """freeze_text_rows (the table frozen, the marker rows their own parameter, fused AdamW) against what it
+    replaced (the whole table learning, its text rows' gradient zeroed by a hook, the default AdamW): the same
+    gradients, the same weights after three steps, the marker rows written back into the table (which the
+    decoders and save_student read), and an EMA copy reading its own marker rows."""
+    from stages.distill import EMA, _param_groups
+    from stages.models.optim import adamw
+
+    weights, grads = [], []
     for freeze in (False, True):
+        torch.manual_seed(0)
         s = _student()
         s.train()
-        keep = torch.zeros(s.lm.get_input_embeddings().weight.shape[0], 1)
-        keep[s.spec.text_vocab:] = 1.0
+        emb = s.lm.get_input_embeddings().weight
+        v = s.spec.text_vocab
         if freeze:
             s.freeze_text_rows()
-            assert s.text_rows_frozen
+            assert s.text_rows_frozen and not emb.requires_grad
+            opt = adamw(_param_groups(s, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
+            opt.register_step_post_hook(s.sync_marker_rows)
         else:
-            s.lm.get_input_embeddings().weight.register_hook(lambda g: g * keep)
+            keep = torch.zeros(emb.shape[0], 1)
+            keep[v:] = 1.0
+            emb.register_hook(lambda g, keep=keep: g * keep)
+            opt = torch.optim.AdamW(_param_groups(s, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
         ids = torch.tensor([[s.spec.bos_id, 5, 6, 7], [s.spec.bos_id, 9, 3, s.spec.eot_id]])
-        s(ids, None, ["audio", "text"], [_features(1)[0], None]).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None})
+        for step in range(3):
+            s(ids, None, ["audio", "text"], [_features(1)[0], None]).logsumexp(-1).sum().backward()
+            if step == 0:
+                g = {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+                g["markers"] = g.pop("marker_rows") if freeze else g["lm.model.decoder.embed_tokens.weight"][v:]
+                if not freeze:
+                    assert g.pop("lm.model.decoder.embed_tokens.weight")[:v].abs().max() == 0
+                grads.append(g)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        weights.append({n: t.clone() for n, t in s.lm.state_dict().items()})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+    assert weights[0].keys() == weights[1].keys()
+    for n in weights[0]:
+        assert torch.allclose(weights[0][n], weights[1][n], atol=1e-5), n
+    table = weights[1]["model.decoder.embed_tokens.weight"]
+    assert not torch.equal(table[v:], _student().lm.get_input_embeddings().weight[v:])  # the markers moved
+    ema = EMA(s, 0.5)
+    with torch.no_grad():
+        s.marker_rows.add_(1.0)  # the live model moves; its copy must not read the live rows
+    assert ema.model.lm.get_input_embeddings()._forward_hooks  # the hook came with the copy
+    ema.model.train(False)
+    out = ema.model(ids, None, ["audio", "text"], [_features(1)[0], None])
+    s.eval()
+    with torch.no_grad():
+        s.marker_rows.sub_(1.0)
+    assert torch.allclose(out, s(ids, None, ["audio", "text"], [_features(1)[0], None]), atol=1e-5)
 
 
 @pytest.mark.parametrize("direct", [True, False])

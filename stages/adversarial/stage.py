@@ -25,6 +25,7 @@ from stages.adversarial.rows import Rows, input_generator, real_rows, sample_row
 from stages.distill import _truncate_metrics, val_decoding, validate_wer, write_val_predictions
 from stages.models.discriminator import Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators
 from stages.models.labelled_data import Example, MixtureSampler, load_labelled, within_context
+from stages.models.optim import adamw
 from stages.models.selection import ConfirmedSelection
 from stages.models.student import Student, load_student, save_student, student_folder, write_student
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
@@ -162,10 +163,10 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
         discs[m] = build_discriminator(spec, body, device).train()
         body.requires_grad_(False)  # only the head and lm_scale learn
     # Adam with beta1 0.5 for the discriminators, the GAN habit (Radford et al. 2016): a target that moves.
-    d_opts = {m: torch.optim.AdamW(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=DISC_WEIGHT_DECAY)
+    d_opts = {m: adamw(d.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=DISC_WEIGHT_DECAY)
               for m, d in discs.items()}
     # No weight decay on the student: it would pull away from the distilled weights the KL keeps it near.
-    s_opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    s_opt = adamw([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
     ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
     if cfg.select_by == "confirmed_val_wer":

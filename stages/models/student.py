@@ -274,20 +274,34 @@ class Student(nn.Module):
         # (zeros there instead put the copied decoder off its training distribution: it loops). Not trained.
         self.register_buffer("source_pad", None, persistent=False)
         self._tokenizer: TextTokenizer | None = None
-        # distill.student.freeze_embeddings: the text rows of the (tied) embedding get no update
-        # (freeze_text_rows); the output layer then computes no gradient for them
+        # distill.student.freeze_embeddings: the text rows of the (tied) embedding get no update; the marker rows
+        # after them learn as their own parameter (freeze_text_rows)
         self.text_rows_frozen = False
+        self.marker_rows: nn.Parameter | None = None
 
     def freeze_text_rows(self) -> None:
-        """The text rows of the token embedding stay as they are: their gradient is zeroed (a hook; the
-        modality-marker rows after them still learn), and where the output layer is tied to the embedding (it
-        reads only text rows) it does not compute that gradient at all."""
-        emb = self.lm.get_input_embeddings().weight
-        keep = torch.zeros(emb.shape[0], 1, device=emb.device)
-        keep[self.spec.text_vocab:] = 1.0
-        emb.register_hook(lambda g: g * keep)
+        """The text rows of the token embedding stay as they are, the modality-marker rows after them still learn.
+
+        The embedding table stops being a parameter that learns; the marker rows become one of their own
+        (`marker_rows`, read wherever the table's marker rows are looked up), written back into the table after
+        every optimiser step (sync_marker_rows, which an optimiser's step post-hook calls). The same step as the
+        whole table under AdamW with the text rows' gradient zeroed (zero gradients and no weight decay leave
+        those rows and their moments at zero), without a [V, d] gradient, its norm and its optimiser update on
+        every step. Where the output layer is tied to the table it reads only text rows: no gradient either."""
+        emb_mod = self.lm.get_input_embeddings()
+        emb = emb_mod.weight
+        v = self.spec.text_vocab
+        emb.requires_grad_(False)
+        self.marker_rows = nn.Parameter(emb.detach()[v:].clone())
+        emb_mod.register_forward_hook(_MarkerLookup(self, v), with_kwargs=True)
         out = self.lm.get_output_embeddings()
-        self.text_rows_frozen = out is not None and out.weight is emb  # tied: the hook zeroes the head's part too
+        self.text_rows_frozen = out is not None and out.weight is emb
+
+    @torch.no_grad()
+    def sync_marker_rows(self, *_: Any) -> None:
+        """Write `marker_rows` into the embedding table (the decoders and save_student read the table)."""
+        if self.marker_rows is not None:
+            self.lm.get_input_embeddings().weight[self.spec.text_vocab:] = self.marker_rows
 
     # ---------------------------------------------------------------------------------------------- basics
     @property
@@ -320,7 +334,8 @@ class Student(nn.Module):
         """Embeddings that come before the text of a group of one modality: [b, S, d] with S = P + 1 (or 1)."""
         b = features.shape[0] if features is not None else None
         emb = self.lm.get_input_embeddings()
-        marker = emb.weight[self.marker_id(modality)]
+        marker = (emb.weight[self.marker_id(modality)] if self.marker_rows is None else
+                  self.marker_rows[self.marker_id(modality) - self.spec.text_vocab])
         if features is None or modality not in self.projectors:
             return marker.view(1, 1, -1)
         features, feature_mask = self._pool(features, feature_mask)
@@ -538,7 +553,7 @@ class Student(nn.Module):
         v = self.spec.text_vocab
         bias = out.bias[:v] if getattr(out, "bias", None) is not None else None
         w = out.weight[:v]
-        if self.text_rows_frozen:  # their gradient would be zeroed: not computing it is the same step, cheaper
+        if self.text_rows_frozen:  # frozen (freeze_text_rows): no gradient to compute
             w = w.detach()
         return F.linear(hidden, w, bias)
 
@@ -625,6 +640,21 @@ class Student(nn.Module):
         if self.source_pad is not None:
             sd["source_pad"] = self.source_pad
         return sd
+
+
+class _MarkerLookup:
+    """The embedding's forward hook of Student.freeze_text_rows: a marker token's embedding is read from
+    `marker_rows` (so its gradient reaches them). An object, not a closure: a deep copy of the student (an EMA)
+    gets a hook that reads its own copy's rows."""
+
+    def __init__(self, student: "Student", text_vocab: int):
+        self.student, self.text_vocab = student, text_vocab
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+        rows = self.student.marker_rows
+        marker = (ids >= self.text_vocab).unsqueeze(-1)
+        return torch.where(marker, rows[(ids - self.text_vocab).clamp(min=0)].to(out.dtype), out)
 
 
 _EXPANDED = [False]
