@@ -83,8 +83,9 @@ class UniformPolicy(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(4))
 
-    def forward(self, input_ids, attention_mask, modality, features):
-        return self.bias.expand(*input_ids.shape, 4)
+    def forward(self, input_ids, attention_mask, modality, features, feature_mask=None, keep=None):
+        out = self.bias.expand(*input_ids.shape, 4)
+        return out if keep is None else out[keep]
 
 
 def test_sequence_level_reward_and_leave_one_out_advantage_by_hand():

@@ -12,7 +12,7 @@ from pipeline import distributed
 from stages.adversarial.rows import Rows
 from stages.models.discriminator import Discriminator
 from stages.models.labelled_data import Example, collate
-from stages.models.student import Student
+from stages.models.student import Student, token_logprobs
 
 
 def loo_baseline(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _bce_side(logits: torch.Tensor, mask: torch.Tensor, target: float, n: torch.
 
 
 def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """KL(pi || ref) at every position over the vocabulary: log-probs [N, L, V] -> [N, L]."""
+    """KL(pi || ref) at every position over the vocabulary: log-probs [..., V] -> [...]."""
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
@@ -131,13 +131,16 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
         raise ValueError("the leave-one-out baseline needs k >= 2 samples per input")
     mask = fake.attention_mask[:, 1:].float()
     n = global_count(mask.sum())
-    tokens = fake.input_ids[:, 1:]
-    logp_all = policy_logprobs(student, fake)
-    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # log-probs over the vocabulary at the generated tokens' positions only ([n, V]), spread back to [N, L-1]
+    # (zeros at padding)
+    m = mask.bool()
+    tokens = fake.input_ids[:, 1:][m].unsqueeze(-1)
+    logp_all = token_logprobs(student, fake.input_ids, fake.attention_mask, fake.modality, fake.features)
+    logp = mask.masked_scatter(m, logp_all.gather(-1, tokens).squeeze(-1))
     with torch.no_grad():
-        ref_all = policy_logprobs(reference, fake)
-        ref_tok = ref_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    kl_exact = exact_kl(logp_all, ref_all)
+        ref_all = token_logprobs(reference, fake.input_ids, fake.attention_mask, fake.modality, fake.features)
+        ref_tok = mask.masked_scatter(m, ref_all.gather(-1, tokens).squeeze(-1))
+    kl_exact = mask.masked_scatter(m, exact_kl(logp_all, ref_all))
     seq = sequence_rewards(discs, fake, text_reward_all)
     seq = seq - (logp.detach() * mask).sum(1)
     # a row that no judge rewards (adversarial.judge none: drawings) takes no policy gradient: its input's k rows
