@@ -11,9 +11,14 @@ the three places the graph decodes (the cached decoder against the reference loo
 
     distill step  one step of stages/distill.py's loop on train batches (distill.batch_size), two copies of the
                 student from the same weights: before, the cross-attention over every row's full 1500 frames
-                (student.expanded_cross_attention) and the text rows' gradient computed in full by the tied
-                output layer and zeroed by the hook; now, the silence tail shared (Student._shared_tail_attention)
-                and that gradient not computed (Student.freeze_text_rows)
+                (student.expanded_cross_attention), the whole embedding table learning with its text rows'
+                gradient zeroed by a hook, and torch's default AdamW; now, the silence tail shared and only the
+                rows' own frames projected (Student._shared_tail_attention), the table frozen and its marker rows
+                a parameter of their own (Student.freeze_text_rows), the fused AdamW (stages.models.optim)
+    phase loss  the phase's policy and reference log-probs and their exact KL, forward and backward, on the
+                phase's own samples of pool batches: before, the output layer and the softmax at every position
+                of the padded rows (losses.policy_logprobs); now, at the rows' tokens only
+                (student.token_logprobs)
 
 The reference is the decoding of the code before the cached decoder (generation.reference_decoding:
 transformers' decoder step by step, every row of a group to the end of the longest, the silence tail's keys and
@@ -53,12 +58,13 @@ def _timed(fn):
 
 
 def distill_steps(run: Path, stage: str, train: list, root, steps: int) -> dict:
-    """distill's step with the text rows' gradient computed and zeroed (before) and not computed (now), on the
-    same batches from the same weights, alternating step by step; the losses must agree to float noise."""
+    """distill's step as it was before [Speed] and as it is now, on the same batches from the same weights,
+    alternating step by step; the losses and the weights after the last step must agree to float noise."""
     import numpy as np
 
     from stages.distill import _kd_positions, _param_groups, target_positions, token_losses
     from stages.models.labelled_data import collate
+    from stages.models.optim import adamw
     from stages.models.student import expanded_cross_attention, load_student
 
     cfg = root.distill
@@ -67,12 +73,14 @@ def distill_steps(run: Path, stage: str, train: list, root, steps: int) -> dict:
         s = load_student(run / stage / "final", "cpu").train()
         if name == "now":
             s.freeze_text_rows()
+            opt = adamw(_param_groups(s, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+            opt.register_step_post_hook(s.sync_marker_rows)
         else:  # the hook alone, as distill registered it before
             emb = s.lm.get_input_embeddings().weight
             keep = torch.zeros(emb.shape[0], 1)
             keep[s.spec.text_vocab:] = 1.0
             emb.register_hook(lambda g, keep=keep: g * keep)
-        opt = torch.optim.AdamW(_param_groups(s, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+            opt = torch.optim.AdamW(_param_groups(s, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
         arms[name] = (s, opt)
     rng = np.random.default_rng(0)
     secs = {"before": 0.0, "now": 0.0}
@@ -98,10 +106,71 @@ def distill_steps(run: Path, stage: str, train: list, root, steps: int) -> dict:
             secs[name] += time.perf_counter() - t
             losses[name].append(float(loss.detach()))
     same = max(abs(x - y) for x, y in zip(losses["before"], losses["now"]))
+    before, now = (arms[k][0].lm.state_dict() for k in ("before", "now"))
+    weights = max(float((before[k] - now[k]).abs().max()) for k in before)
     print(f"distill step: before {secs['before'] / steps:.2f} s, now {secs['now'] / steps:.2f} s a step, "
-          f"{secs['before'] / secs['now']:.2f}x; largest loss difference {same:.2e}", file=sys.stderr)
+          f"{secs['before'] / secs['now']:.2f}x; largest loss difference {same:.2e}, weight difference {weights:.2e}",
+          file=sys.stderr)
     return {"before_s_per_step": secs["before"] / steps, "now_s_per_step": secs["now"] / steps,
-            "speedup": secs["before"] / secs["now"], "max_loss_difference": same, "steps": steps}
+            "speedup": secs["before"] / secs["now"], "max_loss_difference": same,
+            "max_weight_difference": weights, "steps": steps}
+
+
+def phase_loss(run: Path, stage: str, pool: list, root, batches: int) -> dict:
+    """The phase's policy and reference log-probs and their exact KL, forward and backward, on the phase's samples
+    of `batches` pool batches: every position of the padded rows (before) against the rows' tokens only (now).
+    The losses and the student's gradients must agree to float noise."""
+    from stages.adversarial.losses import exact_kl, policy_logprobs
+    from stages.adversarial.rows import input_generator, sample_rows
+    from stages.models.student import load_student, token_logprobs
+
+    adv = root.adversarial
+    student = load_student(run / stage / "final", "cpu").train()
+    reference = load_student(run / stage / "final", "cpu").eval().requires_grad_(False)
+
+    def before(fake):
+        mask = fake.attention_mask[:, 1:].float()
+        tokens = fake.input_ids[:, 1:].unsqueeze(-1)
+        lp_all = policy_logprobs(student, fake)
+        with torch.no_grad():
+            ref_all = policy_logprobs(reference, fake)
+        lp = lp_all.gather(-1, tokens).squeeze(-1)
+        return ((lp + adv.kl_weight * exact_kl(lp_all, ref_all)) * mask).sum() / mask.sum()
+
+    def now(fake):
+        mask = fake.attention_mask[:, 1:].float()
+        args = (fake.input_ids, fake.attention_mask, fake.modality, fake.features)
+        lp_all = token_logprobs(student, *args)
+        with torch.no_grad():
+            ref_all = token_logprobs(reference, *args)
+        lp = lp_all.gather(-1, fake.input_ids[:, 1:][mask.bool()].unsqueeze(-1)).squeeze(-1)
+        return (lp + adv.kl_weight * exact_kl(lp_all, ref_all)).sum() / mask.sum()
+
+    secs = {"before": 0.0, "now": 0.0}
+    diffs, grads, fill = [], [], []
+    for it in range(batches):
+        exs = pool[it * adv.batch_size: (it + 1) * adv.batch_size]
+        gens = [input_generator(root.seed, it, i, "cpu") for i in range(len(exs))]
+        with torch.no_grad():
+            fake, _ = sample_rows(student, exs, adv.k_samples, gens, adv.temperature, adv.max_new_tokens, "cpu")
+        fill.append(float(fake.attention_mask[:, 1:].float().mean()))
+        out = {}
+        for name, fn in (("before", before), ("now", now)):
+            torch.manual_seed(1)  # the same dropout masks in both arms
+            student.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            loss = fn(fake)
+            loss.backward()
+            secs[name] += time.perf_counter() - t
+            out[name] = (float(loss.detach()), [p.grad.clone() for p in student.parameters() if p.grad is not None])
+        diffs.append(abs(out["before"][0] - out["now"][0]))
+        grads.append(max(float((x - y).abs().max()) for x, y in zip(out["before"][1], out["now"][1])))
+    print(f"phase loss: before {secs['before']:.1f} s, now {secs['now']:.1f} s, {secs['before'] / secs['now']:.2f}x "
+          f"({batches} batches, tokens {sum(fill) / len(fill):.0%} of the padded positions); largest loss "
+          f"difference {max(diffs):.2e}, gradient difference {max(grads):.2e}", file=sys.stderr)
+    return {"before_s": secs["before"], "now_s": secs["now"], "speedup": secs["before"] / secs["now"],
+            "token_share": sum(fill) / len(fill), "max_loss_difference": max(diffs),
+            "max_gradient_difference": max(grads), "batches": batches}
 
 
 def main(argv=None) -> int:
@@ -113,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-batches", type=int, default=4, help="pool batches the sampling arm decodes")
     ap.add_argument("--eval-items", type=int, default=64, help="held-out pieces the evaluate arm decodes")
     ap.add_argument("--steps", type=int, default=6, help="distill steps per arm")
-    ap.add_argument("--only", nargs="*", default=["val", "sampling", "evaluate", "distill"])
+    ap.add_argument("--only", nargs="*", default=["val", "sampling", "evaluate", "distill", "phase_loss"])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -214,6 +283,9 @@ def main(argv=None) -> int:
 
     if "distill" in a.only:
         results["distill step"] = distill_steps(run, a.stage, data.splits["train"], root, a.steps)
+
+    if "phase_loss" in a.only:
+        results["phase loss"] = phase_loss(run, a.stage, pool, root, a.sample_batches)
 
     if a.json:
         print(json.dumps({"run": str(run), "stage": a.stage, "threads": a.threads, "repeats": a.repeats,

@@ -10,7 +10,7 @@ import torch
 def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
     """torch.optim.AdamW with its fused kernel where the parameters' device has one (CPU and CUDA in torch 2.4+):
     the same update in one kernel over every tensor, where the default on a CPU is a Python loop of small ops per
-    tensor (distill's 25M weights: docs/results.md [Speed]). Falls back to the default implementation where
+    tensor (docs/results.md [Speed]). Falls back to the default implementation where
     fused is refused (an older torch, a device without the kernel, a parameter that is not floating point)."""
     params = list(params)
     try:
