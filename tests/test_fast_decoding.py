@@ -246,3 +246,38 @@ def test_expanded_cross_attention_is_the_old_forward():
         with expanded_cross_attention():
             before = s(ids, None, "audio", feats)
     assert torch.allclose(now, before, atol=1e-4)
+
+
+def test_score_and_token_logprobs_read_the_tokens_only():
+    """Student.score and token_logprobs run the output layer at the rows' tokens only: the same log-probs and
+    gradients as the softmax over every position of the padded rows, zeros on padding."""
+    from stages.models.student import token_logprobs
+
+    s = _student().train()
+    feats = _features(3)
+    ids = torch.randint(100, 112, (3, 7))
+    ids[:, 0] = s.spec.bos_id
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    got, want = [], []
+    for fast in (True, False):
+        s.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks
+        if fast:
+            lp = s.score(ids, mask, "audio", feats)
+        else:
+            full = torch.log_softmax(s(ids, mask, "audio", feats)[:, :-1].float(), dim=-1)
+            lp = full.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+        lp.sum().backward()
+        (got if fast else want).append((lp.detach(), {n: p.grad.clone() for n, p in s.named_parameters()
+                                                      if p.grad is not None}))
+    assert torch.allclose(got[0][0], want[0][0], atol=1e-5)
+    assert (got[0][0][~mask[:, 1:].bool()] == 0).all()
+    for n, g in want[0][1].items():
+        assert torch.allclose(got[0][1][n], g, atol=1e-5), n
+    s.eval()
+    flat = token_logprobs(s, ids, mask, "audio", feats)
+    assert flat.shape == (int(mask[:, 1:].sum()), s.spec.text_vocab)
+    full = torch.log_softmax(s(ids, mask, "audio", feats)[:, :-1].float(), dim=-1)
+    assert torch.allclose(flat, full[mask[:, 1:].bool()], atol=1e-5)
