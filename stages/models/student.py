@@ -411,9 +411,9 @@ class Student(nn.Module):
         `states`, the tail's projected once and shared by every row (generation._attend; gradients flow into
         both). Where the projections need no gradient (no_grad, or a frozen body) and the tail is the
         teacher's silence, the tail's keys and values are _silence_kv's. fill (_encoder_states' with_fill): the
-        rows' filled frames take the filling's keys and values, projected once with the tail's (_row_kv).
-        The cross-attention has no dropout
-        of its own (config.attention_dropout 0), so a training forward draws the same dropout masks."""
+        rows' filled frames take the filling's keys and values, projected once with the tail's (_row_kv). The
+        cross-attention has no dropout of its own (config.attention_dropout 0), so a training forward draws the
+        same dropout masks."""
         from stages.models.generation import _attend
 
         layers = list(self.lm.model.decoder.layers)
