@@ -155,7 +155,7 @@ def marker_hidden(student, modality: str, feats: list, batch_size: int = 64) -> 
     for i in range(0, len(feats), batch_size):
         f, fm = _pad_rows(feats[i: i + batch_size])
         b = f.shape[0]
-        states, tail = student._encoder_states(modality, f, fm, b)
+        states, tail, _ = student._encoder_states(modality, f, fm, b)
         ids = torch.full((b, 1), student.marker_id(modality), dtype=torch.long)
         if tail is None:
             o = dec(input_ids=ids, encoder_hidden_states=states, use_cache=False)

@@ -350,37 +350,32 @@ class Student(nn.Module):
         return _pad_rows(rows)
 
     def _encoder_states(self, modality: str, features: torch.Tensor | None, feature_mask: torch.Tensor | None,
-                        batch: int, with_fill: bool = False):
-        """cross_attention: what the decoder attends to, as (states [b, T, d], tail [n - T, d] | None).
+                        batch: int):
+        """cross_attention: what the decoder attends to, as (states [b, T, d], tail [n - T, d] | None, fill).
 
         A Whisper decoder takes no encoder mask, so sequences (T > 1) are read at source_frames (n) frames:
         the teacher's own modality padded with the teacher's encoding of silence (source_pad) where there is
         one, anything else with zeros. `states` holds the first T frames (T = the longest row, padded rows
         already filled) and `tail` the frames T..n that every row shares, so that their keys and values are
         computed once per batch, not once per row (_cross_cache). tail None: `states` is everything.
-
-        with_fill: a third item, (valid [b, T] bool, head [T, d]) where rows were filled (a row's frames past its
-        own length hold head's, the filling's first T frames after the projector), else None: whose keys and
-        values need projecting per row (_row_kv)."""
-        out = ((lambda st, tail, fill: (st, tail, fill)) if with_fill else (lambda st, tail, fill: (st, tail)))
+        fill: (valid [b, T] bool, head [T, d]) where rows were filled (a row's frames past its own length hold
+        head's, the filling's first T frames after the projector), else None: which frames' keys and values
+        need projecting per row (_row_kv)."""
         if features is None or self.spec.feature_dims.get(modality, 0) <= 0:
-            return out(self.text_state.unsqueeze(0).expand(batch, -1, -1), None, None)
+            return self.text_state.unsqueeze(0).expand(batch, -1, -1), None, None
         x = features.to(self.text_state.dtype)
         if feature_mask is None:
             feature_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         proj = self.projectors[modality] if modality in self.projectors else (lambda v: v)
         if x.shape[1] <= 1:
-            return out(proj(torch.where(feature_mask.unsqueeze(-1), x, x.new_zeros(()))), None, None)
+            return proj(torch.where(feature_mask.unsqueeze(-1), x, x.new_zeros(()))), None, None
         n = self.spec.source_frames
         x, feature_mask = x[:, :n], feature_mask[:, :n]
         pad = self.source_pad if (modality in self.spec.direct and self.source_pad is not None
                                   and self.source_pad.shape[0] == n) else None
         pad = pad.to(x.dtype) if pad is not None else x.new_zeros(n, x.shape[-1])
         t = x.shape[1]
-        if not with_fill:
-            states = proj(torch.where(feature_mask.unsqueeze(-1), x, pad[:t].unsqueeze(0)))
-            return states, (proj(pad[t:]) if t < n else None)
-        filled = proj(pad[:t]) if modality in self.projectors else pad[:t]
+        filled = proj(pad[:t])
         states = torch.where(feature_mask.unsqueeze(-1), proj(x), filled.unsqueeze(0))
         return states, (proj(pad[t:]) if t < n else None), (feature_mask, filled)
 
@@ -388,7 +383,7 @@ class Student(nn.Module):
     def _row_kv(a: nn.Module, states: torch.Tensor, fill, pad_k: torch.Tensor | None = None,
                 pad_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One cross-attention's keys and values of the rows' frames [b, T, d] -> two [b, heads, T, head_dim].
-        fill (_encoder_states' with_fill): only the rows' own frames are projected, the filled ones take the
+        fill (_encoder_states'): only the rows' own frames are projected, the filled ones take the
         filling's keys and values (pad_k, pad_v [T, d], computed once for the batch; None: projected here from
         fill's head): the same values as projecting every frame of every row, without the work on the
         filling (most of a batch's frames where clip lengths vary) and with the same gradients."""
@@ -410,7 +405,7 @@ class Student(nn.Module):
         full sequence [b, n, d] (to float noise), without building it: the rows' keys and values from
         `states`, the tail's projected once and shared by every row (generation._attend; gradients flow into
         both). Where the projections need no gradient (no_grad, or a frozen body) and the tail is the
-        teacher's silence, the tail's keys and values are _silence_kv's. fill (_encoder_states' with_fill): the
+        teacher's silence, the tail's keys and values are _silence_kv's. fill (_encoder_states'): the
         rows' filled frames take the filling's keys and values, projected once with the tail's (_row_kv). The
         cross-attention has no dropout of its own (config.attention_dropout 0), so a training forward draws the
         same dropout masks."""
@@ -434,8 +429,9 @@ class Student(nn.Module):
                     if fill is not None:
                         pad_k, pad_v = (x[:, :t].transpose(0, 1).reshape(t, d) for x in silence[i])
                 elif fill is not None:  # the filling's first t frames and the tail: one projection of n frames
-                    pad_k, kt = a.k_proj(torch.cat([fill[1], tail])).split([t, n - t])
-                    pad_v, vt = a.v_proj(torch.cat([fill[1], tail])).split([t, n - t])
+                    padding = torch.cat([fill[1], tail])
+                    pad_k, kt = a.k_proj(padding).split([t, n - t])
+                    pad_v, vt = a.v_proj(padding).split([t, n - t])
                     kt, vt = (x.view(-1, a.num_heads, a.head_dim).transpose(0, 1) for x in (kt, vt))
                 else:
                     kt, vt = (p(tail).view(-1, a.num_heads, a.head_dim).transpose(0, 1) for p in (a.k_proj, a.v_proj))
@@ -521,7 +517,7 @@ class Student(nn.Module):
         if f is not None:
             f = f.to(self.device)
             fm = fm.to(self.device)
-        states, tail, fill = self._encoder_states(modality, f, fm, batch, with_fill=True)
+        states, tail, fill = self._encoder_states(modality, f, fm, batch)
         t, d = states.shape[1], states.shape[2]
         n = self.spec.source_frames
         silence = (self._silence_kv() if tail is not None and modality in self.spec.direct
@@ -613,7 +609,7 @@ class Student(nn.Module):
         feature_mask = feature_mask.to(dev) if feature_mask is not None else None
         if self.spec.style == "cross_attention":
             if cache is None:
-                states, tail, fill = self._encoder_states(modality, features, feature_mask, b, with_fill=True)
+                states, tail, fill = self._encoder_states(modality, features, feature_mask, b)
                 ids = torch.cat([input_ids.new_full((b, 1), self.marker_id(modality)), input_ids], dim=1)
                 mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1)
                 if tail is None:
@@ -652,9 +648,7 @@ class Student(nn.Module):
         """log pi(y_t | y_<t, x) per token: [B, L-1], entry t scores input_ids[:, t+1]; 0 where
         attention_mask[:, t+1] is 0. Arguments as forward. Differentiable."""
         if attention_mask is None:
-            logits = self(input_ids, attention_mask, modality, features, feature_mask)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            attention_mask = torch.ones_like(input_ids)
         # the output layer (V wide) and its softmax at the scored positions only: padding is no work
         m = attention_mask[:, 1:].bool()
         lp = token_logprobs(self, input_ids, attention_mask, modality, features, feature_mask)
