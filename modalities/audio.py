@@ -117,6 +117,7 @@ class Audio(Modality):
     description = "speech audio (wav, flac, ogg, mp3) at 16 kHz mono; teacher: Whisper (greedy, English); features: encoder states"
     extensions = ("wav", "flac", "ogg", "mp3")
     transcribes = True
+    frame_seconds = 0.02  # Whisper's encoder states: 50 frames a second
     manifest_field = "audio"
     reference_field = "text"
     Config = AudioConfig

@@ -74,6 +74,9 @@ class Modality(ABC):
     # its labels are transcripts: the report scores them by WER (and its insertion rate and 5-gram repeats), and
     # distill and adversarial can keep final/ by val WER
     transcribes: ClassVar[bool] = False
+    # seconds of input per frame of the features its teacher stores (0: frames are not time, e.g. an image
+    # embedding): the decoding cap a + b x seconds follows an input's frames (stages.models.length_cap)
+    frame_seconds: ClassVar[float] = 0.0
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

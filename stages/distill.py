@@ -19,6 +19,7 @@ RUN/distill/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -123,7 +124,7 @@ def validate_config(root) -> list[str]:
          notes, root.stages)
     take(st, "freeze_embeddings", st.style == "cross_attention", None, notes, root.stages)
     take(d, "zero_pad_share", 0.25 if st.style == "cross_attention" and whisper else 0.0, None, notes, root.stages)
-    take(d, "select_by", "val_wer" if transcribes else "val_loss",
+    take(d, "select_by", "confirmed_val_wer" if transcribes else "val_loss",
          None if transcribes else "distill.select_by (no modality transcribes)", notes, root.stages)
     check_choice(st.style, ("prefix", "cross_attention"), "distill.student.style")
     check_choice(st.tokenizer, ("whisper", "init_from"), "distill.student.tokenizer")
@@ -236,6 +237,32 @@ def token_losses(logits: torch.Tensor, batch: Batch, kd_temperature: float, with
 
 def _kd_positions(e: Example) -> int:
     return 0 if e.topk_ids is None else min(len(e.topk_ids), len(e.targets))
+
+
+def student_length_cap(pl_dir: Path, tokenizer, train: list[Example], spec) -> dict:
+    """The decoding cap the student keeps in its spec (StudentSpec.length_cap): pseudo_label's fit on the train
+    labels (length_cap.json), refitted the same way on the train examples where the student counts tokens with
+    another tokenizer than the one the fit counted them in; a constant at the longest train input for a student
+    whose frames are not the teacher's (prefix style pools them). {}: pseudo_label fitted none."""
+    from pipeline.registry import modality_registry
+    from stages.models.length_cap import constant_cap, fit_length_cap
+    from stages.pseudo_label import read_length_cap
+
+    got = read_length_cap(pl_dir)
+    if not got or not got.get("modalities"):
+        return {}
+    fits = dict(got["modalities"])
+    if tokenizer.spec.get("kind") != got["tokenizer"].get("kind"):
+        fits = {}
+        for m in sorted({e.modality for e in train}):
+            fs = modality_registry.get(m).frame_seconds if m in modality_registry else 0.0
+            fit = fit_length_cap([(0 if e.features is None else e.features.shape[0], len(e.targets))
+                                  for e in train if e.modality == m], fs, got.get("min_margin", 1.5))
+            if fit is not None:
+                fits[m] = fit
+    if spec.style != "cross_attention":
+        fits = {m: constant_cap(c) for m, c in fits.items()}
+    return fits
 
 
 def _whisper_teacher(ctx: StageContext, modalities: list[str]) -> tuple[dict | None, str | None]:
@@ -408,6 +435,8 @@ def run(ctx: StageContext) -> dict:
     zero_pad = (whisper_silence(teacher_ck, zero_mel=True).to(device)
                 if cfg.zero_pad_share > 0 and student.source_pad is not None else None)
     del teacher_ck
+    student.spec = dataclasses.replace(student.spec, length_cap=student_length_cap(
+        ctx.input_dir("pseudo_label"), tokenizer, train, student.spec))
     train, long_train = within_context(train, student.spec)
     val, long_val = within_context(val, student.spec)
     data.splits["train"], data.splits["val"] = train, val
@@ -454,7 +483,8 @@ def run(ctx: StageContext) -> dict:
         _truncate_metrics(ctx.dir / "metrics.jsonl", start)
     if start == 0 and dist.is_main:
         ctx.metric({"event": "start", "params": count_parameters(student), "train": len(train), "val": len(val),
-                    "modalities": data.feature_dims, "kd": with_kd, "init": student.spec.init, **data.counts})
+                    "modalities": data.feature_dims, "kd": with_kd, "init": student.spec.init, **data.counts,
+                    "length_cap": student.spec.length_cap})
 
     def validate_and_keep_best(step: int) -> None:
         if not val:
@@ -538,6 +568,8 @@ def run(ctx: StageContext) -> dict:
             if dist.is_main:
                 ckpts.save(done, models, {MODEL: opt}, sched, data_state=sampler.state_dict(),
                            extra={"best": dict(best), **({"selection": selection.state()} if confirmed else {})})
+                if confirmed:
+                    selection.checkpointed()
             distributed.barrier()
     bar.close()
     if cfg.steps == 0:

@@ -27,7 +27,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from pipeline import distributed
 from pipeline.config import minimum
+from pipeline.files import atomic_write_text
 from pipeline.errors import BadInput
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
@@ -56,6 +58,9 @@ class PseudoLabelConfig:
     # labelled by the teacher like any input and filtered like train, kept as split `augmented`: inputs the
     # student has not memorised, for `distill.inputs` / `adversarial.inputs` to take. 0: none.
     augment_copies: int = field(default=0, metadata=minimum(0))
+    # The students' decoding cap, margin x (a + b x seconds) tokens per input, fitted on the train labels
+    # (stages.models.length_cap; written to length_cap.json): the margin is at least this (0: no cap)
+    length_cap_min_margin: float = field(default=1.5, metadata=minimum(0.0))
 
 
 
@@ -192,9 +197,45 @@ def run(ctx: StageContext) -> dict:
         return res
 
     counts = run_units(ctx, units, process, kept_keys=("out", "filtered"), max_reject_fraction=cfg.max_reject_fraction)
+    if ctx.dist.is_main:
+        write_length_cap(ctx.dir, ctx.cfg.root, cfg.length_cap_min_margin)
+    distributed.barrier()
     return {"out": counts.get("out", 0), "filtered": counts.get("filtered", 0), "rejected": counts["rejected"],
             **{s: counts.get(s, 0) for s in ("train", "val", "test", AUGMENTED)},
             **({"pool": counts["pool"]} if counts.get("pool") else {})}
+
+
+LENGTH_CAP_FILE = "length_cap.json"
+
+
+def write_length_cap(stage_dir: Path, root, min_margin: float) -> dict:
+    """Fit the decoding cap of each modality on the train labels just written (stages.models.length_cap) and
+    write length_cap.json: {"tokenizer": the tokenizer the tokens were counted in, "modalities": {name: fit}}
+    ({} with min_margin 0: no cap). A chunked clip's chunks are labels of their own, as the students read them."""
+    from stages.models.labelled_data import load_labelled
+    from stages.models.length_cap import fit_length_cap
+    from stages.models.student import TextTokenizer
+
+    fits: dict = {}
+    if min_margin > 0:
+        tok = TextTokenizer({"kind": "whisper", "multilingual": False})
+        data = load_labelled(stage_dir, tok, 10**9, splits=("train",))
+        for m in data.modalities():
+            frame_s = modality_registry.get(m).frame_seconds if m in modality_registry.names() else 0.0
+            pts = [(0 if e.features is None else e.features.shape[0], len(e.targets))
+                   for e in data.splits["train"] if e.modality == m]
+            fit = fit_length_cap(pts, frame_s, min_margin)
+            if fit is not None:
+                fits[m] = fit
+    out = {"tokenizer": {"kind": "whisper", "multilingual": False}, "min_margin": min_margin, "modalities": fits}
+    atomic_write_text(stage_dir / LENGTH_CAP_FILE, json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_length_cap(stage_dir: Path) -> dict | None:
+    """length_cap.json of a pseudo_label directory (None: written before the cap existed)."""
+    p = Path(stage_dir) / LENGTH_CAP_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _copy_seed(seed: int, key: str, copy: int) -> int:

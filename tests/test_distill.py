@@ -356,8 +356,10 @@ def test_select_by_confirmed_val_wer_keeps_a_step_that_holds_at_the_next_check(t
     counts = json.loads((tmp_path / "conf/distill/manifest.json").read_text())["counts"]
     assert counts["best_step"] == want["step"] and counts["best_val_wer"] == want["val_wer"]
     assert f"step {want['step']}, the lowest val WER confirmed by the next check" in (out / "final/README.md").read_text()
-    picked = "candidate" if want["step"] == 8 else "best"
+    picked = "candidates/step-000008" if want["step"] == 8 else "best"
     assert (out / "final/lm/model.safetensors").read_bytes() == (out / picked / "lm/model.safetensors").read_bytes()
+    # the last checkpoint (step 8) names check 8: no other candidate is kept
+    assert [d.name for d in (out / "candidates").iterdir()] == ["step-000008"]
 
 
 def _val_set(n: int):

@@ -3,6 +3,7 @@
 The round trips run the loading side in a subprocess that imports no module of the project, and compare what it
 computes with the student's own decoding in this process."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -106,7 +107,12 @@ def test_whisper_folder_transcribes_outside_groundgan_as_the_student_does(cross_
     ours = g.tokens[0, : int(g.mask[0].sum())].tolist()
     theirs = got["generate"]
     assert theirs[: len(ours)] == ours[: len(theirs)] and len(theirs) >= min(len(ours), 8)
-    whole = generate(student, "audio", [enc], max_new_tokens=448)  # the pipeline decodes up to max_length
+    # the pipeline decodes up to max_length: the student without its length cap, which generation_config keeps
+    # for a caller to pass as max_new_tokens (transformers does not read it)
+    cap = json.loads((out / "generation_config.json").read_text())["length_cap"]
+    assert cap == {k: student.spec.length_cap["audio"][k] for k in ("a", "b", "margin", "frame_seconds")}
+    student.spec = dataclasses.replace(student.spec, length_cap={})
+    whole = generate(student, "audio", [enc], max_new_tokens=448)
     assert got["pipeline_text"].strip() == whole.texts[0]
     # logits of a fixed text: the student's, transformers' and openai-whisper's (all but the suppressed
     # <|startoftranscript|>, whose row is the marker's)

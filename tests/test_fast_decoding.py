@@ -281,3 +281,72 @@ def test_score_and_token_logprobs_read_the_tokens_only():
     assert flat.shape == (int(mask[:, 1:].sum()), s.spec.text_vocab)
     full = torch.log_softmax(s(ids, mask, "audio", feats)[:, :-1].float(), dim=-1)
     assert torch.allclose(flat, full[mask[:, 1:].bool()], atol=1e-5)
+
+
+def _capped(s, a: float = 1.0, b: float = 0.0, margin: float = 1.0, frame_seconds: float = 1.0):
+    """The student with a length cap on audio: ceil(margin x (a + b x frames x frame_seconds)) tokens."""
+    s.spec = dataclasses.replace(s.spec, length_cap={"audio": {"a": a, "b": b, "margin": margin,
+                                                               "frame_seconds": frame_seconds}})
+    return s
+
+
+def test_each_row_stops_at_its_length_cap_as_it_would_alone():
+    s = _student(5)  # rows that end after 3 to 16 tokens, and rows that loop to the 30
+    feats = _features(7, seed=2)
+    free = generate(s, "audio", feats, max_new_tokens=30)
+    natural = free.mask.sum(1)
+    _capped(s, a=1.0, b=0.5)  # cap = ceil(1 + frames / 2): 3 frames -> 3 tokens, 18 frames -> 10
+    caps = torch.tensor([s.spec.decode_cap("audio", f.shape[0]) for f in feats])
+    assert caps.tolist() == [int(-(-(2 + f.shape[0]) // 2)) for f in feats]
+    fast, ref = _both(lambda: generate(s, "audio", feats, max_new_tokens=30))
+    _same(fast, ref)
+    got = fast.mask.sum(1)
+    assert torch.equal(got, torch.minimum(natural, caps))  # a row stops at its cap or where it ended before
+    # stopped by the cap: not finished (unless it wrote end-of-text exactly there)
+    capped = natural > caps
+    assert capped.any() and (~capped).any() and not fast.finished[capped].any()
+    assert torch.equal(fast.finished[~capped], free.finished[~capped])
+    for i, f in enumerate(feats):  # each row's tokens are those of the first caps[i] tokens of its free decode
+        n = int(got[i])
+        assert torch.equal(fast.tokens[i, :n], free.tokens[i, :n])
+        alone = generate(s, "audio", [f], max_new_tokens=30)
+        assert torch.equal(alone.tokens[0, :n], fast.tokens[i, :n]) and int(alone.mask.sum()) == n
+    # max_new_tokens still bounds a row whose cap is higher; rows without features have no cap
+    short = generate(s, "audio", feats, max_new_tokens=2)
+    assert int(short.mask.sum(1).max()) <= 2
+    assert generate(s, "text", None, n=2, max_new_tokens=9).mask.sum(1).tolist() == generate(
+        _capped(_student(5), a=1.0), "text", None, n=2, max_new_tokens=9).mask.sum(1).tolist()
+
+
+def test_sampled_rows_stop_at_their_caps_with_the_same_streams():
+    s = _capped(_student(5), a=2.0, b=0.25)
+    feats = _features(5)
+    k = 3  # the phase's samples: k rows of one input draw together from its generator, and share its cap
+    rows = [f for f in feats for _ in range(k)]
+    gens = lambda: [g for i in range(5) for g in [torch.Generator().manual_seed(40 + i)] * k]  # noqa: E731
+    fast, ref = _both(lambda: generate(s, "audio", rows, temperature=1.0, max_new_tokens=20, generator=gens()))
+    _same(fast, ref)
+    caps = [s.spec.decode_cap("audio", f.shape[0]) for f in rows]
+    assert all(int(n) <= c for n, c in zip(fast.mask.sum(1), caps))
+    for i in range(5):  # each input's k rows as a call of their own
+        own = generate(s, "audio", rows[i * k:(i + 1) * k], temperature=1.0, max_new_tokens=20,
+                       generator=[torch.Generator().manual_seed(40 + i)] * k)
+        assert torch.equal(own.tokens, fast.tokens[i * k:(i + 1) * k, : own.tokens.shape[1]])
+
+
+def test_a_decode_stopped_at_its_cap_is_a_failed_attempt_of_the_fallback():
+    s = _student(5)
+    feats = _features(6, seed=2)
+    free = generate(s, "audio", feats, max_new_tokens=30)
+    _capped(s, a=4.0)  # every row may write 4 tokens
+    kw = dict(fallback=[0.5, 1.0], max_compression_ratio=1e9, max_new_tokens=30)
+    details: list = []
+    texts = generate_texts(s, "audio", feats, generator=torch.Generator().manual_seed(1), details=details, **kw)
+    longer = (free.mask.sum(1) > 4).tolist()
+    assert any(longer) and not all(longer)
+    # a row that ends within its 4 tokens passes; one that reaches the cap is decoded again at the temperatures
+    assert [d["fallback"] for d in details] == longer
+    with reference_decoding():
+        again: list = []
+        assert generate_texts(s, "audio", feats, generator=torch.Generator().manual_seed(1), details=again,
+                              **kw) == texts

@@ -213,7 +213,7 @@ def test_killed_again_and_again_from_scratch_gives_the_same_run(baseline, tmp_pa
         seen.append(r.stdout.strip().splitlines()[-1])  # the stage that was running
         TRIED.append(f"chain@{fault}")
     r = cli("run", TINY, "--run-dir", run, check=True)
-    assert "resuming partial work" in r.stdout
+    assert "resuming partial work" in r.stdout, (seen, r.stdout)
     # The kills landed in different stages, from pseudo_label to evaluate.
     assert seen[0].startswith("pseudo_label: running") and seen[-1].startswith(("adversarial", "evaluate")), seen
     assert_same_run(baseline, run)

@@ -159,12 +159,30 @@ def test_temperature_fallback_redecodes_only_looping_pieces():
 
     from stages.models.generation import generate_texts
 
+    import dataclasses
+
+    from stages.models.generation import generate
+
     s = _student("prefix")
     feats = _features(6)
     kw = dict(max_new_tokens=24)
+    # A random student never writes end-of-text: make the first piece's first greedy token its end-of-text, so that
+    # piece finishes (an empty text) and the others run to the cap.
+    first = int(generate(s, "audio", feats[:1], max_new_tokens=1).tokens[0, 0])
+    s.spec = dataclasses.replace(s.spec, eot_id=first)
+    g0 = generate(s, "audio", feats, **kw)
+    fin = g0.finished.tolist()
+    assert fin[0] and not all(fin)
     greedy = generate_texts(s, "audio", feats, **kw)
-    # Nothing above the threshold: the greedy texts, untouched.
-    assert generate_texts(s, "audio", feats, fallback=(0.5, 1.0), max_compression_ratio=1e9, **kw) == greedy
+    # Nothing above the threshold: a finished piece keeps its greedy text; a piece that stopped at its cap without
+    # end-of-text failed, and is decoded again.
+    details: list = []
+    got = generate_texts(s, "audio", feats, fallback=(0.5, 1.0), max_compression_ratio=1e9, details=details,
+                         generator=torch.Generator().manual_seed(0), **kw)
+    assert got[0] == greedy[0] == ""
+    assert [d["fallback"] for d in details] == [not f for f in fin]
+    assert all(got[i] == greedy[i] for i in range(len(fin)) if fin[i])
+    assert any(got[i] != greedy[i] for i in range(len(fin)) if not fin[i])
     # Every piece above it: each is decoded again; a text is replaced only by a less repetitive one.
     g = torch.Generator().manual_seed(0)
     redone = generate_texts(s, "audio", feats, fallback=(0.5, 1.0), max_compression_ratio=0.0, generator=g, **kw)
@@ -176,27 +194,45 @@ def test_temperature_fallback_redecodes_only_looping_pieces():
             == generate_texts(s, "audio", feats, temperature=1.0, generator=g2, **kw))
 
 
+def _sometimes_ends(s, below: float, sharpen: float = 8.0):
+    """A random student never writes end-of-text: its logits sharpened (x sharpen) and its end-of-text logit set
+    `below` each row's best other logit, so that greedy never ends and sampling at T = 1 ends now and then."""
+    head = s.head
+
+    def patched(h):
+        lg = head(h) * sharpen
+        other = lg.clone()
+        other[..., s.spec.eot_id] = float("-inf")
+        lg[..., s.spec.eot_id] = other.max(-1).values - below
+        return lg
+
+    s.head = patched
+    return s
+
+
 def test_fallback_best_of_keeps_the_most_likely_passing_sample():
     from whisper.utils import compression_ratio
 
     from stages.models.generation import generate, generate_texts
 
-    s = _student("prefix")
+    s = _sometimes_ends(_student("prefix"), 2.0)
     feats = _features(4)
     kw = dict(max_new_tokens=24)
     greedy = generate(s, "audio", feats, **kw)
-    # A threshold every greedy text fails (their loops compress) and the draws at T = 1 are checked against.
-    limit = min(compression_ratio(t) for t in greedy.texts) - 1e-6
+    assert not bool(greedy.finished.any())  # every greedy text fails: it runs to the cap
+    limit = 1.6
     got = generate_texts(s, "audio", feats, fallback=(1.0,), max_compression_ratio=limit, best_of=3,
                          generator=torch.Generator().manual_seed(5), **kw)
     # The same draws by hand: every piece three times, in order, from the same generator.
     draws = generate(s, "audio", [f for f in feats for _ in range(3)], temperature=1.0,
                      generator=torch.Generator().manual_seed(5), **kw)
     lp = (draws.logprobs.sum(1) / draws.mask.sum(1).clamp(min=1)).tolist()
+    fin = draws.finished.tolist()
+    assert any(fin) and not all(fin)  # draws that pass and draws that fail by running to the cap
     want, picked_not_first = [], 0
     for i in range(len(feats)):
         cand = [3 * i + j for j in range(3)]
-        passing = [c for c in cand if compression_ratio(draws.texts[c]) <= limit]
+        passing = [c for c in cand if fin[c] and compression_ratio(draws.texts[c]) <= limit]
         if passing:
             best = max(passing, key=lambda c: lp[c])
             picked_not_first += best != passing[0]
@@ -221,12 +257,36 @@ def test_ngram_repeats_counts_the_most_repeated_word_4gram():
     assert ngram_repeats("a b a b a b", n=2) == 3
 
 
-def test_ngram_check_sends_a_looping_piece_to_the_fallback():
+def _ends_at(s, n: int, monkeypatch):
+    """A random student never writes end-of-text: make every row of every `generate` call write it as its n-th
+    token (a loop that stops at the cap would fail the fallback's checks; these rows end there instead)."""
+    import stages.models.generation as gm
+
+    head, calls, real = s.head, [0], gm.generate
+
+    def patched(h):
+        calls[0] += 1
+        lg = head(h)
+        if calls[0] >= n:
+            lg = lg.clone()
+            lg[..., s.spec.eot_id] = lg.max(-1).values + 1.0
+        return lg
+
+    def counted(*a, **k):
+        calls[0] = 0
+        return real(*a, **k)
+
+    s.head = patched
+    monkeypatch.setattr(gm, "generate", counted)
+    return s
+
+
+def test_ngram_check_sends_a_looping_piece_to_the_fallback(monkeypatch):
     from stages.models.generation import generate, generate_texts, ngram_repeats
 
-    s = _student("prefix")
+    s = _ends_at(_student("prefix"), 24, monkeypatch)
     feats = _features(6)
-    kw = dict(max_new_tokens=24)
+    kw = dict(max_new_tokens=30)
     greedy = generate(s, "audio", feats, **kw).texts
     reps = [ngram_repeats(t) for t in greedy]
     limit = min(reps)  # the pieces above it loop by this measure; the others pass

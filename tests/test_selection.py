@@ -53,7 +53,8 @@ def test_the_last_check_is_scored_with_the_one_before_it(tmp_path):
     for i, w in enumerate(wers):
         sel.check(i, w, None, _save(i))
     folder, pick = sel.final_choice()
-    assert pick["step"] == expected(wers) == 4 and folder == tmp_path / "b" / "candidate" and _chosen(folder) == 4
+    assert pick["step"] == expected(wers) == 4 and folder == tmp_path / "b" / "candidates" / "step-000004"
+    assert _chosen(folder) == 4
     assert _chosen(tmp_path / "b" / "best") == 3  # best/ stays what the checks confirmed
 
 
@@ -77,4 +78,30 @@ def test_val_loss_breaks_ties_and_a_resumed_selection_ends_the_same(tmp_path):
 def test_a_check_without_a_val_wer_selects_nothing(tmp_path):
     sel = ConfirmedSelection(tmp_path)
     sel.check(0, None, 1.0, _save(0))
-    assert sel.final_choice() == (None, {}) and not (tmp_path / "candidate").exists()
+    assert sel.final_choice() == (None, {}) and not (tmp_path / "candidates").exists()
+
+
+def test_a_check_repeated_after_a_kill_scores_the_candidate_its_checkpoint_names(tmp_path):
+    """A stage checkpoints (state with check 1 pending), checks 2 and 3 run, it is killed before its next
+    checkpoint and resumes from the first: checks 2 and 3 run again. Each reads the candidate of the check its
+    state names (1, then 2), not the later students written before the kill."""
+    wers = [0.30, 0.12, 0.10, 0.40, 0.35]
+    whole = ConfirmedSelection(tmp_path / "whole")
+    for i, w in enumerate(wers):
+        whole.check(i, w, None, _save(i))
+    sel = ConfirmedSelection(tmp_path / "cut")
+    for i in range(2):
+        sel.check(i, wers[i], None, _save(i))
+    state = json.loads(json.dumps(sel.state()))
+    sel.checkpointed()  # the checkpoint with check 1 pending: check 0's candidate goes
+    assert sorted(d.name for d in (tmp_path / "cut" / "candidates").iterdir()) == ["step-000001"]
+    for i in range(2, 4):  # past the checkpoint, then killed
+        sel.check(i, wers[i], None, _save(i))
+    again = ConfirmedSelection(tmp_path / "cut", state)  # resumed from the checkpoint
+    for i in range(2, 5):
+        again.check(i, wers[i], None, _save(i))
+    assert again.final_choice()[1] == whole.final_choice()[1]
+    assert _chosen(again.final_choice()[0]) == _chosen(whole.final_choice()[0]) == expected(wers) == 1
+    assert _chosen(tmp_path / "cut" / "best") == _chosen(tmp_path / "whole" / "best")
+    again.checkpointed()
+    assert sorted(d.name for d in (tmp_path / "cut" / "candidates").iterdir()) == ["step-000004"]

@@ -116,7 +116,7 @@ def validate_config(root) -> list[str]:
          notes, root.stages)
     why = ("the run is unanchored" if not a.anchored else
            "no modality transcribes" if not transcribing_modalities(root) else None)
-    take(a, "select_by", "last" if why else "val_wer", f"adversarial.select_by ({why})" if why else None,
+    take(a, "select_by", "last" if why else "confirmed_val_wer", f"adversarial.select_by ({why})" if why else None,
          notes, root.stages)
     check_choice(a.disc_backbone, ("student", "teacher"), "adversarial.disc_backbone")
     check_choice(a.judge, ("input", "text", "none"), "adversarial.judge")

@@ -247,7 +247,11 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
     else:
         rec["reward"] = distributed.sum_floats({"reward": batch_reward(ph.discs, fake, cfg.text_reward_all)},
                                                device)["reward"]
-    rec["_texts"], rec["_lengths"], rec["_label"] = fake_texts, length_sums(real, fake), examples[0].text
+    lengths = length_sums(real, fake)
+    # samples stopped by the length cap (or max_new_tokens) without end-of-text: judged as they are, counted here
+    last = fake.input_ids.gather(1, fake.attention_mask.sum(1, keepdim=True) - 1).squeeze(1)
+    lengths["fake_unfinished"] = float((last != ph.student.spec.eot_id).sum())
+    rec["_texts"], rec["_lengths"], rec["_label"] = fake_texts, lengths, examples[0].text
     return rec
 
 
@@ -257,7 +261,9 @@ def _log(ctx: StageContext, ph: Phase, rec: dict, moves: bool) -> None:
     texts = [t for part in distributed.all_gather_objects(rec["_texts"]) for t in part]  # in batch order
     rec["distinct_2"] = distinct_n(texts, 2)
     rec["self_bleu_4"] = self_bleu_4(texts)
-    rec["length_ratio"] = length_ratio(distributed.sum_floats(rec["_lengths"], ctx.device))
+    sums = distributed.sum_floats(rec["_lengths"], ctx.device)
+    rec["length_ratio"] = length_ratio(sums)
+    rec["unfinished"] = sums["fake_unfinished"] / sums["fake_rows"] if sums["fake_rows"] else None
     rec["sample"] = texts[0]
     rec["label"] = rec["_label"] if ctx.section.anchored else None
     ph.stop_reason = guard_trip(ctx.section.guards, rec) if moves else None
@@ -338,6 +344,8 @@ def run(ctx: StageContext) -> dict:
     def save_checkpoint(done: int) -> None:
         if dist.is_main:
             ckpts.save(done, ph.models(), ph.optimizers(), data_state=ph.sampler.state_dict(), extra=ph.state_dict())
+            if ph.selection is not None:
+                ph.selection.checkpointed()
 
     total = cfg.disc_warmup_steps + cfg.steps
     bar = ctx.progress_bar(total=total, initial=start)

@@ -265,10 +265,12 @@ def whisper_model(student, teacher, modality: str, no_speech: tuple | None = Non
     return model, {"dims": odims, "model_state_dict": od}, fit
 
 
-def generation_config(tok, decoding: dict, max_length: int):
+def generation_config(tok, decoding: dict, max_length: int, length_cap: dict | None = None):
     """Whisper's generate settings for the exported student: the prompt <|startoftranscript|> <|notimestamps|>
     (its marker and bos), greedy, the special tokens openai-whisper suppresses, and the run's fallback
-    (temperatures, compression-ratio and log-prob thresholds) as Whisper's generate reads them."""
+    (temperatures, compression-ratio and log-prob thresholds) as Whisper's generate reads them. length_cap (the
+    student's, stages.models.length_cap) is kept as `length_cap`: Whisper's generate does not read it; a caller
+    passes max_new_tokens = ceil(margin x (a + b x seconds)) per clip (docs/export.md)."""
     from transformers import GenerationConfig
 
     suppress = sorted({tok.sot, tok.sot_prev, tok.sot_lm, tok.transcribe, tok.translate, tok.no_timestamps}
@@ -280,6 +282,8 @@ def generation_config(tok, decoding: dict, max_length: int):
                           suppress_tokens=suppress, begin_suppress_tokens=None,
                           no_timestamps_token_id=tok.no_timestamps, is_multilingual=False, return_timestamps=False,
                           max_initial_timestamp_index=50)
+    if length_cap:
+        gc.length_cap = {k: length_cap[k] for k in ("a", "b", "margin", "frame_seconds")}
     # no lang_to_id / task_to_id: their presence makes Whisper's generate detect a language and put a token
     # between <|startoftranscript|> and <|notimestamps|>
     if len(temps) > 1:
@@ -395,7 +399,8 @@ def export_student(final: Path, out: Path, decoding: dict, modalities: dict, tea
             import whisper.tokenizer as wt
 
             model.generation_config = generation_config(wt.get_tokenizer(multilingual=False), decoding,
-                                                        student.lm.config.max_target_positions)
+                                                        student.lm.config.max_target_positions,
+                                                        student.spec.length_cap.get(wm))
             model.save_pretrained(str(tmp))
             WhisperProcessor(feature_extractor=feature_extractor(teacher.dims), tokenizer=tok).save_pretrained(str(tmp))
             torch.save(ckpt, str(tmp / (OPENAI_FILE + ".tmp")))

@@ -97,7 +97,9 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
     torch.Generator sampling draws from (on the student's device), or a list of one per row: consecutive rows
     holding the same generator object draw together, as a call of their own would (the phase's k samples of
     one input), and their draws then depend on that generator alone, whatever else is in the batch. Rows stop
-    at end-of-text. Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the
+    at end-of-text or at their cap: max_new_tokens, or less where the student has a length cap for the row's
+    modality (StudentSpec.length_cap: margin x (a + b x seconds) tokens, from the row's feature frames; a row
+    stopped there has finished False). Rows are decoded in groups of one modality, in row order, so a row's tokens depend on the
     generator's state and its group, never on padding. A cross_attention student decodes with
     _decode_group_cached (reference_decoding(): the loop it replaced).
     """
@@ -115,6 +117,7 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
     mask = torch.zeros_like(tokens)
     logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    limits = row_limits(student, modality, features, feature_mask, B, max_new)
     was_training = student.training
     student.eval()
     try:
@@ -122,7 +125,8 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
             idx = torch.tensor(rows, device=dev)
             f, fm = _group_features(features, feature_mask, rows, idx, dev)
             gen = [generator[i] for i in rows] if isinstance(generator, (list, tuple)) else generator
-            out = _decode_group(student, m, f, fm, len(rows), prompt_ids, temperature, top_p, max_new, gen)
+            lim = torch.tensor([limits[i] for i in rows], dtype=torch.long, device=dev)
+            out = _decode_group(student, m, f, fm, len(rows), prompt_ids, temperature, top_p, max_new, gen, lim)
             tokens[idx, : out[0].shape[1]] = out[0]
             mask[idx, : out[0].shape[1]] = out[1]
             logprobs[idx, : out[0].shape[1]] = out[2]
@@ -134,6 +138,24 @@ def generate(student: Student, modality: str | Sequence[str] = "text", features:
     tok = student.tokenizer
     texts = [tok.decode(row[: int(k)].tolist()) for row, k in zip(tokens, mask.sum(1))]
     return Generated(tokens, mask, logprobs, finished, texts, prompt_ids)
+
+
+def row_limits(student: Student, modality, features, feature_mask, b: int, max_new: int) -> list[int]:
+    """Tokens each of b rows may decode: max_new, or the student's length cap for the row (StudentSpec.decode_cap
+    from its modality and feature frames) where lower. Rows without features have no cap but max_new."""
+    spec = student.spec
+    if not getattr(spec, "length_cap", None) or features is None:
+        return [max_new] * b
+    mods = [modality] * b if isinstance(modality, str) else list(modality)
+    out = []
+    for i in range(b):
+        if isinstance(features, (list, tuple)):
+            frames = None if features[i] is None else int(features[i].shape[0])
+        else:
+            frames = int(feature_mask[i].sum()) if feature_mask is not None else int(features.shape[1])
+        cap = None if frames is None else spec.decode_cap(mods[i], frames)
+        out.append(max_new if cap is None else min(max_new, cap))
+    return out
 
 
 def _group_features(features, feature_mask, rows, idx, dev):
@@ -165,13 +187,17 @@ def reference_decoding():
         _REFERENCE.pop()
 
 
-def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator, limits=None):
     """One modality's rows: the cached decoder (_decode_group_cached) for a cross_attention student, else the
-    reference loop."""
+    reference loop. limits: tokens each row may decode ([b], each at most max_new; None: max_new)."""
+    if limits is None:
+        limits = torch.full((b,), max_new, dtype=torch.long, device=student.device)
     if not _REFERENCE[-1] and student.spec.style == "cross_attention" and hasattr(getattr(student.lm, "model", None),
                                                                                  "decoder"):
-        return _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator)
-    return _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator)
+        return _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator,
+                                    limits)
+    return _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator,
+                                   limits)
 
 
 def _generator_groups(generator, b: int) -> list[tuple[int, int, Any]]:
@@ -241,7 +267,7 @@ def _layer(layer, x: torch.Tensor, pos: int, self_k: torch.Tensor, self_v: torch
     return x + layer.fc2(layer.activation_fn(layer.fc1(h)))
 
 
-def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator, limits):
     """_decode_group_reference's rows, tokens and log-probs (to float noise) from a decoder loop of its own over
     the Whisper decoder's weights: the cross-attention keys and values computed once per call (the silence
     tail's once per weights version, shared by every row: Student.cross_kv), the self-attention's in a
@@ -266,6 +292,7 @@ def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, t
         x = _layer(layer, x, 0, self_k[i], self_v[i], cross[i], causal)
     logits = student.head(dec.layer_norm(x[:, -1]))
     live = torch.arange(b, device=dev)  # the rows in the compute batch, by their index in the group
+    stopped = done.clone()  # rows out of the batch: ended, or at their cap (those stay done = False)
     groups = _generator_groups(generator, b) if temperature > 0 else None
     V = logits.shape[-1]
     for t in range(max_new):
@@ -273,7 +300,7 @@ def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, t
             full = logits.new_zeros(b, V) if live.numel() < b else logits
             if live.numel() < b:
                 full[live] = logits
-            nxt = _draw(full, done, temperature, top_p, groups)[live]
+            nxt = _draw(full, stopped, temperature, top_p, groups)[live]
         else:
             nxt = logits.argmax(-1)
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
@@ -282,10 +309,12 @@ def _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, t
         lps[live, t] = lp
         ended = nxt == eot
         done[live] = ended
-        if bool(done.all()) or t == max_new - 1:
+        out = ended | (limits[live] <= t + 1)
+        stopped[live] = out
+        if bool(stopped.all()) or t == max_new - 1:
             break
-        if bool(ended.any()):  # drop the rows that ended from every cache
-            keep = (~ended).nonzero().squeeze(1)
+        if bool(out.any()):  # drop the rows that ended or reached their cap from every cache
+            keep = (~out).nonzero().squeeze(1)
             live, nxt = live[keep], nxt[keep]
             self_k = [k.index_select(0, keep) for k in self_k]
             self_v = [v.index_select(0, keep) for v in self_v]
@@ -305,7 +334,7 @@ def _outputs(b: int, max_new: int, eot: int, dev) -> tuple:
             torch.zeros(b, dtype=torch.bool, device=dev))
 
 
-def _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator):
+def _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator, limits):
     """One modality's rows: prefill the conditioning and the prompt, then one token per step with the cache."""
     dev, eot = student.device, student.spec.eot_id
     toks, mask, lps, done = _outputs(b, max_new, eot, dev)
@@ -314,16 +343,18 @@ def _decode_group_reference(student, modality, f, fm, b, prompt_ids, temperature
     prompt = torch.tensor([prompt_ids] * b, dtype=torch.long, device=dev)
     logits, cache = student.prefill(prompt, modality, f, fm)
     groups = _generator_groups(generator, b) if temperature > 0 else None
+    stopped = done.clone()  # ended, or at the row's cap
     for t in range(max_new):
-        nxt = _draw(logits, done, temperature, top_p, groups) if temperature > 0 else logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        nxt = _draw(logits, stopped, temperature, top_p, groups) if temperature > 0 else logits.argmax(-1)
+        nxt = torch.where(stopped, torch.full_like(nxt, eot), nxt)
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-        live = ~done
+        live = ~stopped
         toks[:, t] = nxt
         mask[:, t] = live.long()
         lps[:, t] = torch.where(live, lp, torch.zeros_like(lp))
-        done = done | (nxt == eot)
-        if bool(done.all()) or t == max_new - 1:
+        done = done | (live & (nxt == eot))
+        stopped = stopped | (nxt == eot) | (limits <= t + 1)
+        if bool(stopped.all()) or t == max_new - 1:
             break
         logits, cache = student.decode_step(nxt, cache)
     return toks, mask, lps, done
@@ -369,7 +400,8 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
                    details: list[dict] | None = None, **kw) -> list[str]:
     """The text of every input: `generate` over its pieces (feature_windows), the pieces' texts joined by a
     space. features: a list of [T_i, D] tensors, or None (give n); chunks: beside them, each input's chunk
-    frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece whose text's
+    frame counts or None. fallback: Whisper's temperature fallback, for greedy decoding: a piece that stopped
+    at its cap (the student's length cap, or max_new_tokens) without end-of-text, or whose text's
     compression ratio (whisper.utils.compression_ratio: utf-8 bytes over zlib-compressed bytes; a loop
     compresses well) exceeds max_compression_ratio, or whose mean token log-prob is
     below min_avg_logprob, or in which a word 4-gram occurs more than max_ngram_repeats times (None: those
@@ -417,9 +449,9 @@ def generate_texts(student: Student, modality: str, features: list[torch.Tensor]
             than speech), then the compression ratio."""
             lp = (g.logprobs.sum(1) / g.mask.sum(1).clamp(min=1)).tolist()
             rows = []
-            for t, a in zip(g.texts, lp):
+            for t, a, fin in zip(g.texts, lp, g.finished.tolist()):
                 c, r = compression_ratio(t), (ngram_repeats(t) if max_ngram_repeats is not None else 0)
-                ok = (c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob)
+                ok = (fin and c <= max_compression_ratio and (min_avg_logprob is None or a >= min_avg_logprob)
                       and (max_ngram_repeats is None or r <= max_ngram_repeats))
                 rows.append((ok, (r, c), a))
             return rows

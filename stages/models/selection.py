@@ -10,11 +10,15 @@ confirm each other, the better), then the lower val loss where the stage has one
 (nearer the one the stage started from).
 
 On disk, in the stage directory:
-    candidate/   the student of the last check, until the next check scores it (save_student layout)
-    best/        the best confirmed student so far
+    candidates/step-XXXXXX/   the student of a check, until a later check has scored it (save_student layout)
+    best/                     the best confirmed student so far
 The state (`state()`, kept in the stage's checkpoints) is what the checks saw; final/ takes, at the end, best/ or
-candidate/ (the last check, scored with the one before it), whichever scores lower: best/ itself stays what the
+the last check's candidate (scored with the check before it), whichever scores lower: best/ itself stays what the
 checkpoint's state says, so that training longer continues from the same selection.
+
+A killed stage resumes from its newest checkpoint and repeats the checks made after it: each check's candidate is
+a folder of its own, kept until a checkpoint's state no longer names it (the stage calls `checkpointed()` after each
+checkpoint), so a repeated check scores the candidate its checkpoint's state names, never a later check's student.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-CANDIDATE, BEST = "candidate", "best"
+CANDIDATES, BEST = "candidates", "best"
+LEGACY_CANDIDATE = "candidate"  # one folder for the pending check's student (before candidates/)
 
 
 def _key(score: float, check: dict) -> tuple:
@@ -41,7 +46,7 @@ class ConfirmedSelection:
         """What state() returned (a checkpoint's, or the main process's after a check); None: nothing checked."""
         st = state or {}
         self.best: dict = dict(st.get("best") or {"step": None, "val_wer": None, "val_loss": None, "score": None})
-        self.pending: Optional[dict] = st.get("pending")  # the last check; its student is in candidate/
+        self.pending: Optional[dict] = st.get("pending")  # the last check; its student is in candidate(step)
         self.previous: Optional[dict] = st.get("previous")  # the check before it
 
     def state(self) -> dict:
@@ -56,19 +61,19 @@ class ConfirmedSelection:
             return
         if self.pending is not None:
             self._consider(self.pending, max(self.pending["val_wer"], val_wer))
-        save(self.dir / CANDIDATE)
+        save(self.candidate(step))
         self.previous = self.pending
         self.pending = {"step": int(step), "val_wer": float(val_wer), "val_loss": val_loss}
 
     def final_choice(self) -> tuple[Optional[Path], dict]:
-        """(the folder final/ takes, the chosen check with its score): best/, or candidate/ where the last check,
+        """(the folder final/ takes, the chosen check with its score): best/, or the last check's candidate where it,
         scored with the check before it, beats best/. (None, {}) when nothing was checked. Writes nothing."""
         last = self.pending
         if last is not None:
             before = self.previous["val_wer"] if self.previous is not None else last["val_wer"]
             score = max(last["val_wer"], before)
             if self.best["step"] is None or _key(score, last) < _key(self.best["score"], self.best):
-                return self.dir / CANDIDATE, dict(last, score=score)
+                return self.candidate(last["step"]), dict(last, score=score)
         if self.best["step"] is None:
             return None, {}
         return self.dir / BEST, dict(self.best)
@@ -79,5 +84,25 @@ class ConfirmedSelection:
         from stages.models.student import student_folder
 
         with student_folder(self.dir / BEST) as tmp:  # the previous best/ stays whole until this one is written
-            shutil.copytree(self.dir / CANDIDATE, tmp, dirs_exist_ok=True)
+            shutil.copytree(self.candidate(check["step"]), tmp, dirs_exist_ok=True)
         self.best = dict(check, score=score)
+
+    def candidate(self, step: int) -> Path:
+        """The folder of the check at `step`'s student (a stage directory written before candidates/ holds the
+        pending one in candidate/)."""
+        own = self.dir / CANDIDATES / f"step-{int(step):06d}"
+        legacy = self.dir / LEGACY_CANDIDATE
+        if not own.is_dir() and legacy.is_dir() and self.pending is not None and int(step) == self.pending["step"]:
+            return legacy
+        return own
+
+    def checkpointed(self) -> None:
+        """A checkpoint with this state is complete: a resume starts from it or a later one, so only the pending
+        check's candidate (and later ones) can be needed again. Removes the others (main process only)."""
+        root = self.dir / CANDIDATES
+        keep = None if self.pending is None else f"step-{int(self.pending['step']):06d}"
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            if keep is None or d.name < keep:
+                shutil.rmtree(d, ignore_errors=True)
+        if (self.dir / LEGACY_CANDIDATE).is_dir() and (self.dir / CANDIDATES / (keep or "")).is_dir():
+            shutil.rmtree(self.dir / LEGACY_CANDIDATE, ignore_errors=True)

@@ -243,9 +243,19 @@ class StudentSpec:
     direct: list[str] = field(default_factory=list)  # cross_attention: modalities whose features feed the decoder as they are
     n_heads: int = 4  # for the transformer projector
     init: str = "random"  # where the LM's weights came from (for the model card)
+    # modality -> the decoding cap fitted on the teacher's train labels (stages.models.length_cap; {}: none)
+    length_cap: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def decode_cap(self, modality: str, frames: int) -> int | None:
+        """Tokens (end-of-text included) a row of `modality` with `frames` feature frames may decode; None: no cap
+        for it (stages.models.length_cap)."""
+        from stages.models.length_cap import cap_tokens
+
+        cap = self.length_cap.get(modality)
+        return None if cap is None else cap_tokens(cap, frames)
 
 
 # ------------------------------------------------------------------------------------------------- student
