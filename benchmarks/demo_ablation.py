@@ -1,6 +1,7 @@
 """MLE-only vs adversarial, anchored vs unanchored, over seeds, on the demo data's held-out split.
 
-    .venv/bin/python benchmarks/demo_ablation.py [--seeds 0 1] [--out runs/ablation] [--reuse runs/demo] [key=value ...]
+    .venv/bin/python benchmarks/demo_ablation.py [--seeds 0 1] [--out runs/ablation] [--reuse runs/demo]
+        [--arms onpolicy_kd text_judge unanchored] [key=value ...]
 
 For each seed S this runs the whole demo graph with `seed=S` (ingest and pseudo_label reused from --reuse when
 their config matches; the demo keeps the adversarial step with the lowest val WER, the distilled student
@@ -32,12 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 # (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
-ARMS = [("", []),
+ALL_ARMS = [("", []),
         ("last", ["adversarial.select_by=last"]),
         ("unanchored", ["adversarial.anchored=false"]),
         ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"]),
         ("onpolicy_kd", [str(ROOT / "configs/arms/onpolicy_kd.yaml")]),
         ("text_judge", [str(ROOT / "configs/arms/text_judge.yaml")])]
+ARMS = list(ALL_ARMS)  # the ones this run makes (--arms)
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step",
           "onpolicy_kd": "no judge head (on-policy reverse KL), picked by val WER",
@@ -76,8 +78,12 @@ def main() -> int:
     ap.add_argument("--greedy-too", action="store_true",
                     help="also score every run with plain greedy decoding (decoding.fallback_temperatures=[]): "
                          "a run OUT/seedS[-name]-greedy that reuses everything but evaluate")
+    ap.add_argument("--arms", nargs="+", choices=[n for n, _ in ALL_ARMS[1:]], default=[n for n, _ in ALL_ARMS[1:]],
+                    help="which arms beside the recipe's own run (default: all)")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     a = ap.parse_args()
+    global ARMS
+    ARMS = [ALL_ARMS[0]] + [(n, o) for n, o in ALL_ARMS[1:] if n in a.arms]
     out = ROOT / a.out
     runs: list[Path] = []
     for seed in a.seeds:

@@ -223,7 +223,7 @@ def token_losses(logits: torch.Tensor, batch: Batch, kd_temperature: float, with
     lg = logits.float()
     tgt = batch.input_ids[:, 1:][m]
     ce = F.cross_entropy(lg, tgt, reduction="sum")
-    out = {"ce": ce, "correct": (lg.argmax(-1) == tgt).sum().to(lg.dtype).detach()}
+    out = {"ce": ce, "correct": (lg.detach().max(-1).indices == tgt).sum().to(lg.dtype)}  # max().indices: argmax
     if with_kd and batch.topk_ids is not None:
         tau = kd_temperature
         student_lp = torch.log_softmax(lg / tau, dim=-1).gather(-1, batch.topk_ids[m])  # [N, k]
