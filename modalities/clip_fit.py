@@ -83,11 +83,11 @@ class ClipFitConfig:
     image_augment: List[str] = field(default_factory=list)  # more views of a training image (VIEWS: mirror, zoom_in,
                                                             # zoom_out), their features cached like the image's own;
                                                             # each step draws the image or one of its views per pair
-    image_unlock: int = 0  # trailing units of the image trunk (timm EfficientNet-style) that learn with the
+    image_unlock: int = 1  # trailing units of the image trunk (timm EfficientNet-style) that learn with the
                            # projection: 0 none (LiT's locked tower); 1 conv_head + bn2 (the last 1x1 conv and its
                            # norm); n > 1 also the last n - 1 blocks. Their input is computed once per image and
                            # cached; their norms keep their running statistics (eval mode) and learn scale and shift
-    image_unlock_lr: float = 0.1  # the unlocked units' lr, a multiple of lr (no weight decay on them)
+    image_unlock_lr: float = 1.0  # the unlocked units' lr, a multiple of lr (no weight decay on them)
     steps: int = 400  # optimiser steps
     batch_size: int = 512  # pairs per step (the contrastive negatives)
     lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0

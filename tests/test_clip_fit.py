@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 def small_cfg(tower: Path, **kw) -> ClipFitConfig:
     base = dict(image_tower=IMAGE_TOWER, text_tower=str(tower), image_size=32, steps=60, batch_size=32, eval_every=20,
                 lr=1e-2, caption_template="{caption}", image_dropout=0.0, weight_decay=0.0, select_by="retrieval",
-                vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"])
+                vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"], image_unlock=0)
     base.update(kw)
     return ClipFitConfig(**base)
 
