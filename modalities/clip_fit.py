@@ -3,7 +3,8 @@
 A frozen pretrained image tower (timm) and a frozen pretrained text tower (a Hugging Face BERT-style sentence
 encoder) are joined by two linear projections and a temperature, trained with open_clip's own ClipLoss on
 image-caption pairs (modalities.clip_pairs). Only the projections learn, so each tower's pooled features are
-computed once (and cached on disk), and training is a few hundred steps over two small matrices.
+computed once (and cached on disk), and training is a few hundred steps over two small matrices. With
+image_unlock the image trunk's last units learn too, from their input, likewise computed once and cached.
 
 The result is a folder that open_clip 3.3.0 loads by itself:
 
@@ -82,6 +83,11 @@ class ClipFitConfig:
     image_augment: List[str] = field(default_factory=list)  # more views of a training image (VIEWS: mirror, zoom_in,
                                                             # zoom_out), their features cached like the image's own;
                                                             # each step draws the image or one of its views per pair
+    image_unlock: int = 1  # trailing units of the image trunk (timm EfficientNet-style) that learn with the
+                           # projection: 0 none (LiT's locked tower); 1 conv_head + bn2 (the last 1x1 conv and its
+                           # norm); n > 1 also the last n - 1 blocks. Their input is computed once per image and
+                           # cached; their norms keep their running statistics (eval mode) and learn scale and shift
+    image_unlock_lr: float = 1.0  # the unlocked units' lr, a multiple of lr (no weight decay on them)
     steps: int = 400  # optimiser steps
     batch_size: int = 512  # pairs per step (the contrastive negatives)
     lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0
@@ -172,6 +178,25 @@ def open_local_dir(folder: Path):
     text_cfg = dict(text_cfg, hf_model_name=str(folder), hf_model_pretrained=False)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", text_cfg=text_cfg)
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+
+
+def trunk_split(trunk, unlock: int):
+    """A timm EfficientNet-style trunk (conv_stem, bn1, blocks, conv_head, bn2, global_pool) -> (front, tail), two
+    nn.Sequential of its own modules with tail(front(x)) == trunk(x): tail is the last `unlock` units (1: conv_head,
+    bn2 and the pooling; n > 1: the last n - 1 blocks before them), front the rest."""
+    import torch.nn as nn
+
+    if not all(hasattr(trunk, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+        raise UserError(f"fit-clip: image_unlock needs an EfficientNet-style timm trunk (conv_stem, blocks, conv_head, "
+                        f"bn2), not {type(trunk).__name__}")
+    blocks = [b for stage in trunk.blocks for b in stage]
+    if not 1 <= unlock <= len(blocks) + 1:
+        raise UserError(f"fit-clip: image_unlock must be 0 to {len(blocks) + 1} for this trunk, got {unlock}")
+    if getattr(trunk, "drop_rate", 0) or not isinstance(getattr(trunk, "classifier", nn.Identity()), nn.Identity):
+        raise UserError("fit-clip: image_unlock needs a trunk without dropout or classifier after the pooling")
+    k = len(blocks) - (unlock - 1)
+    return (nn.Sequential(trunk.conv_stem, trunk.bn1, *blocks[:k]),
+            nn.Sequential(*blocks[k:], trunk.conv_head, trunk.bn2, trunk.global_pool))
 
 
 def _load_towers(model, cfg: ClipFitConfig, text_folder: Path) -> dict:
@@ -265,25 +290,27 @@ def image_view(im, view: str):
     raise ValueError(view)
 
 
-def _add_image_features(cache: FeatureCache, images: dict, model, preprocess) -> None:
+def _add_image_features(cache: FeatureCache, images: dict, model, preprocess, unlock: int = 0) -> None:
     if images:
-        for k, f in zip(images, image_features(model, preprocess, list(images.values()))):
+        for k, f in zip(images, image_features(model, preprocess, list(images.values()), unlock=unlock)):
             cache.put(k, f)
 
 
-def image_features(model, preprocess, images: list, batch: int = 16):
-    """RGB PIL images -> the frozen image tower's pooled features [N, D_image] (before the projection). The tower
-    runs channels-last, 16 images a call: faster on CPU for EfficientNet's depthwise convolutions
+def image_features(model, preprocess, images: list, batch: int = 16, unlock: int = 0):
+    """RGB PIL images -> the frozen image tower's pooled features [N, D_image] (before the projection), or with
+    unlock > 0 the input of the trunk's last `unlock` units (trunk_split's front) [N, C, H, W]. The tower runs
+    channels-last, 16 images a call: faster on CPU for EfficientNet's depthwise convolutions
     (benchmarks/clip_features.py; docs/clip-teacher.md)."""
     import torch
 
     out = []
     trunk = model.visual.trunk.to(memory_format=torch.channels_last)
+    net = trunk_split(trunk, unlock)[0] if unlock else trunk
     try:
         with torch.inference_mode():
             for i in range(0, len(images), batch):
                 x = torch.stack([preprocess(im) for im in images[i: i + batch]])
-                out.append(trunk(x.contiguous(memory_format=torch.channels_last)).float())
+                out.append(net(x.contiguous(memory_format=torch.channels_last)).float().contiguous())
     finally:
         trunk.to(memory_format=torch.contiguous_format)
     return torch.cat(out).numpy()
@@ -327,7 +354,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     PixelIndex)]); pairs whose image does not decode or has an evaluation image's pixels are left out.
 
     Returns (kept pairs, image features [views, N, D_image] (the image's own first, then image_augment's views:
-    only training pairs' views are computed; a held-out pair's rows there repeat its own), caption features
+    only training pairs' views are computed; a held-out pair's rows there repeat its own; with image_unlock, the
+    unlocked units' input [views, N, C, H, W] instead, cached apart from the pooled features), caption features
     [phrasings, N, D_text] (caption_template's first, then caption_augment's), {reason: pairs left out},
     {"image": computed, "text": computed})."""
     import torch
@@ -335,7 +363,10 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     from modalities.image import decode_image
     from pipeline.files import sha256_bytes
 
-    icache = FeatureCache(_cache_path(cache_dir, "image", {**provenance["image_tower"], "preprocess": preprocess_cfg}))
+    unlock = cfg.image_unlock
+    icache = FeatureCache(_cache_path(cache_dir, f"image_in{unlock}" if unlock else "image",
+                                      {**provenance["image_tower"], "preprocess": preprocess_cfg,
+                                       **({"unlock": unlock} if unlock else {})}))
     excluded: dict[str, int] = {}
     kept, image_keys, pending = [], [], {}
     for p in pairs:
@@ -360,12 +391,12 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
         kept.append(p)
         image_keys.append(key)
         if len(pending) >= 64:
-            _add_image_features(icache, pending, model, preprocess)
+            _add_image_features(icache, pending, model, preprocess, unlock)
             pending = {}
             log.info("fit-clip: image features for %d of %d pairs", len(kept), len(pairs))
             if icache.added % 1024 < 64:  # an interrupted first fit keeps most of its work
                 icache.save()
-    _add_image_features(icache, pending, model, preprocess)
+    _add_image_features(icache, pending, model, preprocess, unlock)
     icache.save()
     phrasings = [cfg.caption_template, *cfg.caption_augment]
     texts = [t.replace("{caption}", p.caption) for t in phrasings for p in kept]
@@ -509,18 +540,34 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         prompt_f = torch.from_numpy(text_features(model, tokenizer, [t.replace("{label}", c) for c in cfg.vocabulary
                                                                       for t in cfg.templates])) if zs_rows else None
 
-        raw_img_f = img_f
+        # image_unlock: the trunk's last units learn, from their cached input (img_f), in eval mode (their norms'
+        # running statistics stay); they are the model's own modules, so the saved weights carry them
+        tail = trunk_split(model.visual.trunk, cfg.image_unlock)[1] if cfg.image_unlock else None
+        standardizing = False
+
+        def pooled(view, idx):
+            """The image tower's pooled features of rows idx (view: None, or one view per row); standardised while
+            the projection trains."""
+            x = img_f[0 if view is None else view, idx]
+            if tail is not None:
+                x = tail(x)
+            return (x - mu) / sd if standardizing else x
+
         if cfg.standardize:  # per-feature mean and spread of the training images; folded into the projection below
-            mu, sd = img_f[0, train].mean(0), img_f[0, train].std(0).clamp(min=1e-6)
-            img_f = (img_f - mu) / sd
+            with torch.no_grad():
+                base = torch.cat([pooled(None, rows) for rows in torch.tensor(train).split(512)])
+            mu, sd = base.mean(0), base.std(0).clamp(min=1e-6)
+            standardizing = True
             if cfg.image_proj == "linear":
                 with torch.no_grad():
                     model.visual.head.proj.bias.zero_()
         heads = [model.visual.head, model.text.proj]
-        params = [p for h in heads for p in h.parameters()] + [model.logit_scale]
+        groups = [{"params": [p for h in heads for p in h.parameters()] + [model.logit_scale]}]
+        if tail is not None:
+            groups.append({"params": list(tail.parameters()), "lr": cfg.lr * cfg.image_unlock_lr, "weight_decay": 0.0})
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, cfg.steps - warmup)))))
@@ -530,7 +577,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         bs = min(cfg.batch_size, len(train))
 
         def project(idx_img, phrasing=None, view=None):
-            fi = F.normalize(model.visual.head(img_f[0 if view is None else view, idx_img]), dim=-1)
+            fi = F.normalize(model.visual.head(pooled(view, idx_img)), dim=-1)
             ft = F.normalize(model.text.proj(txt_f[0 if phrasing is None else phrasing, idx_img]), dim=-1)
             return fi, ft
 
@@ -538,7 +585,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             """Held-out zero-shot agreement with the prompt ensemble of these template indices."""
             pe = F.normalize(model.text.proj(prompt_f), dim=-1).view(len(cfg.vocabulary), len(cfg.templates), -1)
             cls = F.normalize(pe[:, templates].mean(1), dim=-1)  # [C, D]
-            zi = F.normalize(model.visual.head(img_f[0, torch.tensor(zs_rows)]), dim=-1)
+            zi = F.normalize(model.visual.head(pooled(None, torch.tensor(zs_rows))), dim=-1)
             pred = (zi @ cls.T).argmax(-1).tolist()
             return float(np.mean([cfg.vocabulary[j] == kept[i].category for j, i in zip(pred, zs_rows)]))
 
@@ -559,7 +606,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             return (row["i2t_r1"] + row["t2i_r1"]) / 2
 
         t0 = time.monotonic()
-        curve, best, best_state, loss_v = [], None, None, float("nan")
+        curve, best, best_state, best_tail, loss_v = [], None, None, None, float("nan")
         perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
         for step in range(1, cfg.steps + 1):
             if pos + bs > len(perm):  # a new epoch: a fresh order, no pair twice in a batch
@@ -567,6 +614,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             idx = perm[pos: pos + bs]
             pos += bs
             model.train()
+            if tail is not None:
+                tail.eval()
             fi, ft = project(idx, torch.randint(len(txt_f), (len(idx),), generator=gen) if len(txt_f) > 1 else None,
                              torch.randint(len(img_f), (len(idx),), generator=gen) if len(img_f) > 1 else None)
             loss = loss_fn(fi, ft, model.logit_scale.exp())
@@ -585,17 +634,21 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
                     best = row
                     best_state = {k: v.detach().clone() for h in heads for k, v in h.state_dict().items()}
                     best_state["logit_scale"] = model.logit_scale.detach().clone()
+                    if tail is not None:
+                        best_tail = {k: v.detach().clone() for k, v in tail.state_dict().items()}
         t_train = time.monotonic() - t0
         with torch.no_grad():
             model.logit_scale.copy_(best_state.pop("logit_scale"))
         model.visual.head.load_state_dict({k: v for k, v in best_state.items() if k in model.visual.head.state_dict()})
         model.text.proj.load_state_dict({k: v for k, v in best_state.items() if k in model.text.proj.state_dict()})
+        if tail is not None:
+            tail.load_state_dict(best_tail)
         if cfg.standardize:  # W((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
             with torch.no_grad():
                 proj = model.visual.head.proj if cfg.image_proj == "linear" else model.visual.head.mlp.fc1
                 proj.weight.div_(sd)
                 proj.bias.sub_(proj.weight @ mu)
-        img_f = raw_img_f
+        standardizing = False
         best = check(best["step"], best["train_loss"])  # the kept weights as saved, on the raw features
 
         by_template = {}
@@ -646,6 +699,8 @@ def _validate(cfg: ClipFitConfig) -> None:
         raise UserError(f"fit-clip: text_proj must be linear or none, got {cfg.text_proj!r}")
     if cfg.select_by not in ("retrieval", "zero_shot"):
         raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
+    if cfg.image_unlock < 0:
+        raise UserError(f"fit-clip: image_unlock must be at least 0, got {cfg.image_unlock}")
     if any(v not in VIEWS for v in cfg.image_augment) or len(set(cfg.image_augment)) < len(cfg.image_augment):
         raise UserError(f"fit-clip: image_augment takes distinct views of {', '.join(VIEWS)}, got {cfg.image_augment!r}")
     for t in [cfg.caption_template, *cfg.caption_augment]:

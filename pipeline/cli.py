@@ -136,7 +136,8 @@ def cmd_teacher(a) -> int:
         raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip")
     cfg = ClipFitConfig()
     for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
-                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay", "image_proj"):
+                 "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay", "image_proj",
+                 "image_unlock", "image_unlock_lr"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.vocabulary:
@@ -264,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-augment", action="append", metavar="VIEW",
                    help="another view of a training image: mirror, zoom_in or zoom_out, drawn per pair and step "
                         "(repeatable; each view's features are computed once and cached)")
+    t.add_argument("--image-unlock", type=int, metavar="N",
+                   help="the image trunk's last N units learn too (1: conv_head + bn2; N > 1: also the last N - 1 "
+                        "blocks), on their cached input")
+    t.add_argument("--image-unlock-lr", type=float, metavar="X", help="their lr, a multiple of --lr")
     t.add_argument("--select-by")
     t.add_argument("--seed", type=int)
     t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 def small_cfg(tower: Path, **kw) -> ClipFitConfig:
     base = dict(image_tower=IMAGE_TOWER, text_tower=str(tower), image_size=32, steps=60, batch_size=32, eval_every=20,
                 lr=1e-2, caption_template="{caption}", image_dropout=0.0, weight_decay=0.0, select_by="retrieval",
-                vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"])
+                vocabulary=list(COLOURS), templates=["{label}", "a {label} shape"], image_unlock=0)
     base.update(kw)
     return ClipFitConfig(**base)
 
@@ -85,12 +85,17 @@ PLAIN_OPEN_CLIP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["in place", "moved"])
+@pytest.mark.parametrize("where", ["in place", "moved", "image unlocked"])
 def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_path, where):
     """In place, `create_model_and_transforms('local-dir:DIR')` alone; copied elsewhere (the folder it was written
-    to gone), with the one keyword that names the new place for the text tower's config."""
+    to gone), with the one keyword that names the new place for the text tower's config; and a fit whose image
+    trunk's last units learnt (image_unlock), in place."""
     tmp, _ = fitted
     folder = tmp / "teacher"
+    if where == "image unlocked":
+        folder = tmp_path / "unlocked"
+        fit_clip(tmp / "src", folder, small_cfg(tmp / "tower", image_unlock=2, image_unlock_lr=1.0, steps=20,
+                                                eval_every=10), cache_dir=tmp_path / "cache")
     if where == "moved":
         fit_clip(tmp / "src", tmp_path / "gone", small_cfg(tmp / "tower"), cache_dir=tmp / "cache")
         shutil.copytree(tmp_path / "gone", tmp_path / "moved")
@@ -371,3 +376,47 @@ def test_make_demo_refits_the_teacher_by_its_recipe_hash_not_by_file_times():
     fit = [line for line in recipe.splitlines() if "teacher fit-clip" in line]
     assert len(fit) == 1 and "--reuse" in fit[0].split()
     assert "fit.json:" not in make  # no file-time rule for the fit
+
+
+def test_image_unlock_tunes_only_the_trunks_last_units_and_the_folder_gives_the_fits_figures(fitted, tmp_path):
+    """image_unlock=2: conv_head, bn2 and the last block learn (their norms' running statistics stay), from their
+    input cached once per image apart from the pooled features; nothing else of either tower changes; the held-out
+    figures recomputed from the saved folder are the recorded ones."""
+    from safetensors.torch import load_file
+
+    from modalities.clip_fit import retrieval, trunk_split
+    from modalities.image import decode_image
+
+    tmp, base = fitted
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp / "cache", cache)
+    cfg = small_cfg(tmp / "tower", image_unlock=2, image_unlock_lr=1.0, steps=20, eval_every=10)
+    rec = fit_clip(tmp / "src", tmp_path / "u", cfg, cache_dir=cache)
+    assert rec["features_computed"] == {"image": 96, "text": 0}  # the units' input, a cache of its own
+    assert len(list(cache.glob("image_in2-*.npz"))) == 1 and len(list(cache.glob("image-*.npz"))) == 1
+    assert rec["recipe_hash"] != base["recipe_hash"]
+    again = fit_clip(tmp / "src", tmp_path / "u2", cfg, cache_dir=cache)
+    assert again["features_computed"] == {"image": 0, "text": 0} and again["selected"] == rec["selected"]
+    assert (tmp_path / "u2" / WEIGHTS_FILE).read_bytes() == (tmp_path / "u" / WEIGHTS_FILE).read_bytes()
+
+    before, after = load_file(str(tmp / "teacher" / WEIGHTS_FILE)), load_file(str(tmp_path / "u" / WEIGHTS_FILE))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    model, preprocess, tokenizer = open_local_dir(tmp_path / "u")
+    trunk = model.visual.trunk
+    tail = {f"visual.trunk.{k}" for k, _ in trunk.named_parameters()
+            if k.startswith(("conv_head.", "bn2.", f"blocks.{len(trunk.blocks) - 1}.{len(trunk.blocks[-1]) - 1}."))}
+    assert {k for k in changed if k.startswith("visual.trunk.")} == tail and tail
+    assert {k for k, _ in trunk_split(trunk, 2)[1].named_parameters()} and not any(
+        k.startswith(("text.transformer.", "visual.trunk.")) and k not in tail for k in changed)
+    assert "visual.head.proj.weight" in changed
+
+    held = [p for p in read_pairs(tmp / "src") if p.split == "heldout"]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(decode_image(p.read(), 10**8)) for p in held]), normalize=True)
+        txt = model.encode_text(tokenizer([p.caption for p in held]), normalize=True)
+    again = retrieval(img.numpy(), txt.numpy(), [p.caption for p in held])
+    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert again[k] == pytest.approx(rec["selected"][k], abs=1e-9), k
+    with pytest.raises(UserError, match="image_unlock must be 0 to"):
+        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_unlock=99), cache_dir=cache)
