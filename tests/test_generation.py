@@ -299,3 +299,22 @@ def test_ngram_check_sends_a_looping_piece_to_the_fallback(monkeypatch):
     assert any(g != t for g, t, r in zip(got, greedy, reps) if r > limit)
     # Off (None) and a zlib limit nothing reaches: plain greedy text.
     assert generate_texts(s, "audio", feats, fallback=(1.0,), max_compression_ratio=1e9, **kw) == [t for t in greedy]
+
+
+def test_draw_categorical_draws_the_distribution():
+    from stages.models.generation import draw_categorical
+
+    w = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0, 6.0, 0.0]])  # not normalised; zeros between and at both ends
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([draw_categorical(w.expand(500, -1), g) for _ in range(20)])
+    counts = torch.bincount(draws, minlength=7).float()
+    assert counts[[0, 2, 4, 6]].sum() == 0  # never an index of zero weight
+    expect = w[0] / w.sum() * 10000
+    chi2 = float(((counts[[1, 3, 5]] - expect[[1, 3, 5]]) ** 2 / expect[[1, 3, 5]]).sum())
+    assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+    # the race by hand: b x V uniforms of the generator, in row order; the largest w / -log(u) wins
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = draw_categorical(w.expand(4, -1), g1)
+    u = torch.rand(4, 7, generator=g2)
+    assert got.tolist() == [int(torch.argmax(w[0] / -torch.log(u[r]))) for r in range(4)]
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # the same numbers consumed
