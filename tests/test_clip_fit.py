@@ -256,17 +256,7 @@ def test_an_mlp_head_and_caption_phrasings_save_a_model_plain_open_clip_builds(f
     assert cfg_file["model_cfg"]["vision_cfg"]["timm_proj"] == "mlp"
     model, preprocess, tokenizer = open_local_dir(tmp_path / "mlp")
     assert model.visual.head.mlp.fc1.weight.shape == (64, model.visual.trunk.num_features)
-    from modalities.clip_fit import retrieval
-    from modalities.clip_pairs import read_pairs
-    from modalities.image import decode_image
-
-    held = [p for p in read_pairs(tmp / "src") if p.split == "heldout"]
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(decode_image(p.read(), 10**8)) for p in held]), normalize=True)
-        txt = model.encode_text(tokenizer([p.caption for p in held]), normalize=True)
-    again = retrieval(img.numpy(), txt.numpy(), [p.caption for p in held])
-    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
-        assert again[k] == pytest.approx(rec["selected"][k], abs=1e-9), k
+    _assert_heldout_retrieval(model, preprocess, tokenizer, tmp / "src", rec["selected"])
     with pytest.raises(UserError, match="image_proj must be linear or mlp"):
         fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_proj="conv"))
     with pytest.raises(UserError, match="must contain {caption}"):
@@ -322,7 +312,7 @@ def test_a_saved_fit_is_reused_only_while_recipe_code_towers_and_pairs_are_the_s
 def test_image_augment_caches_each_training_images_views_and_trains_on_them(fitted, tmp_path):
     """A view's features are the tower's features of that view of the image (cached under the image's hash and
     the view), computed for training pairs only and once; held-out figures read the images as they are."""
-    from modalities.clip_fit import FeatureCache, _cache_path, image_features, image_view
+    from modalities.clip_fit import FeatureCache, image_features, image_view
     from modalities.image import decode_image
 
     tmp, base = fitted
@@ -384,8 +374,7 @@ def test_image_unlock_tunes_only_the_trunks_last_units_and_the_folder_gives_the_
     figures recomputed from the saved folder are the recorded ones."""
     from safetensors.torch import load_file
 
-    from modalities.clip_fit import retrieval, trunk_split
-    from modalities.image import decode_image
+    from modalities.clip_fit import trunk_split
 
     tmp, base = fitted
     cache = tmp_path / "cache"
@@ -411,12 +400,21 @@ def test_image_unlock_tunes_only_the_trunks_last_units_and_the_folder_gives_the_
         k.startswith(("text.transformer.", "visual.trunk.")) and k not in tail for k in changed)
     assert "visual.head.proj.weight" in changed
 
-    held = [p for p in read_pairs(tmp / "src") if p.split == "heldout"]
+    _assert_heldout_retrieval(model, preprocess, tokenizer, tmp / "src", rec["selected"])
+    with pytest.raises(UserError, match="image_unlock must be 0 to"):
+        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_unlock=99), cache_dir=cache)
+
+
+def _assert_heldout_retrieval(model, preprocess, tokenizer, src, selected: dict) -> None:
+    """The saved folder's model, on the source's held-out pairs, gives the retrieval figures the fit kept."""
+    from modalities.clip_fit import retrieval
+    from modalities.clip_pairs import read_pairs
+    from modalities.image import decode_image
+
+    held = [p for p in read_pairs(src) if p.split == "heldout"]
     with torch.no_grad():
         img = model.encode_image(torch.stack([preprocess(decode_image(p.read(), 10**8)) for p in held]), normalize=True)
         txt = model.encode_text(tokenizer([p.caption for p in held]), normalize=True)
     again = retrieval(img.numpy(), txt.numpy(), [p.caption for p in held])
     for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
-        assert again[k] == pytest.approx(rec["selected"][k], abs=1e-9), k
-    with pytest.raises(UserError, match="image_unlock must be 0 to"):
-        fit_clip(tmp / "src", tmp_path / "o", small_cfg(tmp / "tower", image_unlock=99), cache_dir=cache)
+        assert again[k] == pytest.approx(selected[k], abs=1e-9), k
