@@ -244,8 +244,7 @@ def student_length_cap(pl_dir: Path, tokenizer, train: list[Example], spec) -> d
     labels (length_cap.json), refitted the same way on the train examples where the student counts tokens with
     another tokenizer than the one the fit counted them in; a constant at the longest train input for a student
     whose frames are not the teacher's (prefix style pools them). {}: pseudo_label fitted none."""
-    from pipeline.registry import modality_registry
-    from stages.models.length_cap import constant_cap, fit_length_cap
+    from stages.models.length_cap import constant_cap, fit_examples
     from stages.pseudo_label import read_length_cap
 
     got = read_length_cap(pl_dir)
@@ -253,13 +252,7 @@ def student_length_cap(pl_dir: Path, tokenizer, train: list[Example], spec) -> d
         return {}
     fits = dict(got["modalities"])
     if tokenizer.spec.get("kind") != got["tokenizer"].get("kind"):
-        fits = {}
-        for m in sorted({e.modality for e in train}):
-            fs = modality_registry.get(m).frame_seconds if m in modality_registry else 0.0
-            fit = fit_length_cap([(0 if e.features is None else e.features.shape[0], len(e.targets))
-                                  for e in train if e.modality == m], fs, got.get("min_margin", 1.5))
-            if fit is not None:
-                fits[m] = fit
+        fits = fit_examples(train, got.get("min_margin", 1.5))
     if spec.style != "cross_attention":
         fits = {m: constant_cap(c) for m, c in fits.items()}
     return fits

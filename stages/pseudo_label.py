@@ -198,7 +198,7 @@ def run(ctx: StageContext) -> dict:
 
     counts = run_units(ctx, units, process, kept_keys=("out", "filtered"), max_reject_fraction=cfg.max_reject_fraction)
     if ctx.dist.is_main:
-        write_length_cap(ctx.dir, ctx.cfg.root, cfg.length_cap_min_margin)
+        write_length_cap(ctx.dir, cfg.length_cap_min_margin)
     distributed.barrier()
     return {"out": counts.get("out", 0), "filtered": counts.get("filtered", 0), "rejected": counts["rejected"],
             **{s: counts.get(s, 0) for s in ("train", "val", "test", AUGMENTED)},
@@ -208,26 +208,18 @@ def run(ctx: StageContext) -> dict:
 LENGTH_CAP_FILE = "length_cap.json"
 
 
-def write_length_cap(stage_dir: Path, root, min_margin: float) -> dict:
+def write_length_cap(stage_dir: Path, min_margin: float) -> dict:
     """Fit the decoding cap of each modality on the train labels just written (stages.models.length_cap) and
     write length_cap.json: {"tokenizer": the tokenizer the tokens were counted in, "modalities": {name: fit}}
     ({} with min_margin 0: no cap). A chunked clip's chunks are labels of their own, as the students read them."""
     from stages.models.labelled_data import load_labelled
-    from stages.models.length_cap import fit_length_cap
+    from stages.models.length_cap import fit_examples
     from stages.models.student import TextTokenizer
 
-    fits: dict = {}
-    if min_margin > 0:
-        tok = TextTokenizer({"kind": "whisper", "multilingual": False})
-        data = load_labelled(stage_dir, tok, 10**9, splits=("train",))
-        for m in data.modalities():
-            frame_s = modality_registry.get(m).frame_seconds if m in modality_registry.names() else 0.0
-            pts = [(0 if e.features is None else e.features.shape[0], len(e.targets))
-                   for e in data.splits["train"] if e.modality == m]
-            fit = fit_length_cap(pts, frame_s, min_margin)
-            if fit is not None:
-                fits[m] = fit
-    out = {"tokenizer": {"kind": "whisper", "multilingual": False}, "min_margin": min_margin, "modalities": fits}
+    spec = {"kind": "whisper", "multilingual": False}
+    fits = (fit_examples(load_labelled(stage_dir, TextTokenizer(spec), 10**9, splits=("train",)).splits["train"],
+                         min_margin) if min_margin > 0 else {})
+    out = {"tokenizer": spec, "min_margin": min_margin, "modalities": fits}
     atomic_write_text(stage_dir / LENGTH_CAP_FILE, json.dumps(out, indent=2, sort_keys=True) + "\n")
     return out
 

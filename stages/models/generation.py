@@ -155,7 +155,7 @@ def row_limits(student: Student, modality, features, feature_mask, b: int, max_n
     """Tokens each of b rows may decode: max_new, or the student's length cap for the row (StudentSpec.decode_cap
     from its modality and feature frames) where lower. Rows without features have no cap but max_new."""
     spec = student.spec
-    if not getattr(spec, "length_cap", None) or features is None:
+    if not spec.length_cap or features is None:
         return [max_new] * b
     mods = [modality] * b if isinstance(modality, str) else list(modality)
     out = []
@@ -198,11 +198,9 @@ def reference_decoding():
         _REFERENCE.pop()
 
 
-def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator, limits=None):
+def _decode_group(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator, limits):
     """One modality's rows: the cached decoder (_decode_group_cached) for a cross_attention student, else the
-    reference loop. limits: tokens each row may decode ([b], each at most max_new; None: max_new)."""
-    if limits is None:
-        limits = torch.full((b,), max_new, dtype=torch.long, device=student.device)
+    reference loop. limits: tokens each row may decode ([b], each at most max_new: row_limits)."""
     if not _REFERENCE[-1] and student.spec.style == "cross_attention" and hasattr(getattr(student.lm, "model", None),
                                                                                  "decoder"):
         return _decode_group_cached(student, modality, f, fm, b, prompt_ids, temperature, top_p, max_new, generator,

@@ -50,6 +50,21 @@ def fit_length_cap(points: Iterable[tuple[float, int]], frame_seconds: float, mi
             "longest_seconds": round(float(x.max()), 3)}
 
 
+def fit_examples(examples, min_margin: float) -> dict:
+    """{modality: fit} from labelled examples (stages.models.labelled_data.Example: frames of its features, its
+    targets with end-of-text as the tokens), each modality's frames timed by its adapter's frame_seconds."""
+    from pipeline.registry import modality_registry
+
+    fits = {}
+    for m in sorted({e.modality for e in examples}):
+        frame_s = modality_registry.get(m).frame_seconds if m in modality_registry else 0.0
+        fit = fit_length_cap([(0 if e.features is None else e.features.shape[0], len(e.targets))
+                              for e in examples if e.modality == m], frame_s, min_margin)
+        if fit is not None:
+            fits[m] = fit
+    return fits
+
+
 def cap_tokens(cap: dict, frames: int) -> int:
     """The cap (tokens, end-of-text included) of an input of `frames` feature frames."""
     seconds = frames * float(cap.get("frame_seconds", 0.0))
