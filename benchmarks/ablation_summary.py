@@ -1,0 +1,280 @@
+"""[Grounding proof]'s table: every arm x seed of `benchmarks/demo_ablation.py`'s runs, pooled over seeds, with the
+issue's acceptance lines checked one by one.
+
+    .venv/bin/python benchmarks/ablation_summary.py [--out runs/ablation] [--seeds 0 1 2 3]
+        [--arms onpolicy_kd text_judge unanchored] [--json FILE]
+
+Reads what the runs already wrote (nothing is re-run or re-scored by a model): OUT/seedS/evaluate/predictions.jsonl
+holds the distilled student (`distill`) and the recipe (`adversarial`, called `grounded` here) on the held-out
+split; OUT/seedS-ARM/evaluate/predictions.jsonl each arm's adversarial student; evaluate/generations/ the
+temperature sweep; report.json the drawings' agreement; run.log each stage's wall time.
+
+Per seed, each arm's word errors against the human reference and their paired change against `distilled` and
+against `onpolicy_kd` (95% paired bootstrap, text_metrics.paired_change). Pooled: errors summed over seeds, and the
+bootstrap draws held-out *clips* (the same draw for every seed and both systems), so a clip that is hard on every
+seed is not counted as independent evidence four times. Output length: words of each output over the words of its
+teacher label (normalised text), the largest per arm. Sweep: each temperature's WER against the teacher and
+distinct-2, pooled over seeds, `distilled` and `grounded`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.files import read_jsonl  # noqa: E402
+from stages.evaluation import text_metrics as tm  # noqa: E402
+
+N_BOOT = 2000
+
+
+def run_dir(out: Path, seed: int, arm: str) -> Path:
+    return out / (f"seed{seed}" if arm in ("distilled", "grounded") else f"seed{seed}-{arm}")
+
+
+def checkpoint(arm: str) -> str:
+    return "distill" if arm == "distilled" else "adversarial"
+
+
+def load_outputs(out: Path, seeds: list[int], arms: list[str], modality: str = "audio") -> tuple[list[str], dict]:
+    """The held-out keys every run scored, and per (seed, arm) {key: output}, plus per seed {key: (reference,
+    teacher)}. A key missing from any run is left out of every comparison (the same clips everywhere)."""
+    texts: dict = {}
+    refs: dict = {}
+    for seed in seeds:
+        for arm in arms:
+            path = run_dir(out, seed, arm) / "evaluate" / "predictions.jsonl"
+            if not path.is_file():
+                raise SystemExit(f"{path}: missing (run benchmarks/demo_ablation.py --seeds {seed} first)")
+            rows = [r for r in read_jsonl(path) if r.get("set") == "test" and r.get("modality") == modality]
+            texts[seed, arm] = {r["key"]: r["outputs"].get(checkpoint(arm)) for r in rows}
+            if arm == "distilled":
+                refs[seed] = {r["key"]: (r.get("reference"), r.get("teacher")) for r in rows}
+    keys = sorted(set.intersection(*(set(v) for v in texts.values())))
+    return keys, {"texts": texts, "refs": refs}
+
+
+def errors(hyps: list, refs: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip (errors, reference words), 0/0 for a clip whose reference normalises to nothing."""
+    a = tm.align(hyps, refs)
+    e, w = np.zeros(len(hyps)), np.zeros(len(hyps))
+    e[a.kept], w[a.kept] = a.errors, a.ref_words
+    return e, w
+
+
+def paired(eb: np.ndarray, en: np.ndarray, seed: int = 0) -> dict:
+    """Relative change of summed errors, new vs base, with a 95% bootstrap over clips (axis 0); eb, en are
+    [clips] or [clips, seeds]: a draw takes whole clips, every seed's row of that clip with it."""
+    eb, en = eb.reshape(len(eb), -1), en.reshape(len(en), -1)
+    idx = np.random.default_rng(seed).integers(0, len(eb), size=(N_BOOT, len(eb)))
+    sb, sn = eb.sum(axis=1)[idx].sum(axis=1), en.sum(axis=1)[idx].sum(axis=1)
+    ok = sb > 0
+    rel = (sn[ok] - sb[ok]) / sb[ok]
+    lo, hi = np.percentile(rel, [2.5, 97.5])
+    return {"change": float((en.sum() - eb.sum()) / eb.sum()), "ci": [float(lo), float(hi)],
+            "errors_base": int(eb.sum()), "errors_new": int(en.sum())}
+
+
+def distinct_paired(base: list[list[str]], new: list[list[str]], seed: int = 0) -> dict:
+    """Change in distinct-2 pooled over seeds (new - base), 95% bootstrap over clips: base/new are per seed the
+    outputs in key order; a drawn clip brings its output from every seed."""
+    grams = [[[tm.ngrams(tm.words(t), 2) for t in side_seed] for side_seed in side] for side in (base, new)]
+    n = len(base[0])
+
+    def pooled(g, draw):
+        return tm._pooled_distinct(g[s][i] for s in range(len(g)) for i in draw)
+
+    every = range(n)
+    change = pooled(grams[1], every) - pooled(grams[0], every)
+    idx = np.random.default_rng(seed).integers(0, n, size=(N_BOOT // 4, n))
+    diffs = [pooled(grams[1], d) - pooled(grams[0], d) for d in idx]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"change": float(change), "ci": [float(lo), float(hi)]}
+
+
+def sweep(out: Path, seeds: list[int], arm: str, modality: str = "audio") -> dict[str, dict]:
+    """Per temperature: WER against the teacher's label and distinct-2, pooled over seeds (errors and n-grams
+    summed), from evaluate/generations/test/MODALITY/CHECKPOINT/T*.json."""
+    per_t: dict[str, dict] = {}
+    for seed in seeds:
+        d = run_dir(out, seed, arm) / "evaluate"
+        teacher = {r["key"]: r.get("teacher") for r in read_jsonl(d / "predictions.jsonl")
+                   if r.get("set") == "test" and r.get("modality") == modality}
+        for f in sorted((d / "generations" / "test" / modality / checkpoint(arm)).glob("T*.json")):
+            g = json.loads(f.read_text())
+            hyps = list(g["texts"])
+            refs = [teacher.get(k) for k in g["keys"]]
+            e, w = errors(hyps, refs)
+            t = per_t.setdefault(f.stem[1:], {"errors": 0.0, "words": 0.0, "grams": []})
+            t["errors"] += e.sum()
+            t["words"] += w.sum()
+            t["grams"] += [tm.ngrams(tm.words(h), 2) for h in hyps]
+    return {t: {"wer_vs_teacher": v["errors"] / v["words"] if v["words"] else None,
+                "distinct_2": tm._pooled_distinct(v["grams"])} for t, v in sorted(per_t.items(), key=lambda x: float(x[0]))}
+
+
+def length_ratios(keys: list[str], data: dict, seeds: list[int], arm: str) -> tuple[float, list]:
+    """The largest words(output) / words(teacher label) over seeds and clips, and every output over twice its
+    label's words as (seed, key, output words, label words)."""
+    worst, over = 0.0, []
+    for seed in seeds:
+        for k in keys:
+            out_w = len(tm.normalize(data["texts"][seed, arm][k]).split())
+            lab_w = len(tm.normalize(data["refs"][seed][k][1]).split())
+            r = out_w / max(lab_w, 1)
+            worst = max(worst, r)
+            if out_w > 2 * lab_w:
+                over.append((seed, k, out_w, lab_w))
+    return worst, over
+
+
+def wall_times(out: Path, seed: int, arm: str) -> dict[str, float]:
+    """Each stage's last 'finished in Xs' in the run's run.log (stages a run reused are not in it)."""
+    log = run_dir(out, seed, arm) / "run.log"
+    times: dict[str, float] = {}
+    if log.is_file():
+        for m in re.finditer(r"^(\w+): finished in ([0-9.]+)s", log.read_text(), re.M):
+            times[m.group(1)] = float(m.group(2))
+    return times
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def ci(d: dict) -> str:
+    return f"{pct(d['change'])} [{pct(d['ci'][0])}, {pct(d['ci'][1])}]"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--arms", nargs="+", default=["onpolicy_kd", "text_judge", "unanchored"])
+    ap.add_argument("--json", help="also write every figure here")
+    a = ap.parse_args()
+    out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    arms = ["distilled", "grounded", *a.arms]
+    keys, data = load_outputs(out, a.seeds, arms)
+    seeds = a.seeds
+    err = {}
+    for seed in seeds:
+        refs = [data["refs"][seed][k][0] for k in keys]
+        for arm in arms:
+            e, w = errors([data["texts"][seed, arm][k] for k in keys], refs)
+            err[seed, arm] = e
+        words = w
+    res: dict = {"seeds": seeds, "clips": len(keys), "per_seed": {}, "pooled": {}}
+    bases = [b for b in ("distilled", "onpolicy_kd", "grounded") if b in arms]
+    print(f"## Held-out audio, {len(keys)} clips, seeds {' '.join(map(str, seeds))}: WER against the reference, "
+          "and the paired change in word errors [95%]\n")
+    head = "| seed | " + " | ".join(arms) + " |"
+    lines = [head, "|---" * (len(arms) + 1) + "|"]
+    for seed in seeds + ["pooled"]:
+        ss = seeds if seed == "pooled" else [seed]
+        e = {arm: np.stack([err[s, arm] for s in ss], axis=1) for arm in arms}
+        wer = {arm: e[arm].sum() / (words.sum() * len(ss)) for arm in arms}
+        rec = res["pooled"] if seed == "pooled" else res["per_seed"].setdefault(str(seed), {})
+        rec["wer"] = {arm: float(v) for arm, v in wer.items()}
+        lines.append(f"| {seed}: WER | " + " | ".join(f"{100 * wer[arm]:.1f}%" for arm in arms) + " |")
+        for base in bases:
+            ch = {arm: paired(e[base], e[arm]) for arm in arms if arm != base and not (base == "grounded" and arm in ("distilled", "onpolicy_kd"))}
+            rec[f"vs_{base}"] = ch
+            lines.append(f"| {seed}: vs {base} | " + " | ".join(ci(ch[arm]) if arm in ch else "" for arm in arms) + " |")
+    print("\n".join(lines))
+
+    # distinct-2, grounded vs distilled
+    per_seed_texts = {arm: [[data["texts"][s, arm][k] for k in keys] for s in seeds] for arm in ("distilled", "grounded")}
+    d2 = {str(s): distinct_paired([per_seed_texts["distilled"][i]], [per_seed_texts["grounded"][i]])
+          for i, s in enumerate(seeds)}
+    d2["pooled"] = distinct_paired(per_seed_texts["distilled"], per_seed_texts["grounded"])
+    res["distinct_2_grounded_vs_distilled"] = d2
+    print("\n## distinct-2, grounded - distilled [95% paired]\n")
+    print("| seed | change |\n|---|---|")
+    for s, d in d2.items():
+        print(f"| {s} | {d['change']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] |")
+
+    print("\n## Output length: words of an output / words of its teacher label (normalised), audio\n")
+    print("| arm | largest ratio | outputs over 2x (of seeds x clips) |\n|---|---|---|")
+    res["length"] = {}
+    for arm in arms:
+        worst, over = length_ratios(keys, data, seeds, arm)
+        res["length"][arm] = {"max_ratio": worst, "over_2x": over}
+        shown = "; ".join(f"seed {s} {k} {o}/{l}" for s, k, o, l in over[:4]) + (" ..." if len(over) > 4 else "")
+        print(f"| {arm} | {worst:.2f} | {len(over)} of {len(seeds) * len(keys)}{': ' + shown if over else ''} |")
+
+    print("\n## Temperature sweep, pooled over seeds: WER against the teacher's label / distinct-2\n")
+    sw = {arm: sweep(out, seeds, arm) for arm in ("distilled", "grounded")}
+    res["sweep"] = sw
+    print("| T | distilled | grounded | WER no higher | distinct-2 no lower |\n|---|---|---|---|---|")
+    for t in sw["distilled"]:
+        d, g = sw["distilled"][t], sw["grounded"].get(t, {})
+        print(f"| {t} | {100 * d['wer_vs_teacher']:.1f}% / {d['distinct_2']:.3f} | "
+              f"{100 * g['wer_vs_teacher']:.1f}% / {g['distinct_2']:.3f} | "
+              f"{'yes' if g['wer_vs_teacher'] <= d['wer_vs_teacher'] else 'no'} | "
+              f"{'yes' if g['distinct_2'] >= d['distinct_2'] else 'no'} |")
+
+    print("\n## Drawings (held out): agreement with the teacher's label / category agreement\n")
+    print("| seed | " + " | ".join(arms) + " |\n" + "|---" * (len(arms) + 1) + "|")
+    res["images"] = {}
+    for seed in seeds:
+        cells = []
+        for arm in arms:
+            rep = json.loads((run_dir(out, seed, arm) / "evaluate" / "report.json").read_text())
+            m = rep.get("test", {}).get("image", {}).get(checkpoint(arm), {})
+            res["images"].setdefault(str(seed), {})[arm] = {k: m.get(k) for k in ("label_agreement", "category_agreement")}
+            la, ca = m.get("label_agreement"), m.get("category_agreement")
+            cells.append("–" if la is None else f"{la:.3f} / {ca:.3f}" if ca is not None else f"{la:.3f}")
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+
+    print("\n## Wall time (s): distill (its seed's recipe run), and each arm's adversarial + evaluate\n")
+    print("| seed | distill | " + " | ".join(a_ for a_ in arms[1:]) + " |\n" + "|---" * (len(arms) + 1) + "|")
+    res["wall_s"] = {}
+    for seed in seeds:
+        t = {arm: wall_times(out, seed, arm) for arm in arms[1:]}
+        res["wall_s"][str(seed)] = t
+        print(f"| {seed} | {t['grounded'].get('distill', float('nan')):.0f} | " + " | ".join(
+            f"{t[arm].get('adversarial', float('nan')):.0f} + {t[arm].get('evaluate', float('nan')):.0f}"
+            for arm in arms[1:]) + " |")
+
+    # the acceptance lines
+    P = res["pooled"]
+    checks = []
+    every = all(res["per_seed"][str(s)]["vs_distilled"]["grounded"]["ci"][1] < 0 for s in seeds)
+    checks.append(("grounded vs distilled: every seed's interval below zero", every))
+    checks.append((f"grounded vs distilled: >= 15% fewer pooled ({pct(P['vs_distilled']['grounded']['change'])})",
+                   P["vs_distilled"]["grounded"]["change"] <= -0.15))
+    checks.append(("distinct-2 change's pooled interval not wholly below zero", d2["pooled"]["ci"][1] >= 0))
+    checks.append(("no output of any arm over 2x its teacher label's words",
+                   all(not v["over_2x"] for v in res["length"].values())))
+    if "onpolicy_kd" in arms:
+        c = P["vs_onpolicy_kd"]["grounded"]["change"]
+        checks.append((f"grounded vs onpolicy_kd: >= 5% fewer pooled ({pct(c)})", c <= -0.05))
+    if "text_judge" in arms:
+        c = P["vs_distilled"]["grounded"]["errors_new"] < P["vs_distilled"]["text_judge"]["errors_new"]
+        checks.append(("grounded vs text_judge: fewer errors pooled", c))
+    if "unanchored" in arms:
+        checks.append(("unanchored: more errors than grounded on every seed",
+                       all(err[s, "unanchored"].sum() > err[s, "grounded"].sum() for s in seeds)))
+    checks.append(("sweep: at every temperature grounded's WER no higher and distinct-2 no lower, pooled",
+                   all(sw["grounded"][t]["wer_vs_teacher"] <= sw["distilled"][t]["wer_vs_teacher"]
+                       and sw["grounded"][t]["distinct_2"] >= sw["distilled"][t]["distinct_2"] for t in sw["distilled"])))
+    res["acceptance"] = {name: ok for name, ok in checks}
+    print("\n## The issue's acceptance lines\n")
+    for name, ok in checks:
+        print(f"- [{'x' if ok else ' '}] {name}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
