@@ -178,6 +178,32 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, style, projector)
     assert t.spec == s.spec
 
 
+def test_projector_norm_gives_unit_scale_states_and_old_students_load_without_it(tmp_path):
+    """cross_attention: a drawing's unit-norm CLIP vector through a fresh Linear reaches the copied cross-attention
+    far below the scale of the encoder states it was trained on; the projector's LayerNorm puts it at unit RMS.
+    A student.json written before the setting existed has no key: it loads as it was trained, a plain Linear."""
+    import json
+
+    torch.manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(4, 1, 384), dim=-1)
+    rms = {}
+    for norm in (True, False):
+        s = build_student(StudentConfig(style="cross_attention", d_model=384, n_layers=1, n_heads=2, d_ff=64,
+                                        projector_norm=norm), {"image": 384}, max_text_tokens=16).eval()
+        assert s.spec.projector_norm is norm
+        with torch.no_grad():
+            states, _, _ = s._encoder_states("image", feats, None, 4)
+        rms[norm] = float(states.pow(2).mean().sqrt())
+    assert abs(rms[True] - 1.0) < 0.01 and rms[False] < 0.1
+    save_student(s, tmp_path / "old")  # the last one built: projector_norm False
+    spec = json.loads((tmp_path / "old" / "student.json").read_text())
+    del spec["projector_norm"]
+    (tmp_path / "old" / "student.json").write_text(json.dumps(spec))
+    t = load_student(tmp_path / "old")
+    assert isinstance(t.projectors["image"], torch.nn.Linear)
+    assert torch.equal(t.projectors["image"].weight, s.projectors["image"].weight)
+
+
 def test_mixed_batch_rows_equal_rows_alone():
     torch.manual_seed(0)
     s = build_student(StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, prefix_len=3),

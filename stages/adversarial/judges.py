@@ -238,7 +238,8 @@ def _teacher_body_builder(ctx: StageContext, student, mods: list[str], device):
         raise UserError("adversarial.disc_backbone: teacher needs a modality labelled by a Whisper teacher; "
                         f"none of {', '.join(mods)} is")
     scfg = dataclasses.replace(ctx.cfg.root.distill.student,
-                               keep_decoder_layers=list(range(int(ck["dims"]["n_text_layer"]))))
+                               keep_decoder_layers=list(range(int(ck["dims"]["n_text_layer"]))),
+                               projector_norm=student.spec.projector_norm)
     feature_dims = dict(student.spec.feature_dims)
     max_text_tokens = ctx.cfg.root.distill.max_text_tokens
 

@@ -61,6 +61,10 @@ class StudentConfig:
     # (the teacher's embeddings, most of its weights), false for prefix (a random or foreign init must learn)
     freeze_embeddings: Optional[bool] = None
     dropout: float = field(default=0.1, metadata=minimum(0.0))
+    # cross_attention: a LayerNorm after each modality's projector, so that the copied cross-attention reads states
+    # at the scale it was trained on (a Whisper encoder ends in ln_post; unit-norm CLIP features through a fresh
+    # Linear arrive far smaller, and a distill run barely moves the projector: docs/history.md)
+    projector_norm: bool = True
 
 
 SPEC_FILE = "student.json"
@@ -245,6 +249,7 @@ class StudentSpec:
     init: str = "random"  # where the LM's weights came from (for the model card)
     # modality -> the decoding cap fitted on the teacher's train labels (stages.models.length_cap; {}: none)
     length_cap: dict = field(default_factory=dict)
+    projector_norm: bool = False  # cross_attention: LayerNorm after each projector (students saved before it: none)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -276,7 +281,8 @@ class Student(nn.Module):
                 self.projectors[m] = (MLPProjector(dim, d_model, spec.prefix_len) if spec.projector == "mlp" else
                                       TransformerProjector(dim, d_model, spec.prefix_len, spec.n_heads))
             elif m not in spec.direct:
-                self.projectors[m] = nn.Linear(dim, d_model)
+                self.projectors[m] = (nn.Sequential(nn.Linear(dim, d_model), nn.LayerNorm(d_model))
+                                      if spec.projector_norm else nn.Linear(dim, d_model))
         # cross_attention: rows without features attend to one learned state, starting at zero.
         self.text_state = nn.Parameter(torch.zeros(1, d_model)) if spec.style == "cross_attention" else None
         # cross_attention from a Whisper teacher: the teacher's encoding of 30 s of silence [source_frames, D],
@@ -859,7 +865,8 @@ def build_student(cfg: Any, feature_dims: dict[str, int], device: str | torch.de
                        modalities=modalities, feature_dims={m: int(feature_dims[m]) for m in modalities},
                        marker_ids={m: text_vocab + i for i, m in enumerate(modalities)}, prefix_len=cfg.prefix_len,
                        projector=cfg.projector, feature_frames=getattr(cfg, "feature_frames", 150), direct=direct,
-                       n_heads=cfg.n_heads, init=init)
+                       n_heads=cfg.n_heads, init=init,
+                       projector_norm=bool(getattr(cfg, "projector_norm", False)) and cfg.style == "cross_attention")
     if spec.projector not in ("mlp", "transformer"):
         raise UserError(f"distill.student.projector must be mlp or transformer, got {spec.projector!r}")
     if direct:
