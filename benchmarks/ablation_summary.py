@@ -13,8 +13,9 @@ Per seed, each arm's word errors against the human reference and their paired ch
 against `onpolicy_kd` (95% paired bootstrap, text_metrics.paired_change). Pooled: errors summed over seeds, and the
 bootstrap draws held-out *clips* (the same draw for every seed and both systems), so a clip that is hard on every
 seed is not counted as independent evidence four times. Output length: words of each output over the words of its
-teacher label (normalised text), the largest per arm. Sweep: each temperature's WER against the teacher and
-distinct-2, pooled over seeds, `distilled` and `grounded`.
+teacher label (normalised text), the largest per arm. Sweep: each temperature's WER against the teacher (errors
+summed over seeds), `distilled` and `grounded`. Distinct-2 is each seed's own, averaged over seeds (n-grams never
+pool across seeds).
 """
 
 from __future__ import annotations
@@ -62,6 +63,43 @@ def load_outputs(out: Path, seeds: list[int], arms: list[str], modality: str = "
     return keys, {"texts": texts, "refs": refs}
 
 
+def image_scores(out: Path, seeds: list[int], arms: list[str]) -> tuple[list[str], dict]:
+    """Held-out drawings every run captioned, and per (seed, arm) two arrays over them: does the caption name the
+    teacher's label (label agreement), and does the label it names map to the drawing's category (category
+    agreement): modalities.image's own definitions, per drawing; plus each arm's captions and the teacher's."""
+    import yaml
+
+    from modalities.image import _contains, label_in_caption, map_labels_to_categories
+
+    cfg = yaml.safe_load((run_dir(out, seeds[0], "distilled") / "config.yaml").read_text())["modalities"]["image"]
+    template, categories = cfg.get("caption", "{label}"), list(cfg.get("categories") or [])
+    keys, data = load_outputs(out, seeds, arms, modality="image")
+    named = {sa: [label_in_caption(t[k] or "", template) for k in keys] for sa, t in data["texts"].items()}
+    refs = {s: [data["refs"][s][k][0] for k in keys] for s in seeds}
+    mapping = map_labels_to_categories(sorted({n for v in named.values() for n in v}),
+                                       categories or sorted({r for v in refs.values() for r in v if r}))
+    scores = {}
+    for (seed, arm), names in named.items():
+        teacher = [label_in_caption(data["refs"][seed][k][1] or "", template) for k in keys]
+        scores[seed, arm] = {
+            "label": np.array([_contains(data["texts"][seed, arm][k] or "", t) for k, t in zip(keys, teacher)], float),
+            "category": np.array([mapping.get(n) == r for n, r in zip(names, refs[seed])], float),
+            "captions": [data["texts"][seed, arm][k] for k in keys],
+            "teacher": [data["refs"][seed][k][1] for k in keys]}
+    return keys, scores
+
+
+def paired_rate(base: np.ndarray, new: np.ndarray, seed: int = 0) -> dict:
+    """Change in a per-item rate (new - base, absolute), 95% bootstrap over items (axis 0; [items, seeds] takes
+    every seed's row of a drawn item)."""
+    base, new = base.reshape(len(base), -1), new.reshape(len(new), -1)
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(N_BOOT, len(base)))
+    d = (new.sum(axis=1) - base.sum(axis=1)) / base.shape[1]
+    diffs = d[idx].mean(axis=1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"base": float(base.mean()), "new": float(new.mean()), "change": float(d.mean()), "ci": [float(lo), float(hi)]}
+
+
 def errors(hyps: list, refs: list) -> tuple[np.ndarray, np.ndarray]:
     """Per clip (errors, reference words), 0/0 for a clip whose reference normalises to nothing."""
     a = tm.align(hyps, refs)
@@ -84,25 +122,30 @@ def paired(eb: np.ndarray, en: np.ndarray, seed: int = 0) -> dict:
 
 
 def distinct_paired(base: list[list[str]], new: list[list[str]], seed: int = 0) -> dict:
-    """Change in distinct-2 pooled over seeds (new - base), 95% bootstrap over clips: base/new are per seed the
-    outputs in key order; a drawn clip brings its output from every seed."""
+    """Change in distinct-2 (new - base), each seed's distinct-2 averaged over seeds (n-grams never pool across
+    seeds: two seeds writing the same caption is not a lack of diversity), 95% bootstrap over clips: base/new
+    are per seed the outputs in key order; a drawn clip brings its output from every seed."""
     grams = [[[tm.ngrams(tm.words(t), 2) for t in side_seed] for side_seed in side] for side in (base, new)]
     n = len(base[0])
 
-    def pooled(g, draw):
-        return tm._pooled_distinct(g[s][i] for s in range(len(g)) for i in draw)
+    def change(draw) -> float | None:
+        diffs = []
+        for s in range(len(base)):
+            vals = [tm._pooled_distinct(g[s][i] for i in draw) for g in grams]
+            if None in vals:
+                return None
+            diffs.append(vals[1] - vals[0])
+        return float(np.mean(diffs))
 
-    every = range(n)
-    change = pooled(grams[1], every) - pooled(grams[0], every)
     idx = np.random.default_rng(seed).integers(0, n, size=(N_BOOT // 4, n))
-    diffs = [pooled(grams[1], d) - pooled(grams[0], d) for d in idx]
+    diffs = [d for d in (change(draw) for draw in idx) if d is not None]
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"change": float(change), "ci": [float(lo), float(hi)]}
+    return {"change": change(range(n)), "ci": [float(lo), float(hi)]}
 
 
 def sweep(out: Path, seeds: list[int], arm: str, modality: str = "audio") -> dict[str, dict]:
-    """Per temperature: WER against the teacher's label and distinct-2, pooled over seeds (errors and n-grams
-    summed), from evaluate/generations/test/MODALITY/CHECKPOINT/T*.json."""
+    """Per temperature: WER against the teacher's label pooled over seeds (errors summed) and distinct-2 (each
+    seed's, averaged), from evaluate/generations/test/MODALITY/CHECKPOINT/T*.json."""
     per_t: dict[str, dict] = {}
     for seed in seeds:
         d = run_dir(out, seed, arm) / "evaluate"
@@ -113,12 +156,12 @@ def sweep(out: Path, seeds: list[int], arm: str, modality: str = "audio") -> dic
             hyps = list(g["texts"])
             refs = [teacher.get(k) for k in g["keys"]]
             e, w = errors(hyps, refs)
-            t = per_t.setdefault(f.stem[1:], {"errors": 0.0, "words": 0.0, "grams": []})
+            t = per_t.setdefault(f.stem[1:], {"errors": 0.0, "words": 0.0, "distinct": []})
             t["errors"] += e.sum()
             t["words"] += w.sum()
-            t["grams"] += [tm.ngrams(tm.words(h), 2) for h in hyps]
+            t["distinct"].append(tm.distinct_n(hyps, 2))
     return {t: {"wer_vs_teacher": v["errors"] / v["words"] if v["words"] else None,
-                "distinct_2": tm._pooled_distinct(v["grams"])} for t, v in sorted(per_t.items(), key=lambda x: float(x[0]))}
+                "distinct_2": float(np.mean(v["distinct"]))} for t, v in sorted(per_t.items(), key=lambda x: float(x[0]))}
 
 
 def length_ratios(keys: list[str], data: dict, seeds: list[int], arm: str) -> tuple[float, list]:
@@ -158,7 +201,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--arms", nargs="+", default=["onpolicy_kd", "text_judge", "unanchored"])
+    ap.add_argument("--arms", nargs="*", default=["onpolicy_kd", "text_judge", "unanchored"])
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
@@ -186,7 +229,8 @@ def main() -> int:
         rec["wer"] = {arm: float(v) for arm, v in wer.items()}
         lines.append(f"| {seed}: WER | " + " | ".join(f"{100 * wer[arm]:.1f}%" for arm in arms) + " |")
         for base in bases:
-            ch = {arm: paired(e[base], e[arm]) for arm in arms if arm != base and not (base == "grounded" and arm in ("distilled", "onpolicy_kd"))}
+            ch = {arm: paired(e[base], e[arm]) for arm in arms
+                  if arm != base and arm != "distilled" and not (base == "grounded" and arm == "onpolicy_kd")}
             rec[f"vs_{base}"] = ch
             lines.append(f"| {seed}: vs {base} | " + " | ".join(ci(ch[arm]) if arm in ch else "" for arm in arms) + " |")
     print("\n".join(lines))
@@ -222,18 +266,38 @@ def main() -> int:
               f"{'yes' if g['wer_vs_teacher'] <= d['wer_vs_teacher'] else 'no'} | "
               f"{'yes' if g['distinct_2'] >= d['distinct_2'] else 'no'} |")
 
-    print("\n## Drawings (held out): agreement with the teacher's label / category agreement\n")
+    print("\n## Drawings (held out): agreement with the teacher's label / category agreement, and the paired change "
+          "of each against distilled [95%, absolute]\n")
+    ikeys, isc = image_scores(out, seeds, arms)
+    res["images"] = {"drawings": len(ikeys)}
+    print(f"{len(ikeys)} drawings per seed.\n")
     print("| seed | " + " | ".join(arms) + " |\n" + "|---" * (len(arms) + 1) + "|")
-    res["images"] = {}
-    for seed in seeds:
-        cells = []
+    for seed in seeds + ["pooled"]:
+        ss = seeds if seed == "pooled" else [seed]
+        st = {arm: {m: np.stack([isc[s, arm][m] for s in ss], axis=1) for m in ("label", "category")} for arm in arms}
+        rec = res["images"].setdefault(str(seed), {})
+        cells, ch_cells = [], []
         for arm in arms:
-            rep = json.loads((run_dir(out, seed, arm) / "evaluate" / "report.json").read_text())
-            m = rep.get("test", {}).get("image", {}).get(checkpoint(arm), {})
-            res["images"].setdefault(str(seed), {})[arm] = {k: m.get(k) for k in ("label_agreement", "category_agreement")}
-            la, ca = m.get("label_agreement"), m.get("category_agreement")
-            cells.append("–" if la is None else f"{la:.3f} / {ca:.3f}" if ca is not None else f"{la:.3f}")
+            rec[arm] = {m: float(st[arm][m].mean()) for m in ("label", "category")}
+            cells.append(f"{rec[arm]['label']:.3f} / {rec[arm]['category']:.3f}")
+            if arm != "distilled":
+                ch = {m: paired_rate(st["distilled"][m], st[arm][m]) for m in ("label", "category")}
+                rec[arm]["vs_distilled"] = ch
+                ch_cells.append(" / ".join(f"{c['change']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+                                           for c in ch.values()))
+            else:
+                ch_cells.append("")
         print(f"| {seed} | " + " | ".join(cells) + " |")
+        print(f"| {seed}: vs distilled | " + " | ".join(ch_cells) + " |")
+    def mean_d2(arm, field="captions"):
+        vals = [tm.distinct_n(isc[s, arm][field], 2) for s in seeds]
+        return None if None in vals else float(np.mean(vals))
+
+    img_d2 = {arm: mean_d2(arm) for arm in arms}
+    img_d2["teacher"] = mean_d2("distilled", "teacher")
+    res["images"]["distinct_2"] = img_d2
+    print("\ndistinct-2 of the captions (each seed's, averaged): " + ", ".join(
+        f"{k} {v:.3f}" if v is not None else f"{k} –" for k, v in img_d2.items()))
 
     print("\n## Wall time (s): distill (its seed's recipe run), and each arm's adversarial + evaluate\n")
     print("| seed | distill | " + " | ".join(a_ for a_ in arms[1:]) + " |\n" + "|---" * (len(arms) + 1) + "|")
@@ -241,9 +305,11 @@ def main() -> int:
     for seed in seeds:
         t = {arm: wall_times(out, seed, arm) for arm in arms[1:]}
         res["wall_s"][str(seed)] = t
-        print(f"| {seed} | {t['grounded'].get('distill', float('nan')):.0f} | " + " | ".join(
-            f"{t[arm].get('adversarial', float('nan')):.0f} + {t[arm].get('evaluate', float('nan')):.0f}"
-            for arm in arms[1:]) + " |")
+        def sec(x):
+            return "–" if x is None else f"{x:.0f}"
+
+        print(f"| {seed} | {sec(t['grounded'].get('distill'))} | " + " | ".join(
+            f"{sec(t[arm].get('adversarial'))} + {sec(t[arm].get('evaluate'))}" for arm in arms[1:]) + " |")
 
     # the acceptance lines
     P = res["pooled"]
