@@ -78,10 +78,16 @@ def main() -> int:
     ap.add_argument("--greedy-too", action="store_true",
                     help="also score every run with plain greedy decoding (decoding.fallback_temperatures=[]): "
                          "a run OUT/seedS[-name]-greedy that reuses everything but evaluate")
-    ap.add_argument("--arms", nargs="+", choices=[n for n, _ in ALL_ARMS[1:]], default=[n for n, _ in ALL_ARMS[1:]],
-                    help="which arms beside the recipe's own run (default: all)")
+    names = [n for n, _ in ALL_ARMS[1:]]
+    ap.add_argument("--arms", nargs="+", default=names,
+                    help=f"which arms beside the recipe's own run (default: all): {', '.join(names)}")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     a = ap.parse_args()
+    # `--arms a b key=value` : argparse hands the key=value to --arms (nargs +); they are overrides
+    a.overrides += [x for x in a.arms if "=" in x]
+    a.arms = [x for x in a.arms if "=" not in x]
+    if not a.arms or any(x not in names for x in a.arms):
+        ap.error(f"--arms: choose from {', '.join(names)}, got {' '.join(a.arms) or 'none'}")
     global ARMS
     ARMS = [ALL_ARMS[0]] + [(n, o) for n, o in ALL_ARMS[1:] if n in a.arms]
     out = ROOT / a.out
