@@ -108,17 +108,13 @@ def errors(hyps: list, refs: list) -> tuple[np.ndarray, np.ndarray]:
     return e, w
 
 
-def paired(eb: np.ndarray, en: np.ndarray, seed: int = 0) -> dict:
-    """Relative change of summed errors, new vs base, with a 95% bootstrap over clips (axis 0); eb, en are
-    [clips] or [clips, seeds]: a draw takes whole clips, every seed's row of that clip with it."""
-    eb, en = eb.reshape(len(eb), -1), en.reshape(len(en), -1)
-    idx = np.random.default_rng(seed).integers(0, len(eb), size=(N_BOOT, len(eb)))
-    sb, sn = eb.sum(axis=1)[idx].sum(axis=1), en.sum(axis=1)[idx].sum(axis=1)
-    ok = sb > 0
-    rel = (sn[ok] - sb[ok]) / sb[ok]
-    lo, hi = np.percentile(rel, [2.5, 97.5])
-    return {"change": float((en.sum() - eb.sum()) / eb.sum()), "ci": [float(lo), float(hi)],
-            "errors_base": int(eb.sum()), "errors_new": int(en.sum())}
+def paired(eb: np.ndarray, en: np.ndarray, words: np.ndarray) -> dict:
+    """text_metrics.paired_change of two systems' errors, eb and en [clips, seeds], against `words` [clips] (each
+    clip's reference words summed over the same seeds): a bootstrap draw takes whole clips, every seed's row of a
+    drawn clip with it. Adds the summed errors of both."""
+    ch = tm.paired_change(np.stack([eb.sum(axis=1), words], axis=1), np.stack([en.sum(axis=1), words], axis=1),
+                          n=N_BOOT)
+    return {**ch, "errors_base": int(eb.sum()), "errors_new": int(en.sum())}
 
 
 def distinct_paired(base: list[list[str]], new: list[list[str]], seed: int = 0) -> dict:
@@ -143,18 +139,17 @@ def distinct_paired(base: list[list[str]], new: list[list[str]], seed: int = 0) 
     return {"change": change(range(n)), "ci": [float(lo), float(hi)]}
 
 
-def sweep(out: Path, seeds: list[int], arm: str, modality: str = "audio") -> dict[str, dict]:
+def sweep(out: Path, seeds: list[int], arm: str, refs_by_seed: dict, modality: str = "audio") -> dict[str, dict]:
     """Per temperature: WER against the teacher's label pooled over seeds (errors summed) and distinct-2 (each
-    seed's, averaged), from evaluate/generations/test/MODALITY/CHECKPOINT/T*.json."""
+    seed's, averaged), from evaluate/generations/test/MODALITY/CHECKPOINT/T*.json; refs_by_seed: load_outputs'
+    {seed: {key: (reference, teacher label)}}."""
     per_t: dict[str, dict] = {}
     for seed in seeds:
         d = run_dir(out, seed, arm) / "evaluate"
-        teacher = {r["key"]: r.get("teacher") for r in read_jsonl(d / "predictions.jsonl")
-                   if r.get("set") == "test" and r.get("modality") == modality}
         for f in sorted((d / "generations" / "test" / modality / checkpoint(arm)).glob("T*.json")):
             g = json.loads(f.read_text())
             hyps = list(g["texts"])
-            refs = [teacher.get(k) for k in g["keys"]]
+            refs = [refs_by_seed[seed].get(k, (None, None))[1] for k in g["keys"]]
             e, w = errors(hyps, refs)
             t = per_t.setdefault(f.stem[1:], {"errors": 0.0, "words": 0.0, "distinct": []})
             t["errors"] += e.sum()
@@ -208,13 +203,11 @@ def main() -> int:
     arms = ["distilled", "grounded", *a.arms]
     keys, data = load_outputs(out, a.seeds, arms)
     seeds = a.seeds
-    err = {}
+    err, words = {}, {}  # per (seed, arm) and per seed: each clip's errors, its reference words
     for seed in seeds:
         refs = [data["refs"][seed][k][0] for k in keys]
         for arm in arms:
-            e, w = errors([data["texts"][seed, arm][k] for k in keys], refs)
-            err[seed, arm] = e
-        words = w
+            err[seed, arm], words[seed] = errors([data["texts"][seed, arm][k] for k in keys], refs)
     res: dict = {"seeds": seeds, "clips": len(keys), "per_seed": {}, "pooled": {}}
     bases = [b for b in ("distilled", "onpolicy_kd", "grounded") if b in arms]
     print(f"## Held-out audio, {len(keys)} clips, seeds {' '.join(map(str, seeds))}: WER against the reference, "
@@ -224,12 +217,13 @@ def main() -> int:
     for seed in seeds + ["pooled"]:
         ss = seeds if seed == "pooled" else [seed]
         e = {arm: np.stack([err[s, arm] for s in ss], axis=1) for arm in arms}
-        wer = {arm: e[arm].sum() / (words.sum() * len(ss)) for arm in arms}
+        w = sum(words[s] for s in ss)
+        wer = {arm: e[arm].sum() / w.sum() for arm in arms}
         rec = res["pooled"] if seed == "pooled" else res["per_seed"].setdefault(str(seed), {})
         rec["wer"] = {arm: float(v) for arm, v in wer.items()}
         lines.append(f"| {seed}: WER | " + " | ".join(f"{100 * wer[arm]:.1f}%" for arm in arms) + " |")
         for base in bases:
-            ch = {arm: paired(e[base], e[arm]) for arm in arms
+            ch = {arm: paired(e[base], e[arm], w) for arm in arms
                   if arm != base and arm != "distilled" and not (base == "grounded" and arm == "onpolicy_kd")}
             rec[f"vs_{base}"] = ch
             lines.append(f"| {seed}: vs {base} | " + " | ".join(ci(ch[arm]) if arm in ch else "" for arm in arms) + " |")
@@ -256,7 +250,7 @@ def main() -> int:
         print(f"| {arm} | {worst:.2f} | {len(over)} of {len(seeds) * len(keys)}{': ' + shown if over else ''} |")
 
     print("\n## Temperature sweep, pooled over seeds: WER against the teacher's label / distinct-2\n")
-    sw = {arm: sweep(out, seeds, arm) for arm in ("distilled", "grounded")}
+    sw = {arm: sweep(out, seeds, arm, data["refs"]) for arm in ("distilled", "grounded")}
     res["sweep"] = sw
     print("| T | distilled | grounded | WER no higher | distinct-2 no lower |\n|---|---|---|---|---|")
     for t in sw["distilled"]:

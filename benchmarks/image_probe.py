@@ -18,7 +18,6 @@ silence padding), on the held-out drawings.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -29,26 +28,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.shards import iter_shard, list_shards  # noqa: E402
+from stages.pseudo_label import read_labelled  # noqa: E402
 
 
 def image_rows(run: Path) -> list[dict]:
-    """Every image sample pseudo_label kept: key, split, teacher label, category, features [D]."""
+    """Every train and test drawing pseudo_label kept: key, split, teacher label, category, features [D]."""
     rows = []
-    for shard in list_shards(run / "pseudo_label" / "shards" / "image"):
-        for key, parts in iter_shard(str(shard)):
-            rec = json.loads(parts["json"])
-            if rec.get("filter_reason") or "features.npy" not in parts:
-                continue
-            f = np.load(io.BytesIO(parts["features.npy"])).astype(np.float32).reshape(-1)
-            rows.append({"key": key, "split": rec.get("split"), "label": rec["info"]["label"],
-                         "reference": rec.get("reference"), "features": f})
+    for _, rec, _, _, arrays in read_labelled(run / "pseudo_label", ["image"], ("train", "test")):
+        if rec.get("filter_reason") or "features" not in arrays:
+            continue
+        rows.append({"key": rec.get("key"), "split": rec["split"], "label": rec["info"]["label"],
+                     "reference": rec.get("reference"), "features": arrays["features"].astype(np.float32).reshape(-1)})
     return rows
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-3, scale: float = 20.0) -> torch.Tensor:
     """Multinomial logistic regression on scale * x, fitted to convergence by L-BFGS; returns [D + 1, C]."""
-    torch.manual_seed(0)
     X = torch.tensor(x) * scale
     X = torch.cat([X, torch.ones(len(X), 1)], 1)
     Y = torch.tensor(y)
