@@ -4,7 +4,9 @@ A frozen pretrained image tower (timm) and a frozen pretrained text tower (a Hug
 encoder) are joined by two linear projections and a temperature, trained with open_clip's own ClipLoss on
 image-caption pairs (modalities.clip_pairs). Only the projections learn, so each tower's pooled features are
 computed once (and cached on disk), and training is a few hundred steps over two small matrices. With
-image_unlock the image trunk's last units learn too, from their input, likewise computed once and cached.
+image_unlock the image trunk's last units learn too, from their input, likewise computed once and cached; with
+text_unlock the text tower's last transformer layers learn, from their input (each token's hidden state out of the
+frozen layers before them), computed once per caption and per zero-shot prompt and cached.
 
 The result is a folder that open_clip 3.3.0 loads by itself:
 
@@ -88,6 +90,11 @@ class ClipFitConfig:
                            # norm); n > 1 also the last n - 1 blocks. Their input is computed once per image and
                            # cached; their norms keep their running statistics (eval mode) and learn scale and shift
     image_unlock_lr: float = 1.0  # the unlocked units' lr, a multiple of lr (no weight decay on them)
+    text_unlock: int = 0  # trailing transformer layers of the text tower (BERT-style) that learn with the projection:
+                          # 0 none (LiT's locked text tower). Their input (every token's hidden state out of the
+                          # frozen layers before them) is computed once per caption and per zero-shot prompt and
+                          # cached; each step runs them and the tower's mean pooling. Eval mode (no dropout)
+    text_unlock_lr: float = 0.1  # the unlocked text layers' lr, a multiple of lr (no weight decay on them)
     steps: int = 400  # optimiser steps
     batch_size: int = 512  # pairs per step (the contrastive negatives)
     lr: float = 1e-3  # AdamW, linear warm-up over 10% of the steps, then cosine to 0
@@ -197,6 +204,90 @@ def trunk_split(trunk, unlock: int):
     k = len(blocks) - (unlock - 1)
     return (nn.Sequential(trunk.conv_stem, trunk.bn1, *blocks[:k]),
             nn.Sequential(*blocks[k:], trunk.conv_head, trunk.bn2, trunk.global_pool))
+
+
+def text_layers(tower, unlock: int) -> list:
+    """An open_clip HF text tower (model.text) with a BERT-style transformer (encoder.layer, absolute positions
+    added before the first layer) -> its last `unlock` layers, the ones text_unlock tunes."""
+    transformer = tower.transformer
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    if layers is None or getattr(transformer.config, "is_decoder", False) or \
+            getattr(transformer.config, "position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"fit-clip: text_unlock needs a BERT-style text tower (encoder.layer, absolute positions), not "
+                        f"{type(transformer).__name__}")
+    if not 1 <= unlock <= len(layers):
+        raise UserError(f"fit-clip: text_unlock must be 0 to {len(layers)} for this text tower (its layers), got "
+                        f"{unlock}")
+    return list(layers)[len(layers) - unlock:]
+
+
+def text_layer_inputs(tower, tokenizer, texts: list[str], unlock: int, batch: int = 256) -> list[np.ndarray]:
+    """Texts -> the input of the text tower's last `unlock` layers, computed by the frozen layers before them: per
+    text, the hidden states [L, D] of the tokens its attention mask keeps (the padding dropped; the layers' attention
+    never reads a padded token and the mean pooling skips them)."""
+    import torch
+
+    first = text_layers(tower, unlock)[0]
+    grabbed = []
+
+    def grab(module, args, kwargs):
+        grabbed.append(args[0] if args else kwargs["hidden_states"])
+
+    out = []
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch):
+                ids = tokenizer(texts[i: i + batch])
+                mask = (ids != tower.config.pad_token_id)
+                grabbed.clear()
+                tower.transformer(input_ids=ids, attention_mask=mask.long())
+                out += [h[m].float().numpy().copy() for h, m in zip(grabbed[0], mask)]
+    finally:
+        handle.remove()
+    return out
+
+
+class LayerInputs:
+    """Cached inputs of the unlocked text layers: x [..., L, D] (each text's tokens first, zeros after) and
+    lens [...] (its token count)."""
+
+    def __init__(self, rows: list[np.ndarray], shape: tuple):
+        import torch
+
+        lens = [len(r) for r in rows]
+        width = rows[0].shape[-1] if rows else 1
+        x = np.zeros((len(rows), max(lens, default=1), width), np.float32)
+        for i, r in enumerate(rows):
+            x[i, :len(r)] = r
+        self.x = torch.from_numpy(x).view(*shape, x.shape[1], width)
+        self.lens = torch.tensor(lens, dtype=torch.long).view(*shape)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index):
+        """Rows by index -> (x [B, Lb, D], lens [B]) trimmed to the longest text among them."""
+        x, lens = self.x[index], self.lens[index]
+        return x[..., : int(lens.max()), :], lens
+
+
+def text_tail(tower, layers: list, x, lens):
+    """The unlocked text layers and the tower's own pooling on their cached input: x [B, L, D] (zero-padded),
+    lens [B] -> pooled features [B, D_text], what tower.pooler gives on the whole tower's output (before the
+    projection). The attention mask is the one the transformer itself builds from the token mask."""
+    import torch
+    from types import SimpleNamespace
+
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = (torch.arange(x.shape[1]) < lens[:, None]).long()
+    attn = create_bidirectional_mask(config=tower.transformer.config, inputs_embeds=x, attention_mask=mask)
+    h = x
+    for layer in layers:
+        h = layer(h, attention_mask=attn)
+        h = h[0] if isinstance(h, tuple) else h
+    return tower.pooler(SimpleNamespace(last_hidden_state=h), mask)
 
 
 def _load_towers(model, cfg: ClipFitConfig, text_folder: Path) -> dict:
@@ -356,7 +447,8 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     Returns (kept pairs, image features [views, N, D_image] (the image's own first, then image_augment's views:
     only training pairs' views are computed; a held-out pair's rows there repeat its own; with image_unlock, the
     unlocked units' input [views, N, C, H, W] instead, cached apart from the pooled features), caption features
-    [phrasings, N, D_text] (caption_template's first, then caption_augment's), {reason: pairs left out},
+    [phrasings, N, D_text] (caption_template's first, then caption_augment's; with text_unlock, the unlocked layers'
+    input instead, LayerInputs [phrasings, N], cached apart from the pooled features), {reason: pairs left out},
     {"image": computed, "text": computed})."""
     import torch
 
@@ -400,6 +492,13 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
     icache.save()
     phrasings = [cfg.caption_template, *cfg.caption_augment]
     texts = [t.replace("{caption}", p.caption) for t in phrasings for p in kept]
+    by_view = [image_keys] + [[f"{k}:{v}" if p.split == "train" else k for k, p in zip(image_keys, kept)]
+                              for v in cfg.image_augment]
+    img_f = torch.from_numpy(np.stack([icache.stack(keys) for keys in by_view])) if kept else torch.zeros(0)
+    if cfg.text_unlock:
+        rows, added = cached_text_inputs(model.text, tokenizer, texts, cfg, provenance, cache_dir)
+        return kept, img_f, LayerInputs(rows, (len(phrasings), len(kept))), excluded, {"image": icache.added,
+                                                                                         "text": added}
     text_keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
     tcache = FeatureCache(_cache_path(cache_dir, "text", {**provenance["text_tower"],
                                                           "context_length": cfg.context_length}))
@@ -409,11 +508,27 @@ def tower_features(pairs: list, model, preprocess, tokenizer, cfg: ClipFitConfig
         for k, f in zip(missing, text_features(model, tokenizer, [by_key[k] for k in missing])):
             tcache.put(k, f)
     tcache.save()
-    by_view = [image_keys] + [[f"{k}:{v}" if p.split == "train" else k for k, p in zip(image_keys, kept)]
-                              for v in cfg.image_augment]
-    img_f = torch.from_numpy(np.stack([icache.stack(keys) for keys in by_view])) if kept else torch.zeros(0)
     txt_f = torch.from_numpy(tcache.stack(text_keys)).view(len(phrasings), len(kept), -1) if kept else torch.zeros(0)
     return kept, img_f, txt_f, excluded, {"image": icache.added, "text": tcache.added}
+
+
+def cached_text_inputs(tower, tokenizer, texts: list[str], cfg: ClipFitConfig, provenance: dict,
+                       cache_dir: Optional[Path]) -> tuple[list[np.ndarray], int]:
+    """text_layer_inputs of the texts for cfg.text_unlock, each computed once and cached (`text_in<N>-*.npz`, by the
+    text tower's weights, context_length and N). Returns (the inputs [L, D] of each text, how many were computed)."""
+    from pipeline.files import sha256_bytes
+
+    cache = FeatureCache(_cache_path(cache_dir, f"text_in{cfg.text_unlock}",
+                                     {**provenance["text_tower"], "context_length": cfg.context_length,
+                                      "unlock": cfg.text_unlock}))
+    keys = [sha256_bytes(t.encode("utf-8")) for t in texts]
+    by_key = dict(zip(keys, texts))
+    missing = cache.missing(keys)
+    if missing:
+        for k, f in zip(missing, text_layer_inputs(tower, tokenizer, [by_key[k] for k in missing], cfg.text_unlock)):
+            cache.put(k, f)
+    cache.save()
+    return [cache.rows[k] for k in keys], cache.added
 
 
 # the code whose change makes a saved fit stale (recipe_hash), in CODE_DIR
@@ -524,6 +639,9 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         finally:
             logging.disable(logging.NOTSET)
         provenance = _load_towers(model, cfg, text_folder)
+        # text_unlock: the text tower's last layers learn, from their cached input, in eval mode (no dropout); they
+        # are the model's own modules, so the saved weights carry them
+        tlayers = text_layers(model.text, cfg.text_unlock) if cfg.text_unlock else None
 
         t0 = time.monotonic()
         kept, img_f, txt_f, excluded, computed = tower_features(pairs, model, preprocess, tokenizer, cfg, provenance,
@@ -535,10 +653,17 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             raise UserError(f"caption source {source}: {len(train)} training and {len(held)} held-out pairs after "
                             "exclusions; the fit needs at least 2 of each")
 
-        # Zero-shot classes: prompts through the frozen text tower once; the projection is applied per check.
+        # Zero-shot classes: prompts through the frozen text tower once (with text_unlock, through the frozen
+        # layers: the unlocked ones run at each check); the projection is applied per check.
         zs_rows = [i for i in held if kept[i].category in cfg.vocabulary]
-        prompt_f = torch.from_numpy(text_features(model, tokenizer, [t.replace("{label}", c) for c in cfg.vocabulary
-                                                                      for t in cfg.templates])) if zs_rows else None
+        prompts = [t.replace("{label}", c) for c in cfg.vocabulary for t in cfg.templates]
+        prompt_f = None
+        if zs_rows and tlayers is not None:
+            rows, added = cached_text_inputs(model.text, tokenizer, prompts, cfg, provenance, cache_dir)
+            prompt_f = LayerInputs(rows, (len(prompts),))
+            computed["text"] += added
+        elif zs_rows:
+            prompt_f = torch.from_numpy(text_features(model, tokenizer, prompts))
 
         # image_unlock: the trunk's last units learn, from their cached input (img_f), in eval mode (their norms'
         # running statistics stay); they are the model's own modules, so the saved weights carry them
@@ -561,10 +686,18 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             if cfg.image_proj == "linear":
                 with torch.no_grad():
                     model.visual.head.proj.bias.zero_()
+        def text_pooled(phrasing, idx):
+            """The text tower's pooled features of caption rows idx (phrasing: None, or one phrasing per row)."""
+            rows = (0 if phrasing is None else phrasing, idx)
+            return text_tail(model.text, tlayers, *txt_f[rows]) if tlayers is not None else txt_f[rows]
+
         heads = [model.visual.head, model.text.proj]
         groups = [{"params": [p for h in heads for p in h.parameters()] + [model.logit_scale]}]
         if tail is not None:
             groups.append({"params": list(tail.parameters()), "lr": cfg.lr * cfg.image_unlock_lr, "weight_decay": 0.0})
+        ttail = torch.nn.ModuleList(tlayers) if tlayers is not None else None
+        if ttail is not None:
+            groups.append({"params": list(ttail.parameters()), "lr": cfg.lr * cfg.text_unlock_lr, "weight_decay": 0.0})
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -578,12 +711,13 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
 
         def project(idx_img, phrasing=None, view=None):
             fi = F.normalize(model.visual.head(pooled(view, idx_img)), dim=-1)
-            ft = F.normalize(model.text.proj(txt_f[0 if phrasing is None else phrasing, idx_img]), dim=-1)
+            ft = F.normalize(model.text.proj(text_pooled(phrasing, idx_img)), dim=-1)
             return fi, ft
 
         def zero_shot(templates: list[int]) -> float:
             """Held-out zero-shot agreement with the prompt ensemble of these template indices."""
-            pe = F.normalize(model.text.proj(prompt_f), dim=-1).view(len(cfg.vocabulary), len(cfg.templates), -1)
+            pf = text_tail(model.text, tlayers, *prompt_f[:]) if tlayers is not None else prompt_f
+            pe = F.normalize(model.text.proj(pf), dim=-1).view(len(cfg.vocabulary), len(cfg.templates), -1)
             cls = F.normalize(pe[:, templates].mean(1), dim=-1)  # [C, D]
             zi = F.normalize(model.visual.head(pooled(None, torch.tensor(zs_rows))), dim=-1)
             pred = (zi @ cls.T).argmax(-1).tolist()
@@ -606,7 +740,7 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             return (row["i2t_r1"] + row["t2i_r1"]) / 2
 
         t0 = time.monotonic()
-        curve, best, best_state, best_tail, loss_v = [], None, None, None, float("nan")
+        curve, best, best_state, best_tail, best_text, loss_v = [], None, None, None, None, float("nan")
         perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
         for step in range(1, cfg.steps + 1):
             if pos + bs > len(perm):  # a new epoch: a fresh order, no pair twice in a batch
@@ -616,6 +750,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
             model.train()
             if tail is not None:
                 tail.eval()
+            if ttail is not None:
+                ttail.eval()
             fi, ft = project(idx, torch.randint(len(txt_f), (len(idx),), generator=gen) if len(txt_f) > 1 else None,
                              torch.randint(len(img_f), (len(idx),), generator=gen) if len(img_f) > 1 else None)
             loss = loss_fn(fi, ft, model.logit_scale.exp())
@@ -636,6 +772,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
                     best_state["logit_scale"] = model.logit_scale.detach().clone()
                     if tail is not None:
                         best_tail = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+                    if ttail is not None:
+                        best_text = {k: v.detach().clone() for k, v in ttail.state_dict().items()}
         t_train = time.monotonic() - t0
         with torch.no_grad():
             model.logit_scale.copy_(best_state.pop("logit_scale"))
@@ -643,6 +781,8 @@ def fit_clip(source: Path, out: Path, cfg: ClipFitConfig, manifest: str = "capti
         model.text.proj.load_state_dict({k: v for k, v in best_state.items() if k in model.text.proj.state_dict()})
         if tail is not None:
             tail.load_state_dict(best_tail)
+        if ttail is not None:
+            ttail.load_state_dict(best_text)
         if cfg.standardize:  # W((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
             with torch.no_grad():
                 proj = model.visual.head.proj if cfg.image_proj == "linear" else model.visual.head.mlp.fc1
@@ -701,6 +841,11 @@ def _validate(cfg: ClipFitConfig) -> None:
         raise UserError(f"fit-clip: select_by must be retrieval or zero_shot, got {cfg.select_by!r}")
     if cfg.image_unlock < 0:
         raise UserError(f"fit-clip: image_unlock must be at least 0, got {cfg.image_unlock}")
+    if not isinstance(cfg.text_unlock, int) or isinstance(cfg.text_unlock, bool) or cfg.text_unlock < 0:
+        raise UserError(f"fit-clip: text_unlock must be a whole number of layers, at least 0, got {cfg.text_unlock!r}")
+    if not (isinstance(cfg.text_unlock_lr, (int, float)) and math.isfinite(cfg.text_unlock_lr)
+            and cfg.text_unlock_lr > 0):
+        raise UserError(f"fit-clip: text_unlock_lr must be a positive multiple of lr, got {cfg.text_unlock_lr!r}")
     if any(v not in VIEWS for v in cfg.image_augment) or len(set(cfg.image_augment)) < len(cfg.image_augment):
         raise UserError(f"fit-clip: image_augment takes distinct views of {', '.join(VIEWS)}, got {cfg.image_augment!r}")
     for t in [cfg.caption_template, *cfg.caption_augment]:

@@ -54,9 +54,9 @@ def write_shapes_source(folder: Path, per_kind: int = 6, heldout_per_kind: int =
     return rows
 
 
-def write_tiny_text_tower(folder: Path) -> Path:
-    """A random 1-layer BERT (width 32) with a WordPiece vocabulary of the shape captions' words, saved as a
-    Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+def write_tiny_text_tower(folder: Path, layers: int = 1) -> Path:
+    """A random BERT of `layers` layers (width 32) with a WordPiece vocabulary of the shape captions' words, saved as
+    a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -64,7 +64,7 @@ def write_tiny_text_tower(folder: Path) -> Path:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "drawing", "of", "picture", "clip", "art",
              *COLOURS, *SHAPES]
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
-    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

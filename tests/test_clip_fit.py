@@ -85,16 +85,21 @@ PLAIN_OPEN_CLIP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["in place", "moved", "image unlocked"])
+@pytest.mark.parametrize("where", ["in place", "moved", "image unlocked", "text unlocked"])
 def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_path, where):
     """In place, `create_model_and_transforms('local-dir:DIR')` alone; copied elsewhere (the folder it was written
-    to gone), with the one keyword that names the new place for the text tower's config; and a fit whose image
-    trunk's last units learnt (image_unlock), in place."""
+    to gone), with the one keyword that names the new place for the text tower's config; a fit whose image
+    trunk's last units learnt (image_unlock), in place; and a fit whose text tower's last layer learnt
+    (text_unlock), whose text embeddings in plain open_clip are the fit's own (its cached path)."""
     tmp, _ = fitted
     folder = tmp / "teacher"
     if where == "image unlocked":
         folder = tmp_path / "unlocked"
         fit_clip(tmp / "src", folder, small_cfg(tmp / "tower", image_unlock=2, image_unlock_lr=1.0, steps=20,
+                                                eval_every=10), cache_dir=tmp_path / "cache")
+    if where == "text unlocked":
+        folder = tmp_path / "unlocked"
+        fit_clip(tmp / "src", folder, small_cfg(two_layer_tower(tmp), text_unlock=1, text_unlock_lr=1.0, steps=20,
                                                 eval_every=10), cache_dir=tmp_path / "cache")
     if where == "moved":
         fit_clip(tmp / "src", tmp_path / "gone", small_cfg(tmp / "tower"), cache_dir=tmp / "cache")
@@ -129,6 +134,11 @@ def test_plain_open_clip_loads_the_folder_to_the_same_embeddings(fitted, tmp_pat
     with torch.no_grad():
         txt = teacher.model.encode_text(teacher.tokenizer(["red circle", "blue square"])).numpy()
     np.testing.assert_allclose(txt, plain["txt"], rtol=1e-4, atol=1e-5)
+    if where == "text unlocked":
+        model, _, _ = open_local_dir(folder)
+        fits = _text_by_the_fits_path(model, two_layer_tower(tmp), ["red circle", "blue square"], 1)
+        np.testing.assert_allclose(fits, plain["txt"], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(fits, _frozen_text(two_layer_tower(tmp), ["red circle", "blue square"]), atol=1e-3)
 
 
 def test_clip_teacher_labels_with_the_caption_and_the_margin(fitted, tmp_path):
@@ -418,3 +428,153 @@ def _assert_heldout_retrieval(model, preprocess, tokenizer, src, selected: dict)
     again = retrieval(img.numpy(), txt.numpy(), [p.caption for p in held])
     for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         assert again[k] == pytest.approx(selected[k], abs=1e-9), k
+
+
+def two_layer_tower(tmp: Path) -> Path:
+    """A 2-layer tiny text tower beside the shared fit's (written once): text_unlock=1 leaves it a frozen layer."""
+    folder = tmp / "tower2"
+    if not (folder / "config.json").is_file():
+        write_tiny_text_tower(folder, layers=2)
+    return folder
+
+
+def _frozen_text(tower: Path, texts: list[str]) -> np.ndarray:
+    """The untuned text tower's mean-pooled features, the whole tower run on the tokens (open_clip's own forward)."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.tokenizer import HFTokenizer
+
+    enc = HFTextEncoder(str(tower), output_dim=32, pooler_type="mean_pooler", proj_type=None, pretrained=True).eval()
+    with torch.no_grad():
+        return enc(HFTokenizer(str(tower), context_length=32)(texts)).numpy()
+
+
+def _text_by_the_fits_path(model, tower: Path, texts: list[str], unlock: int) -> np.ndarray:
+    """Text features the way a text_unlock fit computes them: the unlocked layers' input from the untuned tower
+    (its frozen layers), then `model`'s last `unlock` layers, pooling and projection (clip_fit.text_tail)."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.tokenizer import HFTokenizer
+
+    from modalities.clip_fit import LayerInputs, text_layer_inputs, text_layers, text_tail
+
+    enc = HFTextEncoder(str(tower), output_dim=32, pooler_type="mean_pooler", proj_type=None, pretrained=True).eval()
+    rows = text_layer_inputs(enc, HFTokenizer(str(tower), context_length=32), texts, unlock)
+    with torch.no_grad():
+        return model.text.proj(text_tail(model.text, text_layers(model.text, unlock),
+                                         *LayerInputs(rows, (len(texts),))[:])).numpy()
+
+
+def test_the_text_layers_cached_input_gives_the_frozen_towers_features(tmp_path):
+    """At init, the cached path (the unlocked layers' input, the padding dropped, then those layers and the mean
+    pooling) gives what the whole tower gives on the tokens: in a batch of texts of different lengths, one a text
+    cut at context_length, and each text alone; for the tiny tower and for MiniLM itself."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.tokenizer import HFTokenizer
+
+    from modalities.clip_fit import LayerInputs, text_layer_inputs, text_layers, text_tail
+
+    towers = [(write_tiny_text_tower(tmp_path / "tiny", layers=2), (1, 2), ["red circle", "a drawing of blue square",
+                                                                          "a " + "red " * 40 + "circle", "red"])]
+    try:
+        from modalities.clip_fit import _minilm_folder
+
+        towers.append((_minilm_folder(), (1, 2), ["a drawing of dove symbol", "x", "a drawing of baby tux rory mccann",
+                                                  "a drawing of " + "a long file name " * 10]))
+    except UserError:
+        pass  # the MiniLM package is not installed: the tiny tower alone
+    for tower, unlocks, texts in towers:
+        width = json.loads((Path(tower) / "config.json").read_text())["hidden_size"]
+        enc = HFTextEncoder(str(tower), output_dim=width, pooler_type="mean_pooler", proj_type=None,
+                            pretrained=True).eval()
+        tokenizer = HFTokenizer(str(tower), context_length=32)
+        with torch.no_grad():
+            frozen = enc(tokenizer(texts))
+        for unlock in unlocks:
+            rows = text_layer_inputs(enc, tokenizer, texts, unlock)
+            lens = (tokenizer(texts) != enc.config.pad_token_id).sum(1).tolist()
+            assert [len(r) for r in rows] == lens and max(lens) == 32 and min(lens) < 5
+            inputs = LayerInputs(rows, (len(texts),))
+            with torch.no_grad():
+                batch = text_tail(enc, text_layers(enc, unlock), *inputs[:])
+                alone = torch.cat([text_tail(enc, text_layers(enc, unlock), *inputs[[i]]) for i in range(len(texts))])
+            torch.testing.assert_close(batch, frozen, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(alone, frozen, rtol=1e-5, atol=1e-5)
+        with pytest.raises(UserError, match="text_unlock must be 0 to"):
+            text_layers(enc, 99)
+
+
+def test_text_unlock_tunes_only_the_text_towers_last_layer_and_the_folder_gives_the_fits_figures(fitted, tmp_path):
+    """text_unlock=1 on a 2-layer text tower: its last layer learns (from its input, cached once per caption and per
+    zero-shot prompt apart from the pooled features); the first layer, the embeddings and the image trunk do not
+    change; the held-out retrieval and zero-shot figures recomputed from the saved folder (prompts through the tuned
+    layer) are the recorded ones; a second fit reads the cache and writes the same weights."""
+    from safetensors.torch import load_file
+
+    import modalities.clip_fit as cf
+
+    tmp, _ = fitted
+    tower = two_layer_tower(tmp)
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp / "cache", cache)
+    cfg = small_cfg(tower, text_unlock=1, text_unlock_lr=1.0, steps=20, eval_every=10)
+    rec = fit_clip(tmp / "src", tmp_path / "t", cfg, cache_dir=cache)
+    # 12 captions and 4 colours x 2 prompts: their last layer's input, a cache of its own; the images from the cache
+    assert rec["features_computed"] == {"image": 0, "text": 12 + 8}
+    assert len(list(cache.glob("text_in1-*.npz"))) == 1
+    again = fit_clip(tmp / "src", tmp_path / "t2", cfg, cache_dir=cache)
+    assert again["features_computed"] == {"image": 0, "text": 0} and again["selected"] == rec["selected"]
+    assert (tmp_path / "t2" / WEIGHTS_FILE).read_bytes() == (tmp_path / "t" / WEIGHTS_FILE).read_bytes()
+
+    hashes = {cf.recipe_hash(tmp / "src", c) for c in (cfg, small_cfg(tower), small_cfg(tower, text_unlock=1),
+                                                        small_cfg(tower, text_unlock=1, text_unlock_lr=0.5))}
+    assert len(hashes) == 4 and rec["recipe_hash"] == cf.recipe_hash(tmp / "src", cfg)
+
+    original = load_file(str(tower / "model.safetensors"))
+    saved = load_file(str(tmp_path / "t" / WEIGHTS_FILE))
+    text = {k[len("text.transformer."):]: v for k, v in saved.items() if k.startswith("text.transformer.")}
+    assert text.keys() <= original.keys() | {"embeddings.position_ids"}
+    changed = {k for k in text if not torch.equal(text[k], original[k])}
+    assert changed and all(k.startswith("encoder.layer.1.") for k in changed), changed
+    assert {"encoder.layer.1.attention.self.query.weight", "encoder.layer.1.output.dense.weight",
+            "encoder.layer.1.output.LayerNorm.weight"} <= changed
+    untuned = fit_clip(tmp / "src", tmp_path / "u", small_cfg(tower, steps=20, eval_every=10), cache_dir=cache)
+    base = load_file(str(tmp_path / "u" / WEIGHTS_FILE))
+    assert not [k for k in base if k.startswith("visual.trunk.") and not torch.equal(base[k], saved[k])]
+    assert untuned["selected"] != rec["selected"]
+
+    model, preprocess, tokenizer = open_local_dir(tmp_path / "t")
+    _assert_heldout_retrieval(model, preprocess, tokenizer, tmp / "src", rec["selected"])
+    _assert_heldout_zero_shot(model, preprocess, tokenizer, tmp / "src", cfg, rec)
+    prompts = [t.replace("{label}", c) for c in cfg.vocabulary for t in cfg.templates]
+    with torch.no_grad():
+        folder_prompts = model.encode_text(tokenizer(prompts)).numpy()
+    np.testing.assert_allclose(folder_prompts, _text_by_the_fits_path(model, tower, prompts, 1), rtol=1e-4, atol=1e-5)
+    assert np.abs(folder_prompts - _frozen_text(tower, prompts)).max() > 1e-2  # the tuned layer reads the prompts
+
+    for kw, message in (({"text_unlock": 3}, "text_unlock must be 0 to 2 for this text tower"),
+                        ({"text_unlock": -1}, "text_unlock must be a whole number of layers, at least 0"),
+                        ({"text_unlock": 1, "text_unlock_lr": 0.0}, "text_unlock_lr must be a positive multiple"),
+                        ({"text_unlock": 1, "text_unlock_lr": float("nan")}, "text_unlock_lr must be a positive")):
+        with pytest.raises(UserError, match=message):
+            fit_clip(tmp / "src", tmp_path / "o", small_cfg(tower, **kw), cache_dir=cache)
+    assert not (tmp_path / "o").exists()
+
+
+def _assert_heldout_zero_shot(model, preprocess, tokenizer, src, cfg: ClipFitConfig, rec: dict) -> None:
+    """The saved folder's model, on the source's held-out pairs with a category, gives the fit's zero-shot figures:
+    the prompt ensemble's and each prompt's alone."""
+    from modalities.image import decode_image
+
+    held = [p for p in read_pairs(src) if p.split == "heldout" and p.category in cfg.vocabulary]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(decode_image(p.read(), 10**8)) for p in held]), normalize=True)
+        pe = model.encode_text(tokenizer([t.replace("{label}", c) for c in cfg.vocabulary for t in cfg.templates]),
+                               normalize=True).view(len(cfg.vocabulary), len(cfg.templates), -1)
+
+    def zero_shot(templates):
+        cls = torch.nn.functional.normalize(pe[:, templates].mean(1), dim=-1)
+        pred = (img @ cls.T).argmax(-1).tolist()
+        return float(np.mean([cfg.vocabulary[j] == p.category for j, p in zip(pred, held)]))
+
+    assert rec["selected"]["zero_shot_pool"] == len(held)
+    assert zero_shot(list(range(len(cfg.templates)))) == pytest.approx(rec["selected"]["zero_shot"], abs=1e-9)
+    assert {t: zero_shot([j]) for j, t in enumerate(cfg.templates)} == pytest.approx(rec["zero_shot_by_template"])
