@@ -58,6 +58,14 @@ class Teacher(ABC):
         """Why this label should be dropped from training (None: keep). Default: never."""
         return None
 
+    def caption_scores(self, texts: list[str], features) -> Any:
+        """The teacher's own score of each text as a label of the input whose stored features are `features`
+        (a float tensor [N, T, D], what its labels stored), as a log-probability: a tensor [N], higher is better.
+        The adversarial phase adds it to the reward of the samples of a modality whose teacher has it (the
+        analogue of the Whisper teacher's log-likelihood of a transcript). None (the default): this teacher cannot
+        score a text it did not write."""
+        return None
+
     def unusable_reason(self, label: Label) -> str | None:
         """Why this label is not the teacher's answer at all (a decode that ran away): pseudo_label drops it from
         every split, held-out ones included, with filter_reason's reason. Default: never."""

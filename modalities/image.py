@@ -380,6 +380,39 @@ class ClipTeacher(Teacher):
             out.append(Label(text=_caption(self.caption, names[0]), info=info, arrays=arrays))
         return out
 
+    def caption_scores(self, texts, features):
+        """The teacher's zero-shot log-probability of each caption for its image (`features`: the stored image
+        embeddings, [N, 1, D] or [N, D]): over the vocabulary's classes, a caption that names one of them
+        through the modality's caption template (`a drawing of food`) is that class (its prompt-ensemble
+        embedding), so its score is exactly the teacher's log-probability of the label it would have written;
+        any other text is scored as one more candidate beside the classes (its own text embedding), so no text
+        scores above 0 and a caption the teacher would not write scores low. Text embeddings are cached by text."""
+        import torch
+
+        img = features.reshape(features.shape[0], -1).to(self.class_emb)
+        img = img / img.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        cls = self.logit_scale * img @ self.class_emb.T  # [N, C]
+        index = {c: i for i, c in enumerate(self.vocab)}
+        out = torch.empty(len(texts), dtype=cls.dtype, device=cls.device)
+        for n, text in enumerate(texts):
+            k = index.get(label_in_caption(text, self.caption))
+            if k is not None:
+                out[n] = cls[n, k] - torch.logsumexp(cls[n], 0)
+            else:
+                own = self.logit_scale * img[n] @ self._text_embedding(text)
+                out[n] = own - torch.logsumexp(torch.cat([cls[n], own.view(1)]), 0)
+        return out
+
+    def _text_embedding(self, text: str):
+        import torch
+
+        cache = self.__dict__.setdefault("_text_cache", {})
+        if text not in cache:
+            with torch.inference_mode():
+                e = self.model.encode_text(self.tokenizer([text]).to(self.device)).float()[0]
+            cache[text] = e / e.norm().clamp_min(1e-12)
+        return cache[text]
+
     def filter_reason(self, label, reference, filters):
         return _confidence_filter(label, filters)
 

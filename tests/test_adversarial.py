@@ -247,6 +247,50 @@ def test_rows_no_judge_rewards_take_no_policy_gradient():
     assert loss.item() == 0.0 and st["pg_loss"] == 0.0
 
 
+def test_teacher_scores_join_the_reward_of_the_rows_they_score():
+    """pg_objective with teacher_scores: a row without a judge but with a teacher score takes the policy gradient
+    of R = score - log pi(row) with the leave-one-out baseline (pinned by hand: k = 2, so each row's advantage is
+    its R less the other's); rows without a score stay out of it."""
+    pi = _tiny_student().eval()
+    ref = _tiny_student().eval().requires_grad_(False)
+    tok = pi.tokenizer
+    A, B = tok.encode("yes")[0], tok.encode("no")[0]
+    fake = adv.rows_from_tokens([[A, tok.eot], [B, tok.eot]], ["text", "text"], [None, None], [0, 0], tok.bos,
+                                tok.eot, "cpu")
+    scores = (torch.tensor([1.5, -0.5]), torch.tensor([1.0, 1.0]))
+    loss, st = adv.pg_objective(pi, ref, {}, fake, 2, kl_weight=0.0, teacher_scores=scores)
+    with torch.no_grad():
+        lp = adv.policy_logprobs(pi, fake)
+    tok_lp = torch.stack([lp[0, 0, A], lp[0, 1, tok.eot], lp[1, 0, B], lp[1, 1, tok.eot]]).view(2, 2)
+    r = scores[0] - tok_lp.sum(1)
+    adv_ = torch.stack([r[0] - r[1], r[1] - r[0]])
+    want = -(adv_.unsqueeze(1) * tok_lp).sum() / 4
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and loss.item() != 0.0
+    assert st["teacher_score"] == pytest.approx(0.5)
+    unscored = (torch.tensor([1.5, -0.5]), torch.tensor([0.0, 0.0]))
+    assert adv.pg_objective(pi, ref, {}, fake, 2, kl_weight=0.0, teacher_scores=unscored)[0].item() == 0.0
+
+
+def test_teacher_scores_pull_the_student_toward_the_text_the_teacher_scores_higher():
+    """A few policy-gradient steps on the teacher's score alone (no judge) move a student that says "yes" or "no"
+    about equally toward the one its teacher scores higher; with the scores swapped, toward the other."""
+    for good in ("yes", "no"):
+        student, ref, A, B, tok = _a_or_b_student()
+        want = A if good == "yes" else B
+        before = _p_first(student, want)
+        opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(15):
+            gen = generate(student, ["text"] * 8, [None] * 8, temperature=1.0, max_new_tokens=3, generator=g)
+            fake = adv.rows_from_generated(gen, ["text"] * 8, [None] * 8, [i // 4 for i in range(8)], tok.bos)
+            s = torch.tensor([1.0 if t.strip() == good else -1.0 for t in gen.texts])
+            loss, _ = adv.pg_objective(student, ref, {}, fake, 4, kl_weight=0.0, teacher_scores=(s, torch.ones(len(s))))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert _p_first(student, want) > before + 0.2
+
+
 # ------------------------------------------------------------------------------------------------- the toy
 def _tiny_student():
     from stages.models.student import StudentConfig
@@ -377,6 +421,9 @@ TINY = {
     "adversarial": {"steps": 3, "disc_warmup_steps": 1, "batch_size": 4, "k_samples": 2, "max_new_tokens": 10,
                     "log_every": 1, "checkpoint_every": 1, "lr": 0.001},
 }
+
+
+from test_image import tiny_clip  # noqa: E402,F401  (the fixture)
 
 
 def _run_in_process(cfg_path: Path, run_dir: Path, overrides=(), reuse: Path | None = None, until=None):
@@ -689,7 +736,7 @@ def test_select_by_val_wer_keeps_the_best_student_step_the_distilled_one_include
     assert r.returncode == 2 and "anchored: false" in r.stderr and "select_by" in r.stderr
 
 
-def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_students_projectors(tmp_path):
+def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_students_projectors(tmp_path, tiny_clip):
     """disc_backbone: teacher: the discriminator of the modality the Whisper teacher labelled reads text with the
     teacher's whole decoder (the student keeps one of its three layers here), its modality projectors and
     markers copied from the student; the image one (a classifier's labels) is a copy of the student."""
@@ -701,7 +748,9 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         **TINY,
         "plugins": ["modalities.audio", "modalities.image"],
         "modalities": {"audio": {"teacher": {"checkpoint": "random", "max_new_tokens": 8, "random_n_layer": 3}},
-                       "image": {"teacher": {"checkpoint": "random"}}},
+                       # a CLIP-style image teacher: it scores the student's captions (teacher_score_weight)
+                       "image": {"teacher": {"kind": "clip", "checkpoint": "random", "clip_model": tiny_clip,
+                                             "vocabulary": ["circle", "square", "triangle"]}}},
         "ingest": {"sources": [{"type": "synthetic", "modality": "audio", "count": 6, "name": "tones"},
                                {"type": "synthetic", "modality": "image", "count": 6, "name": "shapes"}],
                    "samples_per_shard": 6, "split": {"train": 0.6, "val": 0.2, "test": 0.2}},  # val clips for val_wer
@@ -722,6 +771,9 @@ def test_teacher_backbone_discriminator_holds_every_teacher_layer_and_the_studen
         _run_in_process(tmp_path / f"{judge}.yaml", tmp_path / judge)
         got = adv.load_discriminators(tmp_path / judge / "adversarial/final")
         recs = [json.loads(l) for l in (tmp_path / judge / "adversarial/metrics.jsonl").read_text().splitlines()]
+        # every student step's drawings take the CLIP teacher's score of their captions, under every judge
+        scored = [r["teacher_score"] for r in recs if r.get("phase") == "adversarial" and "teacher_score" in r]
+        assert scored and all(x <= 0 for x in scored)
         if judge == "none":  # only the teacher's decoder judges; no pre-training, warm-up or judge step
             assert sorted(got) == ["audio"] and got["audio"].spec.head_reads == "none"
             assert not any("phase" in r and r["phase"] != "adversarial" for r in recs)
@@ -799,15 +851,19 @@ def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
     anchored = load_config(files).root.adversarial
     loaded = load_config(files, ["adversarial.anchored=false"])
     a = loaded.root.adversarial
-    assert (a.anchored, a.select_by, a.disc_backbone) == (False, "last", "student")
+    fallbacks = ("anchored", "select_by", "disc_backbone", "teacher_score_weight")
+    assert (a.anchored, a.select_by, a.disc_backbone, a.teacher_score_weight) == (False, "last", "student", 0.0)
+    assert anchored.teacher_score_weight == 1.0  # the drawings' CLIP teacher scores the captions in the recipe
     assert sorted(loaded.notes) == ["adversarial.disc_backbone (the run is unanchored): student",
-                                    "adversarial.select_by (the run is unanchored): last"]
-    assert {k: v for k, v in vars(a).items() if k not in ("anchored", "select_by", "disc_backbone")} == \
-        {k: v for k, v in vars(anchored).items() if k not in ("anchored", "select_by", "disc_backbone")}
+                                    "adversarial.select_by (the run is unanchored): last",
+                                    "adversarial.teacher_score_weight (the run is unanchored): 0.0"]
+    assert {k: v for k, v in vars(a).items() if k not in fallbacks} == \
+        {k: v for k, v in vars(anchored).items() if k not in fallbacks}
     with pytest.raises(UserError) as e:
         load_config(files, ["adversarial.anchored=false", "adversarial.select_by=val_wer",
-                            "adversarial.disc_backbone=teacher"])
+                            "adversarial.disc_backbone=teacher", "adversarial.teacher_score_weight=1"])
     assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)
+    assert "teacher_score_weight: 0" in str(e.value)
 
 
 def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decoder(tmp_path):

@@ -230,6 +230,37 @@ def test_clip_teacher_runs_with_a_random_tiny_model(tiny_clip):
         assert np.linalg.norm(lab.arrays["features"].astype(np.float32)) == pytest.approx(1.0, abs=1e-2)
 
 
+def test_clip_teacher_scores_a_caption_by_its_zero_shot_log_probability(tiny_clip):
+    """caption_scores: a caption naming a vocabulary class through the caption template scores the teacher's own
+    zero-shot log-probability of that class (the probabilities its labels report); any other text competes as one
+    more candidate beside the classes, so it scores at most 0 and by its own embedding."""
+    import torch
+
+    vocab = ["cat", "dog", "bus", "tree"]
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint="random", clip_model=tiny_clip,
+                                                 vocabulary=vocab, templates=["a photo of a {label}.", "a {label}"]),
+                      caption="a drawing of {label}")
+    t = Image(cfg).build_teacher("cpu")
+    ims = [PILImage.new("RGB", (50, 30), (200, 10, 10)), PILImage.new("RGB", (30, 50), (10, 10, 200))]
+    labels = t.label(ims)
+    feats = torch.stack([torch.from_numpy(lab.arrays["features"].astype(np.float32)) for lab in labels])  # [2, 1, D]
+    for lab, f in zip(labels, feats):
+        got = t.caption_scores([f"a drawing of {c}" for c in vocab], f.expand(len(vocab), 1, -1).clone())
+        assert got.exp().sum().item() == pytest.approx(1.0, abs=1e-4)  # a distribution over the classes
+        assert got.exp().max().item() == pytest.approx(lab.info["probability"], abs=2e-3)  # fp16 features
+        assert vocab[int(got.argmax())] == lab.info["label"]
+    # a text that names no class: its own embedding against the classes' and itself
+    img = feats[:1, 0] / feats[:1, 0].norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        e = t.model.encode_text(t.tokenizer(["a red square"])).float()
+    e = e / e.norm(dim=-1, keepdim=True)
+    logits = torch.cat([t.logit_scale * img @ t.class_emb.T, t.logit_scale * img @ e.T], dim=1)[0]
+    want = torch.log_softmax(logits, 0)[-1]
+    got = t.caption_scores(["a red square"], feats[:1])
+    assert got.item() == pytest.approx(want.item(), abs=1e-5) and got.item() < 0
+    assert t.caption_scores(["a red square"], feats[:1]).item() == got.item()  # the cached embedding
+
+
 def test_clip_without_weights_names_both_routes():
     cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", vocabulary=["cat"]))
     for call in (lambda: Image.validate_config(cfg, "modalities.image"), lambda: ClipTeacher(cfg, "cpu")):

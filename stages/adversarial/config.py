@@ -51,8 +51,15 @@ class AdversarialConfig:
     # the input blanked, GAD's text-only discriminator; the body's log-likelihood still reads the input, so the
     # reward differs from the recipe's in the head alone) | none (no head: the reward is the teacher decoder's
     # log-likelihood less the student's, on-policy reverse-KL distillation; a modality without the teacher's
-    # decoder as its judge gets cross-entropy and KL only; no pre-training or warm-up)
+    # decoder as its judge gets its teacher's own score (teacher_score_weight) where the teacher has one, else
+    # cross-entropy and KL only; no pre-training or warm-up)
     judge: str = "input"
+    # the weight of a teacher's own score of a sample in its reward, for the modalities whose teacher scores a text
+    # it did not write (Teacher.caption_scores: the CLIP-style teacher's zero-shot log-probability of the caption
+    # for the image), the analogue of the Whisper teacher's log-likelihood that the audio judge's body adds. Also
+    # under judge: none (on drawings that arm is then on-policy reverse-KL toward the teacher's zero-shot
+    # distribution). None: 1 in an anchored run, 0 unanchored
+    teacher_score_weight: Optional[float] = field(default=None, metadata=minimum(0.0))
     disc_lr: float = field(default=3e-4, metadata=minimum(0.0))
     disc_warmup_steps: int = field(default=20, metadata=minimum(0))  # discriminator-only steps before the student moves
     disc_pretrain_epochs: int = field(default=2, metadata=minimum(0))  # passes over every phase input (its real rows vs a sample of the distilled model) before step 0
@@ -118,6 +125,8 @@ def validate_config(root) -> list[str]:
            "no modality transcribes" if not transcribing_modalities(root) else None)
     take(a, "select_by", "last" if why else "confirmed_val_wer", f"adversarial.select_by ({why})" if why else None,
          notes, root.stages)
+    take(a, "teacher_score_weight", 1.0 if a.anchored else 0.0,
+         None if a.anchored else "adversarial.teacher_score_weight (the run is unanchored)", notes, root.stages)
     check_choice(a.disc_backbone, ("student", "teacher"), "adversarial.disc_backbone")
     check_choice(a.judge, ("input", "text", "none"), "adversarial.judge")
     if a.judge == "none":
@@ -141,7 +150,10 @@ def validate_config(root) -> list[str]:
              f"select_by: last ('{a.select_by}' scores the student against the teacher's labels of the val clips)"),
             (a.disc_backbone == "teacher",
              "disc_backbone: student ('teacher' makes the teacher's decoder the judge, and its likelihood of a text "
-             "is its label by another name)")) if bad]
+             "is its label by another name)"),
+            (a.teacher_score_weight > 0,
+             f"teacher_score_weight: 0 ({a.teacher_score_weight} adds the teacher's own score of each sample to "
+             "its reward)")) if bad]
         if need:
             raise UserError("config: 'adversarial.anchored: false' lets nothing of the teacher into the stage; set "
                             + " and ".join(need))

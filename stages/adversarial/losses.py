@@ -116,11 +116,13 @@ def ce_loss(student: Student, examples: list[Example], device, n_targets: int | 
 
 def pg_objective(student: Student, reference: Student, discs: dict[str, Discriminator], fake: Rows, k: int, *,
                  kl_weight: float, pg_weight: float = 1.0, text_reward_all: bool = False,
-                 ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                 ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
+                 teacher_scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """The student's loss on its own samples `fake` (k consecutive rows per input, k >= 2), and its stats.
 
     Each row's reward is R = sequence_rewards(discs) - log pi(row) (the student's own log-likelihood of it,
-    detached); its advantage R minus the mean of its input's other k-1 rows' rewards (leave-one-out), on every
+    detached), plus the row's teacher score where `teacher_scores` = (scores [N], scored [N] 0/1) has one
+    (TeacherScores: a teacher's own score of the text for the input); its advantage R minus the mean of its input's other k-1 rows' rewards (leave-one-out), on every
     one of its tokens. loss = pg_weight * REINFORCE + kl_weight * exact KL(student || reference) per token +
     ce_weight * ce() (the pseudo-labels' cross-entropy; None: none). Rows are scored by `student`
     (differentiable) and `reference` (frozen). The logged "reward" is the mean R.
@@ -143,10 +145,14 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     kl_exact = mask.masked_scatter(m, exact_kl(logp_all, ref_all))
     seq = sequence_rewards(discs, fake, text_reward_all)
     seq = seq - (logp.detach() * mask).sum(1)
-    # a row that no judge rewards (adversarial.judge none: drawings) takes no policy gradient: its input's k rows
-    # share the modality, so its whole group drops out of the REINFORCE term
+    # a row that no judge and no teacher score rewards (adversarial.judge none, a teacher that scores no text)
+    # takes no policy gradient: its input's k rows share the modality, so its whole group drops out of the
+    # REINFORCE term
     judged = torch.tensor([bool(judges_of(m, discs, text_reward_all)) for m in fake.modality],
                           dtype=mask.dtype, device=mask.device)
+    if teacher_scores is not None:
+        seq = seq + teacher_scores[0].to(seq.dtype)
+        judged = torch.maximum(judged, teacher_scores[1].to(judged.dtype))
     adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask * judged.unsqueeze(1)
     mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
     pg = pg_loss(logp, adv, mask, n)
@@ -157,6 +163,10 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
              "kl": float(masked_mean(kl_exact.detach(), mask, n)),
              "kl_sampled": float(masked_mean(logp.detach() - ref_tok, mask, n)),
              "sample_logprob": float(masked_mean(logp.detach(), mask, n))}
+    if teacher_scores is not None:
+        n_scored = global_count(teacher_scores[1].sum())
+        if float(n_scored) > 0:
+            stats["teacher_score"] = float(teacher_scores[0].sum() / n_scored)
     if ce is not None and ce_weight > 0:
         c = ce()
         loss = loss + ce_weight * c

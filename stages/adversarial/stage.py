@@ -22,6 +22,7 @@ from stages.adversarial.judges import (DISCRIMINATORS_DIR, DiscCounts, _teacher_
                                        discriminator_batch, discriminator_step, pretrain_discriminators)
 from stages.adversarial.losses import ce_loss, pg_objective
 from stages.adversarial.rows import Rows, input_generator, real_rows, sample_rows, stream_seed, strip_labels
+from stages.adversarial.teacher_scores import TeacherScores
 from stages.distill import _truncate_metrics, val_decoding, validate_wer, write_val_predictions
 from stages.models.discriminator import Discriminator, DiscriminatorSpec, build_discriminator, save_discriminators
 from stages.models.labelled_data import Example, MixtureSampler, load_labelled, within_context
@@ -29,6 +30,7 @@ from stages.models.optim import adamw
 from stages.models.selection import ConfirmedSelection
 from stages.models.student import Student, load_student, save_student, student_folder, write_student
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
+from pipeline.registry import modality_registry
 
 STUDENT = "student"
 DISC_WEIGHT_DECAY = 0.01
@@ -104,6 +106,7 @@ class Phase:
     best: dict = dataclasses.field(default_factory=lambda: {"step": None, "val_wer": None})
     checked_at: int | None = None  # the student step last validated
     selection: ConfirmedSelection | None = None  # select_by confirmed_val_wer
+    scores: TeacherScores | None = None  # the teachers' own scores of the samples (teacher_score_weight)
 
     def models(self) -> dict:
         return {STUDENT: self.student, **{disc_name(m): d for m, d in self.discs.items()}}
@@ -171,7 +174,15 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
     if cfg.select_by == "confirmed_val_wer":
         ph.selection = ConfirmedSelection(ctx.dir)
+    if cfg.teacher_score_weight and cfg.anchored:
+        ph.scores = TeacherScores.build(mods, lambda m: _adapter(ctx, m), device, cfg.teacher_score_weight,
+                                        skip=[teacher_mod] if teacher_mod else ())
     return ph
+
+
+def _adapter(ctx: StageContext, modality: str):
+    mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
+    return modality_registry.get(modality)(mcfg)
 
 
 def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
@@ -230,10 +241,11 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
         ce_weight = cfg.ce_weight if cfg.anchored else 0.0
         n_targets = sum(len(e.targets) for e in examples)  # the whole batch's, for the CE's mean
         ce = (lambda: ce_loss(ph.student, local, device, n_targets)) if ce_weight > 0 else None
+        scores = ph.scores(fake, fake_texts) if ph.scores is not None and ph.scores.teachers else None
         with autocast():
             loss, st = pg_objective(ph.student, ph.reference, ph.discs, fake, k, kl_weight=cfg.kl_weight,
                                     pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all, ce=ce,
-                                    ce_weight=ce_weight)
+                                    ce_weight=ce_weight, teacher_scores=scores)
         ph.s_opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sum_gradients(ph.student.parameters())
