@@ -31,6 +31,12 @@ def minimum(x) -> dict:
     return {"min": x}
 
 
+def added_later() -> dict:
+    """A field's metadata: a setting added after runs were made, None meaning the old behaviour; the config hash
+    leaves it out while it is None (pipeline.plain.hashed), so those runs stay done."""
+    return {"hash_when_set": True}
+
+
 def path_field(kind: str = "path") -> dict:
     """A field's metadata: its value is a file or folder that a relative spelling in a config file locates from
     that file's folder. kind: path (always a path) | location (a path or a URL: one with a scheme is left alone)

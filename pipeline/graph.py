@@ -26,7 +26,7 @@ from pipeline import distributed, kept
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config
 from pipeline.console import console_log
-from pipeline.plain import stable_hash, to_plain
+from pipeline.plain import hashed, stable_hash
 from pipeline.errors import UserError
 from pipeline.files import append_jsonl, atomic_write_text
 from pipeline.registry import modality_registry, register_section, stage_registry
@@ -56,16 +56,16 @@ class StageSpec:
     version: int = 1
 
     def hash_sections(self, cfg: Config) -> dict:
-        sec = {"seed": cfg.root.seed, self.name: to_plain(cfg.section(self.name))}
+        sec = {"seed": cfg.root.seed, self.name: hashed(cfg.section(self.name))}
         if self.version != 1:
             sec["version"] = self.version
         if self.reads:
-            sec["reads"] = {path: to_plain(_at(cfg.root, path)) for path in self.reads}
+            sec["reads"] = {path: hashed(_at(cfg.root, path)) for path in self.reads}
         if self.uses_modalities != "none":
             mods = {}
             for name, mcfg in sorted(cfg.root.modalities.items()):
                 adapter = modality_registry.get(name)
-                mods[name] = adapter.decode_config(mcfg) if self.uses_modalities == "decode" else to_plain(mcfg)
+                mods[name] = adapter.decode_config(mcfg) if self.uses_modalities == "decode" else hashed(mcfg)
             sec["modalities"] = mods
         return sec
 

@@ -20,6 +20,19 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def hashed(obj: Any) -> Any:
+    """to_plain for a config hash: a field whose metadata has `hash_when_set` is left out while it is None, so that
+    a setting added later (unset: the old behaviour) does not make every run made before it stale."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("hash_when_set") and getattr(obj, f.name) is None)}
+    if isinstance(obj, dict):
+        return {str(k): hashed(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashed(v) for v in obj]
+    return obj
+
+
 def stable_hash(obj: Any) -> str:
     """sha256 of a canonical JSON form; the hash of a config section."""
     return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()

@@ -41,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
+from stages.ingest import holds_pool
 from stages.models.generation import generate
 from stages.models.labelled_data import Batch, Example, MixtureSampler, collate, load_labelled, within_context
 from stages.models.optim import adamw
@@ -105,11 +106,12 @@ def take(section, name: str, value, why: str | None, notes: list[str], graph: li
 
 def check_inputs(root, section: str) -> None:
     """`<section>.inputs`: pseudo_label splits that exist in this run."""
-    names, sp = getattr(root, section).inputs, root.ingest.split
+    names = getattr(root, section).inputs
     if not names or any(n not in ("train", "augmented", "pool") for n in names) or len(set(names)) != len(names):
         raise UserError(f"config: '{section}.inputs' must list train, augmented and/or pool, each once, got {names!r}")
-    if "pool" in names and sp.pool == 0:
-        raise UserError(f"config: '{section}.inputs' names pool, but ingest.split.pool is 0: no input is held back")
+    if "pool" in names and not holds_pool(root):
+        raise UserError(f"config: '{section}.inputs' names pool, but ingest.split.pool is 0 and no source has "
+                        "split: pool: no input is held back")
     if "augmented" in names and root.pseudo_label.augment_copies == 0:
         raise UserError(f"config: '{section}.inputs' names augmented, but pseudo_label.augment_copies is 0: "
                         "the pseudo_label stage makes no augmented copies")

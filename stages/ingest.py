@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from pipeline.config import minimum, path_field
+from pipeline.config import added_later, minimum, path_field
 from pipeline.errors import BadInput, UserError
 from pipeline.graph import StageContext, register_stage
 from pipeline.registry import modality_registry
@@ -39,6 +39,17 @@ class SourceConfig:
     # the manifest (or shard json) field whose value decides a sample's split instead of its bytes, e.g. speaker:
     # every clip of one speaker lands in one split. Unset: the split follows a hash of the sample's bytes.
     split_key: Optional[str] = None
+    # every input of this source lands in this split (train | pool | val | test) in place of the hash's: e.g. more
+    # real inputs held back for the adversarial phase alone (pool), or a source kept for evaluation (test)
+    split: Optional[str] = field(default=None, metadata=added_later())
+
+
+SPLITS = ("train", "pool", "val", "test")
+
+
+def holds_pool(root) -> bool:
+    """Whether ingest puts any input in the pool: a fraction of every source, or a source of its own."""
+    return root.ingest.split.pool > 0 or any(s.split == "pool" for s in root.ingest.sources)
 
 
 @dataclass
@@ -106,6 +117,12 @@ def validate_config(root) -> list[str]:
     if abs(sp.train + sp.pool + sp.val + sp.test - 1.0) > 1e-6:
         raise UserError("config: 'ingest.split' fractions must add up to 1")
     check_sources(root.ingest.sources, "ingest.sources", need_name=False)
+    for i, s in enumerate(root.ingest.sources):
+        if s.split is not None and s.split not in SPLITS:
+            raise UserError(f"config: 'ingest.sources[{i}].split' must be one of {', '.join(SPLITS)}, got {s.split!r}")
+        if s.split is not None and s.split_key:
+            raise UserError(f"config: 'ingest.sources[{i}]' has both 'split' (every input in one split) and "
+                            "'split_key' (the split by a field); give one")
     for s in root.ingest.sources:
         if s.modality and s.modality not in root.modalities:
             root.modalities[s.modality] = modality_registry.get(s.modality).Config()
@@ -131,6 +148,7 @@ class Item:
     reference_is_label: bool = False  # the source says its references are training labels
     alias: str | None = None  # how the source named the file where that is not its own path (a link, `x/../`)
     split_key: str | None = None  # its source's split_key
+    split: str | None = None  # its source's split (every input of the source in it)
 
 
 def split_of(basis: str, fractions) -> str:
@@ -425,7 +443,7 @@ def run(ctx: StageContext) -> dict:
             items = items[: src.limit]
         for it in items:
             it.reference_is_label = bool(src.references_are_labels and it.reference)
-            it.split_key = src.split_key
+            it.split_key, it.split = src.split_key, src.split
         for j in range(0, len(items), n):
             units.append(Unit(f"{_UNSAFE.sub('_', name)}-{j // n:06d}", ("items", items[j: j + n], None, name)))
 
@@ -448,7 +466,7 @@ def run(ctx: StageContext) -> dict:
             ignored: dict[str, int] = {}
             items = unit_items(unit, res.rejects, ignored)
             for it in items:
-                it.split_key = src.split_key
+                it.split_key, it.split = src.split_key, src.split
             items.sort(key=lambda it: it.key)
             if ignored:
                 res.logs["ignored_members"] = [{"shard": payload, "extension": e, "members": n} for e, n in sorted(ignored.items())]
@@ -484,7 +502,7 @@ def run(ctx: StageContext) -> dict:
                 res.rejects.append({"key": it.key, "file": it.file, "reason": f"no {it.split_key!r} field "
                                     "(the source's split_key) with a string or number"})
                 continue
-            split = split_of(basis, cfg.split)
+            split = it.split or split_of(basis, cfg.split)
             meta = {"key": it.key, "modality": it.modality, "split": split, "reference": it.reference,
                     "reference_is_label": it.reference_is_label, "source": it.source, "file": it.file, "meta": it.meta}
             by_mod.setdefault(it.modality, []).append({"__key__": it.key, it.ext: data,

@@ -197,6 +197,43 @@ def test_identical_bytes_are_one_sample_whatever_their_keys(tmp_path):
     assert rejects["b-again"].startswith("duplicate of a-s05") and rejects["a-s03"].startswith("duplicate of a-copy_of_s03")
 
 
+def test_a_source_with_a_split_puts_every_input_there_and_leaves_the_others_where_they_were(tmp_path):
+    """ingest.sources[i].split: every input of that source in one split (here the pool, for the phase alone); the
+    other sources' inputs keep the split their bytes give them; a source without it hashes as before (the config
+    hash leaves an unset added setting out, so runs made before it stay done)."""
+    from pipeline.config import load_config
+    from pipeline.registry import stage_registry
+
+    d = _distinct_vib_folder(tmp_path, n=24)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        (extra / f"e{i:02d}.vib").write_bytes(rng.normal(0, 1.0, 32).astype("<f4").tobytes())
+    split = "ingest.split={train: 0.5, val: 0.25, test: 0.25}"
+    plain = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": "v"}], stages=["ingest"])
+    cli("run", plain, "--run-dir", tmp_path / "plain", split, check=True)
+    before = _splits(tmp_path / "plain")
+    h0 = stage_registry.get("ingest").config_hash(load_config([str(plain)], [split]))
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": "v", "split": None}], stages=["ingest"])
+    assert stage_registry.get("ingest").config_hash(load_config([str(cfg)], [split])) == h0
+    cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": "v"},
+                                {"modality": "vibration", "dir": str(extra), "name": "x", "split": "pool"}],
+                     stages=["ingest"])
+    cli("run", cfg, "--run-dir", tmp_path / "run", split, check=True)
+    got = _splits(tmp_path / "run")
+    assert {k: v for k, v in got.items() if k.startswith("v-")} == before
+    assert {k: v for k, v in got.items() if k.startswith("x-")} == {f"x-e{i:02d}": "pool" for i in range(12)}
+    # the phase takes the pool by default when a source fills it, though ingest.split.pool is 0
+    loaded = load_config([str(cfg)], [split, "stages=[ingest, pseudo_label, distill, adversarial]"])
+    assert loaded.root.ingest.split.pool == 0 and loaded.root.adversarial.inputs == ["pool"]
+    for bad, why in (({"split": "holdout"}, "must be one of train, pool, val, test"),
+                     ({"split": "test", "split_key": "speaker"}, "give one")):
+        cfg = _write_cfg(tmp_path, [{"modality": "vibration", "dir": str(d), "name": "v", **bad}], stages=["ingest"])
+        r = cli("run", cfg, "--run-dir", tmp_path / "bad")
+        assert r.returncode == 2 and why in r.stderr and "ingest.sources[0]" in r.stderr
+
+
 def test_split_key_keeps_a_named_field_in_one_split(tmp_path):
     d = _distinct_vib_folder(tmp_path, n=24)
     lines = [json.dumps({"file": f"s{i:02d}.vib", "speaker": f"spk{i % 4}"}) for i in range(24)]

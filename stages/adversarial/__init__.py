@@ -14,7 +14,9 @@ by default: inputs distill never trained on):
        R = score_D(y | x) - log pi(y | x)
      (score_D: the head's logit at the last token plus lm_scale * log p_body(y | x); with the teacher's decoder
      as the body, R is log p_teacher - log p_student plus what the head learns: on-policy distillation toward
-     the teacher with a learned correction), its advantage R minus the mean of the input's other k-1 samples
+     the teacher with a learned correction; a modality whose teacher scores a text it did not write, the
+     drawings' CLIP-style teacher, adds teacher_score_weight * that score: its zero-shot log-probability of the
+     caption for the image), its advantage R minus the mean of the input's other k-1 samples
      (RLOO) on every token of the sample, plus kl_weight * KL(student || reference) over the vocabulary at
      every sampled position and ce_weight * cross-entropy on the pseudo-labels;
   5. every log_every steps: distinct-2 and self-BLEU-4 of the samples, per-modality discriminator accuracy and

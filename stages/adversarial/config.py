@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from pipeline.config import check_choice, minimum
 from pipeline.errors import UserError
 from stages.distill import check_inputs, take, transcribing_modalities, whisper_modalities
+from stages.ingest import holds_pool
 
 @dataclass
 class GuardConfig:
@@ -29,8 +30,8 @@ class AdversarialConfig:
     enabled: bool = True  # false: the stage copies the distilled student through
     anchored: bool = True  # false (the ablation): the real side is the frozen distilled model's samples, no label enters
     # the pseudo_label splits the phase's inputs come from: train, augmented (perturbed copies of train inputs,
-    # pseudo_label.augment_copies), pool (ingest.split.pool: real inputs distill did not train on). None: pool
-    # where ingest.split.pool > 0, else train
+    # pseudo_label.augment_copies), pool (ingest.split.pool, or a source with split: pool: real inputs distill did
+    # not train on). None: pool where ingest holds one, else train
     inputs: Optional[List[str]] = None
     steps: int = field(default=60, metadata=minimum(0))  # student steps (after disc_warmup_steps)
     batch_size: int = field(default=8, metadata=minimum(1))  # inputs per step
@@ -113,7 +114,7 @@ def validate_config(root) -> list[str]:
     """The recipe's choices for the phase's inputs, its audio judge and its selection; the checks, with every
     setting that conflicts with `anchored: false` named in one message."""
     a, d, notes = root.adversarial, root.distill, []
-    pool = root.ingest.split.pool > 0
+    pool = holds_pool(root)
     take(a, "inputs", ["pool"] if pool else ["train"],
          None if pool else "adversarial.inputs (ingest.split.pool is 0: no input is held back)", notes, root.stages)
     why = ("the run is unanchored" if not a.anchored else
