@@ -271,6 +271,39 @@ def test_teacher_scores_join_the_reward_of_the_rows_they_score():
     assert adv.pg_objective(pi, ref, {}, fake, 2, kl_weight=0.0, teacher_scores=unscored)[0].item() == 0.0
 
 
+def test_teacher_scores_keep_only_the_teachers_that_score_and_the_rows_with_features():
+    """TeacherScores.build keeps a modality's teacher only where it overrides caption_scores (the base Teacher scores
+    nothing), skips the Whisper-labelled modality and builds nothing at weight 0; a call scores the rows of those
+    modalities that have features, times the weight, and marks the rest unscored."""
+    from types import SimpleNamespace
+
+    from modalities.base import Teacher
+    from stages.adversarial.teacher_scores import TeacherScores
+
+    class Plain(Teacher):
+        def label(self, batch):
+            return []
+
+    class Scoring(Plain):
+        def caption_scores(self, texts, features):
+            return -features.reshape(len(texts), -1).sum(1) - torch.tensor([float(len(t)) for t in texts])
+
+    built = []
+
+    def adapter_of(m):
+        built.append(m)
+        return SimpleNamespace(build_teacher=lambda device, top_k=0, store_features=False:
+                               Scoring() if m == "image" else Plain())
+
+    ts = TeacherScores.build(["audio", "image", "text"], adapter_of, "cpu", 2.0, skip=["audio"])
+    assert ts.modalities == ["image"] and built == ["image", "text"]
+    assert TeacherScores.build(["image"], adapter_of, "cpu", 0.0).teachers == {}
+    f = torch.ones(1, 3)
+    rows = adv.rows_from_tokens([[1], [2], [3]], ["image", "image", "text"], [f, None, None], [0, 1, 2], 0, 0, "cpu")
+    scores, scored = ts(rows, ["ab", "c", "d"])
+    assert scores.tolist() == [2.0 * (-3.0 - 2.0), 0.0, 0.0] and scored.tolist() == [1.0, 0.0, 0.0]
+
+
 def test_teacher_scores_pull_the_student_toward_the_text_the_teacher_scores_higher():
     """A few policy-gradient steps on the teacher's score alone (no judge) move a student that says "yes" or "no"
     about equally toward the one its teacher scores higher; with the scores swapped, toward the other."""
