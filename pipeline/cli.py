@@ -137,7 +137,7 @@ def cmd_teacher(a) -> int:
     cfg = ClipFitConfig()
     for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
                  "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay", "image_proj",
-                 "image_unlock", "image_unlock_lr"):
+                 "image_unlock", "image_unlock_lr", "text_unlock", "text_unlock_lr"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.vocabulary:
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image trunk's last N units learn too (1: conv_head + bn2; N > 1: also the last N - 1 "
                         "blocks), on their cached input")
     t.add_argument("--image-unlock-lr", type=float, metavar="X", help="their lr, a multiple of --lr")
+    t.add_argument("--text-unlock", type=int, metavar="N",
+                   help="the text tower's last N transformer layers learn too, on their cached input")
+    t.add_argument("--text-unlock-lr", type=float, metavar="X", help="their lr, a multiple of --lr")
     t.add_argument("--select-by")
     t.add_argument("--seed", type=int)
     t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")

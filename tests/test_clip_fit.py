@@ -246,6 +246,9 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
     r = cli("teacher", "fit-clip", "--pairs", tmp_path / "good", "--out", tmp_path / "o", "--resize-mode", "stretch")
     assert r.returncode == 2 and "resize_mode must be one of" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+    # the text tower's unlock reaches the fit from the command line (and is checked there)
+    r = cli("teacher", "fit-clip", "--pairs", tmp_path / "good", "--out", tmp_path / "o", "--text-unlock", "-1")
+    assert r.returncode == 2 and "text_unlock" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_open_local_dir_refuses_a_folder_without_the_config(tmp_path):
