@@ -112,6 +112,13 @@ modality_registry: Registry = Registry("modality", "groundgan.modalities",
                                        _PLUGIN_HINT.format(kind="modality", group="groundgan.modalities"))
 
 
+def modality_adapter(root, name: str):
+    """The adapter of modality `name`, built on its section of the config (`root.modalities`; the adapter's
+    defaults where the config has none)."""
+    cls = modality_registry.get(name)
+    return cls(root.modalities.get(name) or cls.Config())
+
+
 @dataclass
 class Section:
     """A top-level config section: its dataclass, the function that checks it (and fills the recipe's choices for

@@ -33,7 +33,7 @@ from pipeline.config import minimum
 from pipeline.errors import BadInput, UserError
 from pipeline.files import atomic_write_json
 from pipeline.graph import StageContext, register_stage
-from pipeline.registry import modality_registry
+from pipeline.registry import modality_adapter
 from pipeline.shards import expand_urls, write_shard
 from stages.evaluation import report as report_mod
 from stages.evaluation import text_metrics as tm
@@ -226,8 +226,7 @@ def _teacher(ctx: StageContext, modality: str, adapters: dict, teachers: dict):
 
 def _adapter(ctx: StageContext, modality: str, adapters: dict):
     if modality not in adapters:
-        mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
-        adapters[modality] = modality_registry.get(modality)(mcfg)
+        adapters[modality] = modality_adapter(ctx.cfg.root, modality)
     return adapters[modality]
 
 

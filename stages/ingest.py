@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.config import added_later, minimum, path_field
 from pipeline.errors import BadInput, UserError
 from pipeline.graph import StageContext, register_stage
-from pipeline.registry import modality_registry
+from pipeline.registry import modality_adapter, modality_registry
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
 from pipeline.shards import command_scheme, expand_urls, iter_shard, reject_record
 
@@ -123,7 +123,6 @@ def validate_config(root) -> list[str]:
         if s.split is not None and s.split_key:
             raise UserError(f"config: 'ingest.sources[{i}]' has both 'split' (every input in one split) and "
                             "'split_key' (the split by a field); give one")
-    for s in root.ingest.sources:
         if s.modality and s.modality not in root.modalities:
             root.modalities[s.modality] = modality_registry.get(s.modality).Config()
     return []
@@ -421,7 +420,7 @@ def run(ctx: StageContext) -> dict:
 
     def adapter(m):
         if m not in adapters:
-            adapters[m] = modality_registry.get(m)(ctx.cfg.root.modalities.get(m) or modality_registry.get(m).Config())
+            adapters[m] = modality_adapter(ctx.cfg.root, m)
         return adapters[m]
 
     caps = {"max_member_bytes": int(cfg.max_member_mb * (1 << 20)), "max_shard_bytes": int(cfg.max_shard_mb * (1 << 20))}

@@ -32,7 +32,7 @@ from pipeline.config import minimum
 from pipeline.files import atomic_write_text
 from pipeline.errors import BadInput
 from pipeline.graph import StageContext, register_stage
-from pipeline.registry import modality_registry
+from pipeline.registry import modality_adapter
 from pipeline.sharded import Unit, UnitResult, run_units, units_progress
 from pipeline.shards import iter_shard, list_shards, reject_record
 
@@ -91,8 +91,7 @@ def run(ctx: StageContext) -> dict:
 
     def teacher_for(modality: str):
         if modality not in teachers:
-            mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
-            adapters[modality] = modality_registry.get(modality)(mcfg)
+            adapters[modality] = modality_adapter(ctx.cfg.root, modality)
             teachers[modality] = adapters[modality].build_teacher(ctx.device, top_k=cfg.top_k,
                                                                   store_features=cfg.store_features)
         return adapters[modality], teachers[modality]

@@ -17,6 +17,7 @@ from pipeline.checkpoint import CheckpointManager
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
 from pipeline.graph import StageContext, register_stage
+from pipeline.registry import modality_adapter
 from stages.adversarial.config import RETIRED, AdversarialConfig, validate_config
 from stages.adversarial.judges import (DISCRIMINATORS_DIR, DiscCounts, _teacher_body_builder, batch_reward,
                                        discriminator_batch, discriminator_step, pretrain_discriminators)
@@ -30,7 +31,6 @@ from stages.models.optim import adamw
 from stages.models.selection import ConfirmedSelection
 from stages.models.student import Student, load_student, save_student, student_folder, write_student
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
-from pipeline.registry import modality_registry
 
 STUDENT = "student"
 DISC_WEIGHT_DECAY = 0.01
@@ -175,14 +175,10 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     if cfg.select_by == "confirmed_val_wer":
         ph.selection = ConfirmedSelection(ctx.dir)
     if cfg.teacher_score_weight and cfg.anchored:
-        ph.scores = TeacherScores.build(mods, lambda m: _adapter(ctx, m), device, cfg.teacher_score_weight,
-                                        skip=[teacher_mod] if teacher_mod else ())
+        scores = TeacherScores.build(mods, lambda m: modality_adapter(ctx.cfg.root, m), device,
+                                     cfg.teacher_score_weight, skip=[teacher_mod] if teacher_mod else ())
+        ph.scores = scores if scores.teachers else None  # no modality's teacher scores a text
     return ph
-
-
-def _adapter(ctx: StageContext, modality: str):
-    mcfg = ctx.cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
-    return modality_registry.get(modality)(mcfg)
 
 
 def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
@@ -241,7 +237,7 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
         ce_weight = cfg.ce_weight if cfg.anchored else 0.0
         n_targets = sum(len(e.targets) for e in examples)  # the whole batch's, for the CE's mean
         ce = (lambda: ce_loss(ph.student, local, device, n_targets)) if ce_weight > 0 else None
-        scores = ph.scores(fake, fake_texts) if ph.scores is not None and ph.scores.teachers else None
+        scores = ph.scores(fake, fake_texts) if ph.scores is not None else None
         with autocast():
             loss, st = pg_objective(ph.student, ph.reference, ph.discs, fake, k, kl_weight=cfg.kl_weight,
                                     pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all, ce=ce,

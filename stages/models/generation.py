@@ -539,7 +539,7 @@ def generate_cli(a) -> int:
     [--top-p P] [--max-new-tokens N]`: print what the run's student writes."""
     from pipeline.config import load_config
     from pipeline.distributed import DistInfo, pick_device
-    from pipeline.registry import modality_registry
+    from pipeline.registry import modality_adapter
     from pipeline.rundir import RunDir
     from stages.models.student import load_student
 
@@ -575,8 +575,7 @@ def generate_cli(a) -> int:
         raise UserError(f"--{modality}: file not found: {path}")
     if modality not in student.spec.marker_ids:
         raise UserError(f"this student does not read {modality}; it reads {', '.join(student.spec.modalities)}")
-    mcfg = cfg.root.modalities.get(modality) or modality_registry.get(modality).Config()
-    adapter = modality_registry.get(modality)(mcfg)
+    adapter = modality_adapter(cfg.root, modality)
     try:
         decoded = adapter.decode(path.read_bytes(), path.suffix.lstrip(".").lower())
         label = adapter.build_teacher(device, store_features=True).label([decoded])[0]
