@@ -9,28 +9,23 @@ import json
 from typing import Any
 
 
-def to_plain(obj: Any) -> Any:
-    """Dataclasses, dicts, lists and tuples -> dicts and lists of plain values (dict keys as str)."""
+def to_plain(obj: Any, for_hash: bool = False) -> Any:
+    """Dataclasses, dicts, lists and tuples -> dicts and lists of plain values (dict keys as str). for_hash: a field
+    whose metadata has `hash_when_set` is left out while it is None (see hashed)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name), for_hash) for f in dataclasses.fields(obj)
+                if not (for_hash and f.metadata.get("hash_when_set") and getattr(obj, f.name) is None)}
     if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v, for_hash) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, for_hash) for v in obj]
     return obj
 
 
 def hashed(obj: Any) -> Any:
-    """to_plain for a config hash: a field whose metadata has `hash_when_set` is left out while it is None, so that
-    a setting added later (unset: the old behaviour) does not make every run made before it stale."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("hash_when_set") and getattr(obj, f.name) is None)}
-    if isinstance(obj, dict):
-        return {str(k): hashed(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [hashed(v) for v in obj]
-    return obj
+    """to_plain for a config hash: a setting added later (unset: the old behaviour) is left out while it is None, so
+    that it does not make every run made before it stale."""
+    return to_plain(obj, for_hash=True)
 
 
 def stable_hash(obj: Any) -> str:
