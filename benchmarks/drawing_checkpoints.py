@@ -15,6 +15,7 @@ adversarial.teacher_score_weight). A checkpoint's step counts iterations, the ju
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def students(run: Path):
     from safetensors.torch import load_file
 
     for ck in sorted((run / "adversarial" / "checkpoints").glob("step-*")):
-        st = load_student(run / "distill" / "final").eval()
+        st = copy.deepcopy(base)
         missing, unexpected = st.load_state_dict(load_file(str(ck / "model.student.safetensors")), strict=False)
         if unexpected or set(missing) - TIED:
             raise SystemExit(f"{ck}: not this run's student (missing {missing[:3]}, unexpected {unexpected[:3]})")

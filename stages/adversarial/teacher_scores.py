@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from modalities.base import Teacher
 from stages.adversarial.rows import Rows
 
 
@@ -28,7 +29,7 @@ class TeacherScores:
                 if m in skip:
                     continue
                 t = adapter_of(m).build_teacher(device, top_k=0, store_features=False)
-                if type(t).caption_scores is not _base_caption_scores():
+                if type(t).caption_scores is not Teacher.caption_scores:  # the base scores nothing
                     teachers[m] = t
         return TeacherScores(teachers, weight)
 
@@ -53,9 +54,3 @@ class TeacherScores:
             scores[at] = self.weight * s.to(device=device, dtype=scores.dtype)
             scored[at] = 1.0
         return scores, scored
-
-
-def _base_caption_scores():
-    from modalities.base import Teacher
-
-    return Teacher.caption_scores
