@@ -166,3 +166,21 @@ def test_the_pseudo_label_stage_gives_the_benchmarks_labels(tiny, tmp_path):
     bench = {r["audio"]: (lab.text, lab.arrays["tokens"].tolist()) for r, lab in zip(records, labels)}
     assert stage == bench
     assert len(stage) == len(rows)
+
+
+def test_the_benchmarks_memory_figure_is_its_childs_own(tmp_path):
+    """label_throughput's peak_rss_mb is the child's own peak, not the spawning process's: a child of a parent that
+    holds 400 MB reads well under it (getrusage's ru_maxrss, which the benchmark read before, carries the parent's
+    resident size across the spawn and would read over 400)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import subprocess
+
+    import label_throughput
+
+    held = np.ones(400 * 2 ** 20 // 8)  # 400 MB, written, so resident
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import label_throughput as lt; "
+            "print(lt.own_peak_rss_mb())")
+    child = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                 cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert held.sum() > 0 and label_throughput.own_peak_rss_mb() > 400
+    assert 0 < child < 200
