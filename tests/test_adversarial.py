@@ -161,6 +161,8 @@ def test_lm_score_discriminator_starts_at_its_bodys_log_likelihood_and_round_tri
     got = d.sequence_scores(two, two_mask, f * 2)
     assert torch.allclose(got[1], head[0, 1] + 0.5 * lp[0, :2].sum(), atol=1e-5)  # its own two tokens, padding out
     assert torch.allclose(got[0], head[0, -1] + 0.5 * lp[0].sum(), atol=1e-5)
+    # the head's part alone, each row at its own last token
+    assert torch.allclose(d.head_scores(two, two_mask, f * 2), torch.stack([head[0, -1], head[0, 1]]), atol=1e-5)
     # judge: forward's logits and these scores from one pass of the body
     calls = []
     d.head.register_forward_hook(lambda *a: calls.append(1))

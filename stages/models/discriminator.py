@@ -114,6 +114,12 @@ class Discriminator(nn.Module):
         the mean learns deletions; docs/history.md.)"""
         return self.judge(input_ids, attention_mask, features)[1]
 
+    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The learned head's part of sequence_scores alone [B]: its logit at each row's last token, without the
+        body's likelihood (what the judge has learned, apart from what its body already knew)."""
+        return sequence_logits(self._body_parts(input_ids, attention_mask, features)[0], attention_mask)
+
     def judge(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               features: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's token logits [B, L-1] and sequence_scores' row scores [B] from one pass of the body (the
