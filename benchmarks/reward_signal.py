@@ -200,20 +200,20 @@ def main() -> None:
         print(f"\n{run.name} / {split}: {counts}, {args.k} samples each at temperature {args.temperature}")
         print("| modality | errors against | scorer | pairs | in order |")
         print("|---|---|---|---:|---:|")
-        out = {}
+        out, pairs = {}, {}
         for (m, against, name), gs in groups.items():
             acc, n = tm.pair_order_accuracy(gs)
-            out[f"{m}:{against}:{name}"] = acc
+            out[f"{m}:{against}:{name}"], pairs[f"{m}:{against}:{name}"] = acc, n
             print(f"| {m} | {against} | {name} | {n} | {'-' if acc is None else f'{acc:.3f}'} |")
         print("\n| modality | scorer | samples unlike the label | label scored higher |")
         print("|---|---|---:|---:|")
-        above = {}
+        above, unlike = {}, {}
         for (m, name), hits in label_first.items():
-            above[f"{m}:{name}"] = sum(hits) / len(hits) if hits else None
+            above[f"{m}:{name}"], unlike[f"{m}:{name}"] = (sum(hits) / len(hits) if hits else None), len(hits)
             print(f"| {m} | {name} | {len(hits)} | {'-' if not hits else f'{sum(hits) / len(hits):.3f}'} |")
         by_text = {m: text_table(t, m) for m, t in texts_seen.items()}
-        print(json.dumps({"run": str(run), "split": split, "in_order": out, "label_above_sample": above,
-                          "by_text": by_text}))
+        print(json.dumps({"run": str(run), "split": split, "in_order": out, "pairs": pairs,
+                          "label_above_sample": above, "samples_unlike_label": unlike, "by_text": by_text}))
 
 
 if __name__ == "__main__":
