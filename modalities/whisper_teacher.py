@@ -401,17 +401,11 @@ class WhisperTeacher(Teacher):
     def features(self, batch: list) -> list[dict]:
         """What label() stores of each clip as arrays "features" (and "chunk_frames" for a clip labelled in
         chunks), without decoding text: the encoder alone, on label()'s windows, encoded in label()'s groups
-        (one call per context length; a batch past MAX_WINDOWS_AT_ONCE / MAX_POSITIONS_AT_ONCE in parts of
-        WINDOWS_PER_PART), so the features are label()'s. For a student reading new inputs (groundgan generate).
+        (one call per context length, in _parts: label()'s), so the features are label()'s. For a student reading new inputs (groundgan generate).
         Raises BadInput as label() does."""
         windows = self._windows(batch)
-        if len(windows) > MAX_WINDOWS_AT_ONCE or sum(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
-            order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)
-            parts = [order[i: i + WINDOWS_PER_PART] for i in range(0, len(order), WINDOWS_PER_PART)]
-        else:
-            parts = [list(range(len(windows)))]
         feats: list[Optional[np.ndarray]] = [None] * len(windows)
-        for part in parts:
+        for part in _parts(windows):
             for ctx in sorted({windows[j].ctx for j in part}, reverse=True):
                 idx = [j for j in part if windows[j].ctx == ctx]
                 mel = log_mel([windows[j].audio for j in idx], 2 * ctx, self.model.dims.n_mels,
@@ -466,17 +460,16 @@ class WhisperTeacher(Teacher):
     def _decode_windows(self, windows: list[_Window]) -> list[_Decoded]:
         """Decode windows together; a batch of more than MAX_WINDOWS_AT_ONCE windows or MAX_POSITIONS_AT_ONCE
         encoder positions (long audio cut into many windows, many 30 s clips) goes through in parts of at most
-        WINDOWS_PER_PART, each encoded and decoded before the next: memory stays that of a few windows, however
-        long the clip."""
-        if len(windows) > MAX_WINDOWS_AT_ONCE or len(windows) * max(w.ctx for w in windows) > MAX_POSITIONS_AT_ONCE:
-            results: list[Optional[_Decoded]] = [None] * len(windows)
-            order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)  # like contexts together
-            for i in range(0, len(order), WINDOWS_PER_PART):
-                part = order[i: i + WINDOWS_PER_PART]
-                for j, dec in zip(part, self._decode_windows_at_once([windows[j] for j in part])):
-                    results[j] = dec
-            return results
-        return self._decode_windows_at_once(windows)
+        WINDOWS_PER_PART (_parts), each encoded and decoded before the next: memory stays that of a few windows,
+        however long the clip."""
+        parts = _parts(windows)
+        if len(parts) == 1:
+            return self._decode_windows_at_once(windows)
+        results: list[Optional[_Decoded]] = [None] * len(windows)
+        for part in parts:
+            for j, dec in zip(part, self._decode_windows_at_once([windows[j] for j in part])):
+                results[j] = dec
+        return results
 
     def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
         """Encode windows grouped by context length, a group at once (as before: the same features, bit for
@@ -720,6 +713,17 @@ def _return_large_blocks() -> None:
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _parts(windows: list[_Window]) -> list[list[int]]:
+    """The parts label() and features() take a batch's windows in: the whole batch, in its order, while it holds at
+    most MAX_WINDOWS_AT_ONCE windows and MAX_POSITIONS_AT_ONCE encoder positions (windows x the longest context);
+    past either, WINDOWS_PER_PART windows at a time, like contexts together. One rule for both, so that features()
+    encodes a window in the group label() does and gives the features label() stores."""
+    if len(windows) <= MAX_WINDOWS_AT_ONCE and len(windows) * max((w.ctx for w in windows), default=0) <= MAX_POSITIONS_AT_ONCE:
+        return [list(range(len(windows)))]
+    order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)
+    return [order[i: i + WINDOWS_PER_PART] for i in range(0, len(order), WINDOWS_PER_PART)]
 
 
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -163,3 +163,22 @@ def test_long_audio_in_parts_gives_the_labels_of_one_batch(monkeypatch):
             assert np.array_equal(a.arrays[k], b.arrays[k]), k
         for k in ("features", "topk_logprobs"):
             assert np.allclose(a.arrays[k].astype(np.float32), b.arrays[k].astype(np.float32), atol=2e-3, rtol=2e-3), k
+
+
+def test_features_encode_a_batch_in_the_parts_label_does(monkeypatch):
+    """features() (what `groundgan generate` gives a student for a new clip) encodes a batch in the groups label()
+    encodes it in, so that it gives the features label() stores: one 30 s clip and fifteen short ones go through in
+    parts (16 windows x the longest context is past MAX_POSITIONS_AT_ONCE) though their contexts' sum is not past
+    it (features() went by the sum and encoded the fifteen at once)."""
+    torch.set_num_threads(1)
+    teacher = WhisperTeacher(WhisperTeacherConfig(checkpoint="random", max_new_tokens=2))
+    clips = [_speechy(29.5, 16000)] + [_speechy(1.0, 16000, seed=i) for i in range(15)]
+    calls = []
+    real = whisper_teacher.encode
+    monkeypatch.setattr(whisper_teacher, "encode", lambda model, mel: calls.append(tuple(mel.shape)) or real(model, mel))
+    labelled = teacher.label(clips)
+    by_label, calls[:] = list(calls), []
+    got = teacher.features(clips)
+    assert calls == by_label and len(calls) > 2
+    for lab, arrays in zip(labelled, got):
+        assert np.array_equal(lab.arrays["features"], arrays["features"])
