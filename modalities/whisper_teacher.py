@@ -401,8 +401,8 @@ class WhisperTeacher(Teacher):
     def features(self, batch: list) -> list[dict]:
         """What label() stores of each clip as arrays "features" (and "chunk_frames" for a clip labelled in
         chunks), without decoding text: the encoder alone, on label()'s windows, encoded in label()'s groups
-        (one call per context length, in _parts: label()'s), so the features are label()'s. For a student reading new inputs (groundgan generate).
-        Raises BadInput as label() does."""
+        (one call per context length, in label()'s _parts), so the features are label()'s. For a student reading
+        new inputs (groundgan generate). Raises BadInput as label() does."""
         windows = self._windows(batch)
         feats: list[Optional[np.ndarray]] = [None] * len(windows)
         for part in _parts(windows):
