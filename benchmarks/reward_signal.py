@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,6 @@ def caption_key(text: str) -> str:
 def text_table(seen: dict, modality: str, min_samples: int = 5) -> dict:
     """Print and return, per text, the teacher's and the samples' shares and the head's mean score of its samples;
     and the rank correlation (Spearman) of that score with log(teacher share / sample share)."""
-    import numpy as np
-
     teacher, samples = seen["teacher"], seen["samples"]
     heads: dict[str, list[float]] = {}
     for t, h in samples:
@@ -123,7 +122,7 @@ def score_rows(rows, texts, modality, student, discs, scores_of, reward_weight, 
     scores = {f"disc/{modality}": d.sequence_scores(rows.input_ids, rows.attention_mask, rows.features).tolist(),
               f"head/{modality}": d.head_scores(rows.input_ids, rows.attention_mask, rows.features).tolist(),
               "student_logprob": sequence_logprob(student, rows).tolist()}
-    reward = [d - lp for d, lp in zip(scores[f"disc/{modality}"], scores["student_logprob"])]
+    reward = [j - lp for j, lp in zip(scores[f"disc/{modality}"], scores["student_logprob"])]
     if modality in scores_of.teachers:
         scores["teacher_score"] = scores_of(rows, texts)[0].tolist()
         if reward_weight > 0:  # the phase adds it (TeacherScores scaled by the run's weight)
