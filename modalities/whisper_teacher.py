@@ -462,11 +462,8 @@ class WhisperTeacher(Teacher):
         encoder positions (long audio cut into many windows, many 30 s clips) goes through in parts of at most
         WINDOWS_PER_PART (_parts), each encoded and decoded before the next: memory stays that of a few windows,
         however long the clip."""
-        parts = _parts(windows)
-        if len(parts) == 1:
-            return self._decode_windows_at_once(windows)
         results: list[Optional[_Decoded]] = [None] * len(windows)
-        for part in parts:
+        for part in _parts(windows):  # one part, in order, for a batch that fits
             for j, dec in zip(part, self._decode_windows_at_once([windows[j] for j in part])):
                 results[j] = dec
         return results
