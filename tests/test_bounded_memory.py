@@ -80,16 +80,16 @@ def test_decode_reads_in_blocks_bit_for_bit(monkeypatch):
 
 @pytest.mark.parametrize("sr,near", [(24001, 24000), (22051, 22050), (44101, 44100), (7999, 8000), (96001, 96000)])
 def test_odd_rates_resample_from_a_near_rate_with_a_small_kernel(sr, near):
-    # the child's own peak: VmHWM is reset at exec; ru_maxrss keeps the forking worker's resident size (a pytest
-    # worker grown past 1.2 GB by an in-process pipeline test made this fail)
+    # the child's own peak (label_throughput.own_peak_rss_mb: VmHWM, reset at exec; ru_maxrss keeps the forking
+    # worker's resident size, and a pytest worker grown past 1.2 GB by an in-process pipeline test made this fail)
     assert resample_rate(sr) == near
-    code = ("import io, resource, sys, numpy as np, soundfile as sf; sys.path.insert(0, %r); import modalities; "
-            "from modalities.audio import Audio, AudioConfig; b = io.BytesIO(); "
+    code = ("import io, sys, numpy as np, soundfile as sf; sys.path[:0] = [%r, %r]; import modalities; "
+            "from modalities.audio import Audio, AudioConfig; from label_throughput import own_peak_rss_mb; "
+            "b = io.BytesIO(); "
             "sf.write(b, (0.1 * np.sin(np.arange(200) / 3)).astype(np.float32), %d, format='WAV', subtype='PCM_16'); "
-            "x = Audio(AudioConfig()).decode(b.getvalue(), 'wav'); r0 = %r; "
-            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')]; "
-            "print(len(b.getvalue()), x.size, (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) // 1024)"
-            ) % (str(ROOT), sr, 0)
+            "x = Audio(AudioConfig()).decode(b.getvalue(), 'wav'); "
+            "print(len(b.getvalue()), x.size, int(own_peak_rss_mb()))"
+            ) % (str(ROOT), str(ROOT / "benchmarks"), sr)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
     size, n, peak_mb = map(int, out)
     assert size == 444 and abs(n - 200 * 16000 / sr) <= 2
