@@ -157,6 +157,8 @@ def main() -> None:
     # One warm-up clip each, so neither pays first-call costs (allocator, kernel selection) inside the timing.
     run_baseline(model, clips[:1])
     run_ours(teacher, clips[:1], args.batch_size)
+    if teacher.vocab is not None:
+        teacher.vocab.rows = teacher.vocab.rows_exact = 0
 
     base_texts, base_s = run_baseline(model, clips)
     fall_texts, fall_s = run_baseline(model, clips, fallback=True)
@@ -183,6 +185,10 @@ def main() -> None:
         "ours_redecoded": sum(bool(lab.info.get("windows_redecoded")) for lab in labels),
         "ours_sampled": sum(lab.info.get("temperature", 0.0) > 0 for lab in labels),
         "ours_runaway": sum(bool(lab.info.get("runaway")) for lab in labels),
+        # greedy steps' rows through the int8 vocabulary search (teacher.vocab_search), and those its guard sent
+        # whole to float32 (0 where the search is off)
+        "ours_vocab_rows": getattr(teacher.vocab, "rows", 0),
+        "ours_vocab_rows_float32": getattr(teacher.vocab, "rows_exact", 0),
     }
     if args.json:
         print(json.dumps(result))
@@ -196,7 +202,8 @@ def main() -> None:
     print(f"against transcribe with fallback: {result['ratio_fallback']:.2f}x, WER difference "
           f"{100 * (result['ours_wer'] - result['baseline_fallback_wer']):+.2f} points, {result['clips_differing_fallback']} clips differ")
     print(f"ours: {result['ours_redecoded']} clips decoded again on the exact context, {result['ours_sampled']} at a "
-          f"temperature > 0, {result['ours_runaway']} runaway labels")
+          f"temperature > 0, {result['ours_runaway']} runaway labels; vocabulary search: "
+          f"{result['ours_vocab_rows_float32']} of {result['ours_vocab_rows']} greedy rows sent whole to float32")
     print("peak RSS of ours alone: " + ", ".join(f"{n} clips {mb:.0f} MB" for n, mb in result["peak_rss_mb"].items()))
 
 

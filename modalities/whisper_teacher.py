@@ -84,6 +84,11 @@ class WhisperTeacherConfig(TeacherConfig):
     audio_ctx_step: int = dataclasses.field(default=50, metadata={"min": 1})  # round the context up to a multiple of this (positions; 50 = 1 s)
     silence_tail: bool = True  # trimmed context: the decoder sees the encoding of silence past it (without: repetition loops)
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers; CPU only)
+    # the decoder's projection onto the vocabulary at greedy steps on a CPU: int8 (every logit from an int8
+    # product, the top vocab_candidates computed again in float32; a row the int8 product's error bound cannot
+    # settle is computed whole in float32: the greedy token and the top-k are float32's) | exact (float32 only)
+    vocab_search: str = "int8"
+    vocab_candidates: int = dataclasses.field(default=64, metadata={"min": 1})
     fp16_on_cuda: bool = True  # half precision when the device is a GPU
     cache_dir: Optional[str] = field(default=None, metadata=path_field())  # where converted CTranslate2 models are cached (default ~/.cache/groundgan/whisper)
     random_n_state: int = dataclasses.field(default=64, metadata={"min": 8})  # checkpoint=random: width
@@ -317,6 +322,8 @@ class WhisperTeacher(Teacher):
             raise UserError(f"teacher.long_audio must be window or reject, got {cfg.long_audio!r}")
         if cfg.quantize not in ("none", "int8"):
             raise UserError(f"teacher.quantize must be none or int8, got {cfg.quantize!r}")
+        if cfg.vocab_search not in ("int8", "exact"):
+            raise UserError(f"teacher.vocab_search must be int8 or exact, got {cfg.vocab_search!r}")
         temps = list(cfg.temperatures)
         if not temps or temps[0] != 0.0 or any(not 0.0 < t <= 2.0 for t in temps[1:]) or temps != sorted(temps):
             raise UserError(f"teacher.temperatures must start at 0 and rise (at most 2), got {cfg.temperatures!r}")
@@ -352,6 +359,10 @@ class WhisperTeacher(Teacher):
         self.max_new = min(cfg.max_new_tokens, model.dims.n_text_ctx - len(self.prefix))
         self.tail = self._pad_tail() if (cfg.trim_audio_ctx and cfg.silence_tail) else None
         self.fallback = cfg.fallback if cfg.fallback is not None else cfg.checkpoint != "random"
+        self.vocab = None  # float32 products only
+        if cfg.vocab_search == "int8" and self.device.type == "cpu":
+            self.vocab = VocabSearch.build(model.decoder.token_embedding.weight, model.decoder.ln,
+                                           max(cfg.vocab_candidates, top_k, 1))
 
     def _windows(self, batch: list) -> list[_Window]:
         """The windows label() and features() read: each clip checked, then cut into chunks of at most
@@ -570,6 +581,8 @@ class WhisperTeacher(Teacher):
         no_speech = [0.0] * n
         live = list(range(n))  # the result row each batch row belongs to
         self_kv: list[Optional[tuple]] = [None] * len(dec.blocks)
+        fast = self.vocab is not None and temperature == 0
+        deferred: list = []  # fast: (result rows, final hidden states, chosen tokens) of each step after the first
         x = torch.tensor([self.prefix] * n, device=self.device)
         offset = 0
         for step in range(self.max_new):
@@ -587,31 +600,40 @@ class WhisperTeacher(Teacher):
                 if tok.no_speech is not None:
                     no_speech = logits[:, 0].softmax(-1)[:, tok.no_speech].tolist()
                 logits = logits[:, 1]
+            elif fast:  # greedy on a CPU: the step needs its winner only; its scores come after the loop
+                last = dec.ln(h[:, -1])
+                logits = self.vocab.logits(last, self.suppress, 1)
             else:
                 last = dec.ln(h[:, -1])
                 logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
-            logits[:, self.suppress] = -math.inf
-            if step == 0:
-                logits[:, self.suppress_at_start] = -math.inf
-            logprobs = F.log_softmax(logits, dim=-1)
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[b]) for r, b in enumerate(live)])
-            else:
+            if step > 0 and fast:
                 nxt = logits.argmax(-1)
-            lp = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
-            if self.top_k:
-                top_v, top_i = logprobs.topk(self.top_k, dim=-1)
-                top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
+                deferred.append((list(live), last, nxt))
+                lp = None
+            else:
+                logits[:, self.suppress] = -math.inf
+                if step == 0:
+                    logits[:, self.suppress_at_start] = -math.inf
+                logprobs = F.log_softmax(logits, dim=-1)
+                if temperature > 0:
+                    probs = F.softmax(logits / temperature, dim=-1)
+                    nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[b]) for r, b in enumerate(live)])
+                else:
+                    nxt = logits.argmax(-1)
+                lp = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
+                if self.top_k:
+                    top_v, top_i = logprobs.topk(self.top_k, dim=-1)
+                    top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
             keep = []
             for r, (b, t) in enumerate(zip(live, nxt.tolist())):
-                sum_logprobs[b] += lp[r]  # whisper's sum includes the end-of-text token's log-prob
+                if lp is not None:
+                    sum_logprobs[b] += lp[r]  # whisper's sum includes the end-of-text token's log-prob
+                    if self.top_k and t != tok.eot:
+                        topk[b].append((top_i[r], top_v[r]))
                 if t == tok.eot:
                     keep.append(False)
                     continue
                 out_ids[b].append(t)
-                if self.top_k:
-                    topk[b].append((top_i[r], top_v[r]))
                 if len(out_ids[b]) >= caps[ids[b]]:
                     hit_cap[b] = True
                     keep.append(False)
@@ -626,6 +648,8 @@ class WhisperTeacher(Teacher):
                 self_kv = [(k[rows], v[rows]) for k, v in self_kv]
                 nxt = nxt[rows]
             x = nxt[:, None]
+        if deferred:
+            self._score_deferred(deferred, sum_logprobs, topk)
         results = []
         for b in range(n):
             k = self.top_k
@@ -635,6 +659,26 @@ class WhisperTeacher(Teacher):
                 topk_logprobs=np.array([v for _, v in topk[b]], dtype=np.float16).reshape(-1, k) if k else None,
                 features=None, temperature=temperature, hit_cap=hit_cap[b]))
         return results
+
+    def _score_deferred(self, deferred: list, sum_logprobs: list, topk: list, rows_at_once: int = 256) -> None:
+        """The float32 log-probs of the tokens greedy decoding chose through the vocabulary search (and their
+        top-k), from the steps' final hidden states: one product over the vocabulary for up to rows_at_once of them,
+        where each step had needed a [rows, vocabulary] one. Adds them to each row's sum and top-k in step order."""
+        W = self.model.decoder.token_embedding.weight
+        owners = [b for live, _, _ in deferred for b in live]
+        states = torch.cat([h for _, h, _ in deferred])
+        chosen = torch.cat([t for _, _, t in deferred])
+        for i in range(0, len(owners), rows_at_once):
+            logits = (states[i: i + rows_at_once] @ W.T).float()
+            logits[:, self.suppress] = -math.inf
+            logprobs = F.log_softmax(logits, dim=-1)
+            lp = logprobs.gather(1, chosen[i: i + rows_at_once, None])[:, 0].tolist()
+            if self.top_k:
+                top_v, top_i = (t.cpu().numpy() for t in logprobs.topk(self.top_k, dim=-1))
+            for r, (b, t) in enumerate(zip(owners[i: i + rows_at_once], chosen[i: i + rows_at_once].tolist())):
+                sum_logprobs[b] += lp[r]
+                if self.top_k and t != self.tokenizer.eot:
+                    topk[b].append((top_i[r], top_v[r]))
 
     @staticmethod
     def _self_attention(block, h: torch.Tensor, cache: list, layer: int) -> torch.Tensor:
@@ -694,6 +738,83 @@ class WhisperTeacher(Teacher):
 
 
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves larger allocations from their own mappings (see _return_large_blocks)
+
+
+class VocabSearch:
+    """The decoder's projection onto the vocabulary, [B, D] -> [B, V] logits, for greedy decoding on a CPU. At 16
+    rows it is most of a decoding step and memory-bound (tiny.en: 51864 x 384 float32 weights, 80 MB read per
+    step). Every logit comes from an int8 product (fbgemm's dynamic quantisation: a quarter of the bytes), then
+    the top `candidates` of each row by it are computed again in float32 and put in its place. A row whose k-th
+    best float32 candidate is not above its last candidate's int8 logit by more than `guard` (below) may have a
+    token outside the candidates among its top k, and is computed whole in float32. So each row's top k (the
+    greedy token, the stored top-k) are float32's, with float32 values; the rest of the row, and with it the
+    log-softmax's normaliser, carries the int8 product's error.
+
+    The guard is SIGMAS standard deviations of a logit's rounding error (weights rounded per row, the input per
+    tensor, as fbgemm does: a sum of D rounding errors, each at most half a step). A worst-case bound (every
+    rounding error at its extreme, with the same sign) is about ten times wider and would send every row to
+    float32; on tiny.en's decoder states the largest error measured was 3.3 of these deviations (docs/results.md,
+    [Labels]).
+
+    The input is divided per feature by `smooth` and the weights' columns multiplied by it (SmoothQuant's
+    balancing): the decoder's final LayerNorm puts a few features 10-100x above the rest (gains up to 17, biases
+    up to 11 in tiny.en), which would set the input's per-tensor step. smooth comes from the LayerNorm's own gain
+    and bias, not from data."""
+
+    REDUCE_RANGE = True  # 7-bit inputs, as fbgemm needs on CPUs without VNNI (no 16-bit saturation)
+    INPUT_LEVELS = 127
+    SIGMAS = 6.0
+
+    def __init__(self, weight: torch.Tensor, ln: torch.nn.LayerNorm, candidates: int):
+        w = weight.detach().float()
+        reach = ln.weight.detach().float().abs() * 4 + ln.bias.detach().float().abs()  # |output| at 4 sigma
+        self.smooth = (reach.clamp(min=1e-6) / w.abs().amax(0).clamp(min=1e-6)).sqrt()
+        ws = w * self.smooth
+        scale = ws.abs().amax(1).clamp(min=1e-12) / 127
+        q = torch.quantize_per_channel(ws, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.weight_step = float(scale.max())  # the widest row's rounding step
+        self.weight_l2 = float(q.dequantize().norm(dim=1).max())  # of any int8 row
+        self.weight, self.candidates = w, min(candidates, w.shape[0])
+        self.rows = self.rows_exact = 0  # rows searched, rows the guard sent to float32 (benchmarks report them)
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, ln: torch.nn.LayerNorm, candidates: int) -> Optional["VocabSearch"]:
+        """None (float32 only) where this torch has no quantized CPU kernels."""
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.quantize_per_channel's deprecation notice
+                return cls(weight, ln, candidates)
+        except (RuntimeError, NotImplementedError) as e:
+            warnings.warn(f"teacher.vocab_search=int8 is not available here ({e}); decoding in float32")
+            return None
+
+    def guard(self, xs: torch.Tensor) -> torch.Tensor:
+        """[B]: SIGMAS x the standard deviation of any int8 logit's error in each row, each rounding error taken
+        as uniform over its step: the weights' (the widest row's step) against the row's input, the input's (its
+        per-tensor step, INPUT_LEVELS over its range with 0) against the largest weight row."""
+        step = (xs.amax().clamp(min=0) - xs.amin().clamp(max=0)) / self.INPUT_LEVELS
+        var = (xs.norm(dim=1) * self.weight_step) ** 2 / 12 + (self.weight_l2 * step) ** 2 / 12
+        return self.SIGMAS * var.sqrt()
+
+    def logits(self, x: torch.Tensor, suppress: torch.Tensor, k: int) -> torch.Tensor:
+        """x [B, D] float32 -> [B, V] float32 logits, suppressed tokens at -inf; each row's top k (k <= candidates)
+        and its candidates are float32's."""
+        xs = x / self.smooth
+        out = torch.ops.quantized.linear_dynamic(xs, self.packed, self.REDUCE_RANGE)
+        out[:, suppress] = -math.inf
+        top_v, top_i = out.topk(self.candidates, -1)
+        exact = torch.einsum("bd,bmd->bm", x, self.weight[top_i])
+        kth = exact.topk(k, -1).values[:, -1]
+        out.scatter_(1, top_i, exact)
+        unsure = (kth <= top_v[:, -1] + self.guard(xs)).nonzero()[:, 0]
+        if len(unsure):
+            out[unsure] = x[unsure] @ self.weight.T
+            out[:, suppress] = -math.inf
+        self.rows, self.rows_exact = self.rows + len(x), self.rows_exact + len(unsure)
+        return out
 
 
 def _return_large_blocks() -> None:

@@ -184,3 +184,56 @@ def test_the_benchmarks_memory_figure_is_its_childs_own(tmp_path):
                                  cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert held.sum() > 0 and label_throughput.own_peak_rss_mb() > 400
     assert 0 < child < 200
+
+
+def _states(ln: torch.nn.LayerNorm, rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return ln(torch.randn(rows, ln.weight.shape[0], generator=g) * 3).detach()
+
+
+def test_the_vocabulary_search_gives_float32s_top_k_and_sends_unsure_rows_to_float32():
+    """VocabSearch: a row's top k are float32's tokens with float32's values (the decoder's final LayerNorm with a
+    few features far above the rest, as tiny.en's is); with too few candidates to settle a flat row, the guard
+    computes that row whole in float32."""
+    from modalities.whisper_teacher import VocabSearch
+
+    teacher = WhisperTeacher(WhisperTeacherConfig(checkpoint="random"))
+    dec = teacher.model.decoder
+    ln = torch.nn.LayerNorm(dec.ln.weight.shape[0])
+    with torch.no_grad():
+        ln.weight.mul_(torch.linspace(0.5, 1.5, ln.weight.shape[0]))
+        ln.weight[:3] = torch.tensor([15.0, -11.0, 9.0])
+        ln.bias[3:5] = torch.tensor([10.0, -8.0])
+    W = dec.token_embedding.weight.detach()
+    search = VocabSearch(W, ln, candidates=64)
+    x = _states(ln, 24, 0)
+    exact = x @ W.T
+    exact[:, teacher.suppress] = -np.inf
+    got = search.logits(x, teacher.suppress, 8)
+    assert torch.equal(got.topk(8, -1).indices, exact.topk(8, -1).indices)
+    assert torch.allclose(got.topk(8, -1).values, exact.topk(8, -1).values, atol=1e-5)
+    assert search.rows == 24 and search.rows_exact == 0
+    assert (got - exact).abs()[torch.isfinite(exact)].max() > 1e-3  # the rest of the row is the int8 product's
+    # flat rows (every logit within the int8 error of the others) and two candidates: nothing is settled
+    flat = VocabSearch(W, ln, candidates=2)
+    x = ln.bias.detach().expand(5, -1) + 1e-3 * torch.randn(5, ln.weight.shape[0])
+    got = flat.logits(x, teacher.suppress, 2)
+    exact = x @ W.T
+    exact[:, teacher.suppress] = -np.inf
+    assert flat.rows_exact == 5 and torch.equal(got, exact)
+
+
+def test_the_labellers_vocabulary_search_changes_no_token_and_no_score():
+    """Greedy decoding through the int8 search (teacher.vocab_search, the default) gives float32's tokens, log-probs
+    and top-k: each step's winner is settled by the search, its scores computed in float32 after the loop."""
+    clips = [_noise(s, i) for i, s in enumerate([0.7, 2.3, 1.5])]
+    labels, teachers = {}, {}
+    for mode in ("int8", "exact"):
+        teachers[mode] = WhisperTeacher(WhisperTeacherConfig(checkpoint="random", max_new_tokens=24, vocab_search=mode), top_k=4)
+        labels[mode] = teachers[mode].label(clips)
+    assert teachers["exact"].vocab is None and teachers["int8"].vocab.rows > 20
+    for a, b in zip(labels["int8"], labels["exact"]):
+        assert a.text == b.text and np.array_equal(a.arrays["tokens"], b.arrays["tokens"])
+        assert np.array_equal(a.arrays["topk_ids"], b.arrays["topk_ids"])
+        np.testing.assert_allclose(a.arrays["topk_logprobs"].astype(np.float32), b.arrays["topk_logprobs"].astype(np.float32), atol=2e-3)
+        assert abs(a.info["avg_logprob"] - b.info["avg_logprob"]) < 1e-5
