@@ -51,6 +51,10 @@ OFFLINE_PREFIX = "offline:"
 MAX_WINDOWS_AT_ONCE = 64
 MAX_POSITIONS_AT_ONCE = 4 * 1500  # windows x longest context: four full 30 s windows (~75 MB of keys and values)
 WINDOWS_PER_PART = 4
+# the fallback's windows re-decoded at a time on the exact 30 s context (their keys and values are held twice: once
+# for every temperature, once for the decode that consumes them)
+EXACT_AT_ONCE = 2
+ENCODE_POSITIONS = 1500  # encoder positions a call (windows of one context): its activations stay a 30 s window's
 
 
 @dataclass
@@ -480,8 +484,7 @@ class WhisperTeacher(Teacher):
         return results
 
     def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
-        """Encode windows grouped by context length, a group at once (as before: the same features, bit for
-        bit; a group holds at most MAX_POSITIONS_AT_ONCE positions) -> their
+        """Encode windows grouped by context length, at most ENCODE_POSITIONS positions of a group a call -> their
         cross-attention memory and (store_features, not exact) each window's features: its own encoder states,
         fp16. exact: the 30 s input transcribe gives the encoder (the window's log-mel frames, then zeros), the
         whole context, no tail."""
@@ -495,8 +498,10 @@ class WhisperTeacher(Teacher):
         features: list[Optional[np.ndarray]] = [None] * n
         for ctx in sorted(set(ctx_of), reverse=True):
             idx = [j for j, c in enumerate(ctx_of) if c == ctx]
-            # exact: 30 s windows (rare re-decodes) one at a time, so that their activations never add up
-            for part in ([[j] for j in idx] if exact else [idx]):
+            # at most ENCODE_POSITIONS positions a call, so that the encoder's activations on top of the part's keys
+            # and values stay those of one 30 s window; exact: 30 s windows (rare re-decodes) one at a time
+            at_once = 1 if exact else max(1, ENCODE_POSITIONS // ctx)
+            for part in (idx[i: i + at_once] for i in range(0, len(idx), at_once)):
                 mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
                               pad_zeros=exact).to(self.dtype)
                 xa = encode(model, mel)  # [g, ctx, D]
@@ -532,8 +537,8 @@ class WhisperTeacher(Teacher):
                 r.features = features[j]
             return results
         failed = [j for j, r in enumerate(results) if self._needs_fallback(r)]
-        for i in range(0, len(failed), WINDOWS_PER_PART):  # a few at a time: 30 s of keys and values each
-            part = failed[i: i + WINDOWS_PER_PART]
+        for i in range(0, len(failed), EXACT_AT_ONCE):  # a few at a time: 30 s of keys and values each, held twice
+            part = failed[i: i + EXACT_AT_ONCE]
             exact, _ = self._encode_windows([windows[j] for j in part], exact=True)
             row = {j: r for r, j in enumerate(part)}
             for t in cfg.temperatures:
@@ -660,7 +665,7 @@ class WhisperTeacher(Teacher):
                 features=None, temperature=temperature, hit_cap=hit_cap[b]))
         return results
 
-    def _score_deferred(self, deferred: list, sum_logprobs: list, topk: list, rows_at_once: int = 256) -> None:
+    def _score_deferred(self, deferred: list, sum_logprobs: list, topk: list, rows_at_once: int = 32) -> None:
         """The float32 log-probs of the tokens greedy decoding chose through the vocabulary search (and their
         top-k), from the steps' final hidden states: one product over the vocabulary for up to rows_at_once of them,
         where each step had needed a [rows, vocabulary] one. Adds them to each row's sum and top-k in step order."""
@@ -762,6 +767,7 @@ class VocabSearch:
     and bias, not from data."""
 
     REDUCE_RANGE = True  # 7-bit inputs, as fbgemm needs on CPUs without VNNI (no 16-bit saturation)
+    ROWS_AT_ONCE = 4096  # rows rounded at a time
     INPUT_LEVELS = 127
     SIGMAS = 6.0
 
@@ -769,12 +775,18 @@ class VocabSearch:
         w = weight.detach().float()
         reach = ln.weight.detach().float().abs() * 4 + ln.bias.detach().float().abs()  # |output| at 4 sigma
         self.smooth = (reach.clamp(min=1e-6) / w.abs().amax(0).clamp(min=1e-6)).sqrt()
-        ws = w * self.smooth
-        scale = ws.abs().amax(1).clamp(min=1e-12) / 127
-        q = torch.quantize_per_channel(ws, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        # rounded per row, a block of rows at a time (the smoothed float32 weights are never whole: 80 MB for tiny.en)
+        V, D = w.shape
+        scale, q, l2 = torch.empty(V), torch.empty(V, D, dtype=torch.int8), 0.0
+        for i in range(0, V, self.ROWS_AT_ONCE):
+            ws = w[i: i + self.ROWS_AT_ONCE] * self.smooth
+            scale[i: i + len(ws)] = s = ws.abs().amax(1).clamp(min=1e-12) / 127
+            q[i: i + len(ws)] = torch.round(ws / s[:, None]).to(torch.int8)
+            # the longest int8 row: its float row's length plus its rounding (sqrt(D) half steps at most)
+            l2 = max(l2, float((ws.norm(dim=1) + s / 2 * D ** 0.5).max()))
+        self.weight_step, self.weight_l2 = float(scale.max()), l2  # the widest row's rounding step
+        q = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(V, dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(q, None)
-        self.weight_step = float(scale.max())  # the widest row's rounding step
-        self.weight_l2 = float(q.dequantize().norm(dim=1).max())  # of any int8 row
         self.weight, self.candidates = w, min(candidates, w.shape[0])
         self.rows = self.rows_exact = 0  # rows searched, rows the guard sent to float32 (benchmarks report them)
 
@@ -785,7 +797,7 @@ class VocabSearch:
 
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.quantize_per_channel's deprecation notice
+                warnings.simplefilter("ignore")  # the quantized tensors' deprecation notice
                 return cls(weight, ln, candidates)
         except (RuntimeError, NotImplementedError) as e:
             warnings.warn(f"teacher.vocab_search=int8 is not available here ({e}); decoding in float32")
