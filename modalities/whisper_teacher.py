@@ -599,23 +599,21 @@ class WhisperTeacher(Teacher):
                 h = h + block.cross_attn.out(memory.attend(layer, q).transpose(1, 2).flatten(2))
                 h = h + block.mlp(block.mlp_ln(h))
             offset += x.shape[1]
-            if step == 0:
-                last = dec.ln(h[:, [self.sot_index, -1]])
-                logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
-                if tok.no_speech is not None:
-                    no_speech = logits[:, 0].softmax(-1)[:, tok.no_speech].tolist()
-                logits = logits[:, 1]
-            elif fast:  # greedy on a CPU: the step needs its winner only; its scores come after the loop
+            if fast and step > 0:  # greedy on a CPU: the step needs its winner only; its scores come after the loop
                 last = dec.ln(h[:, -1])
-                logits = self.vocab.logits(last, self.suppress, 1)
-            else:
-                last = dec.ln(h[:, -1])
-                logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
-            if step > 0 and fast:
-                nxt = logits.argmax(-1)
+                nxt = self.vocab.logits(last, self.suppress, 1).argmax(-1)
                 deferred.append((list(live), last, nxt))
                 lp = None
             else:
+                if step == 0:
+                    last = dec.ln(h[:, [self.sot_index, -1]])
+                    logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
+                    if tok.no_speech is not None:
+                        no_speech = logits[:, 0].softmax(-1)[:, tok.no_speech].tolist()
+                    logits = logits[:, 1]
+                else:
+                    last = dec.ln(h[:, -1])
+                    logits = (last @ dec.token_embedding.weight.to(last.dtype).T).float()
                 logits[:, self.suppress] = -math.inf
                 if step == 0:
                     logits[:, self.suppress_at_start] = -math.inf
