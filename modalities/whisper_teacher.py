@@ -744,25 +744,23 @@ MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves larger allocations from their ow
 
 
 class VocabSearch:
-    """The decoder's projection onto the vocabulary, [B, D] -> [B, V] logits, for greedy decoding on a CPU. At 16
-    rows it is most of a decoding step and memory-bound (tiny.en: 51864 x 384 float32 weights, 80 MB read per
-    step). Every logit comes from an int8 product (fbgemm's dynamic quantisation: a quarter of the bytes), then
-    the top `candidates` of each row by it are computed again in float32 and put in its place. A row whose k-th
-    best float32 candidate is not above its last candidate's int8 logit by more than `guard` (below) may have a
-    token outside the candidates among its top k, and is computed whole in float32. So each row's top k (the
-    greedy token, the stored top-k) are float32's, with float32 values; the rest of the row, and with it the
-    log-softmax's normaliser, carries the int8 product's error.
+    """The decoder's projection onto the vocabulary, [B, D] -> [B, V] logits, for greedy decoding on a CPU, where it
+    is most of a decoding step and memory-bound (tiny.en: 51864 x 384 float32 weights read per step). Every logit
+    comes from an int8 product (fbgemm's dynamic quantisation: a quarter of the bytes), then the top `candidates`
+    of each row by it are computed again in float32 and put in its place. A row whose k-th best float32 candidate
+    is not above its last candidate's int8 logit by more than `guard` (below) may have a token outside the
+    candidates among its top k, and is computed whole in float32. So each row's top k (the greedy token) are
+    float32's, with float32 values; the rest of the row, and with it a log-softmax's normaliser, carries the int8
+    product's error (so the labeller scores its chosen tokens in float32 after its loop: _score_deferred).
 
     The guard is SIGMAS standard deviations of a logit's rounding error (weights rounded per row, the input per
-    tensor, as fbgemm does: a sum of D rounding errors, each at most half a step). A worst-case bound (every
-    rounding error at its extreme, with the same sign) is about ten times wider and would send every row to
-    float32; on tiny.en's decoder states the largest error measured was 3.3 of these deviations (docs/results.md,
-    [Labels]).
+    tensor, as fbgemm does: a sum of D rounding errors, each uniform over its step). A worst-case bound (every
+    rounding at its extreme, with one sign) would send every row to float32. benchmarks/vocab_search.py measures
+    the largest error in these deviations on the labeller's own states (docs/results.md, [Labels]).
 
     The input is divided per feature by `smooth` and the weights' columns multiplied by it (SmoothQuant's
-    balancing): the decoder's final LayerNorm puts a few features 10-100x above the rest (gains up to 17, biases
-    up to 11 in tiny.en), which would set the input's per-tensor step. smooth comes from the LayerNorm's own gain
-    and bias, not from data."""
+    balancing): the decoder's final LayerNorm puts a few features far above the rest, which would set the
+    input's per-tensor step. smooth comes from the LayerNorm's own gain and bias, not from data."""
 
     REDUCE_RANGE = True  # 7-bit inputs, as fbgemm needs on CPUs without VNNI (no 16-bit saturation)
     ROWS_AT_ONCE = 4096  # rows rounded at a time
