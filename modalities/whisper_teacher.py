@@ -365,8 +365,7 @@ class WhisperTeacher(Teacher):
         self.fallback = cfg.fallback if cfg.fallback is not None else cfg.checkpoint != "random"
         self.vocab = None  # float32 products only
         if cfg.vocab_search == "int8" and self.device.type == "cpu":
-            self.vocab = VocabSearch.build(model.decoder.token_embedding.weight, model.decoder.ln,
-                                           max(cfg.vocab_candidates, top_k, 1))
+            self.vocab = VocabSearch.build(model.decoder.token_embedding.weight, model.decoder.ln, cfg.vocab_candidates)
 
     def _windows(self, batch: list) -> list[_Window]:
         """The windows label() and features() read: each clip checked, then cut into chunks of at most
@@ -416,19 +415,17 @@ class WhisperTeacher(Teacher):
     def features(self, batch: list) -> list[dict]:
         """What label() stores of each clip as arrays "features" (and "chunk_frames" for a clip labelled in
         chunks), without decoding text: the encoder alone, on label()'s windows, encoded in label()'s groups
-        (one call per context length, in label()'s _parts), so the features are label()'s. For a student reading
+        (label()'s _parts and _encoder_calls), so the features are label()'s. For a student reading
         new inputs (groundgan generate). Raises BadInput as label() does."""
         windows = self._windows(batch)
         feats: list[Optional[np.ndarray]] = [None] * len(windows)
         for part in _parts(windows):
-            for ctx in sorted({windows[j].ctx for j in part}, reverse=True):
-                idx = [j for j in part if windows[j].ctx == ctx]
+            for ctx, group in _encoder_calls([windows[j].ctx for j in part]):
+                idx = [part[g] for g in group]
                 mel = log_mel([windows[j].audio for j in idx], 2 * ctx, self.model.dims.n_mels,
                               self.device).to(self.dtype)
-                xa = encode(self.model, mel)
-                for j, f in zip(idx, xa):
-                    n = min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)
-                    feats[j] = f[:n].to(torch.float16).cpu().numpy()
+                for j, f in zip(idx, encode(self.model, mel)):
+                    feats[j] = _own_states(f, windows[j])
         out = []
         for i in range(len(batch)):
             mine = [feats[j] for j, w in enumerate(windows) if w.clip == i]
@@ -484,7 +481,7 @@ class WhisperTeacher(Teacher):
         return results
 
     def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
-        """Encode windows grouped by context length, at most ENCODE_POSITIONS positions of a group a call -> their
+        """Encode windows in _encoder_calls (like contexts together, at most ENCODE_POSITIONS a call) -> their
         cross-attention memory and (store_features, not exact) each window's features: its own encoder states,
         fp16. exact: the 30 s input transcribe gives the encoder (the window's log-mel frames, then zeros), the
         whole context, no tail."""
@@ -496,23 +493,18 @@ class WhisperTeacher(Teacher):
         k = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
         v = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
         features: list[Optional[np.ndarray]] = [None] * n
-        for ctx in sorted(set(ctx_of), reverse=True):
-            idx = [j for j, c in enumerate(ctx_of) if c == ctx]
-            # at most ENCODE_POSITIONS positions a call, so that the encoder's activations on top of the part's keys
-            # and values stay those of one 30 s window; exact: 30 s windows (rare re-decodes) one at a time
-            at_once = 1 if exact else max(1, ENCODE_POSITIONS // ctx)
-            for part in (idx[i: i + at_once] for i in range(0, len(idx), at_once)):
-                mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
-                              pad_zeros=exact).to(self.dtype)
-                xa = encode(model, mel)  # [g, ctx, D]
-                if self.store_features and not exact:
-                    for j, f in zip(part, xa):
-                        features[j] = f[: min(math.ceil(windows[j].audio.size / (2 * HOP)), ctx)].to(torch.float16).cpu().numpy()
-                rows = torch.tensor(part, device=self.device)
-                for layer, block in enumerate(blocks):
-                    k[layer][rows, :, :ctx] = _heads(block.cross_attn.key(xa), H)
-                    v[layer][rows, :, :ctx] = _heads(block.cross_attn.value(xa), H)
-                del xa, mel
+        for ctx, part in _encoder_calls(ctx_of, exact):
+            mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
+                          pad_zeros=exact).to(self.dtype)
+            xa = encode(model, mel)  # [g, ctx, D]
+            if self.store_features and not exact:
+                for j, f in zip(part, xa):
+                    features[j] = _own_states(f, windows[j])
+            rows = torch.tensor(part, device=self.device)
+            for layer, block in enumerate(blocks):
+                k[layer][rows, :, :ctx] = _heads(block.cross_attn.key(xa), H)
+                v[layer][rows, :, :ctx] = _heads(block.cross_attn.value(xa), H)
+            del xa, mel
         ctxs = torch.tensor(ctx_of, device=self.device)
         return _CrossMemory(k, v, ctxs, None if exact else self.tail), features
 
@@ -850,6 +842,23 @@ def _parts(windows: list[_Window]) -> list[list[int]]:
         return [list(range(len(windows)))]
     order = sorted(range(len(windows)), key=lambda j: -windows[j].ctx)
     return [order[i: i + WINDOWS_PER_PART] for i in range(0, len(order), WINDOWS_PER_PART)]
+
+
+def _encoder_calls(ctx_of: list[int], exact: bool = False):
+    """(context, indices) of each encoder call for windows of these contexts: like contexts together, longest
+    first, at most ENCODE_POSITIONS positions a call (so that the encoder's activations on top of a part's keys and
+    values stay those of one 30 s window); exact (30 s re-decodes, rare): one window a call. One rule for label()
+    and features(), so that features() gives the features label() stores, bit for bit."""
+    for ctx in sorted(set(ctx_of), reverse=True):
+        idx = [j for j, c in enumerate(ctx_of) if c == ctx]
+        at_once = 1 if exact else max(1, ENCODE_POSITIONS // ctx)
+        for i in range(0, len(idx), at_once):
+            yield ctx, idx[i: i + at_once]
+
+
+def _own_states(states: torch.Tensor, window: _Window) -> np.ndarray:
+    """A window's stored features: its encoder states [ctx, D] up to its own audio's positions, float16."""
+    return states[: math.ceil(window.audio.size / (2 * HOP))].to(torch.float16).cpu().numpy()
 
 
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -169,7 +169,8 @@ def test_features_encode_a_batch_in_the_parts_label_does(monkeypatch):
     """features() (what `groundgan generate` gives a student for a new clip) encodes a batch in the groups label()
     encodes it in, so that it gives the features label() stores: one 30 s clip and fifteen short ones go through in
     parts (16 windows x the longest context is past MAX_POSITIONS_AT_ONCE) though their contexts' sum is not past
-    it (features() went by the sum and encoded the fifteen at once)."""
+    it (features() went by the sum and encoded the fifteen at once); a context group past ENCODE_POSITIONS goes to
+    the encoder in the same calls from both."""
     torch.set_num_threads(1)
     teacher = WhisperTeacher(WhisperTeacherConfig(checkpoint="random", max_new_tokens=2))
     clips = [_speechy(29.5, 16000)] + [_speechy(1.0, 16000, seed=i) for i in range(15)]
@@ -180,5 +181,14 @@ def test_features_encode_a_batch_in_the_parts_label_does(monkeypatch):
     by_label, calls[:] = list(calls), []
     got = teacher.features(clips)
     assert calls == by_label and len(calls) > 2
+    for lab, arrays in zip(labelled, got):
+        assert np.array_equal(lab.arrays["features"], arrays["features"])
+    # twenty 1 s clips: one part, one context, but more positions than one encoder call takes (ENCODE_POSITIONS)
+    clips = [_speechy(1.0, 16000, seed=i) for i in range(20)]
+    calls[:] = []
+    labelled = teacher.label(clips)
+    by_label, calls[:] = list(calls), []
+    got = teacher.features(clips)
+    assert calls == by_label and len(by_label) == 2 and by_label[0][0] * by_label[0][2] // 2 <= whisper_teacher.ENCODE_POSITIONS
     for lab, arrays in zip(labelled, got):
         assert np.array_equal(lab.arrays["features"], arrays["features"])
