@@ -610,6 +610,32 @@ def test_a_frozen_body_keeps_the_distilled_weights_while_the_head_learns(distill
         _run_in_process(cfg, tmp_path / "bad", ["adversarial.disc_train_body=false"], reuse=base)
 
 
+def test_ema_keeps_the_moving_average_of_the_students_steps_and_final_is_it(distilled, tmp_path):
+    from safetensors.torch import load_file
+
+    from stages.models.student import load_student
+
+    cfg, base = distilled
+    run = tmp_path / "ema"
+    _run_in_process(cfg, run, ["adversarial.ema=0.5", "adversarial.select_by=last", "run.keep_checkpoints=10"],
+                    reuse=base)
+    dirs = sorted((run / "adversarial/checkpoints").iterdir())
+    assert [d.name for d in dirs] == ["step-000001", "step-000002", "step-000003", "step-000004"]
+    student = [load_file(d / "model.student.safetensors") for d in dirs]
+    avg = [load_file(d / "model.student_ema.safetensors") for d in dirs]
+    # the warm-up moved only the judges: the average starts at the distilled weights
+    assert all(torch.equal(avg[0][k], student[0][k]) for k in avg[0])
+    for i in range(1, len(dirs)):  # each student step: avg <- 0.5 avg + 0.5 weights
+        for k in avg[i]:
+            torch.testing.assert_close(avg[i][k], 0.5 * avg[i - 1][k] + 0.5 * student[i][k], rtol=0, atol=1e-6)
+    moved = [k for k in avg[-1] if not torch.equal(student[-1][k], student[0][k])]
+    assert moved and all(not torch.equal(avg[-1][k], student[-1][k]) for k in moved)
+    final = load_student(run / "adversarial/final", "cpu").state_dict()
+    assert all(torch.equal(final[k], avg[-1][k]) for k in avg[-1])
+    with pytest.raises(Exception, match=r"adversarial.ema' is the moving average's decay"):
+        _run_in_process(cfg, tmp_path / "bad", ["adversarial.ema=1.0"], reuse=base)
+
+
 def test_cli_end_to_end_text_audio_image_resumes_to_identical_weights(tmp_path):
     cfg = {
         **TINY,

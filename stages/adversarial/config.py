@@ -43,6 +43,12 @@ class AdversarialConfig:
     ce_weight: float = field(default=0.5, metadata=minimum(0.0))  # cross-entropy on the pseudo-labels (0 when unanchored)
     kl_weight: float = field(default=0.1, metadata=minimum(0.0))  # exact KL to the frozen distilled reference
     grad_clip: float = field(default=1.0, metadata=minimum(0.0))
+    # the student the val checks, the selection and final/ read: None (or 0) the trained weights themselves; d in
+    # (0, 1) an exponential moving average of them over the student's steps (Polyak averaging, each step
+    # avg <- d avg + (1 - d) weights), started at the distilled weights, while the trained weights go on by the
+    # gradient alone. It smooths a noisy policy gradient's steps and leans the early checks toward the distilled
+    # student (an interpolation toward the start, as WARP's; docs/results.md measures it)
+    ema: Optional[float] = field(default=None, metadata={**minimum(0.0), **added_later()})
     # the audio judge: teacher (the Whisper teacher's whole decoder, frozen, its log-likelihood in the logit and a
     # learned head) | student (a frozen copy of the distilled student with a learned head). A modality the
     # Whisper teacher did not label is judged by a copy of the student either way. None: teacher where it can
@@ -139,6 +145,8 @@ def validate_config(root) -> list[str]:
                 if "adversarial" in root.stages:
                     notes.append(f"adversarial.{key} 0 (judge: none has no head to train)")
     check_choice(a.select_by, ("last", "val_wer", "confirmed_val_wer"), "adversarial.select_by")
+    if a.ema is not None and not 0.0 <= a.ema < 1.0:
+        raise UserError(f"config: 'adversarial.ema' is the moving average's decay, in [0, 1); got {a.ema}")
     if a.disc_backbone == "teacher" and d.student.style != "cross_attention":
         raise UserError("config: 'adversarial.disc_backbone: teacher' needs a cross_attention student (a Whisper "
                         f"decoder); 'distill.student.style' is {d.student.style!r}")

@@ -33,6 +33,7 @@ from stages.models.student import Student, load_student, save_student, student_f
 from stages.evaluation.text_metrics import distinct_n, self_bleu_4, transcribes
 
 STUDENT = "student"
+AVERAGED = "student_ema"
 DISC_WEIGHT_DECAY = 0.01
 
 
@@ -107,9 +108,26 @@ class Phase:
     checked_at: int | None = None  # the student step last validated
     selection: ConfirmedSelection | None = None  # select_by confirmed_val_wer
     scores: TeacherScores | None = None  # the teachers' own scores of the samples (teacher_score_weight)
+    averaged: Student | None = None  # adversarial.ema: the moving average of the student's weights
+    ema: float = 0.0
+
+    @property
+    def kept(self) -> Student:
+        """The student the val checks score and final/ may take: the moving average where there is one."""
+        return self.averaged if self.averaged is not None else self.student
+
+    def average(self) -> None:
+        """After a student step: avg <- ema avg + (1 - ema) weights, for every parameter the student trains."""
+        if self.averaged is None:
+            return
+        with torch.no_grad():
+            for a, p in zip(self.averaged.parameters(), self.student.parameters()):
+                if p.requires_grad:
+                    a.lerp_(p.detach(), 1.0 - self.ema)
 
     def models(self) -> dict:
-        return {STUDENT: self.student, **{disc_name(m): d for m, d in self.discs.items()}}
+        return {STUDENT: self.student, **({AVERAGED: self.averaged} if self.averaged is not None else {}),
+                **{disc_name(m): d for m, d in self.discs.items()}}
 
     def optimizers(self) -> dict:
         return {STUDENT: self.s_opt, **{disc_name(m): o for m, o in self.d_opts.items()}}
@@ -172,6 +190,8 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     s_opt = adamw([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
     ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
+    if cfg.ema:
+        ph.averaged, ph.ema = load_student(src, device).eval().requires_grad_(False), float(cfg.ema)
     if cfg.select_by == "confirmed_val_wer":
         ph.selection = ConfirmedSelection(ctx.dir)
     if cfg.teacher_score_weight and cfg.anchored:
@@ -188,17 +208,17 @@ def _validate(ctx: StageContext, ph: Phase, step: int) -> None:
         return
     ph.checked_at = ph.student_steps
     rows: list[dict] = []
-    v = validate_wer(ph.student, ph.val, ctx.section.batch_size, ctx.cfg.root.distill.max_text_tokens, ctx.dist, rows,
+    v = validate_wer(ph.kept, ph.val, ctx.section.batch_size, ctx.cfg.root.distill.max_text_tokens, ctx.dist, rows,
                      val_decoding(ctx.cfg.root))
     if ctx.dist.is_main:
         ctx.metric({"step": step, "student_steps": ph.student_steps, **v})
         ctx.scalars({f"val/{k[4:]}": x for k, x in v.items() if k.startswith("val_")}, step)
         write_val_predictions(ctx.dir, ph.student_steps, rows)
         if ph.selection is not None:
-            ph.selection.check(ph.student_steps, v["val_wer"], None, lambda d: save_student(ph.student, d))
+            ph.selection.check(ph.student_steps, v["val_wer"], None, lambda d: save_student(ph.kept, d))
             ph.best.update(step=ph.selection.best["step"], val_wer=ph.selection.best["val_wer"])
         elif v["val_wer"] is not None and (ph.best["val_wer"] is None or v["val_wer"] < ph.best["val_wer"]):
-            save_student(ph.student, ctx.dir / "best")
+            save_student(ph.kept, ctx.dir / "best")
             ph.best.update(step=ph.student_steps, val_wer=v["val_wer"])
     ph.best.update(distributed.broadcast_object(dict(ph.best)))
     if ph.selection is not None:
@@ -249,6 +269,7 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
         st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
             ph.student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         ph.s_opt.step()
+        ph.average()
         ph.student_steps += 1
         faults.point("step")
         rec.update(st)
@@ -303,7 +324,7 @@ def _finish(ctx: StageContext, ph: Phase, done: int) -> dict:
             if select and best["step"] is not None and best_dir is not None and best_dir.is_dir():
                 shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
             else:
-                write_student(ph.student, tmp)
+                write_student(ph.kept, tmp)
             save_discriminators(ph.discs, tmp / DISCRIMINATORS_DIR)
             atomic_write_text(tmp / "adversarial.json", json.dumps(summary, indent=2) + "\n")
     counts = {"steps": ph.student_steps, "disc_warmup_steps": min(done, cfg.disc_warmup_steps), "train": len(ph.train),
