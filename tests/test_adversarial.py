@@ -632,6 +632,13 @@ def test_ema_keeps_the_moving_average_of_the_students_steps_and_final_is_it(dist
     assert moved and all(not torch.equal(avg[-1][k], student[-1][k]) for k in moved)
     final = load_student(run / "adversarial/final", "cpu").state_dict()
     assert all(torch.equal(final[k], avg[-1][k]) for k in avg[-1])
+    # killed after its second student step and resumed: the average comes back from the checkpoint
+    again, args = tmp_path / "again", ["adversarial.ema=0.5", "adversarial.select_by=last"]
+    cli("run", cfg, *args, "--run-dir", again, "--until", "distill", "--reuse", base, check=True)
+    assert cli("run", cfg, *args, "--run-dir", again, env={"GROUNDGAN_FAULT": "step:2"}).returncode == -9
+    cli("run", cfg, *args, "--run-dir", again, check=True)
+    want = run / "adversarial/final/lm/model.safetensors"
+    assert (again / "adversarial/final/lm/model.safetensors").read_bytes() == want.read_bytes()
     with pytest.raises(Exception, match=r"adversarial.ema' is the moving average's decay"):
         _run_in_process(cfg, tmp_path / "bad", ["adversarial.ema=1.0"], reuse=base)
 
