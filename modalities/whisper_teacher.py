@@ -415,17 +415,14 @@ class WhisperTeacher(Teacher):
     def features(self, batch: list) -> list[dict]:
         """What label() stores of each clip as arrays "features" (and "chunk_frames" for a clip labelled in
         chunks), without decoding text: the encoder alone, on label()'s windows, encoded in label()'s groups
-        (label()'s _parts and _encoder_calls), so the features are label()'s. For a student reading
+        (label()'s _parts, then _encoded), so the features are label()'s. For a student reading
         new inputs (groundgan generate). Raises BadInput as label() does."""
         windows = self._windows(batch)
         feats: list[Optional[np.ndarray]] = [None] * len(windows)
         for part in _parts(windows):
-            for ctx, group in _encoder_calls([windows[j].ctx for j in part]):
-                idx = [part[g] for g in group]
-                mel = log_mel([windows[j].audio for j in idx], 2 * ctx, self.model.dims.n_mels,
-                              self.device).to(self.dtype)
-                for j, f in zip(idx, encode(self.model, mel)):
-                    feats[j] = _own_states(f, windows[j])
+            for _, group, xa in self._encoded([windows[j] for j in part]):
+                for g, f in zip(group, xa):
+                    feats[part[g]] = _own_states(f, windows[part[g]])
         out = []
         for i in range(len(batch)):
             mine = [feats[j] for j, w in enumerate(windows) if w.clip == i]
@@ -481,7 +478,7 @@ class WhisperTeacher(Teacher):
         return results
 
     def _encode_windows(self, windows: list[_Window], exact: bool = False) -> tuple[_CrossMemory, list[Optional[np.ndarray]]]:
-        """Encode windows in _encoder_calls (like contexts together, at most ENCODE_POSITIONS a call) -> their
+        """Encode windows (_encoded: like contexts together, at most ENCODE_POSITIONS a call) -> their
         cross-attention memory and (store_features, not exact) each window's features: its own encoder states,
         fp16. exact: the 30 s input transcribe gives the encoder (the window's log-mel frames, then zeros), the
         whole context, no tail."""
@@ -493,10 +490,7 @@ class WhisperTeacher(Teacher):
         k = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
         v = [torch.zeros(n, H, L, D // H, dtype=self.dtype, device=self.device) for _ in blocks]
         features: list[Optional[np.ndarray]] = [None] * n
-        for ctx, part in _encoder_calls(ctx_of, exact):
-            mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
-                          pad_zeros=exact).to(self.dtype)
-            xa = encode(model, mel)  # [g, ctx, D]
+        for ctx, part, xa in self._encoded(windows, exact):
             if self.store_features and not exact:
                 for j, f in zip(part, xa):
                     features[j] = _own_states(f, windows[j])
@@ -504,9 +498,24 @@ class WhisperTeacher(Teacher):
             for layer, block in enumerate(blocks):
                 k[layer][rows, :, :ctx] = _heads(block.cross_attn.key(xa), H)
                 v[layer][rows, :, :ctx] = _heads(block.cross_attn.value(xa), H)
-            del xa, mel
+            del xa
         ctxs = torch.tensor(ctx_of, device=self.device)
         return _CrossMemory(k, v, ctxs, None if exact else self.tail), features
+
+    def _encoded(self, windows: list[_Window], exact: bool = False):
+        """(context, indices into windows, encoder states [g, ctx, D]) of each encoder call for these windows, in
+        _encoder_calls' groups: the one path from audio to encoder states that label() and features() share, so
+        that features() gives the features label() stores, bit for bit. exact: the 30 s input transcribe gives
+        the encoder (the window's log-mel frames, then zeros)."""
+        model = self.model
+        ctx_of = [model.dims.n_audio_ctx if exact else w.ctx for w in windows]
+        for ctx, part in _encoder_calls(ctx_of, exact):
+            mel = log_mel([windows[j].audio for j in part], 2 * ctx, model.dims.n_mels, self.device,
+                          pad_zeros=exact).to(self.dtype)
+            xa = encode(model, mel)
+            del mel
+            yield ctx, part, xa
+            del xa
 
     def _decode_windows_at_once(self, windows: list[_Window]) -> list[_Decoded]:
         """Greedy decoding of every window on its trimmed context; then, for the windows whose decode fails
