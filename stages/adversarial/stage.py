@@ -109,21 +109,20 @@ class Phase:
     selection: ConfirmedSelection | None = None  # select_by confirmed_val_wer
     scores: TeacherScores | None = None  # the teachers' own scores of the samples (teacher_score_weight)
     averaged: Student | None = None  # adversarial.ema: the moving average of the student's weights
-    ema: float = 0.0
 
     @property
     def kept(self) -> Student:
         """The student the val checks score and final/ may take: the moving average where there is one."""
         return self.averaged if self.averaged is not None else self.student
 
-    def average(self) -> None:
-        """After a student step: avg <- ema avg + (1 - ema) weights, for every parameter the student trains."""
+    def average(self, decay: float) -> None:
+        """After a student step: avg <- decay avg + (1 - decay) weights, for every parameter the student trains."""
         if self.averaged is None:
             return
         with torch.no_grad():
             for a, p in zip(self.averaged.parameters(), self.student.parameters()):
                 if p.requires_grad:
-                    a.lerp_(p.detach(), 1.0 - self.ema)
+                    a.lerp_(p.detach(), 1.0 - decay)
 
     def models(self) -> dict:
         return {STUDENT: self.student, **({AVERAGED: self.averaged} if self.averaged is not None else {}),
@@ -191,7 +190,7 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
     sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
     ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
     if cfg.ema:
-        ph.averaged, ph.ema = load_student(src, device).eval().requires_grad_(False), float(cfg.ema)
+        ph.averaged = load_student(src, device).eval().requires_grad_(False)
     if cfg.select_by == "confirmed_val_wer":
         ph.selection = ConfirmedSelection(ctx.dir)
     if cfg.teacher_score_weight and cfg.anchored:
@@ -269,7 +268,7 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
         st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
             ph.student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         ph.s_opt.step()
-        ph.average()
+        ph.average(cfg.ema)
         ph.student_steps += 1
         faults.point("step")
         rec.update(st)
