@@ -928,9 +928,10 @@ def test_the_unanchored_ablation_lets_no_teacher_judge_into_the_phase(tmp_path):
         {k: v for k, v in vars(anchored).items() if k not in fallbacks}
     with pytest.raises(UserError) as e:
         load_config(files, ["adversarial.anchored=false", "adversarial.select_by=val_wer",
-                            "adversarial.disc_backbone=teacher", "adversarial.teacher_score_weight=1"])
+                            "adversarial.disc_backbone=teacher", "adversarial.teacher_score_weight=1",
+                            "adversarial.length_repeats=4"])
     assert "anchored: false" in str(e.value) and "select_by: last" in str(e.value) and "disc_backbone: student" in str(e.value)
-    assert "teacher_score_weight: 0" in str(e.value)
+    assert "teacher_score_weight: 0" in str(e.value) and "length_repeats: 1" in str(e.value)
 
 
 def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decoder(tmp_path):
@@ -945,3 +946,40 @@ def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decod
     assert load_config([str(demo), str(ROOT / "configs/arms/text_judge.yaml")]).root.adversarial.judge == "text"
     with pytest.raises(UserError, match="disc_backbone: teacher"):
         load_config([str(demo), str(ROOT / "configs/arms/onpolicy_kd.yaml")], ["adversarial.disc_backbone=student"])
+
+
+def test_length_repeats_draws_each_input_by_its_labels_length_over_the_median():
+    """adversarial.length_repeats: round(tokens / the modality's median), between 1 and the cap; every pass of the
+    sampler draws each input that many times, and the sampler's state still restores exactly."""
+    from collections import Counter
+
+    from stages.adversarial.stage import length_repeats
+    from stages.models.labelled_data import Example, MixtureSampler
+
+    lengths = {"audio": [4, 4, 5, 6, 13, 30, 200], "image": [3, 3, 9]}
+    ex = [Example(key=f"{m}{i}", modality=m, split="pool", text="", targets=[1] * n, teacher="")
+          for m, ns in lengths.items() for i, n in enumerate(ns)]
+    r = length_repeats(ex, 8)
+    # audio median 6: 4/6 -> 1, 5/6 -> 1, 13/6 -> 2, 30/6 -> 5, 200/6 -> 8 (the cap); image median 3: 9/3 -> 3
+    assert r == [1, 1, 1, 1, 2, 5, 8, 1, 1, 3]
+    assert length_repeats(ex, 1) == [1] * len(ex)
+    s = MixtureSampler(ex, 5, {"image": 0.0}, seed=3, repeats=r)
+    drawn = Counter(i for _ in range(19) for i in s.next_batch())  # 95 draws: exactly five passes of 19
+    assert {ex[i].key: drawn[i] for i in drawn} == {e.key: 5 * k for e, k in zip(ex, r) if e.modality == "audio"}
+    state = json.loads(json.dumps(s.state_dict()))
+    rest = [s.next_batch() for _ in range(4)]
+    t = MixtureSampler(ex, 5, {"image": 0.0}, seed=3, repeats=r)
+    t.load_state_dict(state)
+    assert [t.next_batch() for _ in range(4)] == rest
+    with pytest.raises(ValueError, match="repeats"):
+        MixtureSampler(ex, 5, {}, seed=3, repeats=[0] * len(ex))
+
+
+def test_the_long_inputs_arm_loads_as_an_overlay(tmp_path):
+    from pipeline.config import load_config
+
+    demo = offline_demo_config(tmp_path)
+    a = load_config([str(demo), str(ROOT / "configs/arms/long_inputs.yaml")]).root
+    b = load_config([str(demo)]).root
+    assert a.adversarial.length_repeats == 8 and b.adversarial.length_repeats is None
+    assert dataclasses.replace(a.adversarial, length_repeats=None) == b.adversarial

@@ -49,6 +49,12 @@ class AdversarialConfig:
     # gradient alone. It smooths a noisy policy gradient's steps and leans the early checks toward the distilled
     # student (an interpolation toward the start, as WARP's; docs/results.md measures it)
     ema: Optional[float] = field(default=None, metadata={**minimum(0.0), **added_later()})
+    # how often a long input is drawn: each input enters every pass over the phase's inputs round(n / median n)
+    # times, at most this many, n its label's tokens and the median its modality's (a clip three times the median
+    # label's length comes three times a pass). None (or 1): each once. For a student whose held-out errors sit in
+    # the few long clips (docs/results.md measures it); refused where the run is unanchored (the lengths are
+    # the teacher's)
+    length_repeats: Optional[int] = field(default=None, metadata={**minimum(1), **added_later()})
     # the audio judge: teacher (the Whisper teacher's whole decoder, frozen, its log-likelihood in the logit and a
     # learned head) | student (a frozen copy of the distilled student with a learned head). A modality the
     # Whisper teacher did not label is judged by a copy of the student either way. None: teacher where it can
@@ -161,7 +167,9 @@ def validate_config(root) -> list[str]:
              "is its label by another name)"),
             ((a.teacher_score_weight or 0) > 0,
              f"teacher_score_weight: 0 ({a.teacher_score_weight} adds the teacher's own score of each sample to "
-             "its reward)")) if bad]
+             "its reward)"),
+            ((a.length_repeats or 1) > 1,
+             f"length_repeats: 1 ({a.length_repeats} draws inputs by the length of the teacher's labels)")) if bad]
         if need:
             raise UserError("config: 'adversarial.anchored: false' lets nothing of the teacher into the stage; set "
                             + " and ".join(need))

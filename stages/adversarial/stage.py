@@ -143,6 +143,15 @@ class Phase:
             self.selection.load_state(st.get("selection"))
 
 
+def length_repeats(examples: list[Example], most: int) -> list[int]:
+    """adversarial.length_repeats: per example, round(its label's tokens / the median of its modality's), between 1
+    and most."""
+    med: dict[str, float] = {}
+    for m in {e.modality for e in examples}:
+        med[m] = max(1.0, float(np.median([len(e.targets) for e in examples if e.modality == m])))
+    return [int(min(most, max(1, round(len(e.targets) / med[e.modality])))) for e in examples]
+
+
 def _setup(ctx: StageContext, src: Path) -> Phase:
     """The models (student, frozen reference, one discriminator per modality), their optimisers and the data."""
     cfg, device, dist = ctx.section, ctx.device, ctx.dist
@@ -187,7 +196,11 @@ def _setup(ctx: StageContext, src: Path) -> Phase:
               for m, d in discs.items()}
     # No weight decay on the student: it would pull away from the distilled weights the KL keeps it near.
     s_opt = adamw([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed)
+    repeats = length_repeats(train, cfg.length_repeats) if (cfg.length_repeats or 1) > 1 else None
+    if repeats is not None and dist.is_main:
+        print(f"adversarial: length_repeats {cfg.length_repeats}: {sum(r > 1 for r in repeats)} of {len(repeats)} "
+              f"inputs drawn more than once a pass (at most {max(repeats)} times); a pass is {sum(repeats)} draws")
+    sampler = MixtureSampler(train, cfg.batch_size, cfg.modality_weights, ctx.cfg.root.seed, repeats)
     ph = Phase(student, reference, discs, s_opt, d_opts, sampler, train, val)
     if cfg.ema:
         ph.averaged = load_student(src, device).eval().requires_grad_(False)

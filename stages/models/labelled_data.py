@@ -193,13 +193,17 @@ def collate(examples: list[Example], bos: int, pad: int, device: str | torch.dev
 class MixtureSampler:
     """Global batches of train examples: each row's modality is drawn by weight, then the next example of
     that modality's shuffled order (a fresh permutation, keyed by seed, modality and epoch, when one runs
-    out). The state (RNG, and per modality epoch and position) is small and restores exactly."""
+    out). The state (RNG, and per modality epoch and position) is small and restores exactly.
+    repeats: how many times each example enters every epoch of its modality's order (None: once each)."""
 
-    def __init__(self, examples: list[Example], batch_size: int, weights: dict[str, float], seed: int):
+    def __init__(self, examples: list[Example], batch_size: int, weights: dict[str, float], seed: int,
+                 repeats: list[int] | None = None):
         self.batch_size, self.seed = batch_size, seed
+        if repeats is not None and (len(repeats) != len(examples) or min(repeats, default=1) < 1):
+            raise ValueError("repeats needs one count of 1 or more per example")
         by_mod: dict[str, list[int]] = {}
         for i, e in enumerate(examples):
-            by_mod.setdefault(e.modality, []).append(i)
+            by_mod.setdefault(e.modality, []).extend([i] * (1 if repeats is None else int(repeats[i])))
         self.modalities = [m for m in sorted(by_mod) if float(weights.get(m, 1.0)) > 0]
         if not self.modalities:
             raise ValueError("no train examples in any modality with a positive weight")
