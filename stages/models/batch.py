@@ -262,8 +262,9 @@ def load_student(path: str | Path, stage: str | None = None, device: str | None 
 def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None = None) -> Iterator[Item]:
     """Items from each source: a file, a folder (its files of a modality the student reads, sorted, recursively),
     a JSONL manifest (lines {"<manifest field>": file, "key": ...}: a modality's manifest_field names it;
-    relative files resolve from the manifest's folder), or webdataset shards (.tar files or a brace pattern:
-    <key>.<ext> members, split filtered by their .json's "split" where `split` is given)."""
+    relative files resolve from the manifest's folder), or webdataset shards (.tar files, a brace pattern, or a
+    folder that holds shards and no file of a modality: <key>.<ext> members, split filtered by their .json's
+    "split" where `split` is given)."""
     from pipeline.registry import modality_registry
     from pipeline.shards import expand_urls, iter_shard
 
@@ -271,8 +272,13 @@ def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None
         p = Path(src)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and loaded.modality_of(f.suffix))
+            shards = sorted(f for f in p.rglob("*.tar") if f.is_file())
+            if not files and shards:  # a folder of webdataset shards (a run's pseudo_label/shards/audio)
+                yield from read_inputs([str(f) for f in shards], loaded, split)
+                continue
             if not files:
-                raise UserError(f"{p}: no file of a modality this student reads ({', '.join(loaded.reads)})")
+                raise UserError(f"{p}: no file of a modality this student reads ({', '.join(loaded.reads)}), "
+                                "and no webdataset shard (.tar)")
             for f in files:
                 yield Item(str(f.relative_to(p).with_suffix("")).replace("/", "-"), loaded.modality_of(f.suffix),
                            data=f.read_bytes(), ext=f.suffix.lstrip(".").lower(), where=str(f))
