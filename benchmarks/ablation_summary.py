@@ -13,7 +13,8 @@ Per seed, each arm's word errors against the human reference and their paired ch
 against `onpolicy_kd` (95% paired bootstrap, text_metrics.paired_change). Pooled: errors summed over seeds, and the
 bootstrap draws held-out *clips* (the same draw for every seed and both systems), so a clip that is hard on every
 seed is not counted as independent evidence four times. Output length: words of each output over the words of its
-teacher label (normalised text), the largest per arm. Sweep: each temperature's WER against the teacher (errors
+teacher label (normalised text), the largest per arm. Errors by the reference's length (1-12, 13-40, 41+ words),
+summed over seeds. Sweep: each temperature's WER against the teacher (errors
 summed over seeds), `distilled` and `grounded`. Distinct-2 is each seed's own, averaged over seeds (n-grams never
 pool across seeds).
 """
@@ -35,6 +36,8 @@ from pipeline.files import read_jsonl  # noqa: E402
 from stages.evaluation import text_metrics as tm  # noqa: E402
 
 N_BOOT = 2000
+# the held-out clips by their reference's words: the students' errors sit in the few long prompts (docs/results.md)
+LENGTH_BUCKETS = (("1-12", 1, 12), ("13-40", 13, 40), ("41+", 41, 10 ** 9))
 
 
 def run_dir(out: Path, seed: int, arm: str) -> Path:
@@ -248,6 +251,18 @@ def main() -> int:
         res["length"][arm] = {"max_ratio": worst, "over_2x": over}
         shown = "; ".join(f"seed {s} {k} {o}/{l}" for s, k, o, l in over[:4]) + (" ..." if len(over) > 4 else "")
         print(f"| {arm} | {worst:.2f} | {len(over)} of {len(seeds) * len(keys)}{': ' + shown if over else ''} |")
+
+    print("\n## Held-out errors by the reference's length (words), summed over seeds: errors / reference words\n")
+    res["by_length"] = {}
+    ref_words = np.stack([words[s] for s in seeds], axis=1)  # the same reference on every seed
+    print("| reference words | clips | " + " | ".join(arms) + " |\n" + "|---" * (len(arms) + 2) + "|")
+    for name, lo, hi in LENGTH_BUCKETS:
+        inb = (ref_words[:, 0] >= lo) & (ref_words[:, 0] <= hi)
+        w = ref_words[inb].sum()
+        row = {arm: int(np.stack([err[s, arm] for s in seeds], axis=1)[inb].sum()) for arm in arms}
+        res["by_length"][name] = {"clips": int(inb.sum()), "words": int(w), "errors": row}
+        print(f"| {name} | {int(inb.sum())} | " + " | ".join(
+            f"{row[arm]} / {int(w)} ({100 * row[arm] / max(w, 1):.1f}%)" for arm in arms) + " |")
 
     print("\n## Temperature sweep, pooled over seeds: WER against the teacher's label / distinct-2\n")
     sw = {arm: sweep(out, seeds, arm, data["refs"]) for arm in ("distilled", "grounded")}
