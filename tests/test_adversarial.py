@@ -944,6 +944,9 @@ def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decod
     assert (a.judge, a.disc_warmup_steps, a.disc_pretrain_epochs) == ("none", 0, 0)
     assert "adversarial.disc_warmup_steps 0 (judge: none has no head to train)" in none.notes
     assert load_config([str(demo), str(ROOT / "configs/arms/text_judge.yaml")]).root.adversarial.judge == "text"
+    nr = load_config([str(demo), str(ROOT / "configs/arms/no_reward.yaml")]).root.adversarial
+    assert dataclasses.replace(nr, pg_weight=1.0) == a  # onpolicy_kd less its reward, nothing else
+    assert nr.pg_weight == 0.0 and nr.select_by == "confirmed_val_wer"
     with pytest.raises(UserError, match="disc_backbone: teacher"):
         load_config([str(demo), str(ROOT / "configs/arms/onpolicy_kd.yaml")], ["adversarial.disc_backbone=student"])
 
