@@ -947,6 +947,9 @@ def test_the_judge_arms_load_as_overlays_and_judge_none_needs_the_teachers_decod
     nr = load_config([str(demo), str(ROOT / "configs/arms/no_reward.yaml")]).root.adversarial
     assert dataclasses.replace(nr, pg_weight=1.0) == a  # onpolicy_kd less its reward, nothing else
     assert nr.pg_weight == 0.0 and nr.select_by == "confirmed_val_wer"
+    mp = load_config([str(demo), str(ROOT / "configs/arms/mle_pool.yaml")]).root
+    assert mp.distill.inputs == ["train", "pool"] and mp.adversarial.enabled is False
+    assert dataclasses.replace(mp.distill, inputs=["train"]) == load_config([str(demo)]).root.distill
     with pytest.raises(UserError, match="disc_backbone: teacher"):
         load_config([str(demo), str(ROOT / "configs/arms/onpolicy_kd.yaml")], ["adversarial.disc_backbone=student"])
 
