@@ -6,7 +6,8 @@ issue's acceptance lines checked one by one.
 
 Reads what the runs already wrote (nothing is re-run or re-scored by a model): OUT/seedS/evaluate/predictions.jsonl
 holds the distilled student (`distill`) and the recipe (`adversarial`, called `grounded` here) on the held-out
-split; OUT/seedS-ARM/evaluate/predictions.jsonl each arm's adversarial student; evaluate/generations/ the
+split; OUT/seedS-ARM/evaluate/predictions.jsonl each arm's adversarial student (its distilled one where the arm
+runs no phase, as configs/arms/mle_pool.yaml); evaluate/generations/ the
 temperature sweep; report.json the drawings' agreement; run.log each stage's wall time.
 
 Per seed, each arm's word errors against the human reference and their paired change against `distilled` and
@@ -44,8 +45,18 @@ def run_dir(out: Path, seed: int, arm: str) -> Path:
     return out / (f"seed{seed}" if arm in ("distilled", "grounded") else f"seed{seed}-{arm}")
 
 
-def checkpoint(arm: str) -> str:
-    return "distill" if arm == "distilled" else "adversarial"
+def checkpoint(arm: str, run: Path | None = None) -> str:
+    """The checkpoint an arm is read at: its phase's student, or distill's where the arm's run has no phase
+    (adversarial.enabled false, as configs/arms/mle_pool.yaml: evaluate then scores distill alone)."""
+    if arm == "distilled":
+        return "distill"
+    if run is not None and (run / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        if (cfg.get("adversarial") or {}).get("enabled") is False:
+            return "distill"
+    return "adversarial"
 
 
 def load_outputs(out: Path, seeds: list[int], arms: list[str], modality: str = "audio") -> tuple[list[str], dict]:
@@ -59,7 +70,10 @@ def load_outputs(out: Path, seeds: list[int], arms: list[str], modality: str = "
             if not path.is_file():
                 raise SystemExit(f"{path}: missing (run benchmarks/demo_ablation.py --seeds {seed} first)")
             rows = [r for r in read_jsonl(path) if r.get("set") == "test" and r.get("modality") == modality]
-            texts[seed, arm] = {r["key"]: r["outputs"].get(checkpoint(arm)) for r in rows}
+            ckpt = checkpoint(arm, run_dir(out, seed, arm))
+            if rows and ckpt not in rows[0]["outputs"]:
+                raise SystemExit(f"{path}: no '{ckpt}' outputs (it has {', '.join(rows[0]['outputs'])})")
+            texts[seed, arm] = {r["key"]: r["outputs"].get(ckpt) for r in rows}
             if arm == "distilled":
                 refs[seed] = {r["key"]: (r.get("reference"), r.get("teacher")) for r in rows}
     keys = sorted(set.intersection(*(set(v) for v in texts.values())))
@@ -149,7 +163,7 @@ def sweep(out: Path, seeds: list[int], arm: str, refs_by_seed: dict, modality: s
     per_t: dict[str, dict] = {}
     for seed in seeds:
         d = run_dir(out, seed, arm) / "evaluate"
-        for f in sorted((d / "generations" / "test" / modality / checkpoint(arm)).glob("T*.json")):
+        for f in sorted((d / "generations" / "test" / modality / checkpoint(arm, d.parent)).glob("T*.json")):
             g = json.loads(f.read_text())
             hyps = list(g["texts"])
             refs = [refs_by_seed[seed].get(k, (None, None))[1] for k in g["keys"]]
