@@ -131,6 +131,9 @@ def test_generate_bad_inputs(run, tmp_path):
 
     t = np.arange(8000) / 16000
     sf.write(tmp_path / "clips" / "good.wav", (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    # --split filters shards by their .json; a folder of files has no split to filter by
+    one_line(cli("generate", run, "--inputs", tmp_path / "clips", "--split", "test", "--out", out), "clips",
+             "--split test", "no split")
     r = cli("generate", run, "--inputs", tmp_path / "clips", "--out", out)
     assert r.returncode == 0, r.stderr
     rows = {x["key"]: x for x in _read(out)}

@@ -259,6 +259,15 @@ def load_student(path: str | Path, stage: str | None = None, device: str | None 
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
+def _is_shards(p: Path, src: str, loaded: LoadedStudent) -> bool:
+    """Whether read_inputs reads src as webdataset shards: a .tar, a brace pattern or URL, or a folder that holds
+    shards and no file of a modality the student reads."""
+    if p.suffix == ".tar" or "{" in src or "::" in src:
+        return True
+    return p.is_dir() and not any(f.is_file() and loaded.modality_of(f.suffix) for f in p.rglob("*")) \
+        and any(f.is_file() for f in p.rglob("*.tar"))
+
+
 def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None = None) -> Iterator[Item]:
     """Items from each source: a file, a folder (its files of a modality the student reads, sorted, recursively),
     a JSONL manifest (lines {"<manifest field>": file, "key": ...}: a modality's manifest_field names it;
@@ -270,6 +279,9 @@ def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None
 
     for src in sources:
         p = Path(src)
+        if split is not None and p.exists() and not _is_shards(p, src, loaded):
+            raise UserError(f"{p}: --split {split} keeps the samples of webdataset shards whose .json names that "
+                            "split; files, folders of files and manifests carry no split (ingest assigns it)")
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and loaded.modality_of(f.suffix))
             shards = sorted(f for f in p.rglob("*.tar") if f.is_file())
