@@ -12,8 +12,10 @@ student in place of the teacher's decoder as the audio judge) and `adversarial.p
 phase without the discriminators' rewards: its cross-entropy and KL terms alone, i.e. more likelihood training
 at the adversarial learning rate - what the GAN part must beat), and the [Grounding proof] controls, each an
 overlay under configs/arms/ with the recipe's selection: `onpolicy_kd` (no learned judge head: the teacher
-decoder's log-likelihood less the student's is the reward, on-policy reverse-KL distillation) and `text_judge`
-(the judge's head reads the text alone, GAD-style). Then it prints, per seed, the held-out
+decoder's log-likelihood less the student's is the reward, on-policy reverse-KL distillation), `text_judge`
+(the judge's head reads the text alone, GAD-style), `no_reward` (the phase's cross-entropy and KL alone, no head),
+`mle_pool` (no phase: distill trains on the pool's labels too; read at its distill checkpoint) and `long_inputs`
+(the pool's long clips drawn more often). Then it prints, per seed, the held-out
 figures of the distilled and adversarial students side by side (WER with its 95% bootstrap interval,
 image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
 clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
@@ -38,12 +40,20 @@ ALL_ARMS = [("", []),
         ("unanchored", ["adversarial.anchored=false"]),
         ("mle", ["adversarial.pg_weight=0", "adversarial.select_by=last"]),
         ("onpolicy_kd", [str(ROOT / "configs/arms/onpolicy_kd.yaml")]),
-        ("text_judge", [str(ROOT / "configs/arms/text_judge.yaml")])]
+        ("text_judge", [str(ROOT / "configs/arms/text_judge.yaml")]),
+        ("no_reward", [str(ROOT / "configs/arms/no_reward.yaml")]),
+        ("mle_pool", [str(ROOT / "configs/arms/mle_pool.yaml")]),
+        ("long_inputs", [str(ROOT / "configs/arms/long_inputs.yaml")])]
 ARMS = list(ALL_ARMS)  # the ones this run makes (--arms)
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step",
           "onpolicy_kd": "no judge head (on-policy reverse KL), picked by val WER",
-          "text_judge": "text-only judge head, picked by val WER"}
+          "text_judge": "text-only judge head, picked by val WER",
+          "no_reward": "no reward (CE + KL only, no judge head), picked by val WER",
+          "mle_pool": "no phase: distill on the train and pool labels",
+          "long_inputs": "long inputs drawn more often (length_repeats 8), picked by val WER"}
+# the checkpoint an arm's student is read at: distill's where the arm runs no phase
+CHECKPOINT = {"mle_pool": "distill"}
 
 
 def run(args: list[str]) -> None:
@@ -125,11 +135,12 @@ def main() -> int:
             lines.append(row(f"seed {seed} teacher", aud[""].get("teacher", {}), None, key))
             lines.append(row(f"seed {seed} distilled", aud[""].get("distill", {}), None, key))
             for n in names:
-                lines.append(row(f"seed {seed} {LABELS[n]}", aud[n].get("adversarial", {}), base, key))
+                lines.append(row(f"seed {seed} {LABELS[n]}", aud[n].get(CHECKPOINT.get(n, "adversarial"), {}), base, key))
         img = {n: r.get("image", {}) for n, r in reps.items()}
         if img[""]:
             images.append(f"| {seed} | {fmt(img[''].get('distill', {}).get('label_agreement'))} | "
-                          + " | ".join(fmt(img[n].get('adversarial', {}).get('label_agreement')) for n in names) + " |")
+                          + " | ".join(fmt(img[n].get(CHECKPOINT.get(n, "adversarial"), {}).get('label_agreement'))
+                                       for n in names) + " |")
     print("\n## held-out audio (test split): every clip (long ones read chunk by chunk)\n")
     print("\n".join(tables[("", "wer_vs_reference")]))
     print("\n## held-out audio: short-form clips only (<= 30 s)\n")
