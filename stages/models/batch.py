@@ -259,15 +259,6 @@ def load_student(path: str | Path, stage: str | None = None, device: str | None 
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
-def _is_shards(p: Path, src: str, loaded: LoadedStudent) -> bool:
-    """Whether read_inputs reads src as webdataset shards: a .tar, a brace pattern or URL, or a folder that holds
-    shards and no file of a modality the student reads."""
-    if p.suffix == ".tar" or "{" in src or "::" in src:
-        return True
-    return p.is_dir() and not any(f.is_file() and loaded.modality_of(f.suffix) for f in p.rglob("*")) \
-        and any(f.is_file() for f in p.rglob("*.tar"))
-
-
 def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None = None) -> Iterator[Item]:
     """Items from each source: a file, a folder (its files of a modality the student reads, sorted, recursively),
     a JSONL manifest (lines {"<manifest field>": file, "key": ...}: a modality's manifest_field names it;
@@ -277,17 +268,21 @@ def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None
     from pipeline.registry import modality_registry
     from pipeline.shards import expand_urls, iter_shard
 
+    def no_split(p: Path) -> UserError:
+        return UserError(f"{p}: --split {split} keeps the samples of webdataset shards whose .json names that split; "
+                         "files, folders of files and manifests carry no split (ingest assigns it)")
+
     for src in sources:
         p = Path(src)
-        if split is not None and p.exists() and not _is_shards(p, src, loaded):
-            raise UserError(f"{p}: --split {split} keeps the samples of webdataset shards whose .json names that "
-                            "split; files, folders of files and manifests carry no split (ingest assigns it)")
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and loaded.modality_of(f.suffix))
-            shards = sorted(f for f in p.rglob("*.tar") if f.is_file())
-            if not files and shards:  # a folder of webdataset shards (a run's pseudo_label/shards/audio)
+            # a folder of webdataset shards and no file of a modality (a run's pseudo_label/shards/audio)
+            shards = [] if files else sorted(f for f in p.rglob("*.tar") if f.is_file())
+            if shards:
                 yield from read_inputs([str(f) for f in shards], loaded, split)
                 continue
+            if split is not None:
+                raise no_split(p)
             if not files:
                 raise UserError(f"{p}: no file of a modality this student reads ({', '.join(loaded.reads)}), "
                                 "and no webdataset shard (.tar)")
@@ -295,6 +290,8 @@ def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None
                 yield Item(str(f.relative_to(p).with_suffix("")).replace("/", "-"), loaded.modality_of(f.suffix),
                            data=f.read_bytes(), ext=f.suffix.lstrip(".").lower(), where=str(f))
         elif p.suffix in (".jsonl", ".json") and p.is_file():
+            if split is not None:
+                raise no_split(p)
             for n, line in enumerate(p.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -335,6 +332,8 @@ def read_inputs(sources: Sequence[str], loaded: LoadedStudent, split: str | None
                     m, e, b = found[0]
                     yield Item(key, m, data=b, ext=e.rsplit(".", 1)[-1].lower(), where=f"{url}:{key}")
         elif p.is_file():
+            if split is not None:
+                raise no_split(p)
             m = loaded.modality_of(p.suffix)
             if m is None:
                 raise UserError(f"{p}: no modality this student reads ({', '.join(loaded.reads)}) takes "
