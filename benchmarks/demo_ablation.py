@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ablation_summary import checkpoint  # benchmarks/, this script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 # (run name suffix, overrides): the demo's own adversarial run first, then runs that reuse its distill stage
@@ -52,8 +54,6 @@ LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, 
           "no_reward": "no reward (CE + KL only, no judge head), picked by val WER",
           "mle_pool": "no phase: distill on the train and pool labels",
           "long_inputs": "long inputs drawn more often (length_repeats 8), picked by val WER"}
-# the checkpoint an arm's student is read at: distill's where the arm runs no phase
-CHECKPOINT = {"mle_pool": "distill"}
 
 
 def run(args: list[str]) -> None:
@@ -128,6 +128,8 @@ def main() -> int:
     images = ["| seed | distilled | " + " | ".join(LABELS[n] for n in names) + " |", "|---|---:|" + "---:|" * len(names)]
     for seed in a.seeds:
         reps = {name: report(out / (f"seed{seed}" + (f"-{name}" if name else "")))["test"] for name in names}
+        # each arm's student: its phase's, or distill's where the arm runs no phase (mle_pool)
+        ckpt = {n: checkpoint(n, out / (f"seed{seed}" + (f"-{n}" if n else ""))) for n in names}
         for (v, key), lines in tables.items():
             aud = {n: report(out / (f"seed{seed}" + (f"-{n}" if n else "") + v))["test"].get("audio", {})
                    for n in names}
@@ -135,12 +137,11 @@ def main() -> int:
             lines.append(row(f"seed {seed} teacher", aud[""].get("teacher", {}), None, key))
             lines.append(row(f"seed {seed} distilled", aud[""].get("distill", {}), None, key))
             for n in names:
-                lines.append(row(f"seed {seed} {LABELS[n]}", aud[n].get(CHECKPOINT.get(n, "adversarial"), {}), base, key))
+                lines.append(row(f"seed {seed} {LABELS[n]}", aud[n].get(ckpt[n], {}), base, key))
         img = {n: r.get("image", {}) for n, r in reps.items()}
         if img[""]:
             images.append(f"| {seed} | {fmt(img[''].get('distill', {}).get('label_agreement'))} | "
-                          + " | ".join(fmt(img[n].get(CHECKPOINT.get(n, "adversarial"), {}).get('label_agreement'))
-                                       for n in names) + " |")
+                          + " | ".join(fmt(img[n].get(ckpt[n], {}).get('label_agreement')) for n in names) + " |")
     print("\n## held-out audio (test split): every clip (long ones read chunk by chunk)\n")
     print("\n".join(tables[("", "wer_vs_reference")]))
     print("\n## held-out audio: short-form clips only (<= 30 s)\n")
