@@ -981,6 +981,35 @@ def test_length_repeats_draws_each_input_by_its_labels_length_over_the_median():
         MixtureSampler(ex, 5, {}, seed=3, repeats=[0] * len(ex))
 
 
+def test_length_repeats_reaches_the_phases_sampler(distilled, tmp_path, monkeypatch):
+    """The setting is wired: the phase's sampler gets length_repeats(its inputs, N), and without it no repeats
+    (each input once a pass, the sampler as before)."""
+    import stages.adversarial.stage as stage
+    from stages.adversarial.stage import length_repeats
+
+    seen = []
+
+    class Recording(stage.MixtureSampler):
+        def __init__(self, examples, batch_size, weights, seed, repeats=None):
+            seen.append((list(examples), repeats))
+            super().__init__(examples, batch_size, weights, seed, repeats)
+
+    calls = []
+
+    def recorded_repeats(examples, most):
+        calls.append(most)
+        return length_repeats(examples, most)
+
+    monkeypatch.setattr(stage, "MixtureSampler", Recording)
+    monkeypatch.setattr(stage, "length_repeats", recorded_repeats)
+    cfg, base = distilled
+    _run_in_process(cfg, tmp_path / "long", ["adversarial.length_repeats=3", "adversarial.steps=1"], reuse=base)
+    (examples, repeats), = seen
+    assert calls == [3] and repeats == length_repeats(examples, 3) and len(repeats) == len(examples)
+    _run_in_process(cfg, tmp_path / "once", ["adversarial.steps=1"], reuse=base)
+    assert calls == [3] and seen[1][1] is None and [e.key for e in seen[1][0]] == [e.key for e in examples]
+
+
 def test_the_long_inputs_arm_loads_as_an_overlay(tmp_path):
     from pipeline.config import load_config
 
