@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.graph import Runner  # noqa: E402
 from pipeline.rundir import list_outputs  # noqa: E402
 
@@ -90,12 +91,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config override")
     a = ap.parse_args()
-    if a.what == "phase":
-        run_phase(a)
-    else:
-        if a.out is None:
-            ap.error("score needs --out")
-        score(a)
+    if a.what == "score" and a.out is None:
+        ap.error("score needs --out")
+    try:
+        run_phase(a) if a.what == "phase" else score(a)
+    except UserError as e:  # a run directory without the stages it needs, a bad override: one line
+        print(f"phase_checks: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
