@@ -55,6 +55,8 @@ def score(a) -> None:
     if not checks:
         raise SystemExit(f"phase_checks: no kept checks in {src / 'candidates'} (run `phase` first)")
     a.out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config([str(a.config)], [f"seed={a.seed}", f"run.num_threads={a.threads}",
+                                        "evaluate.temperatures=[0.0]", *a.set])
     for c in checks:
         e = a.out / c.name
         if (e / "evaluate" / "report.json").is_file():
@@ -72,8 +74,6 @@ def score(a) -> None:
         manifest = json.loads((adv / "manifest.json").read_text())
         manifest["outputs"] = list_outputs(adv)
         (adv / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        cfg = load_config([str(a.config)], [f"seed={a.seed}", f"run.num_threads={a.threads}",
-                                            "evaluate.temperatures=[0.0]", *a.set])
         Runner(cfg, e, echo=lambda s: None).run_graph(start="evaluate")
         shutil.rmtree(adv / "final" / "discriminators", ignore_errors=True)
         shutil.rmtree(adv / "best", ignore_errors=True)
