@@ -5,7 +5,7 @@ folder (`groundgan teacher fit-clip`) zero-shot over the ten categories, on the 
 same process.
 
     .venv/bin/python benchmarks/image_labels.py [--data DIR] [--resize squash pad] [--batch 32]
-        [--clip DIR [--template "a drawing of {label}" ...]]
+        [--clip DIR [--template "a drawing of {label}" ...] [--descriptions-from PAIRS]]
 
 Prints a dozen examples, the label -> category map, and per teacher (and resize mode): category agreement, the
 share of the most common category (what always answering it would score) and their ratio, mean confidence, and
@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--clip", type=Path, help="a CLIP-style teacher folder (open_clip local-dir), scored beside the classifier")
     ap.add_argument("--template", action="append", help="the CLIP teacher's prompts, {label} the category (repeatable; "
                                                         "default: the prompt ensemble of configs/demo.yaml)")
+    ap.add_argument("--descriptions-from", type=Path, metavar="PAIRS",
+                    help="also score the CLIP teacher with each category described by this caption source's folder "
+                         "taxonomy (its training pairs' `source` paths; CHiLS), beside it without descriptions")
     a = ap.parse_args()
     if not (a.data / "labels.jsonl").is_file():
         print(f"skipped: no labels.jsonl in {a.data} (the shared/data folder beside the project)")
@@ -55,6 +58,16 @@ def main() -> int:
         templates = a.template or _overlay_templates()
         arms.append(("clip", ImageConfig(categories=categories, caption="a drawing of {label}", teacher=ImageTeacherConfig(
             kind="clip", checkpoint=str(a.clip), vocabulary=categories, templates=templates))))
+        if a.descriptions_from:
+            from modalities.clip_pairs import taxonomy_descriptions
+
+            desc = taxonomy_descriptions(a.descriptions_from, categories)
+            print(f"descriptions from {a.descriptions_from}'s training folders: "
+                  + "; ".join(f"{c}: {len(v)}" for c, v in desc.items()))
+            arms.append(("clip+descriptions", ImageConfig(
+                categories=categories, caption="a drawing of {label}", teacher=ImageTeacherConfig(
+                    kind="clip", checkpoint=str(a.clip), vocabulary=categories, templates=templates,
+                    descriptions=desc))))
     agreement = {}
     for n_mode, (arm, cfg) in enumerate(arms):
         mode = arm
@@ -82,10 +95,10 @@ def main() -> int:
         t_map = time.monotonic() - t0
         mapping = m["label_to_category"]
 
-        if n_mode == 0 or arm == "clip":
+        if n_mode == 0 or arm.startswith("clip"):
             print(f"\nteacher {teacher.name} (sha256 {teacher.sha256[:12]}), {len(kept)} drawings from {a.data}"
                   + (f", {len(rejected)} rejected: {rejected[:3]}" if rejected else ""))
-            if arm == "clip":
+            if arm.startswith("clip"):
                 print(f"  zero-shot over the {len(categories)} categories, prompts: {cfg.teacher.templates}")
             print(f"\nexamples ({mode}):")
             print(f"  {'file':24s} {'category':15s} {'teacher label':24s} {'conf':>5s}  mapped to")
@@ -113,7 +126,8 @@ def main() -> int:
               f"{a.threads} threads), map {t_map:.1f} s")
     if a.clip:
         print("\nsame drawings, same process: " + "; ".join(f"{arm} {v:.3f}" for arm, v in agreement.items())
-              + "".join(f"; clip / {arm} {agreement['clip'] / v:.2f}x" for arm, v in agreement.items() if arm != "clip"))
+              + "".join(f"; {c} / {arm} {agreement[c] / v:.2f}x" for c in agreement if c.startswith("clip")
+                        for arm, v in agreement.items() if not arm.startswith("clip")))
     return 0
 
 

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from PIL import Image as PILImage
@@ -52,6 +52,9 @@ class ImageTeacherConfig(TeacherConfig):
     clip_pretrained: Optional[str] = None  # open_clip pretrained tag, e.g. laion2b_s34b_b79k (downloads: needs network)
     vocabulary: List[str] = field(default_factory=list)  # clip: class names to choose among (empty: the 1000 ImageNet classes)
     templates: List[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # clip prompts, `{label}` is the class name
+    # clip: class -> the kinds of thing it holds (e.g. recreation: [games cards, music, sports]); each description
+    # is one more candidate beside its class's name, and the label is the class of the best candidate (CHiLS)
+    descriptions: Dict[str, List[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -297,7 +300,13 @@ class ClipTeacher(Teacher):
     """open_clip zero-shot: each class's text embedding is the mean of its normalised prompt embeddings;
     confidence is the margin (softmax probability of the top class minus the second's), `probability` the top
     class's; the caption is the modality's caption with the top class (`template`: the prompt that matched the
-    image best for it); features: the image embedding [1, D]."""
+    image best for it); features: the image embedding [1, D].
+
+    With `descriptions` (CHiLS, Novack et al. 2023: a class named by its subclasses), every description is one
+    more candidate with its own prompt-ensemble embedding beside its class's name; the softmax runs over all
+    candidates, a class scores its best candidate's probability, and the class scores are renormalised into the
+    distribution the label, margin and `probability` are read from (`description`: the candidate that won).
+    Without descriptions each class is its one candidate and this is the plain zero-shot above, to the digit."""
 
     def __init__(self, cfg: ImageConfig, device: str, store_features: bool = True):
         import open_clip
@@ -343,16 +352,22 @@ class ClipTeacher(Teacher):
         self.store_features = store_features
         self.tokenizer = tokenizer or open_clip.get_tokenizer(t.clip_model)  # what the evaluation's CLIPScore reads text with
         tokenizer = self.tokenizer
-        prompts = [_caption(tp, c) for c in vocab for tp in self.templates]
+        # candidates: each class's own name first (rows 0..C-1), then its descriptions; owner[k] is k's class
+        self.candidates = list(vocab) + [d for c in vocab for d in t.descriptions.get(c, [])]
+        self.owner = torch.tensor(list(range(len(vocab))) + [j for j, c in enumerate(vocab)
+                                                             for _ in t.descriptions.get(c, [])])
+        prompts = [_caption(tp, c) for c in self.candidates for tp in self.templates]
         embs = []
         with torch.inference_mode():
             for i in range(0, len(prompts), 256):
                 e = self.model.encode_text(tokenizer(prompts[i: i + 256]).to(device)).float()
                 embs.append(e / e.norm(dim=-1, keepdim=True))
-        per_template = torch.cat(embs).view(len(vocab), len(self.templates), -1)  # [C, T, D]
+        per_template = torch.cat(embs).view(len(self.candidates), len(self.templates), -1)  # [K, T, D]
         self.prompt_emb = per_template
-        cls = per_template.mean(1)
-        self.class_emb = cls / cls.norm(dim=-1, keepdim=True)  # [C, D]
+        cand = per_template.mean(1)
+        self.candidate_emb = cand / cand.norm(dim=-1, keepdim=True)  # [K, D]
+        self.class_emb = self.candidate_emb[: len(vocab)]  # [C, D]: each class's own name
+        self.owner = self.owner.to(self.candidate_emb.device)
         scale = getattr(self.model, "logit_scale", None)
         self.logit_scale = float(scale.detach().exp()) if scale is not None else 100.0
         self.feature_dim = int(self.class_emb.shape[-1])
@@ -366,17 +381,22 @@ class ClipTeacher(Teacher):
         with torch.inference_mode():
             img = self.model.encode_image(x.contiguous(memory_format=torch.channels_last)).float()
             img = img / img.norm(dim=-1, keepdim=True)  # [B, D]
-            probs = (self.logit_scale * img @ self.class_emb.T).softmax(-1)  # [B, C]
+            cand_logits = self.logit_scale * img @ self.candidate_emb.T  # [B, K]
+            probs = self._class_probs(cand_logits.softmax(-1))  # [B, C]
         top_p, top_i = probs.topk(min(5, probs.shape[-1]), dim=-1)
         out = []
         for b in range(len(batch)):
             top = int(top_i[b, 0])
-            best_t = int((self.prompt_emb[top] @ img[b]).argmax())  # the prompt that fits this image best
+            mine = (self.owner == top).nonzero().flatten()
+            k = int(mine[cand_logits[b, mine].argmax()])  # the class's candidate that fits this image best
+            best_t = int((self.prompt_emb[k] @ img[b]).argmax())  # and its prompt that fits best
             names = [self.vocab[int(i)] for i in top_i[b]]
             ps = [float(p) for p in top_p[b]]
             margin = ps[0] - (ps[1] if len(ps) > 1 else 0.0)
             info = {"label": names[0], "confidence": margin, "margin": margin, "probability": ps[0],
                     "top5": names, "top5_probs": ps, "template": self.templates[best_t]}
+            if len(self.candidates) > len(self.vocab):
+                info["description"] = self.candidates[k]
             arrays = {"features": img[b: b + 1].cpu().numpy().astype(np.float16)} if self.store_features else {}
             out.append(Label(text=_caption(self.caption, names[0]), info=info, arrays=arrays))
         return out
@@ -390,19 +410,43 @@ class ClipTeacher(Teacher):
         scores above 0 and a caption the teacher would not write scores low. Text embeddings are cached by text."""
         import torch
 
-        img = features.reshape(features.shape[0], -1).to(self.class_emb)
+        img = features.reshape(features.shape[0], -1).to(self.candidate_emb)
         img = img / img.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        cls = self.logit_scale * img @ self.class_emb.T  # [N, C]
+        cand = self.logit_scale * img @ self.candidate_emb.T  # [N, K]
         index = {c: i for i, c in enumerate(self.vocab)}
-        out = torch.empty(len(texts), dtype=cls.dtype, device=cls.device)
+        out = torch.empty(len(texts), dtype=cand.dtype, device=cand.device)
         for n, text in enumerate(texts):
             k = index.get(label_in_caption(text, self.caption))
+            plain = cand.shape[1] == len(self.vocab)
             if k is not None:
-                out[n] = cls[n, k] - torch.logsumexp(cls[n], 0)
-            else:
-                own = self.logit_scale * img[n] @ self._text_embedding(text)
-                out[n] = own - torch.logsumexp(torch.cat([cls[n], own.view(1)]), 0)
+                out[n] = (torch.log_softmax(cand[n], 0)[k] if plain else
+                          self._class_probs(cand[n:n + 1].softmax(-1))[0, k].clamp_min(1e-30).log())
+                continue
+            own = self.logit_scale * img[n] @ self._text_embedding(text)
+            if plain:
+                out[n] = own - torch.logsumexp(torch.cat([cand[n], own.view(1)]), 0)
+            else:  # one more candidate, its own class: its probability against the classes' scores
+                p = torch.cat([cand[n], own.view(1)]).softmax(0)
+                scores = torch.cat([self._class_scores(p[None, :-1])[0], p[-1:]])
+                out[n] = (scores[-1] / scores.sum()).clamp_min(1e-30).log()
         return out
+
+    def _class_scores(self, p):
+        """[B, K] candidate probabilities -> [B, C]: each class's best candidate's probability."""
+        import torch
+
+        if p.shape[-1] == len(self.vocab):
+            return p
+        idx = self.owner.to(p.device).expand(p.shape[0], -1)
+        return torch.zeros(p.shape[0], len(self.vocab), dtype=p.dtype, device=p.device).scatter_reduce(
+            1, idx, p, reduce="amax", include_self=False)
+
+    def _class_probs(self, p):
+        """[B, K] candidate probabilities -> [B, C] class probabilities (the class scores renormalised)."""
+        if p.shape[-1] == len(self.vocab):
+            return p
+        s = self._class_scores(p)
+        return s / s.sum(-1, keepdim=True)
 
     def _text_embedding(self, text: str):
         import torch
@@ -588,6 +632,13 @@ class Image(Modality):
                 raise UserError(f"config: '{where}.teacher.templates' must be a non-empty list of prompts with {{label}}")
             if not ck and not t.clip_pretrained:
                 raise UserError(f"config: '{where}.teacher' (clip) has no weights. {_CLIP_ROUTES}")
+            unknown = sorted(set(t.descriptions) - set(t.vocabulary))
+            if unknown:
+                raise UserError(f"config: '{where}.teacher.descriptions' names {', '.join(map(repr, unknown))}, not in "
+                                f"'{where}.teacher.vocabulary' ({', '.join(t.vocabulary) or 'empty'})")
+            for c, ds in t.descriptions.items():
+                if not isinstance(ds, (list, tuple)) or not all(isinstance(d, str) and d.strip() for d in ds):
+                    raise UserError(f"config: '{where}.teacher.descriptions.{c}' must be a list of non-empty texts")
 
     @classmethod
     def decode_config(cls, cfg):

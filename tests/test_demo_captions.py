@@ -181,3 +181,41 @@ def test_stamps_leave_out_evaluation_demo_and_reserved_pixels(tmp_path):
     for r in rows:
         im = Image.open(tmp_path / "stamps" / r["image"])
         assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) <= dd.MAX_SIDE
+
+
+def test_taxonomy_descriptions_read_the_training_folders_only(tmp_path):
+    """The clip teacher's class descriptions from a caption source's folders: training pairs only (a folder seen
+    only among held-out pairs never appears), parts after the class joined by spaces, underscores as spaces, first
+    seen first, each once; classes outside the vocabulary and files directly in a class folder give nothing."""
+    from modalities.clip_pairs import taxonomy_descriptions
+
+    rows = [{"image": "0.jpg", "caption": "a", "split": "train", "source": "recreation/games/cards/king_01.png"},
+            {"image": "1.jpg", "caption": "b", "split": "train", "source": "recreation/music/CD_Player/cd.png"},
+            {"image": "2.jpg", "caption": "c", "split": "train", "source": "recreation/games/cards/queen.png"},
+            {"image": "3.jpg", "caption": "d", "split": "heldout", "source": "recreation/sports/ball.png",
+             "category": "recreation"},
+            {"image": "4.jpg", "caption": "e", "source": "animals/big_cats/lion.png"},  # no split: training
+            {"image": "5.jpg", "caption": "f", "split": "train", "source": "animals/cat.png"},
+            {"image": "6.jpg", "caption": "g", "split": "train", "source": "shapes/stars/star.png"},
+            {"image": "7.jpg", "caption": "h", "split": "train"}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = taxonomy_descriptions(tmp_path, ["animals", "recreation", "food"])
+    assert got == {"animals": ["big cats"], "recreation": ["games cards", "music CD Player"]}
+    assert list(got) == ["animals", "recreation"]  # the vocabulary's order
+
+
+def test_the_demo_configs_descriptions_are_its_caption_sources_training_folders():
+    """configs/demo.yaml's class descriptions are what taxonomy_descriptions reads from the demo's caption source
+    (made by `groundgan data demo`; skipped where it has not been made), so the config states no hand-picked words."""
+    import pytest
+
+    from modalities.clip_pairs import taxonomy_descriptions
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    captions = root / "data" / "demo" / "captions"
+    if not (captions / "captions.jsonl").is_file():
+        pytest.skip(f"no demo caption source at {captions} (`make demo` makes it)")
+    teacher = load_config([str(root / "configs" / "demo.yaml")]).root.modalities["image"].teacher
+    want = taxonomy_descriptions(captions, list(teacher.vocabulary))
+    assert {c: list(v) for c, v in teacher.descriptions.items()} == want

@@ -379,3 +379,74 @@ def test_perturbed_copies_mirror_odd_copies_and_crop_a_drawn_box():
     assert info["box"] == [0, 0, 60, 40] and np.array_equal(np.asarray(whole), x)
     with pytest.raises(UserError, match="augment_min_area"):
         Image.validate_config(ImageConfig(augment_min_area=1.5), "modalities.image")
+
+
+def test_clip_descriptions_label_by_the_best_candidate_and_stay_a_distribution(tiny_clip):
+    """teacher.descriptions (CHiLS): each description is one more candidate for its class; the label is the class
+    of the candidate nearest the image, the class probabilities are each class's best candidate renormalised, and
+    caption_scores agree with them. A class described by the very text that wins outright takes the label."""
+    import torch
+
+    vocab = ["cat", "dog", "bus", "tree"]
+    ims = [PILImage.new("RGB", (50, 30), (200, 10, 10)), PILImage.new("RGB", (30, 50), (10, 10, 200))]
+
+    def teacher(descriptions):
+        cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint="random", clip_model=tiny_clip,
+                                                     vocabulary=vocab, templates=["a photo of a {label}.", "a {label}"],
+                                                     descriptions=descriptions), caption="a drawing of {label}")
+        Image.validate_config(cfg, "modalities.image")
+        return Image(cfg).build_teacher("cpu")
+
+    plain = teacher({})
+    base = plain.label(ims)
+    # among many texts, the one that suits the first image best, then handed to a class that is not its label
+    words = ["ball", "car", "red", "blue", "house", "river", "king", "moon", "apple", "chair", "shoe", "road"]
+    x = torch.stack([plain.preprocess(im) for im in ims])
+    with torch.no_grad():
+        img = plain.model.encode_image(x).float()
+        img = img / img.norm(dim=-1, keepdim=True)
+    t2 = plain.templates
+    emb = []
+    with torch.no_grad():
+        for w in words:
+            e = plain.model.encode_text(plain.tokenizer([tp.replace("{label}", w) for tp in t2])).float()
+            e = (e / e.norm(dim=-1, keepdim=True)).mean(0)
+            emb.append(e / e.norm())
+    emb = torch.stack(emb)
+    cls_best = (img[0] @ plain.class_emb.T).max()
+    wins = [w for w, s in zip(words, emb @ img[0]) if s > cls_best]
+    assert wins, "no test word beats the classes on the first image"
+    best = words[int((emb @ img[0]).argmax())]
+    other = next(c for c in vocab if c != base[0].info["label"])
+    described = teacher({other: [best]})
+    labs = described.label(ims)
+    assert labs[0].info["label"] == other and labs[0].info["description"] == best
+    assert labs[0].text == f"a drawing of {other}"
+    # the class probabilities by hand: softmax over the four names and the description, best per class, renormalised
+    logits = described.logit_scale * img[0] @ torch.cat([described.class_emb, emb[words.index(best)][None]]).T
+    p = logits.softmax(-1)
+    s = p[:4].clone()
+    s[vocab.index(other)] = torch.maximum(p[vocab.index(other)], p[4])
+    want = s / s.sum()
+    assert labs[0].info["probability"] == pytest.approx(float(want.max()), abs=1e-4)
+    feats = torch.from_numpy(labs[0].arrays["features"].astype(np.float32))
+    got = described.caption_scores([f"a drawing of {c}" for c in vocab], feats.expand(len(vocab), 1, -1).clone())
+    assert got.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert got.exp().tolist() == pytest.approx(want.tolist(), abs=2e-3)  # fp16 features
+    assert described.caption_scores(["a red square"], feats).item() < 0
+    # no descriptions: the plain teacher's probabilities, to the digit
+    assert [lab.info["top5_probs"] for lab in teacher({}).label(ims)] == [lab.info["top5_probs"] for lab in base]
+    assert "description" not in base[0].info
+
+
+def test_clip_descriptions_are_refused_for_unknown_classes():
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint="random", vocabulary=["cat", "dog"],
+                                                 descriptions={"bird": ["parrot"]}))
+    with pytest.raises(UserError, match=r"descriptions' names 'bird', not in 'modalities.image.teacher.vocabulary'"):
+        Image.validate_config(cfg, "modalities.image")
+    cfg = ImageConfig(teacher=ImageTeacherConfig(kind="clip", checkpoint="random", vocabulary=["cat"],
+                                                 descriptions={"cat": ["tabby", ""]}))
+    with pytest.raises(UserError, match=r"descriptions.cat' must be a list of non-empty texts"):
+        Image.validate_config(cfg, "modalities.image")
+    # the classifier reads no descriptions (an overlay that swaps the demo's teacher for it keeps them unread)
+    Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(descriptions={"cat": ["tabby"]})), "modalities.image")
