@@ -59,7 +59,7 @@ def main() -> int:
         arms.append(("clip", ImageConfig(categories=categories, caption="a drawing of {label}", teacher=ImageTeacherConfig(
             kind="clip", checkpoint=str(a.clip), vocabulary=categories, templates=templates))))
         if a.descriptions_from:
-            from modalities.clip_pairs import taxonomy_descriptions
+            from modalities.image import taxonomy_descriptions
 
             desc = taxonomy_descriptions(a.descriptions_from, categories)
             print(f"descriptions from {a.descriptions_from}'s training folders: "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import json
 import logging
 import re
 import warnings
@@ -69,6 +70,35 @@ class ImageConfig(ModalityConfig):
     # pseudo_label.augment_copies > 0: copy j of a train image is mirrored left-right when j is odd, and cropped
     # to a random box covering augment_min_area..1 of it (aspect kept), Inception-style but milder
     augment_min_area: float = field(default=0.7, metadata={"min": 0.05})
+
+
+def taxonomy_descriptions(source: Path, vocabulary: list[str], manifest: str = "captions.jsonl") -> dict[str, list[str]]:
+    """A caption source's own folder taxonomy as the clip teacher's class descriptions (CHiLS with a given
+    hierarchy): for each class of `vocabulary`, every distinct folder below it among the *training* pairs'
+    `source` paths (a manifest field, e.g. `recreation/games/cards/bordered/king.png`), its parts after the
+    class joined by spaces with underscores as spaces ("games cards bordered"), in the manifest's order.
+    Held-out pairs are never read. Classes with no subfolder get none; a manifest without `source` gives {}."""
+    path = Path(source) / manifest
+    if not path.is_file():
+        raise UserError(f"caption source {source}: no {manifest} (taxonomy descriptions read its `source` fields)")
+    wanted = set(vocabulary)
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or row.get("split", "train") != "train" or not isinstance(row.get("source"), str):
+            continue
+        parts = row["source"].split("/")[:-1]
+        if len(parts) < 2 or parts[0] not in wanted:
+            continue
+        text = " ".join(parts[1:]).replace("_", " ")
+        if text not in out.setdefault(parts[0], []):
+            out[parts[0]].append(text)
+    return {c: out[c] for c in vocabulary if c in out}
 
 
 # ------------------------------------------------------------------------------------------------- decoding

@@ -187,7 +187,7 @@ def test_taxonomy_descriptions_read_the_training_folders_only(tmp_path):
     """The clip teacher's class descriptions from a caption source's folders: training pairs only (a folder seen
     only among held-out pairs never appears), parts after the class joined by spaces, underscores as spaces, first
     seen first, each once; classes outside the vocabulary and files directly in a class folder give nothing."""
-    from modalities.clip_pairs import taxonomy_descriptions
+    from modalities.image import taxonomy_descriptions
 
     rows = [{"image": "0.jpg", "caption": "a", "split": "train", "source": "recreation/games/cards/king_01.png"},
             {"image": "1.jpg", "caption": "b", "split": "train", "source": "recreation/music/CD_Player/cd.png"},
@@ -209,7 +209,7 @@ def test_the_demo_configs_descriptions_are_its_caption_sources_training_folders(
     (made by `groundgan data demo`; skipped where it has not been made), so the config states no hand-picked words."""
     import pytest
 
-    from modalities.clip_pairs import taxonomy_descriptions
+    from modalities.image import taxonomy_descriptions
     from pipeline.config import load_config
 
     root = Path(__file__).resolve().parent.parent
