@@ -132,8 +132,12 @@ def cmd_data(a) -> int:
 def cmd_teacher(a) -> int:
     from modalities.clip_fit import ClipFitConfig, fit_clip
 
+    if a.what == "describe":
+        return _describe(a)
     if a.what != "fit-clip":
-        raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip")
+        raise UserError(f"unknown teacher command {a.what!r}; available: fit-clip, describe")
+    if not a.out:
+        raise UserError("teacher fit-clip: --out is required (the folder to write)")
     cfg = ClipFitConfig()
     for name in ("image_tower", "text_tower", "steps", "batch_size", "lr", "embed_dim", "text_proj", "resize_mode",
                  "caption_template", "select_by", "seed", "image_size", "image_dropout", "weight_decay", "image_proj",
@@ -168,6 +172,26 @@ def cmd_teacher(a) -> int:
         print("  left out: " + "; ".join(f"{n} {why}" for why, n in rec["excluded"].items()))
     print(f"  load: open_clip.create_model_and_transforms('local-dir:{out}'), or modalities.image.teacher: "
           f"{{kind: clip, checkpoint: {out}}}")
+    return 0
+
+
+def _describe(a) -> int:
+    """`teacher describe`: the clip teacher's class descriptions read from a caption source's training folders,
+    printed as the config block that sets them."""
+    import yaml
+
+    from modalities.clip_fit import CATEGORIES
+    from modalities.image import taxonomy_descriptions
+
+    vocab = [v.strip() for v in a.vocabulary.split(",") if v.strip()] if a.vocabulary else list(CATEGORIES)
+    desc = taxonomy_descriptions(Path(a.pairs), vocab, a.manifest)
+    n = sum(map(len, desc.values()))
+    if not n:
+        raise UserError(f"teacher describe: no training pair of {a.pairs}/{a.manifest} has a `source` path in a "
+                        f"folder below one of {', '.join(vocab)}: nothing to describe")
+    print(f"# modalities.image.teacher.descriptions: {n} texts from the folders below each class among the training "
+          f"pairs of {a.pairs}" + "".join(f"\n# {c}: none" for c in vocab if c not in desc))
+    print(yaml.safe_dump({"descriptions": desc}, default_flow_style=None, sort_keys=False, width=110), end="")
     return 0
 
 
@@ -233,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "for the CLIP-style teacher; the demo's fit does not use them)")
     d.set_defaults(fn=cmd_data)
 
-    t = sub.add_parser("teacher", help="build a teacher: fit-clip (a CLIP-style model by locked-image tuning)")
-    t.add_argument("what", help="fit-clip: frozen offline towers, projections trained on image-caption pairs")
+    t = sub.add_parser("teacher", help="build a teacher: fit-clip (a CLIP-style model by locked-image tuning); "
+                                       "describe (its class descriptions from a caption source's folders)")
+    t.add_argument("what", help="fit-clip: frozen offline towers, projections trained on image-caption pairs; "
+                                "describe: print modalities.image.teacher.descriptions read from --pairs' training "
+                                "pairs' `source` folders below each --vocabulary class")
     t.add_argument("--pairs", required=True, help="a folder with captions.jsonl ({image, caption[, split]}), or "
                                                   "webdataset .tar shards (<key>.jpg + <key>.txt)")
-    t.add_argument("--out", required=True, help="the folder to write (open_clip local-dir format)")
+    t.add_argument("--out", help="fit-clip: the folder to write (open_clip local-dir format)")
     t.add_argument("--manifest", default="captions.jsonl", help="the JSONL in --pairs")
     t.add_argument("--cache-dir", help="frozen tower features (default: .clip_fit_cache beside --out)")
     t.add_argument("--extra-pairs", action="append", default=[], metavar="DIR",
@@ -275,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-unlock-lr", type=float, metavar="X", help="their lr, a multiple of --lr")
     t.add_argument("--select-by")
     t.add_argument("--seed", type=int)
-    t.add_argument("--vocabulary", help="zero-shot classes for the held-out figure, comma-separated")
+    t.add_argument("--vocabulary", help="zero-shot classes, comma-separated (fit-clip: for the held-out figure; describe: the classes to describe; default the demo's ten)")
     t.add_argument("--template", action="append", help="zero-shot prompt with {label} (repeatable)")
     t.set_defaults(fn=cmd_teacher)
 

@@ -219,3 +219,24 @@ def test_the_demo_configs_descriptions_are_its_caption_sources_training_folders(
     teacher = load_config([str(root / "configs" / "demo.yaml")]).root.modalities["image"].teacher
     want = taxonomy_descriptions(captions, list(teacher.vocabulary))
     assert {c: list(v) for c, v in teacher.descriptions.items()} == want
+
+
+def test_teacher_describe_prints_the_config_block(tmp_path):
+    """`groundgan teacher describe` prints the descriptions as the YAML that sets them (it loads back to exactly
+    what taxonomy_descriptions reads), names the classes it found nothing for, and is a one-line error where no
+    training pair has a folder to read."""
+    import yaml
+
+    from conftest import cli
+
+    rows = [{"image": "0.jpg", "caption": "a", "split": "train", "source": "recreation/games/chess/knight.png"},
+            {"image": "1.jpg", "caption": "b", "split": "train", "source": "food/fruit/apple.png"},
+            {"image": "2.jpg", "caption": "c", "split": "heldout", "source": "food/desserts/cake.png"}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("teacher", "describe", "--pairs", tmp_path, "--vocabulary", "food,recreation,tools", check=True)
+    assert yaml.safe_load(r.stdout) == {"descriptions": {"food": ["fruit"], "recreation": ["games chess"]}}
+    assert "# tools: none" in r.stdout and "2 texts" in r.stdout
+    r = cli("teacher", "describe", "--pairs", tmp_path, "--vocabulary", "tools")
+    assert r.returncode != 0 and "nothing to describe" in r.stderr and "Traceback" not in r.stderr
+    r = cli("teacher", "fit-clip", "--pairs", tmp_path)
+    assert r.returncode != 0 and "--out is required" in r.stderr
