@@ -33,7 +33,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageOps, UnidentifiedImageError
 
 from modalities.base import Label, Modality, ModalityConfig, Teacher, TeacherConfig, register_modality
-from pipeline.config import path_field
+from pipeline.config import added_later, path_field
 from pipeline.errors import BadInput, UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class ImageTeacherConfig(TeacherConfig):
     templates: List[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # clip prompts, `{label}` is the class name
     # clip: class -> the kinds of thing it holds (e.g. recreation: [games cards, music, sports]); each description
     # is one more candidate beside its class's name, and the label is the class of the best candidate (CHiLS)
-    descriptions: Dict[str, List[str]] = field(default_factory=dict)
+    descriptions: Optional[Dict[str, List[str]]] = field(default=None, metadata=added_later())
 
 
 @dataclass
@@ -383,9 +383,9 @@ class ClipTeacher(Teacher):
         self.tokenizer = tokenizer or open_clip.get_tokenizer(t.clip_model)  # what the evaluation's CLIPScore reads text with
         tokenizer = self.tokenizer
         # candidates: each class's own name first (rows 0..C-1), then its descriptions; owner[k] is k's class
-        self.candidates = list(vocab) + [d for c in vocab for d in t.descriptions.get(c, [])]
+        self.candidates = list(vocab) + [d for c in vocab for d in (t.descriptions or {}).get(c, [])]
         self.owner = torch.tensor(list(range(len(vocab))) + [j for j, c in enumerate(vocab)
-                                                             for _ in t.descriptions.get(c, [])])
+                                                             for _ in (t.descriptions or {}).get(c, [])])
         prompts = [_caption(tp, c) for c in self.candidates for tp in self.templates]
         embs = []
         with torch.inference_mode():
@@ -662,11 +662,11 @@ class Image(Modality):
                 raise UserError(f"config: '{where}.teacher.templates' must be a non-empty list of prompts with {{label}}")
             if not ck and not t.clip_pretrained:
                 raise UserError(f"config: '{where}.teacher' (clip) has no weights. {_CLIP_ROUTES}")
-            unknown = sorted(set(t.descriptions) - set(t.vocabulary))
+            unknown = sorted(set(t.descriptions or {}) - set(t.vocabulary))
             if unknown:
                 raise UserError(f"config: '{where}.teacher.descriptions' names {', '.join(map(repr, unknown))}, not in "
                                 f"'{where}.teacher.vocabulary' ({', '.join(t.vocabulary) or 'empty'})")
-            for c, ds in t.descriptions.items():
+            for c, ds in (t.descriptions or {}).items():
                 if not isinstance(ds, (list, tuple)) or not all(isinstance(d, str) and d.strip() for d in ds):
                     raise UserError(f"config: '{where}.teacher.descriptions.{c}' must be a list of non-empty texts")
 

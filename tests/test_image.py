@@ -450,3 +450,15 @@ def test_clip_descriptions_are_refused_for_unknown_classes():
         Image.validate_config(cfg, "modalities.image")
     # the classifier reads no descriptions (an overlay that swaps the demo's teacher for it keeps them unread)
     Image.validate_config(ImageConfig(teacher=ImageTeacherConfig(descriptions={"cat": ["tabby"]})), "modalities.image")
+
+
+def test_unset_descriptions_leave_the_image_config_hash_as_it_was():
+    """teacher.descriptions was added after runs were made: unset, the hashed config has no such key (so a run's
+    pseudo_label made before it stays done); set, it enters the hash."""
+    from pipeline.plain import hashed
+
+    plain = hashed(ImageConfig(teacher=ImageTeacherConfig(kind="clip", vocabulary=["cat"])))
+    assert "descriptions" not in plain["teacher"]
+    described = hashed(ImageConfig(teacher=ImageTeacherConfig(kind="clip", vocabulary=["cat"],
+                                                              descriptions={"cat": ["tabby"]})))
+    assert described["teacher"]["descriptions"] == {"cat": ["tabby"]}
