@@ -1018,3 +1018,23 @@ def test_the_long_inputs_arm_loads_as_an_overlay(tmp_path):
     b = load_config([str(demo)]).root
     assert a.adversarial.length_repeats == 8 and b.adversarial.length_repeats is None
     assert dataclasses.replace(a.adversarial, length_repeats=None) == b.adversarial
+
+
+def test_length_neutral_rewards_take_out_the_cost_per_token():
+    """length_neutral_rewards: per modality, b = the batch's rewards summed / their tokens summed, each reward less
+    b x its tokens. Rewards that are a pure cost per token come out all zero (length alone earns nothing), a
+    token's own ratio still moves its row, modalities never mix, and the recipe's sum is what is left unset."""
+    import torch
+
+    from stages.adversarial.losses import length_neutral_rewards
+
+    tokens = torch.tensor([2.0, 4.0, 10.0, 4.0])
+    got = length_neutral_rewards(-0.5 * tokens, tokens, ["audio"] * 4)
+    assert torch.allclose(got, torch.zeros(4), atol=1e-6)
+    r = torch.tensor([-1.0, -2.0, -5.0, -1.0, 3.0, 1.0])  # the fourth clip: one better token; two drawings
+    n = torch.tensor([2.0, 4.0, 10.0, 4.0, 4.0, 4.0])
+    got = length_neutral_rewards(r, n, ["audio"] * 4 + ["image"] * 2)
+    b = (-1 - 2 - 5 - 1) / 20.0
+    assert torch.allclose(got[:4], r[:4] - b * n[:4])
+    assert torch.allclose(got[4:], torch.tensor([1.0, -1.0]))  # b = 0.5 from the drawings alone
+    assert got[3] > got[1]  # same length, the better tokens

@@ -114,17 +114,33 @@ def ce_loss(student: Student, examples: list[Example], device, n_targets: int | 
     return -lp.sum() / max(1, b.n_targets if n_targets is None else n_targets)
 
 
+def length_neutral_rewards(rewards: torch.Tensor, tokens: torch.Tensor, modality: list[str]) -> torch.Tensor:
+    """Each row's reward less b x its tokens, b = its modality's rewards summed over the whole batch (every
+    process's) / their tokens summed: the reward's average cost per token taken out, so that length alone earns
+    nothing. A summed reward of per-token log-ratios (log p_teacher - log p_student, -KL per token in expectation)
+    pays a longer sample less and teaches early stops (MiniLLM's length bias); unlike a per-token mean, a sample's
+    reward still moves by each token's own ratio against the batch's. [N], [N], N names -> [N] (detached)."""
+    out = rewards.detach().clone()
+    for m in sorted(set(modality)):
+        rows = torch.tensor([mm == m for mm in modality], device=rewards.device)
+        b = global_count(rewards[rows].detach().sum()) / global_count(tokens[rows].sum()).clamp_min(1.0)
+        out[rows] = rewards[rows].detach() - b * tokens[rows].to(rewards.dtype)
+    return out
+
+
 def pg_objective(student: Student, reference: Student, discs: dict[str, Discriminator], fake: Rows, k: int, *,
                  kl_weight: float, pg_weight: float = 1.0, text_reward_all: bool = False,
                  ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
-                 teacher_scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                 teacher_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 length_neutral: bool = False) -> tuple[torch.Tensor, dict]:
     """The student's loss on its own samples `fake` (k consecutive rows per input, k >= 2), and its stats.
 
     Each row's reward is R = sequence_rewards(discs) - log pi(row) (the student's own log-likelihood of it,
     detached), plus the row's teacher score where `teacher_scores` = (scores [N], scored [N] 0/1) has one
     (TeacherScores: a teacher's own score of the text for the input); its advantage R minus the mean of its input's other k-1 rows' rewards (leave-one-out), on every
     one of its tokens. loss = pg_weight * REINFORCE + kl_weight * exact KL(student || reference) per token +
-    ce_weight * ce() (the pseudo-labels' cross-entropy; None: none). Rows are scored by `student`
+    ce_weight * ce() (the pseudo-labels' cross-entropy; None: none). length_neutral: each row's R less b x its
+    tokens, b its modality's rewards summed over the batch per token summed (length_neutral_rewards). Rows are scored by `student`
     (differentiable) and `reference` (frozen). The logged "reward" is the mean R.
     Under torchrun `fake` is this process's slice (whole inputs) and the means are over every process's
     tokens (global_count): the loss and the stats are this slice's shares of the whole batch's.
@@ -153,7 +169,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     if teacher_scores is not None:
         seq = seq + teacher_scores[0].to(seq.dtype)
         judged = torch.maximum(judged, teacher_scores[1].to(judged.dtype))
-    adv = (seq - loo_baseline(seq, k)).unsqueeze(1) * mask * judged.unsqueeze(1)
+    r = length_neutral_rewards(seq, mask.sum(1), fake.modality) if length_neutral else seq
+    adv = (r - loo_baseline(r, k)).unsqueeze(1) * mask * judged.unsqueeze(1)
     mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
     pg = pg_loss(logp, adv, mask, n)
     loss = pg_weight * pg
