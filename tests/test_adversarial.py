@@ -1038,3 +1038,33 @@ def test_length_neutral_rewards_take_out_the_cost_per_token():
     assert torch.allclose(got[:4], r[:4] - b * n[:4])
     assert torch.allclose(got[4:], torch.tensor([1.0, -1.0]))  # b = 0.5 from the drawings alone
     assert got[3] > got[1]  # same length, the better tokens
+
+
+def test_length_neutral_reaches_the_policy_gradient(distilled, tmp_path, monkeypatch):
+    """adversarial.length_neutral is wired: the phase's pg_objective is called with it, and unset without it."""
+    import stages.adversarial.stage as stage
+
+    flags = []
+    real = stage.pg_objective
+
+    def recorded(*args, **kwargs):
+        flags.append(kwargs.get("length_neutral"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "pg_objective", recorded)
+    cfg, base = distilled
+    _run_in_process(cfg, tmp_path / "neutral", ["adversarial.length_neutral=true", "adversarial.steps=1"], reuse=base)
+    assert flags and set(flags) == {True}
+    flags.clear()
+    _run_in_process(cfg, tmp_path / "summed", ["adversarial.steps=1"], reuse=base)
+    assert flags and set(flags) == {False}
+
+
+def test_the_length_neutral_arm_loads_as_an_overlay(tmp_path):
+    from pipeline.config import load_config
+
+    demo = offline_demo_config(tmp_path)
+    a = load_config([str(demo), str(ROOT / "configs/arms/length_neutral.yaml")]).root
+    b = load_config([str(demo)]).root
+    assert a.adversarial.length_neutral is True and b.adversarial.length_neutral is None
+    assert dataclasses.replace(a.adversarial, length_neutral=None) == b.adversarial
