@@ -1068,3 +1068,23 @@ def test_the_length_neutral_arm_loads_as_an_overlay(tmp_path):
     b = load_config([str(demo)]).root
     assert a.adversarial.length_neutral is True and b.adversarial.length_neutral is None
     assert dataclasses.replace(a.adversarial, length_neutral=None) == b.adversarial
+
+
+def test_length_neutral_reduces_once_whatever_a_slice_holds(monkeypatch):
+    """Under torchrun every process must make the same collectives: length_neutral_rewards sums over processes in
+    one reduction over the whole batch's modalities (`names`), so a slice that holds no drawing makes the same call
+    as one that does, and its own rows come out as a single process would make them."""
+    import torch
+
+    import stages.adversarial.losses as losses
+
+    calls = []
+    real = losses.global_count
+    monkeypatch.setattr(losses, "global_count", lambda x: calls.append(tuple(x.shape)) or real(x))
+    r, n = torch.tensor([-1.0, -2.0, -5.0]), torch.tensor([2.0, 4.0, 10.0])
+    audio_only = losses.length_neutral_rewards(r, n, ["audio"] * 3, names=["audio", "image"])
+    mixed = losses.length_neutral_rewards(torch.cat([r, torch.tensor([3.0])]), torch.cat([n, torch.tensor([4.0])]),
+                                          ["audio"] * 3 + ["image"], names=["audio", "image"])
+    assert calls == [(2, 2), (2, 2)]
+    assert torch.allclose(audio_only, losses.length_neutral_rewards(r, n, ["audio"] * 3))
+    assert torch.allclose(mixed[:3], audio_only) and torch.allclose(mixed[3:], torch.tensor([0.0]))

@@ -3,7 +3,7 @@ out by hand. Under torchrun each process holds a slice of the batch and divides 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,25 +114,28 @@ def ce_loss(student: Student, examples: list[Example], device, n_targets: int | 
     return -lp.sum() / max(1, b.n_targets if n_targets is None else n_targets)
 
 
-def length_neutral_rewards(rewards: torch.Tensor, tokens: torch.Tensor, modality: list[str]) -> torch.Tensor:
+def length_neutral_rewards(rewards: torch.Tensor, tokens: torch.Tensor, modality: list[str],
+                           names: Sequence[str] | None = None) -> torch.Tensor:
     """Each row's reward less b x its tokens, b = its modality's rewards summed over the whole batch (every
     process's) / their tokens summed: the reward's average cost per token taken out, so that length alone earns
     nothing. A summed reward of per-token log-ratios (log p_teacher - log p_student, -KL per token in expectation)
     pays a longer sample less and teaches early stops (MiniLLM's length bias); unlike a per-token mean, a sample's
-    reward still moves by each token's own ratio against the batch's. [N], [N], N names -> [N] (detached)."""
-    out = rewards.detach().clone()
-    for m in sorted(set(modality)):
-        rows = torch.tensor([mm == m for mm in modality], device=rewards.device)
-        b = global_count(rewards[rows].detach().sum()) / global_count(tokens[rows].sum()).clamp_min(1.0)
-        out[rows] = rewards[rows].detach() - b * tokens[rows].to(rewards.dtype)
-    return out
+    reward still moves by each token's own ratio against the batch's. `names`: the whole batch's modalities, the
+    same on every process (one process's slice may lack one; the sums cross processes in one reduction over them);
+    None: those of `modality`. [N], [N], N names -> [N] (detached)."""
+    names = sorted(set(modality)) if names is None else list(names)
+    rows = torch.tensor([[mm == m for mm in modality] for m in names], device=rewards.device).float()  # [M, N]
+    sums = global_count(torch.stack([rows @ rewards.detach().float(), rows @ tokens.float()], 1))  # [M, 2]
+    b = sums[:, 0] / sums[:, 1].clamp_min(1.0)
+    return (rewards.detach() - (b @ rows).to(rewards.dtype) * tokens.to(rewards.dtype))
 
 
 def pg_objective(student: Student, reference: Student, discs: dict[str, Discriminator], fake: Rows, k: int, *,
                  kl_weight: float, pg_weight: float = 1.0, text_reward_all: bool = False,
                  ce: Callable[[], torch.Tensor] | None = None, ce_weight: float = 0.0,
                  teacher_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 length_neutral: bool = False) -> tuple[torch.Tensor, dict]:
+                 length_neutral: bool = False,
+                 batch_modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, dict]:
     """The student's loss on its own samples `fake` (k consecutive rows per input, k >= 2), and its stats.
 
     Each row's reward is R = sequence_rewards(discs) - log pi(row) (the student's own log-likelihood of it,
@@ -140,7 +143,8 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     (TeacherScores: a teacher's own score of the text for the input); its advantage R minus the mean of its input's other k-1 rows' rewards (leave-one-out), on every
     one of its tokens. loss = pg_weight * REINFORCE + kl_weight * exact KL(student || reference) per token +
     ce_weight * ce() (the pseudo-labels' cross-entropy; None: none). length_neutral: each row's R less b x its
-    tokens, b its modality's rewards summed over the batch per token summed (length_neutral_rewards). Rows are scored by `student`
+    tokens, b its modality's rewards summed over the batch per token summed (length_neutral_rewards; under torchrun
+    `batch_modalities` names the whole batch's modalities, the same on every process). Rows are scored by `student`
     (differentiable) and `reference` (frozen). The logged "reward" is the mean R.
     Under torchrun `fake` is this process's slice (whole inputs) and the means are over every process's
     tokens (global_count): the loss and the stats are this slice's shares of the whole batch's.
@@ -169,7 +173,7 @@ def pg_objective(student: Student, reference: Student, discs: dict[str, Discrimi
     if teacher_scores is not None:
         seq = seq + teacher_scores[0].to(seq.dtype)
         judged = torch.maximum(judged, teacher_scores[1].to(judged.dtype))
-    r = length_neutral_rewards(seq, mask.sum(1), fake.modality) if length_neutral else seq
+    r = length_neutral_rewards(seq, mask.sum(1), fake.modality, batch_modalities) if length_neutral else seq
     adv = (r - loo_baseline(r, k)).unsqueeze(1) * mask * judged.unsqueeze(1)
     mean_reward = seq.sum() / global_count(torch.tensor(float(len(seq)), device=seq.device))
     pg = pg_loss(logp, adv, mask, n)

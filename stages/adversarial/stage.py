@@ -274,7 +274,8 @@ def _step(ctx: StageContext, ph: Phase, it: int, autocast) -> dict:
             loss, st = pg_objective(ph.student, ph.reference, ph.discs, fake, k, kl_weight=cfg.kl_weight,
                                     pg_weight=cfg.pg_weight, text_reward_all=cfg.text_reward_all, ce=ce,
                                     ce_weight=ce_weight, teacher_scores=scores,
-                                    length_neutral=bool(cfg.length_neutral))
+                                    length_neutral=bool(cfg.length_neutral),
+                                    batch_modalities=sorted({e.modality for e in examples}))
         ph.s_opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sum_gradients(ph.student.parameters())
