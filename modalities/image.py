@@ -383,9 +383,9 @@ class ClipTeacher(Teacher):
         self.tokenizer = tokenizer or open_clip.get_tokenizer(t.clip_model)  # what the evaluation's CLIPScore reads text with
         tokenizer = self.tokenizer
         # candidates: each class's own name first (rows 0..C-1), then its descriptions; owner[k] is k's class
-        self.candidates = list(vocab) + [d for c in vocab for d in (t.descriptions or {}).get(c, [])]
-        self.owner = torch.tensor(list(range(len(vocab))) + [j for j, c in enumerate(vocab)
-                                                             for _ in (t.descriptions or {}).get(c, [])])
+        described = [(j, d) for j, c in enumerate(vocab) for d in (t.descriptions or {}).get(c, [])]
+        self.candidates = list(vocab) + [d for _, d in described]
+        self.owner = torch.tensor(list(range(len(vocab))) + [j for j, _ in described])
         prompts = [_caption(tp, c) for c in self.candidates for tp in self.templates]
         embs = []
         with torch.inference_mode():
@@ -445,9 +445,9 @@ class ClipTeacher(Teacher):
         cand = self.logit_scale * img @ self.candidate_emb.T  # [N, K]
         index = {c: i for i, c in enumerate(self.vocab)}
         out = torch.empty(len(texts), dtype=cand.dtype, device=cand.device)
+        plain = cand.shape[1] == len(self.vocab)  # no descriptions: each class its one candidate
         for n, text in enumerate(texts):
             k = index.get(label_in_caption(text, self.caption))
-            plain = cand.shape[1] == len(self.vocab)
             if k is not None:
                 out[n] = (torch.log_softmax(cand[n], 0)[k] if plain else
                           self._class_probs(cand[n:n + 1].softmax(-1))[0, k].clamp_min(1e-30).log())
@@ -467,7 +467,7 @@ class ClipTeacher(Teacher):
 
         if p.shape[-1] == len(self.vocab):
             return p
-        idx = self.owner.to(p.device).expand(p.shape[0], -1)
+        idx = self.owner.expand(p.shape[0], -1)
         return torch.zeros(p.shape[0], len(self.vocab), dtype=p.dtype, device=p.device).scatter_reduce(
             1, idx, p, reduce="amax", include_self=False)
 
