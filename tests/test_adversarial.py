@@ -1041,7 +1041,8 @@ def test_length_neutral_rewards_take_out_the_cost_per_token():
 
 
 def test_length_neutral_reaches_the_policy_gradient(distilled, tmp_path, monkeypatch):
-    """adversarial.length_neutral is wired: the phase's pg_objective is called with it, and unset without it."""
+    """adversarial.length_neutral is wired: the phase's pg_objective is called with it (the recipe's default), and
+    with false without it."""
     import stages.adversarial.stage as stage
 
     flags = []
@@ -1053,21 +1054,21 @@ def test_length_neutral_reaches_the_policy_gradient(distilled, tmp_path, monkeyp
 
     monkeypatch.setattr(stage, "pg_objective", recorded)
     cfg, base = distilled
-    _run_in_process(cfg, tmp_path / "neutral", ["adversarial.length_neutral=true", "adversarial.steps=1"], reuse=base)
+    _run_in_process(cfg, tmp_path / "neutral", ["adversarial.steps=1"], reuse=base)
     assert flags and set(flags) == {True}
     flags.clear()
-    _run_in_process(cfg, tmp_path / "summed", ["adversarial.steps=1"], reuse=base)
+    _run_in_process(cfg, tmp_path / "summed", ["adversarial.length_neutral=false", "adversarial.steps=1"], reuse=base)
     assert flags and set(flags) == {False}
 
 
-def test_the_length_neutral_arm_loads_as_an_overlay(tmp_path):
+def test_the_demo_is_length_neutral_and_the_summed_reward_is_an_overlay(tmp_path):
     from pipeline.config import load_config
 
     demo = offline_demo_config(tmp_path)
-    a = load_config([str(demo), str(ROOT / "configs/arms/length_neutral.yaml")]).root
+    a = load_config([str(demo), str(ROOT / "configs/arms/summed_reward.yaml")]).root
     b = load_config([str(demo)]).root
-    assert a.adversarial.length_neutral is True and b.adversarial.length_neutral is None
-    assert dataclasses.replace(a.adversarial, length_neutral=None) == b.adversarial
+    assert b.adversarial.length_neutral is True and a.adversarial.length_neutral is False
+    assert dataclasses.replace(a.adversarial, length_neutral=True) == b.adversarial
 
 
 def test_length_neutral_reduces_once_whatever_a_slice_holds(monkeypatch):

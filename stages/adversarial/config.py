@@ -57,8 +57,8 @@ class AdversarialConfig:
     length_repeats: Optional[int] = field(default=None, metadata={**minimum(1), **added_later()})
     # the reward's average cost per token taken out of each sample's reward (per modality, over the step's batch):
     # a sum of per-token log-ratios pays a longer sample less and teaches early stops (MiniLLM's length bias).
-    # None (or false): the summed reward as it is
-    length_neutral: Optional[bool] = field(default=None, metadata=added_later())
+    # false (or None, runs made before it was the recipe's): the summed reward
+    length_neutral: Optional[bool] = field(default=True, metadata=added_later())
     # the audio judge: teacher (the Whisper teacher's whole decoder, frozen, its log-likelihood in the logit and a
     # learned head) | student (a frozen copy of the distilled student with a learned head). A modality the
     # Whisper teacher did not label is judged by a copy of the student either way. None: teacher where it can
