@@ -14,8 +14,8 @@ at the adversarial learning rate - what the GAN part must beat), and the [Ground
 overlay under configs/arms/ with the recipe's selection: `onpolicy_kd` (no learned judge head: the teacher
 decoder's log-likelihood less the student's is the reward, on-policy reverse-KL distillation), `text_judge`
 (the judge's head reads the text alone, GAD-style), `no_reward` (the phase's cross-entropy and KL alone, no head),
-`mle_pool` (no phase: distill trains on the pool's labels too; read at its distill checkpoint) and `long_inputs`
-(the pool's long clips drawn more often). Then it prints, per seed, the held-out
+`mle_pool` (no phase: distill trains on the pool's labels too; read at its distill checkpoint), `long_inputs`
+(the pool's long clips drawn more often) and `summed_reward` (the reward as it was before `length_neutral`). Then it prints, per seed, the held-out
 figures of the distilled and adversarial students side by side (WER with its 95% bootstrap interval,
 image label agreement, distinct-2, self-BLEU-4, 5-gram repeats, the discriminators' accuracy), over every
 clip and over the short-form clips (<= 30 s), the relative WER change of each against its distilled student, and writes `groundgan compare` of every
@@ -45,7 +45,8 @@ ALL_ARMS = [("", []),
         ("text_judge", [str(ROOT / "configs/arms/text_judge.yaml")]),
         ("no_reward", [str(ROOT / "configs/arms/no_reward.yaml")]),
         ("mle_pool", [str(ROOT / "configs/arms/mle_pool.yaml")]),
-        ("long_inputs", [str(ROOT / "configs/arms/long_inputs.yaml")])]
+        ("long_inputs", [str(ROOT / "configs/arms/long_inputs.yaml")]),
+        ("summed_reward", [str(ROOT / "configs/arms/summed_reward.yaml")])]
 ARMS = list(ALL_ARMS)  # the ones this run makes (--arms)
 LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, anchored, last step",
           "unanchored": "adversarial, unanchored, last step", "mle": "pg_weight 0 (CE + KL only), last step",
@@ -53,7 +54,8 @@ LABELS = {"": "adversarial, anchored, picked by val WER", "last": "adversarial, 
           "text_judge": "text-only judge head, picked by val WER",
           "no_reward": "no reward (CE + KL only, no judge head), picked by val WER",
           "mle_pool": "no phase: distill on the train and pool labels",
-          "long_inputs": "long inputs drawn more often (length_repeats 8), picked by val WER"}
+          "long_inputs": "long inputs drawn more often (length_repeats 8), picked by val WER",
+          "summed_reward": "the reward summed, no cost per token taken out (length_neutral false), picked by val WER"}
 
 
 def run(args: list[str]) -> None:
