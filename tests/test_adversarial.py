@@ -1071,6 +1071,18 @@ def test_the_demo_is_length_neutral_and_the_summed_reward_is_an_overlay(tmp_path
     assert dataclasses.replace(a.adversarial, length_neutral=True) == b.adversarial
 
 
+def test_the_length_neutral_default_is_hashed_and_null_is_the_old_hash():
+    """The default (true) is part of the phase's config hash, so a run made when it was unset (the summed reward) is
+    not taken for one made with it; a run that set true keeps its hash; null hashes as those old runs did."""
+    from pipeline.plain import hashed, stable_hash
+    from stages.adversarial.config import AdversarialConfig
+
+    new, old = AdversarialConfig(), AdversarialConfig(length_neutral=None)
+    assert hashed(new)["length_neutral"] is True and "length_neutral" not in hashed(old)
+    assert stable_hash(hashed(new)) == stable_hash(hashed(AdversarialConfig(length_neutral=True)))
+    assert len({stable_hash(hashed(c)) for c in (new, old, AdversarialConfig(length_neutral=False))}) == 3
+
+
 def test_length_neutral_reduces_once_whatever_a_slice_holds(monkeypatch):
     """Under torchrun every process must make the same collectives: length_neutral_rewards sums over processes in
     one reduction over the whole batch's modalities (`names`), so a slice that holds no drawing makes the same call
