@@ -77,20 +77,21 @@ def taxonomy_descriptions(source: Path, vocabulary: list[str], manifest: str = "
     hierarchy): for each class of `vocabulary`, every distinct folder below it among the *training* pairs'
     `source` paths (a manifest field, e.g. `recreation/games/cards/bordered/king.png`), its parts after the
     class joined by spaces with underscores as spaces ("games cards bordered"), in the manifest's order.
-    Held-out pairs are never read. Classes with no subfolder get none; a manifest without `source` gives {}."""
+    Held-out pairs are never read: which pairs are held out is the fit's own reading of the source (read_pairs, which
+    also holds pairs out by a hash of their names where the manifest marks none). Classes with no subfolder get
+    none; a manifest without `source` gives {}."""
+    from modalities.clip_fit import ClipFitConfig
+    from modalities.clip_pairs import read_pairs
+
     path = Path(source) / manifest
     if not path.is_file():
         raise UserError(f"caption source {source}: no {manifest} (taxonomy descriptions read its `source` fields)")
+    train = {p.key for p in read_pairs(Path(source), manifest, ClipFitConfig().heldout_fraction) if p.split == "train"}
     wanted = set(vocabulary)
     out: dict[str, list[str]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or row.get("split", "train") != "train" or not isinstance(row.get("source"), str):
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else None  # read_pairs has checked every line
+        if row is None or row["image"] not in train or not isinstance(row.get("source"), str):
             continue
         parts = row["source"].split("/")[:-1]
         if len(parts) < 2 or parts[0] not in wanted:

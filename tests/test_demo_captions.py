@@ -198,10 +198,31 @@ def test_taxonomy_descriptions_read_the_training_folders_only(tmp_path):
             {"image": "5.jpg", "caption": "f", "split": "train", "source": "animals/cat.png"},
             {"image": "6.jpg", "caption": "g", "split": "train", "source": "shapes/stars/star.png"},
             {"image": "7.jpg", "caption": "h", "split": "train"}]
-    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_source(tmp_path, rows)
     got = taxonomy_descriptions(tmp_path, ["animals", "recreation", "food"])
     assert got == {"animals": ["big cats"], "recreation": ["games cards", "music CD Player"]}
     assert list(got) == ["animals", "recreation"]  # the vocabulary's order
+
+
+def _write_source(folder: Path, rows: list[dict]) -> None:
+    """A caption source: its manifest and a file for every image it names."""
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:
+        (folder / r["image"]).write_bytes(b"")
+
+
+def test_taxonomy_descriptions_hold_out_what_the_fit_holds_out(tmp_path):
+    """A manifest that marks no held-out pair: the fit holds pairs out by a hash of their names (read_pairs), and
+    the descriptions leave out those pairs' folders too."""
+    from modalities.clip_pairs import read_pairs
+    from modalities.image import taxonomy_descriptions
+
+    rows = [{"image": f"{i:03d}.jpg", "caption": "x", "source": f"animals/kind_{i:03d}/a.png"} for i in range(60)]
+    _write_source(tmp_path, rows)
+    held = {p.key for p in read_pairs(tmp_path) if p.split == "heldout"}
+    assert held and len(held) < len(rows)
+    got = taxonomy_descriptions(tmp_path, ["animals"])
+    assert got == {"animals": [f"kind {r['image'][:3]}" for r in rows if r["image"] not in held]}
 
 
 def test_the_demo_configs_descriptions_are_its_caption_sources_training_folders():
@@ -232,7 +253,7 @@ def test_teacher_describe_prints_the_config_block(tmp_path):
     rows = [{"image": "0.jpg", "caption": "a", "split": "train", "source": "recreation/games/chess/knight.png"},
             {"image": "1.jpg", "caption": "b", "split": "train", "source": "food/fruit/apple.png"},
             {"image": "2.jpg", "caption": "c", "split": "heldout", "source": "food/desserts/cake.png"}]
-    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_source(tmp_path, rows)
     r = cli("teacher", "describe", "--pairs", tmp_path, "--vocabulary", "food,recreation,tools", check=True)
     assert yaml.safe_load(r.stdout) == {"descriptions": {"food": ["fruit"], "recreation": ["games chess"]}}
     assert "# tools: none" in r.stdout and "2 texts" in r.stdout
