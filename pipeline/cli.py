@@ -145,7 +145,7 @@ def cmd_teacher(a) -> int:
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.vocabulary:
-        cfg.vocabulary = [v.strip() for v in a.vocabulary.split(",") if v.strip()]
+        cfg.vocabulary = _classes(a.vocabulary)
     if a.template:
         cfg.templates = list(a.template)
     if a.caption_augment:
@@ -175,6 +175,11 @@ def cmd_teacher(a) -> int:
     return 0
 
 
+def _classes(text: str) -> list[str]:
+    """--vocabulary's comma-separated classes."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _describe(a) -> int:
     """`teacher describe`: the clip teacher's class descriptions read from a caption source's training folders,
     printed as the config block that sets them."""
@@ -183,7 +188,7 @@ def _describe(a) -> int:
     from modalities.clip_fit import CATEGORIES
     from modalities.image import taxonomy_descriptions
 
-    vocab = [v.strip() for v in a.vocabulary.split(",") if v.strip()] if a.vocabulary else list(CATEGORIES)
+    vocab = _classes(a.vocabulary) if a.vocabulary else list(CATEGORIES)
     desc = taxonomy_descriptions(Path(a.pairs), vocab, a.manifest)
     n = sum(map(len, desc.values()))
     if not n:
